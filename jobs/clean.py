@@ -1,0 +1,257 @@
+"""Clean: decode every file fully, keep the good, convert the odd, quarantine the rest.
+
+Input: ``data/<class>/**/<file>`` (never modified). Output: ``<out>/dataset/<class>/<file>``
+(hard links of good files, RGB re-encodes of odd ones), ``<out>/quarantine/<reason>/...`` and
+``clean_report.json``. Decisions are cached by content hash, so a re-run on an unchanged
+folder decodes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from jobs.config import Config, RunPaths
+from jobs.errors import JobError
+from jobs.fileio import atomic_write_bytes, atomic_write_json, link_or_copy, read_json, sha256_file
+from jobs.presets import to_rgb
+
+# Sidecar files other stages keep next to images (collect's manifest, partial downloads).
+IGNORED_NAMES = {"manifest.jsonl", "ATTRIBUTION.md", "attribution.json", "Thumbs.db", "desc.txt"}
+TRAINABLE_AS_IS = {"JPEG", "PNG", "WEBP", "BMP"}
+CACHE_VERSION = 2
+
+
+class CleanError(JobError):
+    """The input folder cannot produce a training set; the message says what to fix."""
+
+
+@dataclass
+class FileResult:
+    source: str  # path relative to the data folder
+    label: str
+    sha256: str
+    status: str  # kept | converted | excluded
+    reason: str = ""  # for excluded: not_an_image, corrupt, decompression_bomb, unsupported, too_small, duplicate
+    detail: str = ""
+    output: str = ""  # path relative to <out>
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    mode: str = ""
+    pixel_hash: str = ""
+
+
+def discover(data: Path) -> dict[str, list[Path]]:
+    """Class name -> files under ``data/<class>/`` (recursively), sorted, sidecars skipped."""
+    if not data.is_dir():
+        raise CleanError(f"--data {data} is not a folder; point it at a folder with one sub-folder per class")
+    classes = {}
+    for class_dir in sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(
+            p for p in class_dir.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
+            and p.name not in IGNORED_NAMES and not p.name.endswith(".part")
+        )
+        classes[class_dir.name] = files
+    if not classes:
+        raise CleanError(f"--data {data} has no class sub-folders; expected {data}/<class>/<images>")
+    if len(classes) < 2:
+        raise CleanError(f"--data {data} has one class ({next(iter(classes))}); a classifier needs at least two "
+                         "sub-folders")
+    return classes
+
+
+def inspect_image(path: Path, min_size: int, max_pixels: int) -> tuple[dict, Image.Image | None]:
+    """Decode ``path`` fully. Returns (facts, RGB image or None when excluded)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    if path.stat().st_size == 0:
+        return {"status": "excluded", "reason": "not_an_image", "detail": "zero bytes"}, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                facts = {"format": img.format or "", "mode": img.mode, "width": img.width, "height": img.height}
+                if getattr(img, "n_frames", 1) > 1:
+                    return {**facts, "status": "excluded", "reason": "unsupported",
+                            "detail": f"animated {img.format} ({img.n_frames} frames); not trained on"}, None
+                img.load()
+                rotated = _exif_orientation(img) not in (0, 1)
+                upright = ImageOps.exif_transpose(img)
+                rgb = to_rgb(upright) if upright.mode != "RGB" else upright.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return {"status": "excluded", "reason": "decompression_bomb",
+                "detail": f"{e} (limit Image.MAX_IMAGE_PIXELS = max_image_pixels = {max_pixels})"}, None
+    except Image.UnidentifiedImageError:
+        return {"status": "excluded", "reason": "not_an_image", "detail": "Pillow cannot identify it"}, None
+    except (OSError, SyntaxError, ValueError) as e:
+        return {"status": "excluded", "reason": "corrupt", "detail": f"{type(e).__name__}: {e}"[:200]}, None
+    if min(rgb.size) < min_size:
+        return {**facts, "status": "excluded", "reason": "too_small",
+                "detail": f"{rgb.width}x{rgb.height} is below min_image_size={min_size}"}, None
+    as_is = facts["format"] in TRAINABLE_AS_IS and facts["mode"] == "RGB" and not rotated
+    detail = "" if as_is else f"{facts['format']} {facts['mode']}{' EXIF-rotated' if rotated else ''} -> RGB"
+    return {**facts, "status": "kept" if as_is else "converted", "detail": detail}, rgb
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    with contextlib.suppress(Exception):
+        return int(img.getexif().get(0x0112, 1))
+    return 1
+
+
+def pixel_hash(rgb: Image.Image) -> str:
+    return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+
+
+def _output_name(source: Path, class_dir: Path, converted: bool) -> str:
+    flat = "__".join(source.relative_to(class_dir).parts)
+    return flat + ".png" if converted and not flat.lower().endswith(".png") else flat
+
+
+def _check_one(path: Path, label: str, rel: str, sha: str, cfg: Config, cached: dict | None) -> tuple[FileResult, Image.Image | None]:
+    if cached is not None:
+        return FileResult(**{**cached, "source": rel, "label": label}), None
+    facts, rgb = inspect_image(path, cfg.min_image_size, cfg.max_image_pixels)
+    result = FileResult(source=rel, label=label, sha256=sha, **facts)
+    if rgb is not None:
+        result.pixel_hash = pixel_hash(rgb)
+    return result, rgb
+
+
+def clean(cfg: Config, paths: RunPaths, data: Path) -> Path:
+    """Build ``<out>/dataset`` from ``data``; returns the path of ``clean_report.json``."""
+    data = Path(data).resolve()
+    classes = discover(data)
+    cache_file = paths.cache / "clean_cache.json"
+    cache = _load_cache(cache_file, cfg)
+    stat_cache: dict = cache.setdefault("stat", {})
+    decisions: dict = cache.setdefault("decisions", {})
+
+    jobs = []
+    for label, files in classes.items():
+        for f in files:
+            st = f.stat()
+            stat_key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
+            sha = stat_cache.get(stat_key) or sha256_file(f)
+            stat_cache[stat_key] = sha
+            jobs.append((f, label, str(f.relative_to(data)), sha))
+
+    def work(job: tuple) -> tuple[FileResult, Image.Image | None]:
+        f, label, rel, sha = job
+        return _check_one(f, label, rel, sha, cfg, decisions.get(sha))
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        checked = list(pool.map(work, jobs))
+
+    results = _place_files(checked, jobs, data, paths)
+    for r in results:
+        if r.reason != "duplicate":
+            decisions[r.sha256] = {k: v for k, v in asdict(r).items() if k not in {"source", "label"}}
+    atomic_write_json(cache_file, cache)
+    report = _summarize(results, data, cfg)
+    atomic_write_json(paths.clean_report, report)
+    _print_summary(report)
+    _refuse_small_classes(report, cfg)
+    return paths.clean_report
+
+
+def _place_files(checked: list[tuple[FileResult, Image.Image | None]], jobs: list[tuple],
+                 data: Path, paths: RunPaths) -> list[FileResult]:
+    """Link or write each usable file into dataset/, the rest into quarantine/; drop stale outputs."""
+    seen_pixels: dict[str, str] = {}
+    wanted: set[Path] = set()
+    results = []
+    for (result, rgb), (src, label, _, _) in zip(checked, jobs):
+        class_dir = data / label
+        if result.status != "excluded" and result.pixel_hash in seen_pixels:
+            result.status, result.reason = "excluded", "duplicate"
+            result.detail = f"same pixels as {seen_pixels[result.pixel_hash]}"
+        if result.status == "excluded":
+            target = paths.quarantine / result.reason / label / _output_name(src, class_dir, False)
+            link_or_copy(src, target)
+            result.output = str(target.relative_to(paths.out))
+        else:
+            seen_pixels[result.pixel_hash] = result.source
+            target = paths.dataset / label / _output_name(src, class_dir, result.status == "converted")
+            if result.status == "kept":
+                link_or_copy(src, target)
+            elif rgb is not None or not target.exists():
+                atomic_write_bytes(target, _png_bytes(rgb if rgb is not None else _reconvert(src)))
+            result.output = str(target.relative_to(paths.out))
+            wanted.add(target)
+        results.append(result)
+    if paths.dataset.exists():
+        for stale in (p for p in paths.dataset.rglob("*") if p.is_file() and p not in wanted):
+            stale.unlink()  # our own output from an earlier run whose source is gone
+    return results
+
+
+def _reconvert(src: Path) -> Image.Image:
+    with Image.open(src) as img:
+        return to_rgb(ImageOps.exif_transpose(img))
+
+
+def _png_bytes(rgb: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _load_cache(cache_file: Path, cfg: Config) -> dict:
+    key = {"version": CACHE_VERSION, "min_image_size": cfg.min_image_size, "max_image_pixels": cfg.max_image_pixels}
+    try:
+        cache = read_json(cache_file)
+        if cache.get("key") == key:
+            return cache
+    except (OSError, ValueError):
+        pass
+    return {"key": key}
+
+
+def _summarize(results: list[FileResult], data: Path, cfg: Config) -> dict:
+    summary: dict[str, dict[str, int]] = {}
+    for r in results:
+        counts = summary.setdefault(r.label, {"kept": 0, "converted": 0, "excluded": 0, "usable": 0})
+        counts[r.status] += 1
+        counts["usable"] += r.status != "excluded"
+    usable = sorted((r.output, r.sha256) for r in results if r.status != "excluded")
+    return {
+        "data": str(data),
+        "data_hash": hashlib.sha256(repr(usable).encode()).hexdigest(),
+        "classes": summary,
+        "files": [asdict(r) for r in results],
+    }
+
+
+def _print_summary(report: dict) -> None:
+    print("clean: class            kept  converted  excluded")
+    for label, c in report["classes"].items():
+        print(f"clean: {label:<16} {c['kept']:>5} {c['converted']:>10} {c['excluded']:>9}")
+    reasons: dict[str, int] = {}
+    for f in report["files"]:
+        if f["status"] == "excluded":
+            reasons[f["reason"]] = reasons.get(f["reason"], 0) + 1
+    if reasons:
+        print("clean: excluded by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
+    usable = {k: v["usable"] for k, v in report["classes"].items()}
+    if usable and min(usable.values()) > 0 and max(usable.values()) > 3 * min(usable.values()):
+        print(f"clean: WARNING class imbalance over 3:1 ({usable}); consider more images for the small classes")
+
+
+def _refuse_small_classes(report: dict, cfg: Config) -> None:
+    for label, counts in report["classes"].items():
+        if counts["usable"] < cfg.min_images_per_class:
+            raise CleanError(
+                f"class '{label}' has {counts['usable']} usable images (min_images_per_class="
+                f"{cfg.min_images_per_class}); add images, or lower --min-images-per-class"
+                + (" (see clean_report.json for why files were excluded)" if counts["excluded"] else "")
+            )

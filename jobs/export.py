@@ -1,0 +1,81 @@
+"""Export: the best weights as a bare state_dict, plus the contract the server reads.
+
+``model/metadata.json`` is the only place the handler learns the architecture, the label
+order and the preprocessing; it is written from the same constants the training job used.
+Whole pickled modules are never written: they tie the file to this code's class layout and
+execute arbitrary code on load. ``torch.load(..., weights_only=True)`` reads what we write.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import torch
+import torchvision
+
+from jobs import __version__
+from jobs.config import Config, RunPaths
+from jobs.data import load_splits
+from jobs.errors import JobError
+from jobs.fileio import atomic_torch_save, atomic_write_json, read_json
+from jobs.model import build_model
+from jobs.presets import preprocess_spec
+
+
+def _license_summary(paths: RunPaths) -> dict | None:
+    attribution = paths.raw / "attribution.json"
+    if not attribution.exists():
+        return None
+    counts: dict[str, int] = {}
+    for item in read_json(attribution):
+        counts[item.get("license") or "unknown"] = counts.get(item.get("license") or "unknown", 0) + 1
+    return {"attribution_file": str(attribution), "licenses": counts}
+
+
+def build_metadata(cfg: Config, splits: dict, metrics: dict) -> dict:
+    spec = preprocess_spec()
+    return {
+        "format_version": 1,
+        "model_name": cfg.model_name,
+        "model_version": cfg.model_version,
+        "arch": cfg.arch,
+        "num_classes": len(splits["classes"]),
+        "classes": splits["classes"],
+        "input_size": [3, spec["crop_size"], spec["crop_size"]],
+        "preprocess": spec,
+        "topk": cfg.topk,
+        "weights": cfg.weights if cfg.weights in {"imagenet", "none"} else "file",
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "jobs_version": __version__,
+        "data_hash": splits["data_hash"],
+        "split_hash": splits["split_hash"],
+        "test_accuracy": metrics.get("test_accuracy"),
+        "best_epoch": metrics.get("best"),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def export(cfg: Config, paths: RunPaths) -> Path:
+    """Write ``model/{model.pt,index_to_name.json,metadata.json}``; returns the model folder."""
+    best = paths.checkpoints / "best.pt"
+    source = best if best.exists() else paths.checkpoints / "last.pt"
+    if not source.exists():
+        raise JobError(f"no checkpoint in {paths.checkpoints}; run `python -m jobs train --out {paths.out}` first")
+    splits = load_splits(paths)
+    metrics = read_json(paths.metrics) if paths.metrics.exists() else {}
+    state = torch.load(source, map_location="cpu", weights_only=True)["model"]
+    state = {k: v.contiguous() for k, v in state.items()}
+    # Prove the file loads into the named architecture before anyone serves it.
+    build_model(cfg.arch, len(splits["classes"]), "none").load_state_dict(state)
+    meta = build_metadata(cfg, splits, metrics)
+    license_summary = _license_summary(paths)
+    if license_summary:
+        meta["data_licenses"] = license_summary
+    atomic_torch_save(paths.model / "model.pt", state)
+    atomic_write_json(paths.model / "index_to_name.json", {str(i): c for i, c in enumerate(splits["classes"])})
+    atomic_write_json(paths.model / "metadata.json", meta)
+    print(f"export: {paths.model} ({meta['arch']}, classes {json.dumps(meta['classes'])})")
+    return paths.model

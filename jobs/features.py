@@ -1,0 +1,88 @@
+"""Backbone features computed once and cached, so the frozen stage trains only a linear head.
+
+With a frozen backbone the original loop paid a full forward per image per epoch. Here each
+training image is seen through ``feature_views`` fixed views (view 0 = the eval transform,
+the rest = the train augmentation), each pushed through the backbone once; every epoch then
+draws one view per image. Val/test use the eval view only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from jobs.config import Config, RunPaths
+from jobs.data import ImageFiles, ShardSampler, make_loader, split_items
+from jobs.fileio import atomic_torch_save
+from jobs.model import weights_tag
+from jobs.presets import eval_transform, preprocess_spec, train_transform
+from jobs.runtime import Runtime, default_num_workers
+
+
+def cache_key(cfg: Config, splits: dict, split: str, rt: Runtime) -> str:
+    parts = {
+        "files": [p for p, s in sorted(splits["files"].items()) if s == split],
+        "data_hash": splits["data_hash"],
+        "arch": cfg.arch,
+        "weights": weights_tag(cfg.weights),
+        "views": cfg.feature_views if split == "train" else 1,
+        "seed": cfg.seed,
+        "preprocess": preprocess_spec(),
+        "amp": str(rt.amp_dtype),
+        "channels_last": rt.channels_last,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def _extract(backbone: nn.Module, dataset: ImageFiles, cfg: Config, rt: Runtime) -> torch.Tensor:
+    """This rank's share of the dataset through the backbone -> full (N, D) tensor on every rank."""
+    sampler = ShardSampler(len(dataset), rt.rank, rt.world_size)
+    loader = make_loader(dataset, cfg.batch_size, default_num_workers(cfg, rt), sampler=sampler,
+                         pin_memory=rt.device.type == "cuda")
+    chunks = []
+    for images, _ in loader:
+        images = images.to(rt.device, non_blocking=True, memory_format=rt.memory_format())
+        with rt.autocast():
+            chunks.append(backbone(images).float().cpu())
+    mine = torch.cat(chunks) if chunks else torch.zeros(0)
+    if not rt.distributed:
+        return mine
+    # Rank r holds indices r, r+W, r+2W, ...: gather every shard, then interleave back to dataset order.
+    gathered: list = [None] * rt.world_size
+    dist.all_gather_object(gathered, mine)
+    out = torch.empty(len(dataset), gathered[0].shape[1])
+    for r, part in enumerate(gathered):
+        out[r::rt.world_size] = part
+    return out
+
+
+def load_or_extract(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module, splits: dict,
+                    split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, V, D), labels (N,)) for ``split``, from ``<out>/cache`` when present."""
+    items = split_items(splits, split)
+    labels = torch.tensor([label for _, label in items], dtype=torch.long)
+    cache_file = paths.cache / f"features-{split}-{cache_key(cfg, splits, split, rt)}.pt"
+    if cache_file.exists():
+        try:
+            return torch.load(cache_file, map_location="cpu", weights_only=True), labels
+        except Exception as e:  # noqa: BLE001 - a bad cache file is recomputed, never fatal
+            print(f"features: cache {cache_file} unreadable ({type(e).__name__}); recomputing")
+    backbone.eval().to(rt.device, memory_format=rt.memory_format())
+    views = cfg.feature_views if split == "train" else 1
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(cfg.seed)  # the augmented views are a function of the seed, not of earlier RNG use
+    per_view = []
+    for v in range(views):
+        transform = eval_transform() if v == 0 else train_transform()
+        per_view.append(_extract(backbone, ImageFiles(paths.out, items, transform), cfg, rt))
+        print(f"features: {split} view {v + 1}/{views}: {len(items)} images")
+    torch.set_rng_state(generator_state)
+    features = torch.stack(per_view, dim=1) if items else torch.zeros(0, views, 0)
+    if rt.is_main:
+        atomic_torch_save(cache_file, features)
+    return features, labels

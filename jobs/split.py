@@ -1,0 +1,91 @@
+"""Split: a stratified, seeded, stable train/val/test assignment of the cleaned images.
+
+Each file's place in the order is a hash of (seed, content hash), so the split does not depend
+on file names or discovery order, and a re-run gives the identical split. Files already in
+``splits.json`` keep their assignment; new files fill the splits toward the target fractions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from jobs.config import Config, RunPaths
+from jobs.errors import JobError
+from jobs.fileio import atomic_write_json, read_json
+
+SPLITS = ("train", "val", "test")
+
+
+class SplitError(JobError):
+    pass
+
+
+def target_counts(n: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """Per-class counts; at least one train and one val image whenever n >= 2."""
+    n_val = max(1, round(n * val_fraction)) if n >= 2 and val_fraction > 0 else 0
+    n_test = round(n * test_fraction) if test_fraction > 0 else 0
+    if n >= 3 and test_fraction > 0:
+        n_test = max(1, n_test)
+    n_test = min(n_test, max(0, n - n_val - 1))
+    return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+
+
+def _order_key(seed: int, sha256: str) -> str:
+    return hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()
+
+
+def assign(files: list[tuple[str, str]], previous: dict[str, str], seed: int,
+           val_fraction: float, test_fraction: float) -> dict[str, str]:
+    """files: (path, sha256) of one class -> {path: split}."""
+    target = target_counts(len(files), val_fraction, test_fraction)
+    result = {path: previous[path] for path, _ in files if previous.get(path) in SPLITS}
+    counts = {s: sum(1 for v in result.values() if v == s) for s in SPLITS}
+    new = sorted((f for f in files if f[0] not in result), key=lambda f: _order_key(seed, f[1]))
+    for path, _ in new:
+        # Fill the rarest splits first (test, then val) so small classes still get held-out images.
+        split = max(reversed(SPLITS), key=lambda s: target[s] - counts[s])
+        result[path] = split
+        counts[split] += 1
+    return result
+
+
+def split(cfg: Config, paths: RunPaths) -> Path:
+    """Write ``splits.json`` from ``clean_report.json``; returns its path."""
+    if not paths.clean_report.exists():
+        raise SplitError(f"{paths.clean_report} not found; run `python -m jobs clean --data ... --out {paths.out}` first")
+    report = read_json(paths.clean_report)
+    by_class: dict[str, list[tuple[str, str]]] = {}
+    for f in report["files"]:
+        if f["status"] != "excluded":
+            by_class.setdefault(f["label"], []).append((f["output"], f["sha256"]))
+    previous = _previous_assignment(paths, cfg)
+    files: dict[str, str] = {}
+    for label in sorted(by_class):
+        assigned = assign(by_class[label], previous, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        counts = {s: sum(1 for v in assigned.values() if v == s) for s in SPLITS}
+        if cfg.test_fraction > 0 and counts["test"] == 0:
+            print(f"split: WARNING class '{label}' has only {len(assigned)} images: no test image for it")
+        print(f"split: {label:<16} train={counts['train']} val={counts['val']} test={counts['test']}")
+        files.update(sorted(assigned.items()))
+    doc = {
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "test_fraction": cfg.test_fraction,
+        "classes": sorted(by_class),
+        "data_hash": report["data_hash"],
+        "split_hash": hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest(),
+        "files": files,
+    }
+    atomic_write_json(paths.splits, doc)
+    return paths.splits
+
+
+def _previous_assignment(paths: RunPaths, cfg: Config) -> dict[str, str]:
+    """Keep earlier assignments only when they were made with the same seed and fractions."""
+    if not paths.splits.exists():
+        return {}
+    old = read_json(paths.splits)
+    same = (old.get("seed"), old.get("val_fraction"), old.get("test_fraction")) == (
+        cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    return old.get("files", {}) if same else {}
