@@ -27,6 +27,9 @@ from jobs.presets import to_rgb
 # Sidecar files other stages keep next to images (collect's manifest, partial downloads).
 IGNORED_NAMES = {"manifest.jsonl", "ATTRIBUTION.md", "attribution.json", "Thumbs.db", "desc.txt"}
 TRAINABLE_AS_IS = {"JPEG", "PNG", "WEBP", "BMP"}
+# Scraped GIFs are animations, placeholders ("image not found") and logos far more often than
+# photos; 256 colours also make poor training data. They are quarantined for a person to check.
+EXCLUDED_FORMATS = {"GIF"}
 CACHE_VERSION = 2
 
 
@@ -80,9 +83,10 @@ def inspect_image(path: Path, min_size: int, max_pixels: int) -> tuple[dict, Ima
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 facts = {"format": img.format or "", "mode": img.mode, "width": img.width, "height": img.height}
-                if getattr(img, "n_frames", 1) > 1:
+                if img.format in EXCLUDED_FORMATS or getattr(img, "n_frames", 1) > 1:
+                    frames = getattr(img, "n_frames", 1)
                     return {**facts, "status": "excluded", "reason": "unsupported",
-                            "detail": f"animated {img.format} ({img.n_frames} frames); not trained on"}, None
+                            "detail": f"{img.format} ({frames} frame{'s' if frames > 1 else ''}); not trained on"}, None
                 img.load()
                 rotated = _exif_orientation(img) not in (0, 1)
                 upright = ImageOps.exif_transpose(img)
@@ -117,7 +121,8 @@ def _output_name(source: Path, class_dir: Path, converted: bool) -> str:
     return flat + ".png" if converted and not flat.lower().endswith(".png") else flat
 
 
-def _check_one(path: Path, label: str, rel: str, sha: str, cfg: Config, cached: dict | None) -> tuple[FileResult, Image.Image | None]:
+def _check_one(path: Path, label: str, rel: str, sha: str, cfg: Config,
+               cached: dict | None) -> tuple[FileResult, Image.Image | None]:
     if cached is not None:
         return FileResult(**{**cached, "source": rel, "label": label}), None
     facts, rgb = inspect_image(path, cfg.min_image_size, cfg.max_image_pixels)

@@ -58,12 +58,11 @@ def _metavar(kind: str) -> str:
     return {"int": "INT", "float": "FLOAT", "list[str]": "A,B,..."}.get(kind, "TEXT")
 
 
-def _setup(config_file: Path | None, out: Path, overrides: dict[str, Any], save: bool = True) -> tuple[Config, RunPaths]:
+def _setup(config_file: Path | None, out: Path, overrides: dict[str, Any]) -> tuple[Config, RunPaths]:
     cfg = load_config(config_file, overrides)
     ensure_writable_dir(out)
     paths = RunPaths.for_config(out, cfg)
-    if save:
-        atomic_write_text(paths.config, cfg.to_yaml())
+    atomic_write_text(paths.config, cfg.to_yaml())
     return cfg, paths
 
 

@@ -38,24 +38,38 @@ def cache_key(cfg: Config, splits: dict, split: str, rt: Runtime) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
+class Views:
+    """One decoded image -> (views, C, H, W): view 0 the eval transform, the rest augmented.
+
+    Decoding once per image for all its views keeps the JPEG decoder off the critical path.
+    """
+
+    def __init__(self, views: int):
+        self.views, self.eval, self.train = views, eval_transform(), train_transform()
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.eval(image)] + [self.train(image) for _ in range(self.views - 1)])
+
+
 @torch.no_grad()
 def _extract(backbone: nn.Module, dataset: ImageFiles, cfg: Config, rt: Runtime) -> torch.Tensor:
-    """This rank's share of the dataset through the backbone -> full (N, D) tensor on every rank."""
+    """This rank's share of the dataset through the backbone -> full (N, V, D) tensor on every rank."""
     sampler = ShardSampler(len(dataset), rt.rank, rt.world_size)
     loader = make_loader(dataset, cfg.batch_size, default_num_workers(cfg, rt), sampler=sampler,
                          pin_memory=rt.device.type == "cuda")
     chunks = []
     for images, _ in loader:
-        images = images.to(rt.device, non_blocking=True, memory_format=rt.memory_format())
+        n, v = images.shape[:2]
+        images = images.flatten(0, 1).to(rt.device, non_blocking=True, memory_format=rt.memory_format())
         with rt.autocast():
-            chunks.append(backbone(images).float().cpu())
+            chunks.append(backbone(images).float().cpu().unflatten(0, (n, v)))
     mine = torch.cat(chunks) if chunks else torch.zeros(0)
     if not rt.distributed:
         return mine
     # Rank r holds indices r, r+W, r+2W, ...: gather every shard, then interleave back to dataset order.
     gathered: list = [None] * rt.world_size
     dist.all_gather_object(gathered, mine)
-    out = torch.empty(len(dataset), gathered[0].shape[1])
+    out = torch.empty(len(dataset), *gathered[0].shape[1:])
     for r, part in enumerate(gathered):
         out[r::rt.world_size] = part
     return out
@@ -76,13 +90,9 @@ def load_or_extract(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Modu
     views = cfg.feature_views if split == "train" else 1
     generator_state = torch.get_rng_state()
     torch.manual_seed(cfg.seed)  # the augmented views are a function of the seed, not of earlier RNG use
-    per_view = []
-    for v in range(views):
-        transform = eval_transform() if v == 0 else train_transform()
-        per_view.append(_extract(backbone, ImageFiles(paths.out, items, transform), cfg, rt))
-        print(f"features: {split} view {v + 1}/{views}: {len(items)} images")
+    features = _extract(backbone, ImageFiles(paths.out, items, Views(views)), cfg, rt)
+    print(f"features: {split}: {len(items)} images x {views} views")
     torch.set_rng_state(generator_state)
-    features = torch.stack(per_view, dim=1) if items else torch.zeros(0, views, 0)
     if rt.is_main:
         atomic_torch_save(cache_file, features)
     return features, labels

@@ -53,7 +53,7 @@ def assign(files: list[tuple[str, str]], previous: dict[str, str], seed: int,
 def split(cfg: Config, paths: RunPaths) -> Path:
     """Write ``splits.json`` from ``clean_report.json``; returns its path."""
     if not paths.clean_report.exists():
-        raise SplitError(f"{paths.clean_report} not found; run `python -m jobs clean --data ... --out {paths.out}` first")
+        raise SplitError(f"{paths.clean_report} not found; run `python -m jobs clean --out {paths.out}` first")
     report = read_json(paths.clean_report)
     by_class: dict[str, list[tuple[str, str]]] = {}
     for f in report["files"]:

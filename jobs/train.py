@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from jobs import features
 from jobs.config import Config, RunPaths
-from jobs.errors import JobError
 from jobs.data import ImageFiles, ShardSampler, load_splits, make_loader, split_items
+from jobs.errors import JobError
 from jobs.fileio import atomic_torch_save, atomic_write_json
 from jobs.model import build_model, freeze_backbone, head_module, split_backbone_head, weights_tag
 from jobs.presets import eval_transform, train_transform
@@ -172,7 +172,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
         loss_sum += loss.item() * n
         correct += (logits.argmax(1) == labels).sum().item()
         seen += n
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen * rt.world_size / (time.perf_counter() - start):.1f}")
+        rate = seen * rt.world_size / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{rate:.1f}")
     loss_sum, correct, seen = _all_sum(rt, loss_sum, correct, seen)
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
             "images_per_s": seen / (time.perf_counter() - start)}
@@ -380,7 +381,7 @@ def train(cfg: Config, paths: RunPaths, rt: Runtime, resume_mode: str = "auto") 
     if resume is not None:
         model.load_state_dict(resume["model"])
         progress = Progress(**resume["progress"])
-        print(f"train: resuming {progress.stage} stage after epoch {progress.epoch} from {paths.checkpoints / 'last.pt'}")
+        print(f"train: resuming {progress.stage} stage after epoch {progress.epoch} from {paths.checkpoints}/last.pt")
     print(f"train: {cfg.arch} ({cfg.weights}) on {len(classes)} classes {classes}; {rt.describe()}")
 
     def save_ckpt(optimizer, scheduler, is_best: bool) -> None:
@@ -401,7 +402,8 @@ def train(cfg: Config, paths: RunPaths, rt: Runtime, resume_mode: str = "auto") 
         _full_stage("finetune", cfg, paths, rt, model, splits, progress, resume, save_ckpt)
 
     model.load_state_dict(_best_state(paths, model))
-    test = evaluate(model.to(rt.device, memory_format=rt.memory_format()), _eval_loader(paths, splits, "test", cfg, rt), rt)
+    model.to(rt.device, memory_format=rt.memory_format())
+    test = evaluate(model, _eval_loader(paths, splits, "test", cfg, rt), rt)
     if rt.is_main:
         write_metrics(paths, progress, {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
                                         "test_count": test["count"], "classes": classes})

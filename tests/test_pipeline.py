@@ -1,0 +1,127 @@
+"""The whole job as a user runs it, and the resume guarantee, with real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SMALL_RUN, run_job
+from torchvision import models
+
+from jobs.data import split_items
+from jobs.predict import predict_files
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    import shutil
+
+    from conftest import FIXTURE_IMAGES
+
+    root = tmp_path_factory.mktemp("e2e")
+    shutil.copytree(FIXTURE_IMAGES, root / "data")
+    proc = run_job("run", "--data", str(root / "data"), "--out", str(root / "run"), *SMALL_RUN)
+    assert "done:" in proc.stdout
+    return root / "run"
+
+
+def test_run_writes_every_artifact(finished_run: Path):
+    out = finished_run
+    for rel in ("clean_report.json", "splits.json", "config.yaml", "metrics.json", "checkpoints/last.pt",
+                "checkpoints/best.pt", "model/model.pt", "model/index_to_name.json", "model/metadata.json"):
+        assert (out / rel).is_file(), rel
+    assert sorted(p.name for p in (out / "dataset").iterdir()) == ["ants", "bees"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(e["stage"], e["epoch"]) for e in metrics["epochs"]] == [("head", 1), ("head", 2)]
+    for e in metrics["epochs"]:
+        assert {"train_loss", "val_loss", "val_accuracy"} <= set(e)
+    assert isinstance(metrics["test_accuracy"], float)
+    meta = json.loads((out / "model/metadata.json").read_text())
+    assert meta["arch"] == "resnet18" and meta["classes"] == ["ants", "bees"] and meta["num_classes"] == 2
+    assert meta["preprocess"]["mean"] == [0.485, 0.456, 0.406] and meta["preprocess"]["crop_size"] == 224
+    assert meta["data_hash"] and meta["split_hash"] and meta["torch_version"] == torch.__version__
+    assert json.loads((out / "model/index_to_name.json").read_text()) == {"0": "ants", "1": "bees"}
+
+
+def test_exported_state_dict_reloads_and_reproduces_test_accuracy(finished_run: Path):
+    state = torch.load(finished_run / "model/model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    models.resnet18(num_classes=2).load_state_dict(state)  # strict: the named architecture, nothing else
+    splits = json.loads((finished_run / "splits.json").read_text())
+    items = split_items(splits, "test")
+    results = predict_files(finished_run / "model", [finished_run / p for p, _ in items])
+    correct = sum(r["predictions"][0]["index"] == label for r, (_, label) in zip(results, items))
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert correct / len(items) == pytest.approx(metrics["test_accuracy"])
+
+
+def test_rerun_is_a_resume_that_changes_nothing(finished_run: Path):
+    before = (finished_run / "model/model.pt").read_bytes()
+    proc = run_job("train", "--out", str(finished_run), *SMALL_RUN[:-4])
+    assert "resuming head stage after epoch 2" in proc.stdout
+    assert (finished_run / "model/model.pt").read_bytes() == before
+
+
+def _train_cmd(out: Path) -> list[str]:
+    return [sys.executable, "-m", "jobs", "train", "--out", str(out), "--weights", "none", "--epochs", "3",
+            "--batch-size", "4", "--no-cache-features", "--deterministic"]
+
+
+def _prepared_run(tmp_path: Path, name: str, data: Path) -> Path:
+    out = tmp_path / name
+    run_job("clean", "--data", str(data), "--out", str(out), "--min-images-per-class", "3")
+    run_job("split", "--out", str(out))
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, small_data: Path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    reference = _prepared_run(tmp_path, "reference", small_data)
+    subprocess.run(_train_cmd(reference), cwd=REPO, env=env, check=True, capture_output=True)
+
+    killed = _prepared_run(tmp_path, "killed", small_data)
+    proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    seen = b""
+    deadline = time.monotonic() + 300
+    while b"head 2/3" not in seen:  # tqdm's bar for epoch 2 has started: we are inside epoch 2
+        chunk = proc.stdout.read1(4096)
+        assert chunk and time.monotonic() < deadline, seen.decode(errors="replace")[-2000:]
+        seen += chunk
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(killed / "checkpoints/last.pt", weights_only=True)
+    assert state["progress"]["epoch"] == 1  # killed inside epoch 2: the last checkpoint is epoch 1's
+
+    resumed = subprocess.run(_train_cmd(killed), cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert "resuming head stage after epoch 1" in resumed.stdout
+
+    def epochs(out: Path) -> list[dict]:
+        return [{k: v for k, v in e.items() if k not in {"seconds", "images_per_s"}}
+                for e in json.loads((out / "metrics.json").read_text())["epochs"]]
+
+    assert epochs(killed) == epochs(reference)
+    a = torch.load(killed / "checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(reference / "checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_corrupt_checkpoint_is_reported_not_overwritten(tmp_path: Path, small_data: Path):
+    out = _prepared_run(tmp_path, "corrupt", small_data)
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints/last.pt").write_bytes(b"not a checkpoint")
+    proc = run_job("train", "--out", str(out), "--weights", "none", "--epochs", "1", check=False)
+    assert proc.returncode == 2
+    assert "checkpoint" in proc.stderr and "corrupt" in proc.stderr and "--fresh" in proc.stderr
+    assert (out / "checkpoints/last.pt").read_bytes() == b"not a checkpoint"
+    run_job("train", "--out", str(out), "--weights", "none", "--epochs", "1", "--fresh")
+    kept = list(tmp_path.glob("corrupt/checkpoints.old-*/last.pt"))
+    assert kept and kept[0].read_bytes() == b"not a checkpoint"
