@@ -79,18 +79,20 @@ class AddressPolicy:
             problem = self.address_problem(address)
             if problem:
                 shown = host if host == address else f"{host} ({address})"
-                raise UnsafeURL(f"refused {problem} address {shown}; set allow_private_addresses only for local testing")
+                raise UnsafeURL(f"refused {problem} address {shown}; "
+                                "set allow_private_addresses only for local testing")
         return addresses
 
     def check_url(self, url: str) -> None:
         """Raise UnsafeURL unless ``url`` is http(s) with a host that resolves only to allowed addresses."""
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ALLOWED_SCHEMES:
-            raise UnsafeURL(f"refused scheme '{parts.scheme}:' (only http and https are fetched)")
         try:
-            host, port = parts.hostname, parts.port or (443 if parts.scheme.lower() == "https" else 80)
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            host, port = parts.hostname, parts.port or (443 if scheme == "https" else 80)
         except ValueError:
-            raise UnsafeURL("refused URL with an invalid port") from None
+            raise UnsafeURL(f"refused malformed URL {url[:100]!r}") from None
+        if scheme not in ALLOWED_SCHEMES:
+            raise UnsafeURL(f"refused scheme '{parts.scheme}:' (only http and https are fetched)")
         if not host:
             raise UnsafeURL("refused URL without a host")
         if self.allow_private:
@@ -99,6 +101,8 @@ class AddressPolicy:
             self.checked_addresses(host, port)
         except socket.gaierror:
             return  # unresolvable: the request fails as a connection error; the connect-time check still applies
+        except UnicodeError:
+            raise UnsafeURL(f"refused invalid host name {host[:100]!r}") from None
 
 
 class _GuardedConnectionMixin:
@@ -124,7 +128,7 @@ class _GuardedConnectionMixin:
                                                     source_address=self.source_address,
                                                     socket_options=self.socket_options)
             except TimeoutError:
-                error = ConnectTimeoutError(self, f"Connection to {self.host} timed out. (connect timeout={self.timeout})")
+                error = ConnectTimeoutError(self, f"connecting to {self.host} timed out ({self.timeout} s)")
             except OSError as e:
                 error = NewConnectionError(self, f"Failed to establish a new connection: {e}")  # type: ignore[arg-type]
         assert error is not None  # getaddrinfo never returns an empty list
