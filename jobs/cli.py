@@ -197,6 +197,40 @@ def archive(config_file: Path | None, out: Path, **overrides: Any) -> None:
 
 
 @cli.command()
+@click.option("--model-store", type=click.Path(path_type=Path), default=Path("runs/latest/model-store"),
+              show_default=True, help="Folder of .mar files to serve (all of them).")
+@click.option("--stop", is_flag=True, help="Stop the TorchServe started for this model store.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the inference API binds to.")
+@click.option("--port", type=int, default=8080, show_default=True, help="Inference API port.")
+@click.option("--management-port", type=int, default=8081, show_default=True, help="Management API port (loopback).")
+@click.option("--metrics-port", type=int, default=8082, show_default=True, help="Prometheus metrics port.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="TorchServe state, logs and key_file.json (default: next to the model store, serve-state/).")
+@click.option("--disable-token-auth", is_flag=True, help="No token needed (local demos only).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config file.")
+def serve(model_store: Path, stop: bool, host: str, port: int, management_port: int, metrics_port: int,
+          workdir: Path | None, disable_token_auth: bool, config_file: Path | None) -> None:
+    """Run TorchServe in the foreground on MODEL_STORE with handler/config.properties (Ctrl-C stops it)."""
+    from jobs.serve import serve as serve_models
+
+    code = serve_models(load_config(config_file), model_store, stop=stop, workdir=workdir, host=host, port=port,
+                        management_port=management_port, metrics_port=metrics_port,
+                        disable_token_auth=disable_token_auth)
+    sys.exit(code)
+
+
+@cli.command("export-kserve")
+@click.option("--dest", type=click.Path(path_type=Path), default=None, help="Target folder (default OUT/kserve).")
+@config_options(ARCHIVE_KEYS)
+def export_kserve(config_file: Path | None, out: Path, dest: Path | None, **overrides: Any) -> None:
+    """Lay out OUT/kserve/{config/config.properties, model-store/<name>.mar} for a KServe InferenceService."""
+    from jobs.kserve import export_kserve as export_kserve_stage
+
+    cfg, paths = _setup(config_file, out, overrides)
+    click.echo(export_kserve_stage(cfg, paths, dest))
+
+
+@cli.command()
 @click.option("--model-dir", type=click.Path(path_type=Path), required=True, help="An exported model/ folder.")
 @click.option("--topk", type=int, default=None, help="Predictions per image (default from metadata.json).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
