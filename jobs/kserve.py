@@ -1,0 +1,92 @@
+"""The model laid out for KServe's TorchServe runtime: ``config/config.properties`` + ``model-store/<name>.mar``.
+
+KServe mounts the InferenceService's ``storageUri`` at /mnt/models and starts
+``torchserve --model-store=/mnt/models/model-store --ts-config=/mnt/models/config/config.properties``
+behind its own KServe server on port 8080, which forwards every request to TorchServe's
+inference address and learns the model names from ``model_snapshot``.
+
+Three choices here differ from KServe's generic TorchServe sample, each checked against a real
+TorchServe 0.12 (tests/test_deploy.py):
+  * no ``service_envelope``: TorchServe's kserve/kservev2 envelopes unwrap only the first request
+    of a server-side batch, so two concurrent requests fail with "number of batch response
+    mismatched". Our handler reads KServe v1 and v2 bodies itself, batching included.
+  * ``enable_envvars_config=false``, so the runtime's TS_SERVICE_ENVELOPE cannot switch an envelope on.
+  * token authorization off, with inference and management bound to 127.0.0.1: KServe's server
+    sends no TorchServe token, and only it, in the same container, can reach TorchServe.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from jobs.archive import handler_dir
+from jobs.config import Config, RunPaths
+from jobs.errors import JobError
+from jobs.fileio import atomic_write_text, link_or_copy
+from jobs.serve import Ports, render_config
+
+MOUNT = Path("/mnt/models")  # where KServe puts storageUri
+PORTS = Ports(inference=8085, management=8081, metrics=8082, grpc_inference=7070, grpc_management=7071)
+# Per-model TorchServe settings copied from the archive's packed model-config.yaml into the snapshot.
+SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout")
+HEADER = """\
+# TorchServe settings for KServe's TorchServe runtime, written by `python -m jobs export-kserve`
+# from handler/config.properties; jobs/kserve.py says why each KServe-specific value is what it is.
+# Token authorization is off on purpose: TorchServe listens on 127.0.0.1 only, and its one client
+# is KServe's own server in the same container (authenticate at the cluster's ingress instead).
+# No service_envelope: the handler reads KServe v1/v2 bodies itself, server-side batching included."""
+
+
+def archive_settings(mar: Path, cfg: Config) -> dict:
+    """Name, version and batching of ``mar`` as packed by ``jobs archive`` (``cfg`` fills what a foreign .mar lacks)."""
+    try:
+        with zipfile.ZipFile(mar) as z:
+            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+            packed = yaml.safe_load(z.read(manifest["configFile"])) if manifest.get("configFile") else {}
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError, yaml.YAMLError) as e:
+        raise JobError(f"{mar} is not a readable model archive ({type(e).__name__}: {e}); "
+                       "re-run `python -m jobs archive`") from None
+    defaults = {"minWorkers": cfg.min_workers, "maxWorkers": cfg.max_workers, "batchSize": cfg.serve_batch_size,
+                "maxBatchDelay": cfg.max_batch_delay_ms, "responseTimeout": cfg.response_timeout,
+                "startupTimeout": cfg.startup_timeout}
+    return {"name": manifest["modelName"], "version": manifest.get("modelVersion", cfg.model_version),
+            **{key: (packed or {}).get(key, defaults[key]) for key in SNAPSHOT_KEYS}}
+
+
+def model_snapshot(settings: dict, mar_name: str) -> dict:
+    """TorchServe's startup snapshot: the models to load, and the names KServe's server will expose."""
+    version = {"defaultVersion": True, "marName": mar_name, **{k: settings[k] for k in SNAPSHOT_KEYS}}
+    return {"name": "startup.cfg", "modelCount": 1, "models": {settings["name"]: {settings["version"]: version}}}
+
+
+def kserve_properties(snapshot: dict) -> str:
+    """``handler/config.properties`` (the hardened server settings) adapted to the KServe container."""
+    text = render_config((handler_dir() / "config.properties").read_text(), host="127.0.0.1", ports=PORTS,
+                         model_store=MOUNT / "model-store", disable_token_auth=True)
+    # The base file's comments describe the standalone server; here they would mislead.
+    settings = dict(line.split("=", 1) for line in text.splitlines()
+                    if line.strip() and not line.lstrip().startswith("#"))
+    settings.update({"metrics_address": f"http://0.0.0.0:{PORTS.metrics}",  # Prometheus scrapes it
+                     "enable_envvars_config": "false",
+                     "model_snapshot": json.dumps(snapshot, separators=(",", ":"))})
+    return "\n".join([HEADER, *(f"{key}={value}" for key, value in settings.items())]) + "\n"
+
+
+def export_kserve(cfg: Config, paths: RunPaths, dest: Path | None = None) -> Path:
+    """Write ``<dest>/config/config.properties`` and ``<dest>/model-store/<model_name>.mar``; returns ``dest``."""
+    mar = paths.model_store / f"{cfg.model_name}.mar"
+    if not mar.is_file():
+        raise JobError(f"{mar} not found; run `python -m jobs archive --out {paths.out}` first "
+                       "(or pass the --model-name / --model-store it was archived with)")
+    dest = Path(dest) if dest is not None else paths.out / "kserve"
+    settings = archive_settings(mar, cfg)
+    link_or_copy(mar, dest / "model-store" / mar.name)
+    atomic_write_text(dest / "config" / "config.properties", kserve_properties(model_snapshot(settings, mar.name)))
+    print(f"export-kserve: {dest} (model {settings['name']} {settings['version']}, batchSize {settings['batchSize']}, "
+          f"maxBatchDelay {settings['maxBatchDelay']} ms); copy it to the volume behind the InferenceService's "
+          "storageUri")
+    return dest
