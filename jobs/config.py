@@ -164,22 +164,32 @@ def _validate(cfg: Config) -> None:
         raise bad("min_workers", f"must not exceed max_workers ({cfg.max_workers})")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` (None values are ignored)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {p}: {e.strerror}; pass an existing YAML file to --config") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must be a mapping of key: value")
-        values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+def _read_yaml(p: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}; pass an existing YAML file to --config") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must be a mapping of key: value")
+    return loaded
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                saved: str | os.PathLike | None = None) -> Config:
+    """Defaults < ``saved`` (a run's own config.yaml) < the YAML file at ``path`` < ``overrides``.
+
+    None values in ``overrides`` mean "not given". Keys in ``saved`` that this version no longer
+    knows are dropped: that file is ours, not the user's.
+    """
     known = set(key_names())
+    values: dict[str, Any] = {}
+    if saved is not None and Path(saved).is_file():
+        values.update({k: v for k, v in _read_yaml(Path(saved)).items() if k in known})
+    if path is not None:
+        values.update(_read_yaml(Path(path)))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for name in values:
         if name not in known:
             close = [k for k in known if k.replace("_", "") == str(name).replace("_", "").replace("-", "")]

@@ -19,7 +19,7 @@ from jobs.config import Config, RunPaths
 from jobs.data import ImageFiles, ShardSampler, make_loader, split_items
 from jobs.fileio import atomic_torch_save
 from jobs.model import weights_tag
-from jobs.presets import eval_transform, preprocess_spec, train_transform
+from jobs.presets import decode_rgb, eval_transform, preprocess_spec, train_transform
 from jobs.runtime import Runtime, default_num_workers
 
 
@@ -38,17 +38,25 @@ def cache_key(cfg: Config, splits: dict, split: str, rt: Runtime) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-class Views:
-    """One decoded image -> (views, C, H, W): view 0 the eval transform, the rest augmented.
+class ViewsDataset(ImageFiles):
+    """Image i -> (views, C, H, W): view 0 the eval transform, the rest augmented.
 
-    Decoding once per image for all its views keeps the JPEG decoder off the critical path.
+    Each image is decoded once for all its views, and its augmentations are drawn from a
+    generator seeded by (seed, i), so the views do not depend on the number of ranks, workers
+    or on how much random state earlier code used.
     """
 
-    def __init__(self, views: int):
-        self.views, self.eval, self.train = views, eval_transform(), train_transform()
+    def __init__(self, root, items, views: int, seed: int):
+        super().__init__(root, items, eval_transform())
+        self.views, self.seed, self.augment = views, seed, train_transform()
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.eval(image)] + [self.train(image) for _ in range(self.views - 1)])
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[i]
+        image = decode_rgb((self.root / path).read_bytes())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + i)
+            views = [self.transform(image)] + [self.augment(image) for _ in range(self.views - 1)]
+        return torch.stack(views), label
 
 
 @torch.no_grad()
@@ -88,11 +96,8 @@ def load_or_extract(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Modu
             print(f"features: cache {cache_file} unreadable ({type(e).__name__}); recomputing")
     backbone.eval().to(rt.device, memory_format=rt.memory_format())
     views = cfg.feature_views if split == "train" else 1
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(cfg.seed)  # the augmented views are a function of the seed, not of earlier RNG use
-    features = _extract(backbone, ImageFiles(paths.out, items, Views(views)), cfg, rt)
+    features = _extract(backbone, ViewsDataset(paths.out, items, views, cfg.seed), cfg, rt)
     print(f"features: {split}: {len(items)} images x {views} views")
-    torch.set_rng_state(generator_state)
     if rt.is_main:
         atomic_torch_save(cache_file, features)
     return features, labels

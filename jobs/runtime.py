@@ -5,7 +5,9 @@ All chosen at run time, so one code path serves a laptop CPU, one GPU and a torc
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import datetime
 import os
 import random
 from dataclasses import dataclass
@@ -83,19 +85,37 @@ def _pick_amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 def setup(cfg: Config) -> Runtime:
     """Initialise torch.distributed when launched by torchrun (RANK/WORLD_SIZE set) and pick devices."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    # torchrun sets LOCAL_RANK; a bare RANK/WORLD_SIZE (e.g. set pod-wide by the Kubeflow operator)
+    # does not make a plain `python -m jobs evaluate` wait for peers that never come.
+    launched = "LOCAL_RANK" in os.environ
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
+    rank = int(os.environ.get("RANK", "0")) if launched else 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _pick_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not cfg.deterministic
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Generous: under `jobs run`, rank 0 collects and cleans while the others wait at a barrier.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=6))
+    if rank != 0:
+        _silence_print()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return Runtime(device, _pick_amp_dtype(device, cfg.precision), cfg.channels_last, rank, world_size, local_rank)
+
+
+def _silence_print() -> None:
+    """Only rank 0 talks (as torchvision's references do); ``print(..., force=True)`` still works."""
+    builtin_print = builtins.print
+
+    def print_on_rank0_only(*args, force: bool = False, **kwargs) -> None:
+        if force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_on_rank0_only
 
 
 def teardown() -> None:
@@ -139,4 +159,5 @@ def default_num_workers(cfg: Config, rt: Runtime) -> int:
     if cfg.num_workers >= 0:
         return cfg.num_workers
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus // rt.world_size - 1))
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
+    return max(1, min(8, cpus // ranks_here - 1))

@@ -72,34 +72,37 @@ def _move_aside(ckpt_dir: Path) -> Path:
     return target
 
 
-def load_resume_state(paths: RunPaths, fp: str, mode: str, rt: Runtime) -> dict | None:
-    """mode: 'auto' (resume a matching checkpoint), 'require' (--resume), 'fresh' (--fresh)."""
-    last = paths.checkpoints / "last.pt"
-    if mode == "fresh":
-        if last.exists() and rt.is_main:
-            print(f"train: --fresh: earlier checkpoints kept in {_move_aside(paths.checkpoints)}")
-        barrier(rt)
-        return None
-    if not last.exists():
-        if mode == "require":
-            raise TrainError(f"--resume given but {last} does not exist; drop --resume to start a new run")
-        return None
+def _read_checkpoint(last: Path) -> dict:
     try:
         state = torch.load(last, map_location="cpu", weights_only=True)
         state["progress"]["stage"]  # noqa: B018 - a structural check, KeyError = not our checkpoint
+        return state
     except Exception as e:  # noqa: BLE001 - any failure to read means the same to the user
         raise TrainError(f"checkpoint {last} is corrupt or unreadable ({type(e).__name__}); re-run with --fresh to "
                          "start over (the old checkpoints are kept beside it)") from None
-    if state.get("fingerprint") != fp:
-        if mode == "require":
-            raise TrainError(f"--resume given but {last} was made with a different config or split; "
-                             "use the same config, or --fresh to start over")
-        if rt.is_main:
-            print(f"train: {last} belongs to another config; starting over (old checkpoints kept in "
-                  f"{_move_aside(paths.checkpoints)})")
-        barrier(rt)
-        return None
-    return state
+
+
+def load_resume_state(paths: RunPaths, fp: str, mode: str, rt: Runtime) -> dict | None:
+    """mode: 'auto' (resume a matching checkpoint), 'require' (--resume), 'fresh' (--fresh).
+
+    Every rank reads and decides the same way; only rank 0 moves old checkpoints aside, and only
+    after every rank has read them.
+    """
+    last = paths.checkpoints / "last.pt"
+    state = _read_checkpoint(last) if mode != "fresh" and last.exists() else None
+    if mode == "require" and state is None:
+        raise TrainError(f"--resume given but {last} does not exist; drop --resume to start a new run")
+    if mode == "require" and state["fingerprint"] != fp:
+        raise TrainError(f"--resume given but {last} was made with a different config or split; "
+                         "use the same config, or --fresh to start over")
+    if state is not None and state["fingerprint"] == fp:
+        return state
+    barrier(rt)
+    if rt.is_main and last.exists():
+        why = "--fresh" if mode == "fresh" else f"{last} belongs to another config; starting over"
+        print(f"train: {why} (earlier checkpoints kept in {_move_aside(paths.checkpoints)})")
+    barrier(rt)
+    return None
 
 
 def save_checkpoint(paths: RunPaths, rt: Runtime, fp: str, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -345,7 +348,10 @@ def _full_stage(stage: str, cfg: Config, paths: RunPaths, rt: Runtime, model: nn
     model.to(rt.device, memory_format=rt.memory_format())
     trained = model
     if finetune and cfg.sync_bn and rt.distributed:
-        trained = nn.SyncBatchNorm.convert_sync_batchnorm(trained)
+        if rt.device.type == "cuda":
+            trained = nn.SyncBatchNorm.convert_sync_batchnorm(trained)
+        elif rt.is_main:
+            print("train: sync_bn needs CUDA (SyncBatchNorm has no CPU kernels); keeping per-rank BatchNorm")
     if rt.distributed:
         trained = DistributedDataParallel(trained, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if cfg.compile:

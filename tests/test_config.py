@@ -45,3 +45,12 @@ def test_config_typo_on_the_command_line_fails_cleanly(tmp_path: Path):
     proc = run_job("split", "--config", str(f), "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: unknown config key 'epoch'; did you mean 'epochs'?" \
         or "unknown config key 'epoch'" in proc.stderr
+
+
+def test_a_run_folder_remembers_its_config(tmp_path: Path):
+    saved = tmp_path / "config.yaml"
+    saved.write_text("epochs: 9\nweights: none\nretired_key: 1\n")
+    user = tmp_path / "user.yaml"
+    user.write_text("epochs: 4\n")
+    cfg = load_config(user, {"lr": "0.1"}, saved=saved)
+    assert (cfg.epochs, cfg.weights, cfg.lr) == (4, "none", 0.1)
