@@ -1,0 +1,93 @@
+"""Archive: ``model/`` + our handler + ``presets.py`` -> ``<model-store>/<model_name>.mar``.
+
+torch-model-archiver stages its files in ``$TMPDIR/<model_name>`` and deletes that folder
+first, so with the default name it would wipe an unrelated ``/tmp/classifier``. It therefore
+runs with TMPDIR and its export path inside a private temp folder next to the model store, and
+the finished archive is renamed into place: a reader of the store never sees half a .mar.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from jobs import presets
+from jobs.config import Config, RunPaths
+from jobs.errors import JobError
+from jobs.fileio import atomic_write_text, ensure_writable_dir, read_json
+
+MODEL_FILES = ("model.pt", "index_to_name.json", "metadata.json")
+# TorchServe's rule for model names (they become URL path segments and file names).
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+
+
+def handler_dir() -> Path:
+    """The installed ``handler`` package's folder (``__path__`` works for a package and a namespace alike)."""
+    import handler
+
+    return Path(next(iter(handler.__path__))).resolve()
+
+
+def model_config(cfg: Config) -> dict:
+    """The per-model TorchServe settings packed into the .mar (``--config-file``)."""
+    return {
+        "minWorkers": cfg.min_workers,
+        "maxWorkers": cfg.max_workers,
+        "batchSize": cfg.serve_batch_size,
+        "maxBatchDelay": cfg.max_batch_delay_ms,
+        "responseTimeout": cfg.response_timeout,
+        "startupTimeout": cfg.startup_timeout,
+        # Read by handler/resnet_handler.py from context.model_yaml_config["handler"].
+        "handler": {
+            "topk": cfg.topk,
+            "max_image_pixels": cfg.max_image_pixels,
+            "precision": cfg.precision,
+        },
+    }
+
+
+def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_options: dict | None = None) -> Path:
+    """Write ``<model-store>/<model_name>.mar``.
+
+    ``handler`` swaps in another handler file and ``handler_options`` adds to model-config's handler
+    section (the benchmark and tests use them; the job uses neither).
+    """
+    missing = [n for n in MODEL_FILES if not (paths.model / n).exists()]
+    if missing:
+        raise JobError(f"{paths.model} lacks {', '.join(missing)}; run `python -m jobs export --out {paths.out}` first")
+    if not MODEL_NAME.match(cfg.model_name):
+        raise JobError(f"config key 'model_name' must match {MODEL_NAME.pattern} for TorchServe "
+                       f"(got {cfg.model_name!r})")
+    meta = read_json(paths.model / "metadata.json")
+    store = ensure_writable_dir(paths.model_store)
+    target = store / f"{cfg.model_name}.mar"
+    with tempfile.TemporaryDirectory(prefix=".archive-", dir=store) as tmp:
+        work = Path(tmp)
+        (work / "stage").mkdir()
+        settings = model_config(cfg)
+        settings["handler"].update(handler_options or {})
+        config_file = atomic_write_text(work / "model-config.yaml", yaml.safe_dump(settings, sort_keys=False))
+        cmd = [sys.executable, "-m", "model_archiver.model_packaging",
+               "--model-name", cfg.model_name, "--version", cfg.model_version,
+               "--handler", str(handler or handler_dir() / "resnet_handler.py"),
+               "--serialized-file", str(paths.model / "model.pt"),
+               "--extra-files", ",".join(str(p) for p in (paths.model / "index_to_name.json",
+                                                          paths.model / "metadata.json", Path(presets.__file__))),
+               "--config-file", str(config_file), "--export-path", str(work), "--force"]
+        run = subprocess.run(cmd, env={**os.environ, "TMPDIR": str(work / "stage")}, capture_output=True, text=True,
+                             check=False)
+        built = work / f"{cfg.model_name}.mar"
+        if run.returncode != 0 or not built.exists():
+            last = (run.stderr.strip() or run.stdout.strip() or "no output").splitlines()[-1]
+            raise JobError(f"torch-model-archiver failed for {paths.model}: {last}")
+        os.replace(built, target)
+    size_mb = target.stat().st_size / 1e6
+    print(f"archive: {target} ({size_mb:.1f} MB; {meta['arch']}, {meta['num_classes']} classes, "
+          f"batchSize {cfg.serve_batch_size}, maxBatchDelay {cfg.max_batch_delay_ms} ms)")
+    return target

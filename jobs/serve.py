@@ -1,0 +1,270 @@
+"""Serve a model store with a local TorchServe (no Docker): ``python -m jobs serve --model-store DIR``.
+
+TorchServe writes its logs, key_file.json, the unpacked archives and the worker sockets into its
+working directory and temp folder; both live in a state folder (default ``<model-store>/../serve-state``)
+so the repository stays clean and several servers can run side by side (tests, bench) without
+sharing ``/tmp/.ts.sock.9000`` or the pid file that ``torchserve --stop`` reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from jobs.archive import handler_dir
+from jobs.config import Config
+from jobs.errors import JobError
+from jobs.fileio import atomic_write_text, ensure_writable_dir
+
+
+@dataclass(frozen=True)
+class Ports:
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+
+    @classmethod
+    def free(cls, host: str = "127.0.0.1") -> Ports:
+        """Five currently unused ports on ``host`` (for tests and benchmarks)."""
+        return cls(*free_ports(5, host))
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def render_config(base: str, *, host: str, ports: Ports, model_store: Path, disable_token_auth: bool = False) -> str:
+    """``handler/config.properties`` with addresses, ports and model store replaced.
+
+    Management and gRPC stay on 127.0.0.1 whatever ``host`` is: only inference and metrics follow it.
+    """
+    store = Path(model_store).resolve()
+    values = {
+        "inference_address": f"http://{host}:{ports.inference}",
+        "management_address": f"http://127.0.0.1:{ports.management}",
+        "metrics_address": f"http://{host}:{ports.metrics}",
+        "grpc_inference_address": "127.0.0.1",
+        "grpc_management_address": "127.0.0.1",
+        "grpc_inference_port": str(ports.grpc_inference),
+        "grpc_management_port": str(ports.grpc_management),
+        "model_store": str(store),
+        "allowed_urls": "file://" + re.escape(str(store)).replace("\\", "\\\\") + "/.*\\\\.mar",
+        **({"disable_token_authorization": "true"} if disable_token_auth else {}),
+    }
+    lines, seen = [], set()
+    for line in base.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if not line.lstrip().startswith("#") and "=" in line and key in values:
+            line, _ = f"{key}={values[key]}", seen.add(key)
+        lines.append(line)
+    lines += [f"{k}={v}" for k, v in values.items() if k not in seen]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class TorchServe:
+    """A running TorchServe in its own process group and state folder."""
+
+    process: subprocess.Popen
+    workdir: Path
+    host: str
+    ports: Ports
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.ports.inference}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.management}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.ports.metrics}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    def keys(self) -> dict[str, str]:
+        """{"inference": ..., "management": ...} bearer tokens; empty when token authorization is off."""
+        if not self.key_file.exists():
+            return {}
+        data = json.loads(self.key_file.read_text())
+        return {kind: data[kind]["key"] for kind in ("inference", "management") if kind in data}
+
+    def auth(self, kind: str = "inference") -> dict[str, str]:
+        key = self.keys().get(kind)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def wait_ready(self, models: list[str], timeout: float = 180.0) -> None:
+        """Until /ping is healthy and every model has a READY worker; JobError with the log tail if not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise JobError(f"TorchServe exited with code {self.process.returncode}\n{self.log_tail()}")
+            if self._ready(models):
+                return
+            time.sleep(0.5)
+        raise JobError(f"TorchServe not ready after {timeout:.0f}s\n{self.log_tail()}")
+
+    def _ready(self, models: list[str]) -> bool:
+        try:
+            ping = requests.get(f"{self.inference_url}/ping", headers=self.auth(), timeout=5)
+            if ping.status_code != 200 or ping.json().get("status") != "Healthy":
+                return False
+            for name in models:
+                r = requests.get(f"{self.management_url}/models/{name}", headers=self.auth("management"), timeout=5)
+                workers = r.json()[0].get("workers", []) if r.status_code == 200 else []
+                if not any(w.get("status") == "READY" for w in workers):
+                    return False
+            return True
+        except (requests.RequestException, ValueError, KeyError, IndexError):
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        parts = []
+        for name in ("logs/model_log.log", "logs/ts_log.log", "torchserve.out"):
+            path = self.workdir / name
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {path} (last {len(tail)} lines)\n" + "\n".join(tail))
+        return "\n".join(parts) or f"(no logs in {self.workdir})"
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM the whole process group (frontend and workers), SIGKILL what is left after ``timeout``."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # workers that outlived the frontend
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return self.process.returncode
+
+
+def _url_host(host: str) -> str:
+    return "127.0.0.1" if host in {"0.0.0.0", ""} else host
+
+
+def _state_env(workdir: Path) -> dict[str, str]:
+    # TEMP -> the JVM's java.io.tmpdir (unpacked .mar files, worker sockets);
+    # TMPDIR -> where `torchserve` keeps .model_server.pid for --stop.
+    tmp = workdir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "TEMP": str(tmp), "TMPDIR": str(tmp)}
+
+
+def _torchserve_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ts.model_server", *args]
+
+
+def start(model_store: Path, workdir: Path, *, host: str = "127.0.0.1", ports: Ports = Ports(),
+          disable_token_auth: bool = False) -> TorchServe:
+    """Start TorchServe on ``model_store`` with ``handler/config.properties`` adapted; returns at once.
+
+    It runs in its own session (process group): ``TorchServe.stop`` ends frontend and workers together,
+    and a server started by ``serve(foreground=False)`` outlives this process until ``serve --stop``.
+    Its console output goes to ``workdir/torchserve.out``, its logs to ``workdir/logs/``.
+    """
+    model_store = Path(model_store).resolve()
+    if not sorted(model_store.glob("*.mar")):
+        raise JobError(f"no .mar archive in {model_store}; run `python -m jobs archive --out RUN` first")
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        raise JobError("TorchServe needs Java 17+: apt-get install openjdk-17-jre-headless, or set JAVA_HOME")
+    workdir = ensure_writable_dir(Path(workdir).resolve())
+    for port in (ports.inference, ports.management, ports.metrics, ports.grpc_inference, ports.grpc_management):
+        _check_port_free(host if port in (ports.inference, ports.metrics) else "127.0.0.1", port)
+    config = workdir / "config.properties"
+    atomic_write_text(config, render_config((handler_dir() / "config.properties").read_text(), host=host, ports=ports,
+                                            model_store=model_store, disable_token_auth=disable_token_auth))
+    cmd = _torchserve_cmd("--start", "--foreground", "--ncs", "--model-store", str(model_store),
+                          "--ts-config", str(config), "--models", "all")
+    with open(workdir / "torchserve.out", "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=_state_env(workdir), stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    return TorchServe(proc, workdir, host, ports)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise JobError(f"cannot listen on {host}:{port} ({e.strerror}); stop what uses it or pick other ports "
+                           f"(--port/--management-port/--metrics-port)") from None
+
+
+def model_names(model_store: Path) -> list[str]:
+    return sorted(p.stem for p in Path(model_store).glob("*.mar"))
+
+
+def curl_hint(server: TorchServe, model_name: str) -> str:
+    url = f"{server.inference_url}/predictions/{model_name}"
+    if not server.key_file.exists():
+        return f"curl -T image.jpg {url}"
+    token = f"python -c \"import json; print(json.load(open('{server.key_file}'))['inference']['key'])\""
+    return f'TOKEN=$({token})\ncurl -H "Authorization: Bearer $TOKEN" -T image.jpg {url}'
+
+
+def default_workdir(model_store: Path) -> Path:
+    return Path(model_store).resolve().parent / "serve-state"
+
+
+def serve(cfg: Config, model_store: Path, *, stop: bool = False, foreground: bool = True,
+          workdir: Path | None = None, host: str = "127.0.0.1", port: int = 8080, management_port: int = 8081,
+          metrics_port: int = 8082, disable_token_auth: bool = False) -> int:
+    """Start TorchServe on ``model_store`` (foreground: until Ctrl-C) or stop it; returns an exit code."""
+    workdir = Path(workdir) if workdir else default_workdir(model_store)
+    if stop:
+        return _stop(workdir)
+    # gRPC is unused here but TorchServe always opens it: any two free loopback ports do.
+    ports = Ports(port, management_port, metrics_port, *free_ports(2))
+    server = start(model_store, workdir, host=host, ports=ports, disable_token_auth=disable_token_auth)
+    try:
+        names = model_names(model_store)
+        server.wait_ready(names, cfg.startup_timeout + 60)  # + the JVM's own start
+        hint = curl_hint(server, cfg.model_name if cfg.model_name in names else names[0])
+        print(f"serving {', '.join(names)} from {Path(model_store).resolve()}\n"
+              f"logs and key_file.json: {server.workdir}\n{hint}", flush=True)
+        if not foreground:
+            print(f"stop it with: python -m jobs serve --model-store {model_store} --stop", flush=True)
+            return 0
+        print("Ctrl-C stops it", flush=True)
+        # `docker stop`/systemd send SIGTERM: leave through the cleanup below, not past it.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        return server.process.wait()
+    except KeyboardInterrupt:
+        return server.stop()
+    except BaseException:
+        server.stop()
+        raise
+
+
+def _stop(workdir: Path) -> int:
+    if not (workdir / "tmp").exists():
+        print(f"no TorchServe state in {workdir}; nothing to stop")
+        return 0
+    return subprocess.run(_torchserve_cmd("--stop", "--foreground"), cwd=workdir, env=_state_env(workdir),
+                          check=False).returncode

@@ -1,0 +1,299 @@
+"""The handler in-process, driven the way TorchServe's worker drives it (its real Context and
+RequestProcessor classes), plus the archive stage and the server config it ships with."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import ts
+import yaml
+from conftest import FIXTURE_IMAGES
+from PIL import Image
+from torchserve_fixture import bad_images, export_random_model, png_header
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.torch_handler.request_envelope.kserve import KServeEnvelope
+from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
+
+from handler import resnet_handler
+from handler.resnet_handler import BadRequest, ResNetHandler, parse_request
+from jobs.archive import archive, handler_dir
+from jobs.config import RunPaths, load_config
+from jobs.errors import JobError
+from jobs.predict import predict_files
+from jobs.serve import Ports, render_config
+
+CLASSES = ["ants", "bees", "wasps"]
+PHOTOS = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """An exported 3-class run folder: random resnet18 weights, metadata from the real export code."""
+    return export_random_model(tmp_path_factory.mktemp("run"), CLASSES).out
+
+
+def make_context(model_dir: Path, handler_options: dict | None = None) -> Context:
+    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    manifest = {"model": {"modelName": "clf", "modelVersion": "1.0", "serializedFile": "model.pt"}}
+    # torch_threads 0: keep torch's default, or the handler would change this pytest process's thread count.
+    return Context("clf", str(model_dir), manifest, 8, None, "0.12.0", metrics=metrics,
+                   model_yaml_config={"handler": {"torch_threads": 0, **(handler_options or {})}})
+
+
+def load_handler(run_dir: Path, **options) -> tuple[ResNetHandler, Context]:
+    ctx = make_context(run_dir / "model", options)
+    h = ResNetHandler()
+    h.initialize(ctx)
+    return h, ctx
+
+
+def call(h: ResNetHandler, ctx: Context, rows: list, headers: list[dict] | None = None) -> list:
+    """One batch, as TorchServe's Service.predict hands it over: rows + per-request header processors."""
+    headers = headers or [{} for _ in rows]
+    ctx.request_processor = [RequestProcessor(hd) for hd in headers]
+    ctx.request_ids = {i: f"req-{i}" for i in range(len(rows))}
+    ctx.metrics.request_ids = ctx.request_ids
+    return h.handle(rows, ctx)
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir: Path) -> tuple[ResNetHandler, Context]:
+    return load_handler(run_dir)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def probs_by_index(predictions: list[dict]) -> dict[int, float]:
+    return {p["index"]: p["probability"] for p in predictions}
+
+
+def test_predictions_equal_offline_predict_files(run_dir: Path, loaded):
+    h, ctx = loaded
+    files = PHOTOS[::5]
+    out = call(h, ctx, [{"body": bytearray(f.read_bytes())} for f in files])
+    offline = predict_files(run_dir / "model", files)
+    assert len(out) == len(files)
+    for got, ref in zip(out, offline, strict=True):
+        assert [p["label"] for p in got["predictions"]] == [p["label"] for p in ref["predictions"]]
+        for i, p in probs_by_index(got["predictions"]).items():
+            assert p == pytest.approx(ref["probabilities"][i], abs=1e-4)
+        probs = [p["probability"] for p in got["predictions"]]
+        assert probs == sorted(probs, reverse=True)
+
+
+def test_every_body_shape_yields_the_same_answer(loaded):
+    h, ctx = loaded
+    img = PHOTOS[0].read_bytes()
+    rows = [
+        {"body": bytearray(img)},                                         # curl -T / --data-binary
+        {"data": bytearray(img)},                                         # curl -F data=@img.jpg
+        {"file": bytearray(img), "note": bytearray(b"x")},                # another multipart field name
+        {"body": {"data": b64(img)}},                                     # application/json, parsed by TorchServe
+        {"body": bytearray(json.dumps({"b64": b64(img)}).encode())},      # JSON TorchServe could not parse
+        {"body": "data:image/jpeg;base64," + b64(img)},                   # text/plain data URL
+        {"body": {"image_bytes": {"b64": b64(img)}}},                     # TF-serving style
+    ]
+    out = call(h, ctx, rows)
+    assert all(ctx.get_response_status(i)[0] == 200 for i in range(len(rows)))
+    assert all(o == out[0] for o in out), out
+
+
+def test_kserve_shapes_answer_per_instance(loaded):
+    h, ctx = loaded
+    a, b = PHOTOS[0].read_bytes(), PHOTOS[-1].read_bytes()
+    v1 = {"instances": [{"data": b64(a)}, {"data": b64(b)}]}
+    v2 = {"id": "r1", "inputs": [{"name": "img", "shape": [2], "datatype": "BYTES", "data": [b64(a), b64(b)]}]}
+    single = call(h, ctx, [{"body": bytearray(a)}, {"body": bytearray(b)}])
+    got_v1, got_v2 = call(h, ctx, [{"body": v1}, {"body": v2}])
+    assert got_v1 == {"predictions": [single[0]["predictions"], single[1]["predictions"]]}
+    assert got_v2["id"] == "r1" and got_v2["model_name"] == "clf"
+    (output,) = got_v2["outputs"]
+    assert output["datatype"] == "BYTES" and output["shape"] == [2]
+    assert [json.loads(d) for d in output["data"]] == got_v1["predictions"]
+
+
+@pytest.mark.parametrize("envelope", [KServeEnvelope, KServev2Envelope])
+def test_torchserve_service_envelopes_unwrap_into_our_handler(loaded, envelope):
+    """With ``service_envelope=kserve|kservev2`` TorchServe wraps the entry point in these classes."""
+    h, ctx = loaded
+    img = b64(PHOTOS[0].read_bytes())
+    expected = call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])[0]["predictions"]
+    body = ({"instances": [{"data": img}]} if envelope is KServeEnvelope
+            else {"inputs": [{"name": "img", "shape": [1], "datatype": "BYTES", "data": [img]}]})
+    wrapped = envelope(lambda data, context: call(h, context, data))
+    ctx.request_processor = [RequestProcessor({})]
+    ctx.request_ids = {0: "req-0"}
+    (response,) = wrapped.handle([{"body": body}], ctx)
+    found = response["predictions"][0] if envelope is KServeEnvelope else response["outputs"][0]["data"][0]
+    assert found["predictions"] == expected
+
+
+def test_a_bad_request_fails_alone_in_its_batch(loaded):
+    h, ctx = loaded
+    good = PHOTOS[3].read_bytes()
+    bad = bad_images(good)
+    rows = [{"body": bytearray(good)}] + [{"body": bytearray(v)} for v in bad.values()] + [{"data": bytearray(good)}]
+    out = call(h, ctx, rows)
+    statuses = [ctx.get_response_status(i)[0] for i in range(len(rows))]
+    assert statuses == [200] + [400] * len(bad) + [200]
+    assert out[0] == out[-1] and len(out[0]["predictions"]) == len(CLASSES)
+    for kind, answer in zip(bad, out[1:-1], strict=True):
+        assert set(answer) == {"error"}, kind
+    by_kind = dict(zip(bad, out[1:-1], strict=True))
+    assert "empty" in by_kind["empty"]["error"]
+    assert "decompression bomb" in by_kind["bomb"]["error"]
+    assert "aspect ratio" in by_kind["too-thin"]["error"]
+    phrase = ctx.get_response_status(1)[1]
+    assert phrase and phrase.isprintable() and phrase.isascii()
+
+
+def test_image_pixel_limit_comes_from_the_model_config(run_dir: Path):
+    h, ctx = load_handler(run_dir, max_image_pixels=50_000)
+    small = io.BytesIO()
+    Image.new("RGB", (200, 200), "blue").save(small, format="PNG")
+    out = call(h, ctx, [{"body": bytearray(png_header(300, 300))}, {"body": bytearray(small.getvalue())}])
+    assert ctx.get_response_status(0)[0] == 400 and "more than 50000 pixels" in out[0]["error"]
+    assert ctx.get_response_status(1)[0] == 200
+
+
+TOPK_REQUESTS = {
+    "default 5, capped at 3 classes": (lambda img: {"body": bytearray(img)}, {}, 3),
+    "header": (lambda img: {"body": bytearray(img)}, {"X-TopK": "1"}, 1),
+    "multipart field": (lambda img: {"data": bytearray(img), "topk": bytearray(b"2")}, {}, 2),
+    "JSON beats the header": (lambda img: {"body": {"data": b64(img), "topk": 2}}, {"X-TopK": "1"}, 2),
+    "JSON above the class count": (lambda img: {"body": {"data": b64(img), "topk": 50}}, {}, 3),
+}
+
+
+@pytest.mark.parametrize("case", TOPK_REQUESTS)
+def test_topk_sources_and_cap(loaded, case):
+    h, ctx = loaded
+    make_row, headers, expected = TOPK_REQUESTS[case]
+    (out,) = call(h, ctx, [make_row(PHOTOS[1].read_bytes())], [headers])
+    assert len(out["predictions"]) == expected
+
+
+def test_topk_option_in_model_config(run_dir: Path):
+    h, ctx = load_handler(run_dir, topk=2)
+    (out,) = call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+    assert len(out["predictions"]) == 2
+
+
+@pytest.mark.parametrize("topk", ["0", "-1", "many"])
+def test_invalid_topk_is_a_400(loaded, topk):
+    h, ctx = loaded
+    (out,) = call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}], [{"x-topk": topk}])
+    assert ctx.get_response_status(0)[0] == 400 and "topk" in out["error"]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({}, "empty request"),
+    ({"body": []}, "JSON list"),
+    ({"body": {"instances": "abc"}}, "'instances' must be a list"),
+    ({"body": {"instances": []}}, "no image"),
+    ({"body": {"instances": [{"nope": 1}]}}, "instances[0] needs a base64 image"),
+    ({"body": {"data": "***not base64***"}}, "body.data is not valid base64"),
+    ({"body": {"inputs": [{"name": "x", "datatype": "FP32", "data": [1.0]}]}}, "datatype BYTES"),
+    ({"body": {"something": "else"}}, "needs a base64 image"),
+    ({"body": "{not json"}, "not valid JSON"),
+    ({"body": {"instances": ["aGk="] * 33}}, "at most 32"),
+])
+def test_malformed_bodies_are_named(row, message):
+    with pytest.raises(BadRequest) as e:
+        parse_request(row)
+    assert message in str(e.value)
+
+
+def test_module_entry_point_initializes_once(run_dir: Path):
+    """TorchServe calls handle(None, ctx) to load, then handle(batch, ctx); the module has one entry point."""
+    ctx = make_context(run_dir / "model")
+    resnet_handler._service = ResNetHandler()
+    assert resnet_handler.handle(None, ctx) is None
+    model = resnet_handler._service.model
+    ctx.request_processor, ctx.request_ids = [RequestProcessor({})], {0: "r"}
+    ctx.metrics.request_ids = ctx.request_ids
+    (out,) = resnet_handler.handle([{"body": bytearray(PHOTOS[0].read_bytes())}], ctx)
+    assert resnet_handler._service.model is model and len(out["predictions"]) == 3
+
+
+def test_cpu_threads_leave_a_core_to_the_frontend():
+    cores = len(os.sched_getaffinity(0))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resnet_handler._torch_threads("auto", {"maxWorkers": 1}, cpu) == max(1, cores - 1)
+    assert resnet_handler._torch_threads("auto", {"maxWorkers": 64}, cpu) == 1
+    assert resnet_handler._torch_threads("auto", {}, gpu) == 0  # torch's default
+    assert resnet_handler._torch_threads(3, {}, cpu) == 3
+
+
+def test_handler_never_imports_captum():
+    code = "import sys, handler.resnet_handler; print('captum' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+    assert "captum" not in (handler_dir() / "resnet_handler.py").read_text()
+
+
+def test_archive_packs_handler_presets_metadata_and_model_config(run_dir: Path, tmp_path: Path):
+    # torch-model-archiver wipes $TMPDIR/<model_name>; prove ours runs in a private TMPDIR.
+    name = f"unit-{uuid.uuid4().hex[:8]}"
+    sentinel = Path(os.environ.get("TMPDIR", "/tmp")) / name / "keep"
+    sentinel.parent.mkdir(parents=True)
+    sentinel.write_text("x")
+    try:
+        cfg = load_config(None, {"model_name": name, "serve_batch_size": 4, "max_batch_delay_ms": 50, "topk": 2})
+        mar = archive(cfg, RunPaths(run_dir, tmp_path / "store"))
+        assert sentinel.exists()
+    finally:
+        sentinel.unlink()
+        sentinel.parent.rmdir()
+    assert mar == tmp_path / "store" / f"{name}.mar"
+    assert sorted(p.name for p in mar.parent.iterdir()) == [mar.name]  # no temp leftovers
+    with zipfile.ZipFile(mar) as z:
+        names = set(z.namelist())
+        assert {"model.pt", "metadata.json", "index_to_name.json", "presets.py", "resnet_handler.py",
+                "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+        model_config = yaml.safe_load(z.read("model-config.yaml"))
+        assert z.read("presets.py") == (Path(resnet_handler.presets.__file__)).read_bytes()
+    assert manifest["handler"] == "resnet_handler.py" and manifest["modelName"] == name
+    assert model_config["batchSize"] == 4 and model_config["maxBatchDelay"] == 50
+    assert model_config["handler"]["topk"] == 2
+    assert {"minWorkers", "maxWorkers", "responseTimeout", "startupTimeout"} <= set(model_config)
+
+
+def test_archive_names_what_is_missing(tmp_path: Path):
+    with pytest.raises(JobError, match="lacks model.pt, index_to_name.json, metadata.json; run `python -m jobs export"):
+        archive(load_config(None, {}), RunPaths(tmp_path))
+
+
+def test_archive_refuses_a_name_torchserve_cannot_serve(run_dir: Path, tmp_path: Path):
+    with pytest.raises(JobError, match="config key 'model_name'"):
+        archive(load_config(None, {"model_name": "my model/1"}), RunPaths(run_dir, tmp_path))
+
+
+def test_rendered_config_keeps_management_on_loopback(tmp_path: Path):
+    base = (handler_dir() / "config.properties").read_text()
+    props = dict(line.split("=", 1) for line in base.splitlines() if line and not line.startswith("#"))
+    assert props["management_address"].startswith("http://127.0.0.1:")
+    assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
+    assert props["metrics_mode"] == "prometheus" and props["install_py_dep_per_model"] == "false"
+    text = render_config(base, host="0.0.0.0", ports=Ports(1, 2, 3, 4, 5), model_store=tmp_path)
+    rendered = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert rendered["inference_address"] == "http://0.0.0.0:1"
+    assert rendered["management_address"] == "http://127.0.0.1:2"
+    assert rendered["grpc_management_address"] == "127.0.0.1" and rendered["grpc_management_port"] == "5"
+    assert rendered["model_store"] == str(tmp_path.resolve())
+    assert rendered["allowed_urls"].startswith("file://")
+    assert "disable_token_authorization=true" in render_config(base, host="127.0.0.1", ports=Ports(),
+                                                               model_store=tmp_path, disable_token_auth=True)

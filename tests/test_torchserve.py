@@ -1,0 +1,236 @@
+"""A real TorchServe serving real archives over real HTTP on loopback ports.
+
+One server for the module, two models: "two" (ants/bees, batchSize 8, maxBatchDelay 200 ms so
+concurrent requests share a batch) and "seven" (7 classes, more than the stock handler's top-5).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import FIXTURE_IMAGES
+from torchserve_fixture import archive_as, bad_images, export_tiny_model, make_seven_class_data
+
+from jobs.config import load_config
+from jobs.predict import predict_files
+from jobs.serve import Ports, TorchServe, free_ports, serve, start
+
+pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
+
+PHOTOS = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))
+
+
+@dataclass
+class Served:
+    server: TorchServe
+    model_dirs: dict[str, Path]
+    store: Path
+
+    def predict(self, model: str, timeout: float = 60, **kw) -> requests.Response:
+        headers = {**self.server.auth(), **kw.pop("headers", {})}
+        return requests.post(f"{self.server.inference_url}/predictions/{model}", headers=headers, timeout=timeout,
+                             **kw)
+
+    def worker_pids(self, model: str) -> list[int]:
+        r = requests.get(f"{self.server.management_url}/models/{model}", headers=self.server.auth("management"),
+                         timeout=10)
+        r.raise_for_status()
+        return [w["pid"] for w in r.json()[0]["workers"]]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Served:
+    root = tmp_path_factory.mktemp("torchserve")
+    store = root / "model-store"
+    two_cfg, two = export_tiny_model(root / "two", FIXTURE_IMAGES)
+    seven_data = make_seven_class_data(FIXTURE_IMAGES, root / "seven-data")
+    seven_cfg, seven = export_tiny_model(root / "seven", seven_data)
+    archive_as(two_cfg, two, store, "two", max_batch_delay_ms=200)
+    archive_as(seven_cfg, seven, store, "seven")
+    server = start(store, root / "state", ports=Ports.free())
+    try:
+        server.wait_ready(["two", "seven"], timeout=240)
+        yield Served(server, {"two": two.model, "seven": seven.model}, store)
+    finally:
+        server.stop()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def assert_matches_offline(predictions: list[dict], reference: dict, k: int) -> None:
+    assert len(predictions) == k
+    assert [p["label"] for p in predictions] == [p["label"] for p in reference["predictions"][:k]]
+    for p in predictions:
+        assert p["probability"] == pytest.approx(reference["probabilities"][p["index"]], abs=1e-4)
+
+
+@pytest.mark.parametrize("model, k", [("two", 2), ("seven", 5)])
+def test_http_probabilities_equal_offline_predict(served: Served, model: str, k: int):
+    files = PHOTOS[::4]
+    offline = predict_files(served.model_dirs[model], files)
+    for f, ref in zip(files, offline, strict=True):
+        r = served.predict(model, data=f.read_bytes())
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        assert_matches_offline(r.json()["predictions"], ref, k)
+
+
+def test_every_input_form_over_http(served: Served):
+    photo = PHOTOS[5]
+    img = photo.read_bytes()
+    ref = predict_files(served.model_dirs["seven"], [photo])[0]
+    single = [
+        served.predict("seven", data=img),                                                    # curl -T
+        served.predict("seven", files={"data": (photo.name, img, "image/jpeg")}),              # curl -F data=@
+        served.predict("seven", files={"image": (photo.name, img, "image/jpeg")}),             # another field name
+        served.predict("seven", json={"data": b64(img)}),                                     # JSON base64
+        served.predict("seven", json={"b64": b64(img)}),
+    ]
+    for r in single:
+        assert r.status_code == 200, r.text
+        assert_matches_offline(r.json()["predictions"], ref, 5)
+    v1 = served.predict("seven", json={"instances": [{"data": b64(img)}, {"data": b64(img)}]})
+    assert v1.status_code == 200, v1.text
+    for preds in v1.json()["predictions"]:
+        assert_matches_offline(preds, ref, 5)
+    v2 = served.predict("seven", json={"inputs": [{"name": "img", "shape": [1], "datatype": "BYTES",
+                                                    "data": [b64(img)]}]})
+    assert v2.status_code == 200, v2.text
+    assert v2.json()["model_name"] == "seven" and v2.json()["outputs"][0]["shape"] == [1]
+
+
+def test_topk_is_capped_at_the_class_count_and_selectable(served: Served):
+    img = PHOTOS[0].read_bytes()
+    assert len(served.predict("two", data=img).json()["predictions"]) == 2  # the stock handler crashes here
+    assert len(served.predict("seven", data=img, headers={"X-TopK": "7"}).json()["predictions"]) == 7
+    assert len(served.predict("seven", json={"data": b64(img), "topk": 1}).json()["predictions"]) == 1
+    assert len(served.predict("seven", files={"data": img, "topk": "3"}).json()["predictions"]) == 3
+    r = served.predict("seven", data=img, headers={"X-TopK": "zero"})
+    assert r.status_code == 400 and "topk" in r.json()["error"]
+
+
+def test_good_and_bad_requests_in_one_batch_each_get_their_answer(served: Served):
+    good = [p.read_bytes() for p in PHOTOS[:3]]
+    bad = bad_images(good[0])
+    bodies = [("good", g) for g in good] + list(bad.items())[:5]  # 8 = batchSize
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: served.predict("two", data=body[1]), bodies))
+    for (kind, _), r in zip(bodies, answers, strict=True):
+        if kind == "good":
+            assert r.status_code == 200, r.text
+            assert [p["label"] for p in r.json()["predictions"]] and "error" not in r.json()
+        else:
+            assert 400 <= r.status_code < 500, (kind, r.status_code, r.text)
+            assert set(r.json()) == {"error"} and r.json()["error"], kind
+    batches = handled_batches(served.server)
+    ids = {r.headers["x-request-id"]: kind for (kind, _), r in zip(bodies, answers, strict=True)}
+    mixed = [b for b in batches if {ids.get(i) == "good" for i in b if i in ids} == {True, False}]
+    assert mixed, f"no batch mixed good and bad requests: {[[ids.get(i) for i in b] for b in batches]}"
+
+
+def handled_batches(server: TorchServe) -> list[list[str]]:
+    """Request ids per handler call, from the HandlerTime metric TorchServe logs for each batch."""
+    text = "\n".join(p.read_text(errors="replace") for p in (server.workdir / "logs").glob("*.log"))
+    return [m.split(",") for m in re.findall(r"\[METRICS\]HandlerTime\.Milliseconds:[^\n]*?#hostname:[^,]+,\d+,"
+                                             r"([0-9a-f,-]+)", text)]
+
+
+def test_two_hundred_malformed_requests_leave_the_worker_alive(served: Served):
+    pids = served.worker_pids("seven")
+    good = PHOTOS[0].read_bytes()
+    variants = [*bad_images(good).values(), b"\x00" * 1000, b"GIF89a" + b"\xff" * 50, b'{"data": "%%%"}',
+                b'{"instances": 5}']
+    bodies = [variants[i % len(variants)] for i in range(200)]
+    json_bodies = {b'{"data": "%%%"}', b'{"instances": 5}'}
+
+    def send(body: bytes) -> int:
+        headers = {"Content-Type": "application/json"} if body in json_bodies else {}
+        return served.predict("seven", data=body, headers=headers).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(send, bodies))
+    assert all(400 <= c < 500 for c in codes), sorted(set(codes))
+    assert served.worker_pids("seven") == pids
+    ping = requests.get(f"{served.server.inference_url}/ping", headers=served.server.auth(), timeout=10)
+    assert ping.json()["status"] == "Healthy"
+    assert served.predict("seven", data=good).status_code == 200
+
+
+def test_requests_without_the_token_are_refused(served: Served):
+    url = f"{served.server.inference_url}/predictions/two"
+    img = PHOTOS[0].read_bytes()
+    # TorchServe 0.12 answers a missing or wrong token with 400 InvalidKeyException (not 401).
+    for headers in ({}, {"Authorization": "Bearer wrong"}, served.server.auth("management")):
+        r = requests.post(url, data=img, headers=headers, timeout=30)
+        assert r.status_code in (400, 401) and "Token Authorization failed" in r.text, r.text
+    r = requests.get(f"{served.server.management_url}/models", headers=served.server.auth(), timeout=10)
+    assert r.status_code in (400, 401), "the inference key must not open the management API"
+    assert served.predict("two", data=img).status_code == 200
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of LISTEN sockets on ``port``, from the kernel's socket tables."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(addr)
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def test_management_api_listens_on_loopback_only(served: Served):
+    for port in (served.server.ports.management, served.server.ports.grpc_management):
+        addresses = listening_addresses(port)
+        assert addresses, f"nothing listens on {port}"
+        assert addresses <= LOOPBACK, f"port {port} bound to {addresses}"
+    r = requests.get(f"{served.server.management_url}/models", headers=served.server.auth("management"), timeout=10)
+    assert {m["modelName"] for m in r.json()["models"]} == {"two", "seven"}
+
+
+def test_metrics_count_inference_requests(served: Served):
+    before = inference_count(served, "seven")
+    for _ in range(3):
+        assert served.predict("seven", data=PHOTOS[1].read_bytes()).status_code == 200
+    assert inference_count(served, "seven") >= before + 3
+
+
+def inference_count(served: Served, model: str) -> float:
+    text = requests.get(f"{served.server.metrics_url}/metrics", timeout=10).text
+    m = re.search(rf'^ts_inference_requests_total\{{model_name="{re.escape(model)}",[^}}]*\}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_serve_in_background_then_stop(served: Served, tmp_path: Path, capsys):
+    """`python -m jobs serve --model-store DIR` detached, then `--stop` through TorchServe's own pid file."""
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(served.store / "two.mar", store)
+    port, management, metrics = free_ports(3)
+    cfg = load_config(None, {"model_name": "two"})
+    assert serve(cfg, store, foreground=False, port=port, management_port=management, metrics_port=metrics) == 0
+    out = capsys.readouterr().out
+    assert f"http://127.0.0.1:{port}/predictions/two" in out and "Authorization: Bearer" in out
+    state = tmp_path / "serve-state"
+    keys = json.loads((state / "key_file.json").read_text())
+    r = requests.post(f"http://127.0.0.1:{port}/predictions/two", data=PHOTOS[0].read_bytes(), timeout=60,
+                      headers={"Authorization": f"Bearer {keys['inference']['key']}"})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+    assert serve(cfg, store, stop=True) == 0
+    assert not (state / "tmp" / ".model_server.pid").exists()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/ping", timeout=5)

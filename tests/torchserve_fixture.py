@@ -1,0 +1,110 @@
+"""Building blocks for the handler and TorchServe tests (and bench/serve.py): tiny trained models,
+a 7-class data set made from the fixture photos, archives, and the requests TorchServe would pass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torchvision import models
+
+from jobs.archive import archive
+from jobs.clean import clean
+from jobs.config import Config, RunPaths, load_config
+from jobs.export import build_metadata, export
+from jobs.runtime import setup
+from jobs.split import split
+from jobs.train import train
+
+TINY_TRAINING = {"weights": "none", "epochs": 1, "batch_size": 8, "min_images_per_class": 3, "num_workers": 0,
+                 "feature_views": 1}
+
+# Seven visibly different versions of a photo, one per class, so no two class folders share a file.
+SEVEN_VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "original": lambda im: im,
+    "mirrored": ImageOps.mirror,
+    "flipped": ImageOps.flip,
+    "rotated": lambda im: im.rotate(90, expand=True),
+    "cropped": lambda im: im.crop((im.width // 8, im.height // 8, im.width * 7 // 8, im.height * 7 // 8)),
+    "gray": lambda im: ImageOps.grayscale(im).convert("RGB"),
+    "inverted": ImageOps.invert,
+}
+
+
+def export_tiny_model(out: Path, data: Path, **overrides) -> tuple[Config, RunPaths]:
+    """clean -> split -> train (random backbone, one epoch) -> export, in this process."""
+    cfg = load_config(None, {**TINY_TRAINING, **overrides})
+    paths = RunPaths.for_config(out, cfg)
+    rt = setup(cfg)
+    clean(cfg, paths, data)
+    split(cfg, paths)
+    train(cfg, paths, rt, "auto")
+    export(cfg, paths)
+    return cfg, paths
+
+
+def export_random_model(out: Path, classes: list[str], arch: str = "resnet18", seed: int = 0) -> RunPaths:
+    """``out/model/`` as the export stage writes it, with random weights: for tests and benchmarks
+    that need the contract (state_dict + metadata.json), not a trained model."""
+    torch.manual_seed(seed)
+    model_dir = Path(out) / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(models.get_model(arch, weights=None, num_classes=len(classes)).state_dict(), model_dir / "model.pt")
+    cfg = load_config(None, {"weights": "none", "arch": arch})
+    meta = build_metadata(cfg, {"classes": classes, "data_hash": "random", "split_hash": "random"}, {})
+    (model_dir / "metadata.json").write_text(json.dumps(meta, indent=2))
+    (model_dir / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(classes)}))
+    return RunPaths(Path(out))
+
+
+def make_seven_class_data(source: Path, dest: Path, per_class: int = 6) -> Path:
+    """dest/<view>/*.jpg: the first ``per_class`` fixture photos, each class a different transformation."""
+    photos = sorted(source.glob("*/*.jpg"))[:per_class]
+    for name, view in SEVEN_VIEWS.items():
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        for photo in photos:
+            with Image.open(photo) as im:
+                view(im.convert("RGB")).save(dest / name / photo.name, quality=90)
+    return dest
+
+
+def archive_as(cfg: Config, paths: RunPaths, store: Path, name: str, handler: Path | None = None,
+               handler_options: dict | None = None, **overrides) -> Path:
+    """Archive an exported run under another model name / model-config into ``store``."""
+    cfg = dataclasses.replace(cfg, model_name=name, **overrides)
+    return archive(cfg, RunPaths(paths.out, store), handler, handler_options)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A valid PNG signature + IHDR that claims ``width`` x ``height`` pixels, with almost no pixel data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def bad_images(good_jpeg: bytes) -> dict[str, bytes]:
+    """Bodies that are not usable images, by kind: each must be refused with a 4xx, never crash a worker."""
+    return {
+        "empty": b"",
+        "text": b"this is not an image",
+        "truncated": good_jpeg[: len(good_jpeg) // 2],
+        "header-only": good_jpeg[:64],
+        "bomb": png_header(100_000, 100_000),
+        "too-thin": _png_bytes(Image.new("RGB", (1, 300), "red")),
+    }
+
+
+def _png_bytes(im: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
