@@ -99,23 +99,23 @@ def setup(cfg: Config) -> Runtime:
         # Generous: under `jobs run`, rank 0 collects and cleans while the others wait at a barrier.
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(hours=6))
-    if rank != 0:
-        _silence_print()
+    if world_size > 1:
+        _print_on_rank0_only(rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return Runtime(device, _pick_amp_dtype(device, cfg.precision), cfg.channels_last, rank, world_size, local_rank)
 
 
-def _silence_print() -> None:
-    """Only rank 0 talks (as torchvision's references do); ``print(..., force=True)`` still works."""
+def _print_on_rank0_only(rank: int) -> None:
+    """Only rank 0 talks (as torchvision's references do); ``print(..., force=True)`` speaks on any rank."""
     builtin_print = builtins.print
 
-    def print_on_rank0_only(*args, force: bool = False, **kwargs) -> None:
-        if force:
+    def rank_aware_print(*args, force: bool = False, **kwargs) -> None:
+        if rank == 0 or force:
             builtin_print(*args, **kwargs)
 
-    builtins.print = print_on_rank0_only
+    builtins.print = rank_aware_print
 
 
 def teardown() -> None:

@@ -388,7 +388,8 @@ def train(cfg: Config, paths: RunPaths, rt: Runtime, resume_mode: str = "auto") 
         model.load_state_dict(resume["model"])
         progress = Progress(**resume["progress"])
         print(f"train: resuming {progress.stage} stage after epoch {progress.epoch} from {paths.checkpoints}/last.pt")
-    print(f"train: {cfg.arch} ({cfg.weights}) on {len(classes)} classes {classes}; {rt.describe()}")
+    where = {"force": True} if rt.distributed else {}  # each rank says where it runs
+    print(f"train: {cfg.arch} ({cfg.weights}) on {len(classes)} classes {classes}; {rt.describe()}", **where)
 
     def save_ckpt(optimizer, scheduler, is_best: bool) -> None:
         save_checkpoint(paths, rt, fp, model, optimizer, scheduler, progress, is_best)
