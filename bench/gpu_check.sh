@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU machine (no TorchServe/Java there): environment, a real training
+# run of the job on the GPU (cached-feature head stage + fine-tune), then the training benchmarks.
+#   bash bench/gpu_check.sh DATA      # DATA: a folder with train/<class>/ and val/<class>/
+# Results land in $OUT (or /tmp/gpu-check).
+set -uo pipefail
+DATA=${1:?a folder with train/<class>/ and val/<class>/}
+OUT=${OUT:-/tmp/gpu-check}
+RUN=/tmp/gpu-run
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+$PY -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__,
+"cuda", torch.version.cuda, torch.cuda.get_device_name(), "bf16", torch.cuda.is_bf16_supported())' | tee -a "$OUT/gpu.txt"
+
+{
+  $PY -m jobs clean --data "$DATA/train" --out $RUN &&
+  $PY -m jobs split --out $RUN &&
+  /usr/bin/time -v $PY -m jobs train --out $RUN --weights none --epochs 25 --finetune-epochs 5 --batch-size 64 &&
+  $PY -m jobs evaluate --out $RUN
+} > "$OUT/job.log" 2>&1
+echo "job exit $?" | tee -a "$OUT/job.log"
+cp $RUN/metrics.json "$OUT/job_metrics.json" 2>/dev/null
+
+timeout 240 $PY bench/train_finetune.py --device cuda --compile > "$OUT/bench_finetune.log" 2>&1
+timeout 240 $PY bench/train_frozen.py --device cuda --data "$DATA" > "$OUT/bench_frozen.log" 2>&1
+cp bench/results/*cuda*.json "$OUT/" 2>/dev/null
+tail -5 "$OUT"/*.log

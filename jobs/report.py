@@ -1,0 +1,293 @@
+"""The evaluation report a person can check: PNGs and one self-contained ``index.html``.
+
+Figures use matplotlib's object API (``Figure`` + the Agg canvas), never pyplot: no global
+figure state, no display needed, nothing left open between calls. Every image is embedded in
+the page as a base64 data URI, so ``index.html`` can be mailed or opened from anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageOps
+
+from jobs.collect.preview import contact_sheet
+from jobs.config import RunPaths
+from jobs.data import split_items
+from jobs.fileio import atomic_write_bytes, atomic_write_text, read_json
+
+MAX_PREDICTIONS_SHOWN = 24
+GRID_COLUMNS = 6
+THUMB = 224
+WRONG, RIGHT = "#d62728", "#2ca02c"
+FINETUNE_SHADE = "#fff2cc"
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+
+
+def plot_curves(history: list[dict], best: dict, out_png: Path) -> Path:
+    """Loss and accuracy per epoch over both stages; the fine-tune epochs are shaded."""
+    x = np.arange(1, len(history) + 1)
+    values = {k: [np.nan if e.get(k) is None else e[k] for e in history]
+              for k in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")}
+    fig = Figure(figsize=(11, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    loss_ax.plot(x, values["train_loss"], "o-", label="train loss")
+    loss_ax.plot(x, values["val_loss"], "s-", label="val loss")
+    acc_ax.plot(x, values["train_accuracy"], "o--", alpha=0.6, label="train accuracy")
+    acc_ax.plot(x, values["val_accuracy"], "s-", label="val accuracy")
+    best_key = (best.get("stage"), best.get("epoch"))
+    best_at = [i + 1 for i, e in enumerate(history) if (e["stage"], e["epoch"]) == best_key]
+    if best_at:
+        acc_ax.plot(best_at, [best["val_accuracy"]], "*", ms=16, color="gold", mec="black", label="best (kept)")
+    finetune = [i + 1 for i, e in enumerate(history) if e["stage"] == "finetune"]
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        if finetune:
+            ax.axvspan(finetune[0] - 0.5, finetune[-1] + 0.5, color=FINETUNE_SHADE, label="fine-tune stage")
+        ax.set_xlabel("epoch (head stage, then fine-tune)" if finetune else "epoch (head stage)")
+        ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    acc_ax.set_ylim(-0.02, 1.02)
+    return _save(fig, out_png)
+
+
+def plot_confusion(counts: np.ndarray, classes: list[str], out_png: Path) -> Path:
+    """Row-normalized (recall per true class) colours, with the raw counts written in each cell."""
+    rows = counts.sum(1, keepdims=True)
+    normalized = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
+    n = len(classes)
+    size = max(4.0, 0.6 * n + 2)
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
+    image = ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_xticks(range(n), classes, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        for t in range(n):
+            for p in range(n):
+                ax.text(p, t, f"{counts[t, p]}\n{normalized[t, p]:.0%}", ha="center", va="center", fontsize=9,
+                        color="white" if normalized[t, p] > 0.5 else "black")
+    ax.set_title("confusion matrix (rows: true class)")
+    return _save(fig, out_png)
+
+
+def _thumbnail(path: Path) -> np.ndarray | None:
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (THUMB, THUMB))  # JPEG: decode at a reduced scale
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            img.thumbnail((THUMB, THUMB))
+            return np.asarray(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def worst_first(predictions: list[dict], limit: int = MAX_PREDICTIONS_SHOWN) -> list[dict]:
+    """Wrong ones by confidence (most confidently wrong first), then right ones, least confident first."""
+    wrong = sorted((p for p in predictions if not p["correct"]), key=lambda p: -p["probability"])
+    right = sorted((p for p in predictions if p["correct"]), key=lambda p: p["probability"])
+    return (wrong + right)[:limit]
+
+
+def plot_predictions(run_dir: Path, predictions: list[dict], out_png: Path) -> Path:
+    """The human sanity test: each image titled 'true -> predicted (p)', mistakes framed in red."""
+    shown = worst_first(predictions)
+    cols = min(GRID_COLUMNS, len(shown))
+    rows = -(-len(shown) // cols)
+    fig = Figure(figsize=(2.6 * cols, 2.9 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, p in zip(axes, shown):
+        pixels = _thumbnail(run_dir / p["file"])
+        ax.set_axis_on()
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if pixels is None:
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.imshow(pixels)
+        color = RIGHT if p["correct"] else WRONG
+        ax.set_title(f"{p['true']} -> {p['predicted']} ({p['probability']:.2f})", fontsize=9, color=color,
+                     fontweight="normal" if p["correct"] else "bold")
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(1 if p["correct"] else 5)
+    wrong = sum(not p["correct"] for p in predictions)
+    fig.suptitle(f"test images: {wrong} of {len(predictions)} misclassified (red frame); "
+                 f"showing {len(shown)}, most confidently wrong first", fontsize=11)
+    return _save(fig, out_png)
+
+
+def training_images_by_class(paths: RunPaths, splits: dict, per_class: int = 16) -> dict[str, list[Path]]:
+    """``per_class`` training images per class, spread evenly over the (sorted) split."""
+    by_class: dict[str, list[Path]] = {name: [] for name in splits["classes"]}
+    for path, label in split_items(splits, "train"):
+        by_class[splits["classes"][label]].append(paths.out / path)
+    return {name: files[:: max(1, len(files) // per_class)][:per_class] for name, files in by_class.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the page
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Evaluation report: {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }}
+.headline {{ display: flex; gap: 2em; align-items: baseline; flex-wrap: wrap; }}
+#accuracy {{ font-size: 4em; font-weight: bold; color: #1f5fa8; }}
+.warn {{ background: #fff3cd; border: 1px solid #e0c36a; padding: 0.6em 1em; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+img {{ max-width: 100%; border: 1px solid #eee; }}
+pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }}
+</style></head>
+<body>
+<h1>Evaluation report: {title}</h1>
+<div class="headline"><div><div id="accuracy">{accuracy}</div><div>test accuracy on {count} images</div></div>
+<div>macro F1 <b id="macro-f1">{macro_f1}</b><br>calibration error (ECE, {bins} bins) <b id="ece">{ece}</b><br>
+weights from <code>checkpoints/{checkpoint}</code>{best}</div></div>
+{notes}
+{sections}
+<script>
+// For headless checks: data-loaded="true" once every embedded image has decoded.
+window.addEventListener("load", function () {{
+  var images = Array.prototype.slice.call(document.images);
+  var ok = images.every(function (i) {{ return i.complete && i.naturalWidth > 0; }});
+  document.body.setAttribute("data-images", String(images.length));
+  document.body.setAttribute("data-loaded", ok ? "true" : "false");
+}});
+</script>
+</body></html>
+"""
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _table(header: list[str], rows: list[list], row_id: str = "") -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    attr = f' id="{row_id}"' if row_id else ""
+    return f"<table{attr}><tr>{head}</tr>{body}</table>"
+
+
+def _img(png: Path, alt: str) -> str:
+    data = base64.b64encode(png.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _section(title: str, body: str) -> str:
+    return f"<h2>{html.escape(title)}</h2>\n{body}\n"
+
+
+def _results_sections(metrics: dict, figures: dict[str, Path]) -> list[str]:
+    sections = []
+    if "predictions" in figures:
+        sections.append(_section("Test images: true -> predicted (probability)", _img(figures["predictions"],
+                                                                                     "test predictions")))
+    if "curves" in figures:
+        sections.append(_section("Training curves", _img(figures["curves"], "training curves")))
+    if "confusion" in figures:
+        per_class = [[name, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}", s["support"]]
+                     for name, s in metrics["per_class"].items()]
+        confused = [[c["true"], c["predicted"], c["count"]] for c in metrics["most_confused"]]
+        body = (_img(figures["confusion"], "confusion matrix")
+                + _table(["class", "precision", "recall", "F1", "support"], per_class, "per-class")
+                + "<h3>Most confused pairs</h3>"
+                + (_table(["true", "predicted as", "images"], confused) if confused else "<p>none</p>"))
+        sections.append(_section("Per class", body))
+    wrong = [p for p in metrics["predictions"] if not p["correct"]]
+    if wrong:
+        rows = [[p["file"], p["true"], p["predicted"], f"{p['probability']:.3f}"] for p in worst_first(wrong, 10**6)]
+        sections.append(_section(f"All misclassified test images ({len(wrong)})",
+                                 _table(["file", "true", "predicted", "probability"], rows, "misclassified")))
+    return sections
+
+
+def _data_section(paths: RunPaths, splits: dict, figures: dict[str, Path]) -> str:
+    counts = {name: {"train": 0, "val": 0, "test": 0} for name in splits["classes"]}
+    for path, split in splits["files"].items():
+        counts[Path(path).parts[1]][split] += 1
+    clean = read_json(paths.clean_report)["classes"] if paths.clean_report.exists() else {}
+    rows = []
+    for name in splits["classes"]:
+        c = clean.get(name, {})
+        rows.append([name, c.get("kept", "?"), c.get("converted", "?"), c.get("excluded", "?"),
+                     counts[name]["train"], counts[name]["val"], counts[name]["test"]])
+    totals = ["total"] + [sum(r[i] for r in rows) if all(isinstance(r[i], int) for r in rows) else "?"
+                          for i in range(1, 7)]
+    body = _table(["class", "kept", "converted", "excluded", "train", "val", "test"], rows + [totals], "data")
+    if not clean:
+        body += f"<p>{html.escape(str(paths.clean_report))} not found: clean counts unknown.</p>"
+    if "preview" in figures:
+        body += "<h3>Training images per class</h3>" + _img(figures["preview"], "training images per class")
+    return _section("Data", body)
+
+
+def render_html(paths: RunPaths, metrics: dict, splits: dict, figures: dict[str, Path], notes: list[str]) -> str:
+    config = paths.config.read_text() if paths.config.exists() else f"({paths.config} not found)"
+    checkpoint = metrics["checkpoint"]
+    best = checkpoint.get("best_epoch") or {}
+    sections = _results_sections(metrics, figures) + [
+        _data_section(paths, splits, figures),
+        _section("Run configuration", f"<pre id=\"config\">{html.escape(config)}</pre>"),
+    ]
+    return PAGE.format(
+        title=html.escape(paths.out.resolve().name),
+        accuracy=_pct(metrics["accuracy"]),
+        count=metrics["count"],
+        macro_f1="n/a" if metrics["macro_f1"] is None else f"{metrics['macro_f1']:.3f}",
+        bins=metrics["calibration"]["bins"],
+        ece="n/a" if metrics["calibration"]["ece"] is None else f"{metrics['calibration']['ece']:.3f}",
+        checkpoint=html.escape(checkpoint["file"]),
+        best=f" ({html.escape(str(best.get('stage')))} epoch {best.get('epoch')}, val accuracy "
+             f"{_pct(best.get('val_accuracy'))})" if best else "",
+        notes="".join(f'<p class="warn">{html.escape(n)}</p>' for n in notes),
+        sections="\n".join(sections),
+    )
+
+
+def write_report(paths: RunPaths, metrics: dict) -> Path:
+    """Write the PNGs that the data allows and ``index.html``; returns the page's path."""
+    report = paths.report
+    splits = read_json(paths.splits)
+    figures: dict[str, Path] = {}
+    notes = [metrics["note"]] if metrics.get("note") else []
+    training = read_json(paths.metrics) if paths.metrics.exists() else {}
+    if training.get("epochs"):
+        figures["curves"] = plot_curves(training["epochs"], training.get("best", {}), report / "curves.png")
+    else:
+        notes.append(f"{paths.metrics} has no epochs: no training curves.")
+    if metrics["count"]:
+        counts = np.array(metrics["confusion_matrix"]["counts"])
+        figures["confusion"] = plot_confusion(counts, metrics["classes"], report / "confusion_matrix.png")
+        figures["predictions"] = plot_predictions(paths.out, metrics["predictions"], report / "predictions.png")
+    else:
+        for stale in ("confusion_matrix.png", "predictions.png"):  # from an earlier run with test images
+            (report / stale).unlink(missing_ok=True)
+    figures["preview"] = contact_sheet(training_images_by_class(paths, splits), report / "collect_preview.png")
+    return atomic_write_text(report / "index.html", render_html(paths, metrics, splits, figures, notes))
