@@ -60,10 +60,13 @@ class ViewsDataset(ImageFiles):
 
 
 @torch.no_grad()
-def _extract(backbone: nn.Module, dataset: ImageFiles, cfg: Config, rt: Runtime) -> torch.Tensor:
+def _extract(backbone: nn.Module, dataset: ViewsDataset, cfg: Config, rt: Runtime) -> torch.Tensor:
     """This rank's share of the dataset through the backbone -> full (N, V, D) tensor on every rank."""
     sampler = ShardSampler(len(dataset), rt.rank, rt.world_size)
-    loader = make_loader(dataset, cfg.batch_size, default_num_workers(cfg, rt), sampler=sampler,
+    # About batch_size images per forward pass in all: on CPUs a batch of 32 x 5 views runs at
+    # half the per-image speed of a batch of 32 (measured: 15.8 vs 24.8 img/s, ResNet-18, 2 cores).
+    images_per_batch = max(1, cfg.batch_size // dataset.views)
+    loader = make_loader(dataset, images_per_batch, default_num_workers(cfg, rt), sampler=sampler,
                          pin_memory=rt.device.type == "cuda")
     chunks = []
     for images, _ in loader:
