@@ -67,7 +67,7 @@ def fingerprint(cfg: Config, splits: dict) -> str:
 
 
 def _move_aside(ckpt_dir: Path) -> Path:
-    target = ckpt_dir.parent / f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = ckpt_dir.parent / f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"
     ckpt_dir.rename(target)
     return target
 
