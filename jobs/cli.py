@@ -67,6 +67,15 @@ def _setup(config_file: Path | None, out: Path, overrides: dict[str, Any]) -> tu
     return cfg, paths
 
 
+def _collect(cfg: Config, paths: RunPaths) -> None:
+    from jobs.collect import collect as collect_stage
+
+    summary = collect_stage(cfg, paths)
+    if not any(term["kept"] for term in summary["terms"].values()):
+        raise JobError(f"no images collected for any of {list(summary['terms'])} from {summary['source']}; see the "
+                       "summary above (network, --endpoint, --licenses, the search terms)")
+
+
 def _print_config(cfg: Config, paths: RunPaths) -> None:
     click.echo(f"config (saved to {paths.config}):")
     for line in cfg.to_yaml().splitlines():
@@ -101,9 +110,7 @@ def run(config_file: Path | None, out: Path, data: Path | None, resume: str | No
         if rt.is_main:
             _print_config(cfg, paths)
             if data is None:
-                from jobs.collect import collect
-
-                collect(cfg, paths)
+                _collect(cfg, paths)
             clean.clean(cfg, paths, data or paths.raw)
             split.split(cfg, paths)
         barrier(rt)
@@ -121,10 +128,8 @@ def run(config_file: Path | None, out: Path, data: Path | None, resume: str | No
 @config_options(COLLECT_KEYS + ("seed",))
 def collect(config_file: Path | None, out: Path, **overrides: Any) -> None:
     """Download images for each search term into OUT/raw/<term>/ with a manifest and attribution."""
-    from jobs.collect import collect as collect_stage
-
     cfg, paths = _setup(config_file, out, overrides)
-    collect_stage(cfg, paths)
+    _collect(cfg, paths)
 
 
 @cli.command()

@@ -346,6 +346,11 @@ def test_an_endpoint_that_is_not_the_api_is_reported_not_a_crash(server, tmp_pat
     summary = collect(cfg, RunPaths(tmp_path))
     assert "did not return JSON" in summary["terms"]["ants"]["search_error"]
     assert summary["terms"]["ants"]["kept"] == 0 and (tmp_path / "raw" / "attribution.json").is_file()
+    # The command, unlike the function, fails when nothing at all was collected.
+    proc = subprocess.run([sys.executable, "-m", "jobs", "collect", "--out", str(tmp_path / "cli"), "--terms", "ants",
+                           "--endpoint", cfg.endpoint, "--allow-private-addresses"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "did not return JSON" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no images collected for any of ['ants']")
 
 
 @pytest.mark.parametrize("layout", ["file", "folder"])
