@@ -46,7 +46,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from bench.common import bn_backbone, conv_fingerprint, link_split_folders, splits_from_folders  # noqa: E402
 
-BN_BACKBONE = REPO / "tests" / "fixtures" / "resnet18_bn_hymenoptera.pt"
+# A torch.save file; named .statedict so it is not mistaken for a run's checkpoint.
+BN_BACKBONE = REPO / "tests" / "fixtures" / "resnet18_bn_hymenoptera.statedict"
 SEED = 42
 # The head stage's defaults but 4 epochs (and lr 0.01 to converge in them): the full loop pays a
 # backbone forward per image per epoch, and this test runs on two CPU cores.
