@@ -100,10 +100,6 @@ def key_names() -> list[str]:
     return [f.name for f in fields(Config)]
 
 
-def key_help(name: str) -> str:
-    return next(f.metadata["help"] for f in fields(Config) if f.name == name)
-
-
 def _coerce(name: str, value: Any) -> Any:
     """Turn a YAML or CLI value into the field's type, naming the key when it cannot."""
     f = next(f for f in fields(Config) if f.name == name)

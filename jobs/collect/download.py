@@ -8,7 +8,6 @@ JSON, video ...) are refused before the body is read. The file extension comes f
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import threading
 import time
@@ -22,6 +21,7 @@ import requests
 from PIL import Image, UnidentifiedImageError
 
 from jobs.config import Config
+from jobs.fileio import sha256_bytes
 
 from .netsafety import AddressPolicy, UnsafeURL, make_session
 from .sources import retry_after_seconds
@@ -125,7 +125,7 @@ class Downloader:
             location, data = self._hop(current, deadline)
             if location is None:
                 info = inspect_image(data, self.settings.max_pixels)
-                return Fetched(url, current, data, hashlib.sha256(data).hexdigest(), info)
+                return Fetched(url, current, data, sha256_bytes(data), info)
             current = urljoin(current, location)
             if current in seen:
                 raise DownloadError("redirect loop", f"redirected back to {current}")
