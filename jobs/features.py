@@ -18,7 +18,7 @@ from torch import nn
 from jobs.config import Config, RunPaths
 from jobs.data import ImageFiles, ShardSampler, make_loader, split_items
 from jobs.fileio import atomic_torch_save
-from jobs.model import weights_tag
+from jobs.model import fold_batchnorm, weights_tag
 from jobs.presets import decode_rgb, eval_transform, preprocess_spec, train_transform
 from jobs.runtime import Runtime, default_num_workers
 
@@ -97,7 +97,7 @@ def load_or_extract(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Modu
             return torch.load(cache_file, map_location="cpu", weights_only=True), labels
         except Exception as e:  # noqa: BLE001 - a bad cache file is recomputed, never fatal
             print(f"features: cache {cache_file} unreadable ({type(e).__name__}); recomputing")
-    backbone.eval().to(rt.device, memory_format=rt.memory_format())
+    backbone = fold_batchnorm(backbone).to(rt.device, memory_format=rt.memory_format())
     views = cfg.feature_views if split == "train" else 1
     features = _extract(backbone, ViewsDataset(paths.out, items, views, cfg.seed), cfg, rt)
     print(f"features: {split}: {len(items)} images x {views} views")
