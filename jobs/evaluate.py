@@ -36,10 +36,14 @@ def load_checkpoint(paths: RunPaths) -> tuple[Path, dict]:
         path = paths.checkpoints / name
         if path.exists():
             try:
-                return path, torch.load(path, map_location="cpu", weights_only=True)
+                state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - any failure to read means the same to the user
                 raise EvaluateError(f"checkpoint {path} is unreadable ({type(e).__name__}); re-run "
                                     f"`python -m jobs train --out {paths.out} --fresh`") from None
+            if state.get("head_only"):
+                raise EvaluateError(f"checkpoint {path} holds only the head (training stopped inside the head stage); "
+                                    f"finish it with `python -m jobs train --out {paths.out}`")
+            return path, state
     raise EvaluateError(f"no checkpoint in {paths.checkpoints}; run `python -m jobs train --out {paths.out}` first")
 
 

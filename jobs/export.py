@@ -18,7 +18,7 @@ import torchvision
 from jobs import __version__
 from jobs.config import Config, RunPaths
 from jobs.data import load_splits
-from jobs.errors import JobError
+from jobs.evaluate import load_checkpoint
 from jobs.fileio import atomic_torch_save, atomic_write_json, read_json
 from jobs.model import build_model
 from jobs.presets import preprocess_spec
@@ -60,14 +60,10 @@ def build_metadata(cfg: Config, splits: dict, metrics: dict) -> dict:
 
 def export(cfg: Config, paths: RunPaths) -> Path:
     """Write ``model/{model.pt,index_to_name.json,metadata.json}``; returns the model folder."""
-    best = paths.checkpoints / "best.pt"
-    source = best if best.exists() else paths.checkpoints / "last.pt"
-    if not source.exists():
-        raise JobError(f"no checkpoint in {paths.checkpoints}; run `python -m jobs train --out {paths.out}` first")
+    _, checkpoint = load_checkpoint(paths)
     splits = load_splits(paths)
     metrics = read_json(paths.metrics) if paths.metrics.exists() else {}
-    state = torch.load(source, map_location="cpu", weights_only=True)["model"]
-    state = {k: v.contiguous() for k, v in state.items()}
+    state = {k: v.contiguous() for k, v in checkpoint["model"].items()}
     # Prove the file loads into the named architecture before anyone serves it.
     build_model(cfg.arch, len(splits["classes"]), "none").load_state_dict(state)
     meta = build_metadata(cfg, splits, metrics)

@@ -27,7 +27,7 @@ from jobs.config import Config, RunPaths
 from jobs.data import ImageFiles, ShardSampler, load_splits, make_loader, split_items
 from jobs.errors import JobError
 from jobs.fileio import atomic_torch_save, atomic_write_json
-from jobs.model import build_model, freeze_backbone, head_module, split_backbone_head, weights_tag
+from jobs.model import build_model, freeze_backbone, head_module, head_path, split_backbone_head, weights_tag
 from jobs.presets import eval_transform, train_transform
 from jobs.runtime import Runtime, barrier, default_num_workers, rng_state, seed_everything, set_rng_state
 
@@ -106,18 +106,28 @@ def load_resume_state(paths: RunPaths, fp: str, mode: str, rt: Runtime) -> dict 
 
 
 def save_checkpoint(paths: RunPaths, rt: Runtime, fp: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, is_best: bool) -> None:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, is_best: bool,
+                    head_only: bool = False) -> None:
+    """``last.pt`` every call, ``best.pt`` (always the whole model) when ``is_best``.
+
+    ``head_only``: ``last.pt`` holds just the head's tensors. For the cached head stage, where the
+    backbone is still exactly ``cfg.weights`` (part of the fingerprint): a whole ResNet-18 per
+    epoch took longer to write than the epoch took to train.
+    """
     if rt.is_main:
+        model_state = model.state_dict()
+        prefix = head_path(model) + "."
         state = {
             "fingerprint": fp,
-            "model": model.state_dict(),
+            "model": {k: v for k, v in model_state.items() if k.startswith(prefix)} if head_only else model_state,
+            "head_only": head_only,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "progress": progress.__dict__,
             "rng": rng_state(),
         }
         if is_best:
-            atomic_torch_save(paths.checkpoints / "best.pt", {"model": state["model"], "progress": progress.__dict__})
+            atomic_torch_save(paths.checkpoints / "best.pt", {"model": model_state, "progress": progress.__dict__})
         atomic_torch_save(paths.checkpoints / "last.pt", state)
         write_metrics(paths, progress)
     barrier(rt)
@@ -249,6 +259,21 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor per optimizer step: linear warmup, then a cosine decay that reaches 0 at ``total_steps``.
+
+    Both stages decay: with a constant lr the head kept swinging by several val points from
+    epoch to epoch, so which epoch "best" picked was mostly noise.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
+
+    return factor
+
+
 def _head_on_features(cfg: Config, paths: RunPaths, rt: Runtime, model: nn.Module, splits: dict,
                       progress: Progress, resume: dict | None, save_ckpt: Callable) -> None:
     backbone, head = split_backbone_head(model)
@@ -258,7 +283,8 @@ def _head_on_features(cfg: Config, paths: RunPaths, rt: Runtime, model: nn.Modul
     train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
     head.to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    steps = math.ceil(len(train_y) / cfg.batch_size)  # = len(loader) of the full loop: the same schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(0, cfg.epochs * steps))
     if resume is not None and resume["progress"]["stage"] == "head":
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -294,7 +320,8 @@ def _head_on_features(cfg: Config, paths: RunPaths, rt: Runtime, model: nn.Modul
             "images_per_s": n / (time.perf_counter() - start),
         }
 
-    _run_epochs("head", cfg.epochs, progress, one_epoch, lambda best: save_ckpt(optimizer, scheduler, best))
+    _run_epochs("head", cfg.epochs, progress, one_epoch, lambda best: save_ckpt(optimizer, scheduler, best, True))
+    save_ckpt(optimizer, scheduler, False)  # the whole model once, for evaluate/export and the fine-tune stage
 
 
 def _set_train_modes(model: nn.Module, trainable_all: bool, freeze_bn: bool) -> None:
@@ -307,8 +334,7 @@ def _set_train_modes(model: nn.Module, trainable_all: bool, freeze_bn: bool) -> 
                     m.eval()
         return
     model.eval()
-    head_path = [n for n, m in model.named_modules() if m is head_module(model)][0]
-    container = model.get_submodule(head_path.split(".")[0])
+    container = model.get_submodule(head_path(model).split(".")[0])
     container.train()  # the head and the dropout right before it (efficientnet/mobilenet classifiers)
 
 
@@ -329,18 +355,9 @@ def _full_stage(stage: str, cfg: Config, paths: RunPaths, rt: Runtime, model: nn
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_loader = _train_loader(paths, splits, cfg, rt)
     val_loader = _eval_loader(paths, splits, "val", cfg, rt)
-    steps = max(1, len(train_loader))
+    steps = len(train_loader)
     warmup = int(cfg.warmup_epochs * steps) if finetune else 0
-    total_steps = max(1, total * steps)
-
-    def lr_factor(step: int) -> float:
-        if not finetune:
-            return 1.0
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total * steps))
     if resume is not None and resume["progress"]["stage"] == stage:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -385,14 +402,14 @@ def train(cfg: Config, paths: RunPaths, rt: Runtime, resume_mode: str = "auto") 
         freeze_backbone(model)
     progress = Progress()
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        model.load_state_dict(resume["model"], strict=not resume.get("head_only", False))
         progress = Progress(**resume["progress"])
         print(f"train: resuming {progress.stage} stage after epoch {progress.epoch} from {paths.checkpoints}/last.pt")
     where = {"force": True} if rt.distributed else {}  # each rank says where it runs
     print(f"train: {cfg.arch} ({cfg.weights}) on {len(classes)} classes {classes}; {rt.describe()}", **where)
 
-    def save_ckpt(optimizer, scheduler, is_best: bool) -> None:
-        save_checkpoint(paths, rt, fp, model, optimizer, scheduler, progress, is_best)
+    def save_ckpt(optimizer, scheduler, is_best: bool, head_only: bool = False) -> None:
+        save_checkpoint(paths, rt, fp, model, optimizer, scheduler, progress, is_best, head_only)
 
     if progress.stage == "head":
         cached = cfg.freeze_backbone and cfg.cache_features and split_backbone_head(model) is not None

@@ -114,6 +114,53 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, sma
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_cached_head_stage_resumes_from_its_head_only_checkpoint(tmp_path: Path, small_data: Path, monkeypatch,
+                                                                 capsys):
+    """The cached head stage checkpoints only the head each epoch; a crash there resumes exactly.
+
+    Its epochs take milliseconds, too short to SIGKILL inside one reliably, so the crash is an
+    exception raised right after epoch 2's checkpoint is on disk: the files are what a kill leaves.
+    """
+    from jobs import train as train_module
+    from jobs.config import RunPaths, load_config
+    from jobs.runtime import setup
+
+    cfg = load_config(overrides={"weights": "none", "epochs": 4, "batch_size": 4, "feature_views": 2,
+                                 "deterministic": True})
+    reference = RunPaths(_prepared_run(tmp_path, "reference", small_data))
+    train_module.train(cfg, reference, setup(cfg))
+    crashed = RunPaths(_prepared_run(tmp_path, "crashed", small_data))
+    real_save = train_module.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if args[6].epoch == 2:  # the Progress just written
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg, crashed, setup(cfg))
+    monkeypatch.undo()
+    last = torch.load(crashed.checkpoints / "last.pt", weights_only=True)
+    assert last["head_only"] and sorted(last["model"]) == ["fc.bias", "fc.weight"]
+    assert (crashed.checkpoints / "last.pt").stat().st_size < 100_000
+    assert len(torch.load(crashed.checkpoints / "best.pt", weights_only=True)["model"]) > 100  # always whole
+
+    capsys.readouterr()
+    train_module.train(cfg, crashed, setup(cfg))
+    assert "resuming head stage after epoch 2" in capsys.readouterr().out
+
+    def epochs(paths: RunPaths) -> list[dict]:
+        return [{k: v for k, v in e.items() if k not in {"seconds", "images_per_s"}}
+                for e in json.loads(paths.metrics.read_text())["epochs"]]
+
+    assert epochs(crashed) == epochs(reference)
+    a = torch.load(crashed.checkpoints / "last.pt", weights_only=True)
+    b = torch.load(reference.checkpoints / "last.pt", weights_only=True)
+    assert not a["head_only"] and a["model"].keys() == b["model"].keys()  # the stage's end wrote the whole model
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+
+
 def test_corrupt_checkpoint_is_reported_not_overwritten(tmp_path: Path, small_data: Path):
     out = _prepared_run(tmp_path, "corrupt", small_data)
     (out / "checkpoints").mkdir()

@@ -83,6 +83,26 @@ def test_cached_features_are_the_full_models_features(tmp_path: Path):
     assert not torch.allclose(feats[:, 1], feats[:, 0], atol=1e-3)  # view 1 is an augmented view, not a copy
 
 
+def test_both_paths_step_the_same_lr_schedule(tmp_path: Path):
+    """Same optimizer steps, same cosine decay to zero: the paths differ only in where features come from."""
+    base = {"weights": "none", "epochs": 2, "batch_size": 8, "min_images_per_class": 3, "num_workers": 0,
+            "feature_views": 2, "lr": 0.01}
+    paths = RunPaths(tmp_path / "cached")
+    clean(load_config(overrides=base), paths, FIXTURE_IMAGES)
+    split(load_config(overrides=base), paths)
+    results = train_both(base, paths)
+    schedules = {}
+    for cache, sub in ((True, "cached"), (False, "full")):
+        state = torch.load(tmp_path / sub / "checkpoints" / "last.pt", weights_only=True)
+        schedules[cache] = state["scheduler"]["last_epoch"], state["scheduler"]["_last_lr"]
+        assert [e["stage"] for e in results[cache]["epochs"]] == ["head", "head"]
+    assert schedules[True] == schedules[False]
+    steps, (last_lr,) = schedules[True]
+    n_train = sum(s == "train" for s in json.loads(paths.splits.read_text())["files"].values())
+    assert steps == 2 * -(-n_train // 8)  # every step of both epochs, one optimizer step per batch
+    assert last_lr < 0.01 * 0.05  # decayed to (almost) zero by the last step
+
+
 def prepare(data: Path, work: Path, device: str = "auto") -> tuple[dict, RunPaths]:
     """clean ``data`` (train/ and val/ folders) once; train = train/, val/test = halves of val/."""
     cfg = load_config(overrides={"weights": "none", "device": device})
