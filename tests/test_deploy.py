@@ -291,14 +291,14 @@ def test_serve_deployment_runs_with_a_read_only_root_filesystem():
     assert "TS_DISABLE_TOKEN_AUTHORIZATION" in (ROOT / "Dockerfile.serve").read_text()
 
 
-def test_serve_probes_run_the_shipped_ping_script():
-    spec = _one("Deployment")["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
+def test_serve_probes_and_the_docker_health_check_run_the_images_ping_script():
+    (container,) = _one("Deployment")["spec"]["template"]["spec"]["containers"]
+    dockerfile = (ROOT / "Dockerfile.serve").read_text()
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         command = container[probe]["exec"]["command"]
-        script = Path(command[-1])
-        volume = _mount_of(spec, container, str(script))
-        assert script.name in _one("ConfigMap", volume["configMap"]["name"])["data"]
+        assert command == ["python", "/home/model-server/ping.py"]
+    assert "COPY handler/ping.py /home/model-server/ping.py" in dockerfile
+    assert 'HEALTHCHECK ' in dockerfile and 'CMD ["python", "/home/model-server/ping.py"]' in dockerfile
 
 
 def test_serve_service_autoscaler_and_policies_point_at_the_pods():
@@ -395,10 +395,7 @@ def _start_like_kserve(dest: Path, workdir: Path) -> serve.TorchServe:
     return serve.TorchServe(proc, workdir, "127.0.0.1", ports)
 
 
-def _ping_script(tmp_path: Path) -> Path:
-    script = tmp_path / "ping.py"
-    script.write_text(_one("ConfigMap", "image-classifier-probe")["data"]["ping.py"])
-    return script
+PING_SCRIPT = ROOT / "handler" / "ping.py"
 
 
 def _probe(script: Path, server: serve.TorchServe) -> subprocess.CompletedProcess:
@@ -427,7 +424,7 @@ def test_kserve_config_serves_concurrent_v1_and_v2_requests(archived, tmp_path):
         (output,) = answers[1].json()["outputs"]
         assert output["datatype"] == "BYTES" and output["shape"] == [1]
         # Token authorization is off here: the serving probe pings without a key file.
-        assert _probe(_ping_script(tmp_path), server).returncode == 0
+        assert _probe(PING_SCRIPT, server).returncode == 0
     finally:
         server.stop()
 
@@ -435,7 +432,7 @@ def test_kserve_config_serves_concurrent_v1_and_v2_requests(archived, tmp_path):
 @needs_java
 def test_ping_probe_works_with_token_authorization_and_renews_an_expired_key(archived, tmp_path):
     _, out = archived
-    script = _ping_script(tmp_path)
+    script = PING_SCRIPT
     server = serve.start(out / "model-store", tmp_path / "ts", ports=serve.Ports.free())  # token auth on
     try:
         server.wait_ready(["classifier"])
