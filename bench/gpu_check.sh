@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (no TorchServe/Java there): environment, a real training
-# run of the job on the GPU (cached-feature head stage + fine-tune), then the training benchmarks.
+# run of the job on the GPU (cached-feature head stage + fine-tune), then the training benchmarks
+# and the cached-vs-full accuracy sweep.
 #   bash bench/gpu_check.sh DATA      # DATA: a folder with train/<class>/ and val/<class>/
 # Results land in $OUT (or /tmp/gpu-check).
 set -uo pipefail
@@ -26,5 +27,6 @@ cp $RUN/metrics.json "$OUT/job_metrics.json" 2>/dev/null
 
 timeout 240 $PY bench/train_finetune.py --device cuda --compile > "$OUT/bench_finetune.log" 2>&1
 timeout 240 $PY bench/train_frozen.py --device cuda --data "$DATA" > "$OUT/bench_frozen.log" 2>&1
+timeout 180 $PY bench/parity_sweep.py --device cuda --data "$DATA" --seeds 12 > "$OUT/bench_parity.log" 2>&1
 cp bench/results/*cuda*.json "$OUT/" 2>/dev/null
 tail -5 "$OUT"/*.log

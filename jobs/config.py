@@ -60,7 +60,7 @@ class Config:
     # -- train ---------------------------------------------------------------------------------
     epochs: int = _key(25, "Epochs of the head (frozen-backbone) stage.")
     batch_size: int = _key(32, "Global batch size (split across ranks under torchrun).")
-    lr: float = _key(0.002, "Learning rate of the head (Adam).")
+    lr: float = _key(0.002, "Peak learning rate of the head (AdamW), decayed to 0 by a cosine over each stage.")
     weight_decay: float = _key(0.0, "AdamW weight decay (0 = plain Adam semantics).")
     feature_views: int = _key(5, "Cached-feature stage: augmented views per training image (view 0 = eval transform).")
     cache_features: bool = _key(True, "Train the frozen head on cached backbone features (falls back to the full loop when impossible).")
