@@ -59,6 +59,17 @@ def train_both(overrides: dict, cached_paths: RunPaths, seed: int) -> dict[bool,
     return results
 
 
+def summarize(runs: list[dict]) -> dict:
+    """Cached - full accuracy in points, per split: mean, standard error, extremes."""
+    summary = {}
+    for split in ("val", "test"):
+        diffs = [100 * (r["cached"][split] - r["full"][split]) for r in runs]
+        sem = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        summary[split] = {"mean_points": statistics.mean(diffs), "sem_points": sem,
+                          "min_points": min(diffs), "max_points": max(diffs)}
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=HYMENOPTERA, help="folder with train/<class>/ and val/<class>/")
@@ -66,11 +77,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=6, help="seeds 42, 0, 1, ... (42 is the parity test's)")
     args = ap.parse_args()
     device = resolve_device(args.device)
-    seeds = [42, *range(args.seeds - 1)]
-    runs = []
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-parity-") as tmp:
         overrides, paths = prepare(args.data, Path(tmp), device)
-        for seed in seeds:
+        for seed in [42, *range(args.seeds - 1)]:
             both = train_both(overrides, paths, seed)
             cached, full = both[True], both[False]
             run = {"seed": seed,
@@ -79,17 +89,13 @@ def main() -> None:
             runs.append(run)
             print(f"seed {seed}: cached val {run['cached']['val']:.3f} test {run['cached']['test']:.3f} | "
                   f"full val {run['full']['val']:.3f} test {run['full']['test']:.3f}", flush=True)
-    summary = {}
-    for split in ("val", "test"):
-        diffs = [100 * (r["cached"][split] - r["full"][split]) for r in runs]
-        sem = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-        summary[split] = {"mean_points": statistics.mean(diffs), "sem_points": sem,
-                          "min_points": min(diffs), "max_points": max(diffs)}
-        print(f"{split}: cached - full = {summary[split]['mean_points']:+.1f} points on average "
-              f"(± {sem:.1f} standard error; single runs {min(diffs):+.1f} .. {max(diffs):+.1f})")
-    save_result("parity_sweep", device, {"config": COMMON, "backbone": BN_BACKBONE.name,
-                                         "split": "train/ 244; val/ halved into val 77 + test 76",
-                                         "runs": runs, "cached_minus_full": summary})
+            # Saved after every seed: a run cut short by a time limit still leaves its results.
+            save_result("parity_sweep", device, {"config": COMMON, "backbone": BN_BACKBONE.name,
+                                                 "split": "train/ 244; val/ halved into val 77 + test 76",
+                                                 "runs": runs, "cached_minus_full": summarize(runs)})
+    for split, s in summarize(runs).items():
+        print(f"{split}: cached - full = {s['mean_points']:+.1f} points on average (± {s['sem_points']:.1f} "
+              f"standard error; single runs {s['min_points']:+.1f} .. {s['max_points']:+.1f})")
 
 
 if __name__ == "__main__":

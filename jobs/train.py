@@ -274,6 +274,22 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
+def restore_optimization(resume: dict, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                         steps_per_epoch: int) -> None:
+    """Optimizer, schedule and RNG from a checkpoint, with the schedule re-counted in this run's steps.
+
+    Checkpoints sit on epoch boundaries, but a run may resume with another number of processes,
+    hence another number of steps per epoch: counted in the old steps, the cosine would reach 0
+    early (and stay there) or never.
+    """
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    scheduler.last_epoch = resume["progress"]["epoch"] * steps_per_epoch
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    set_rng_state(resume["rng"])
+
+
 def _head_on_features(cfg: Config, paths: RunPaths, rt: Runtime, model: nn.Module, splits: dict,
                       progress: Progress, resume: dict | None, save_ckpt: Callable) -> None:
     backbone, head = split_backbone_head(model)
@@ -283,12 +299,10 @@ def _head_on_features(cfg: Config, paths: RunPaths, rt: Runtime, model: nn.Modul
     train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
     head.to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = math.ceil(len(train_y) / cfg.batch_size)  # = len(loader) of the full loop: the same schedule
+    steps = math.ceil(len(train_y) / cfg.batch_size)  # = len(loader) of the full loop in one process
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(0, cfg.epochs * steps))
     if resume is not None and resume["progress"]["stage"] == "head":
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        set_rng_state(resume["rng"])
+        restore_optimization(resume, optimizer, scheduler, steps)
     else:
         torch.manual_seed(cfg.seed + 1)  # identical epochs whether features were extracted or loaded
     loss_fn = nn.CrossEntropyLoss()
@@ -359,9 +373,7 @@ def _full_stage(stage: str, cfg: Config, paths: RunPaths, rt: Runtime, model: nn
     warmup = int(cfg.warmup_epochs * steps) if finetune else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total * steps))
     if resume is not None and resume["progress"]["stage"] == stage:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        set_rng_state(resume["rng"])
+        restore_optimization(resume, optimizer, scheduler, steps)
     model.to(rt.device, memory_format=rt.memory_format())
     trained = model
     if finetune and cfg.sync_bn and rt.distributed:

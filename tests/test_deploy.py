@@ -399,8 +399,9 @@ PING_SCRIPT = ROOT / "handler" / "ping.py"
 
 
 def _probe(script: Path, server: serve.TorchServe) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PROBE_KEY_FILE": str(server.key_file), "PROBE_PING_URL": f"{server.inference_url}/ping",
-           "PROBE_RENEW_URL": f"{server.management_url}/token?type=inference"}
+    """The probe as the image runs it: addresses from the config TorchServe was started with."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROBE_")}
+    env.update(PROBE_KEY_FILE=str(server.key_file), TS_CONFIG_FILE=str(server.workdir / "config.properties"))
     return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=30)
 
 

@@ -244,3 +244,30 @@ def test_run_under_torchrun_writes_one_set_of_artifacts(cached_single, split_dir
     assert metrics["test_accuracy"] == cached_single["test_accuracy"]
     assert [p.name for p in (out / "model-store").iterdir()] == ["classifier.mar"]
     assert {"model.pt", "index_to_name.json", "metadata.json"} <= {p.name for p in (out / "model").iterdir()}
+
+
+def test_resuming_with_other_steps_per_epoch_keeps_the_cosine_on_course():
+    """A run checkpointed after 2 of 4 epochs at 8 steps each resumes with 4 steps per epoch (twice
+    the processes): the lr continues from the half-way point and reaches 0 on the last step."""
+    from jobs.runtime import rng_state
+    from jobs.train import Progress, restore_optimization, warmup_cosine
+
+    def optimization(steps_per_epoch: int):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(0, 4 * steps_per_epoch))
+
+    optimizer, scheduler = optimization(8)
+    for _ in range(16):
+        optimizer.step()
+        scheduler.step()
+    resume = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+              "progress": Progress(epoch=2).__dict__}
+    optimizer, scheduler = optimization(4)
+    restore_optimization(resume, optimizer, scheduler, 4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # cos(pi/2): half of the peak
+    lrs = []
+    for _ in range(8):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[-1] == 0.0 and all(a > b for a, b in zip(lrs, lrs[1:]))
