@@ -23,11 +23,11 @@ from pathlib import Path
 
 import yaml
 
-from jobs.archive import handler_dir
+from jobs.archive import handler_dir, model_config
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, link_or_copy
-from jobs.serve import Ports, render_config
+from jobs.serve import Ports, parse_properties, render_config
 
 MOUNT = Path("/mnt/models")  # where KServe puts storageUri
 PORTS = Ports(inference=8085, management=8081, metrics=8082, grpc_inference=7070, grpc_management=7071)
@@ -50,9 +50,7 @@ def archive_settings(mar: Path, cfg: Config) -> dict:
     except (OSError, zipfile.BadZipFile, KeyError, ValueError, yaml.YAMLError) as e:
         raise JobError(f"{mar} is not a readable model archive ({type(e).__name__}: {e}); "
                        "re-run `python -m jobs archive`") from None
-    defaults = {"minWorkers": cfg.min_workers, "maxWorkers": cfg.max_workers, "batchSize": cfg.serve_batch_size,
-                "maxBatchDelay": cfg.max_batch_delay_ms, "responseTimeout": cfg.response_timeout,
-                "startupTimeout": cfg.startup_timeout}
+    defaults = model_config(cfg)
     return {"name": manifest["modelName"], "version": manifest.get("modelVersion", cfg.model_version),
             **{key: (packed or {}).get(key, defaults[key]) for key in SNAPSHOT_KEYS}}
 
@@ -68,8 +66,7 @@ def kserve_properties(snapshot: dict) -> str:
     text = render_config((handler_dir() / "config.properties").read_text(), host="127.0.0.1", ports=PORTS,
                          model_store=MOUNT / "model-store", disable_token_auth=True)
     # The base file's comments describe the standalone server; here they would mislead.
-    settings = dict(line.split("=", 1) for line in text.splitlines()
-                    if line.strip() and not line.lstrip().startswith("#"))
+    settings = parse_properties(text)
     settings.update({"metrics_address": f"http://0.0.0.0:{PORTS.metrics}",  # Prometheus scrapes it
                      "enable_envvars_config": "false",
                      "model_snapshot": json.dumps(snapshot, separators=(",", ":"))})

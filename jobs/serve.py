@@ -79,6 +79,11 @@ def render_config(base: str, *, host: str, ports: Ports, model_store: Path, disa
     return "\n".join(lines) + "\n"
 
 
+def parse_properties(text: str) -> dict[str, str]:
+    """``key=value`` lines of a TorchServe config.properties; comments and blank lines skipped."""
+    return dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
+
 @dataclass
 class TorchServe:
     """A running TorchServe in its own process group and state folder."""
@@ -189,7 +194,7 @@ def start(model_store: Path, workdir: Path, *, host: str = "127.0.0.1", ports: P
     Its console output goes to ``workdir/torchserve.out``, its logs to ``workdir/logs/``.
     """
     model_store = Path(model_store).resolve()
-    if not sorted(model_store.glob("*.mar")):
+    if not model_names(model_store):
         raise JobError(f"no .mar archive in {model_store}; run `python -m jobs archive --out RUN` first")
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         raise JobError("TorchServe needs Java 17+: apt-get install openjdk-17-jre-headless, or set JAVA_HOME")

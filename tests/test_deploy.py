@@ -24,6 +24,8 @@ import kubernetes_validate
 import pytest
 import requests
 import yaml
+from conftest import FIXTURE_IMAGES
+from conftest import REPO as ROOT
 from torchserve_fixture import export_random_model
 
 from jobs import serve
@@ -32,10 +34,9 @@ from jobs.config import Config, RunPaths, load_config
 from jobs.errors import JobError
 from jobs.kserve import MOUNT, PORTS, export_kserve
 
-ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-PHOTO = sorted((ROOT / "tests" / "fixtures" / "hymenoptera_small").glob("*/*.jpg"))[0]
+PHOTO = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))[0]
 # The oldest Kubernetes these manifests promise to work on, and the newest schema the package ships.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 CUSTOM_KINDS = {"PyTorchJob", "InferenceService"}
@@ -348,8 +349,7 @@ def archived(tmp_path_factory) -> tuple[Config, Path]:
 
 
 def _properties(path: Path) -> dict[str, str]:
-    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    return dict(line.split("=", 1) for line in lines)
+    return serve.parse_properties(path.read_text())
 
 
 def test_export_kserve_lays_out_config_and_model_store(archived, tmp_path):
@@ -398,11 +398,11 @@ def _start_like_kserve(dest: Path, workdir: Path) -> serve.TorchServe:
 PING_SCRIPT = ROOT / "handler" / "ping.py"
 
 
-def _probe(script: Path, server: serve.TorchServe) -> subprocess.CompletedProcess:
+def _probe(server: serve.TorchServe) -> subprocess.CompletedProcess:
     """The probe as the image runs it: addresses from the config TorchServe was started with."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROBE_")}
     env.update(PROBE_KEY_FILE=str(server.key_file), TS_CONFIG_FILE=str(server.workdir / "config.properties"))
-    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=30)
+    return subprocess.run([sys.executable, str(PING_SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
 
 
 @needs_java
@@ -425,7 +425,7 @@ def test_kserve_config_serves_concurrent_v1_and_v2_requests(archived, tmp_path):
         (output,) = answers[1].json()["outputs"]
         assert output["datatype"] == "BYTES" and output["shape"] == [1]
         # Token authorization is off here: the serving probe pings without a key file.
-        assert _probe(PING_SCRIPT, server).returncode == 0
+        assert _probe(server).returncode == 0
     finally:
         server.stop()
 
@@ -433,21 +433,20 @@ def test_kserve_config_serves_concurrent_v1_and_v2_requests(archived, tmp_path):
 @needs_java
 def test_ping_probe_works_with_token_authorization_and_renews_an_expired_key(archived, tmp_path):
     _, out = archived
-    script = PING_SCRIPT
     server = serve.start(out / "model-store", tmp_path / "ts", ports=serve.Ports.free())  # token auth on
     try:
         server.wait_ready(["classifier"])
         assert requests.get(f"{server.inference_url}/ping", timeout=10).status_code != 200  # the key is needed
-        assert _probe(script, server).returncode == 0
+        assert _probe(server).returncode == 0
         # An expired key looks like any refused one: stand one in, as TorchServe leaves it after expiry.
         keys = json.loads(server.key_file.read_text())
         keys["inference"]["key"] = "expired"
         server.key_file.write_text(json.dumps(keys))
-        result = _probe(script, server)
+        result = _probe(server)
         assert result.returncode == 0, result.stdout + result.stderr
         assert server.keys()["inference"] != "expired"
         assert requests.get(f"{server.inference_url}/ping", headers=server.auth(), timeout=10).status_code == 200
     finally:
         server.stop()
-    result = _probe(script, server)
+    result = _probe(server)
     assert result.returncode == 1 and "ping:" in result.stdout

@@ -31,7 +31,7 @@ from jobs.archive import archive, handler_dir
 from jobs.config import RunPaths, load_config
 from jobs.errors import JobError
 from jobs.predict import predict_files
-from jobs.serve import Ports, render_config
+from jobs.serve import Ports, parse_properties, render_config
 
 CLASSES = ["ants", "bees", "wasps"]
 PHOTOS = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))
@@ -284,12 +284,12 @@ def test_archive_refuses_a_name_torchserve_cannot_serve(run_dir: Path, tmp_path:
 
 def test_rendered_config_keeps_management_on_loopback(tmp_path: Path):
     base = (handler_dir() / "config.properties").read_text()
-    props = dict(line.split("=", 1) for line in base.splitlines() if line and not line.startswith("#"))
+    props = parse_properties(base)
     assert props["management_address"].startswith("http://127.0.0.1:")
     assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
     assert props["metrics_mode"] == "prometheus" and props["install_py_dep_per_model"] == "false"
     text = render_config(base, host="0.0.0.0", ports=Ports(1, 2, 3, 4, 5), model_store=tmp_path)
-    rendered = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    rendered = parse_properties(text)
     assert rendered["inference_address"] == "http://0.0.0.0:1"
     assert rendered["management_address"] == "http://127.0.0.1:2"
     assert rendered["grpc_management_address"] == "127.0.0.1" and rendered["grpc_management_port"] == "5"

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from jobs.serve import Ports, render_config
 
 pytestmark = pytest.mark.docker
 
@@ -58,12 +59,6 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, check
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +117,7 @@ class Project:
     dir: Path
     name: str
     env: dict[str, str]
-    ports: dict[str, int]
+    ports: Ports
 
     def compose(self, *args: str, timeout: float = 600, check: bool = True,
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -152,24 +147,6 @@ def copy_photos(dest: Path) -> None:
             shutil.copy2(photo, dest / cls / photo.name)
 
 
-def serving_config(handler_config: Path, ports: dict[str, int]) -> str:
-    """The project's TorchServe config with every listener moved to a free loopback port.
-
-    The containers share the host's network here, so the fixed ports 8080-8082 and the gRPC
-    7070/7071 could be taken by other TorchServe instances on this machine.
-    """
-    overrides = {
-        "inference_address": f"http://127.0.0.1:{ports['inference']}",
-        "management_address": f"http://127.0.0.1:{ports['management']}",
-        "metrics_address": f"http://127.0.0.1:{ports['metrics']}",
-        "grpc_inference_port": str(ports["grpc_inference"]),
-        "grpc_management_port": str(ports["grpc_management"]),
-    }
-    kept = [line for line in handler_config.read_text().splitlines()
-            if line.split("=", 1)[0].strip() not in overrides]
-    return "\n".join(kept + [f"{key}={value}" for key, value in overrides.items()]) + "\n"
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, base_image: str, pip_extra_index: str) -> Iterator[Project]:
     root = tmp_path_factory.mktemp("compose")
@@ -178,9 +155,12 @@ def project(tmp_path_factory: pytest.TempPathFactory, base_image: str, pip_extra
     for mount in ("runs", "model-store"):
         (root / mount).mkdir()
         (root / mount).chmod(0o777)  # the containers write as uid 1000
-    ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc_inference",
-                                            "grpc_management")}
-    (root / "ts-test.properties").write_text(serving_config(root / "handler" / "config.properties", ports))
+    # The containers share the host's network: every listener moves to a free loopback port, since
+    # 8080-8082 and the gRPC 7070/7071 could be taken by other TorchServe instances on this machine.
+    ports = Ports.free()
+    (root / "ts-test.properties").write_text(render_config((root / "handler" / "config.properties").read_text(),
+                                                           host="127.0.0.1", ports=ports,
+                                                           model_store=Path("/model-store")))
     env = {**os.environ, "BASE_IMAGE": base_image, "PREFETCH_WEIGHTS": "0", "PIP_EXTRA_INDEX_URL": pip_extra_index}
     env.pop("TS_DISABLE_TOKEN_AUTHORIZATION", None)
     proj = Project(dir=root, name=f"e2e-{uuid.uuid4().hex[:8]}", env=env, ports=ports)
@@ -244,7 +224,7 @@ def inference_key(project: Project) -> str:
 
 def post_image(project: Project, image: Path, key: str | None) -> tuple[int, bytes]:
     headers = {"Content-Type": "image/jpeg", **({"Authorization": f"Bearer {key}"} if key else {})}
-    request = urllib.request.Request(f"http://127.0.0.1:{project.ports['inference']}/predictions/{MODEL_NAME}",
+    request = urllib.request.Request(f"http://127.0.0.1:{project.ports.inference}/predictions/{MODEL_NAME}",
                                      data=image.read_bytes(), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -293,7 +273,7 @@ def test_containers_run_as_non_root(serving: Project) -> None:
 
 
 def test_serve_metrics_answer_in_prometheus_format(serving: Project) -> None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{serving.ports['metrics']}/metrics", timeout=30) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{serving.ports.metrics}/metrics", timeout=30) as response:
         text = response.read().decode()
     assert "# TYPE" in text
 
