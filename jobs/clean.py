@@ -83,8 +83,8 @@ def inspect_image(path: Path, min_size: int, max_pixels: int) -> tuple[dict, Ima
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 facts = {"format": img.format or "", "mode": img.mode, "width": img.width, "height": img.height}
-                if img.format in EXCLUDED_FORMATS or getattr(img, "n_frames", 1) > 1:
-                    frames = getattr(img, "n_frames", 1)
+                frames = getattr(img, "n_frames", 1)
+                if img.format in EXCLUDED_FORMATS or frames > 1:
                     return {**facts, "status": "excluded", "reason": "unsupported",
                             "detail": f"{img.format} ({frames} frame{'s' if frames > 1 else ''}); not trained on"}, None
                 img.load()

@@ -60,7 +60,7 @@ def _metavar(kind: str) -> str:
 
 def _setup(config_file: Path | None, out: Path, overrides: dict[str, Any]) -> tuple[Config, RunPaths]:
     # A run folder remembers its config: re-running one stage uses the settings of the run.
-    cfg = load_config(config_file, overrides, saved=Path(out) / "config.yaml")
+    cfg = load_config(config_file, overrides, saved=RunPaths(Path(out)).config)
     ensure_writable_dir(out)
     paths = RunPaths.for_config(out, cfg)
     atomic_write_text(paths.config, cfg.to_yaml())

@@ -78,7 +78,6 @@ class ImageInfo:
 
 @dataclass(frozen=True)
 class Fetched:
-    url: str
     final_url: str
     data: bytes
     sha256: str
@@ -125,7 +124,7 @@ class Downloader:
             location, data = self._hop(current, deadline)
             if location is None:
                 info = inspect_image(data, self.settings.max_pixels)
-                return Fetched(url, current, data, sha256_bytes(data), info)
+                return Fetched(current, data, sha256_bytes(data), info)
             current = urljoin(current, location)
             if current in seen:
                 raise DownloadError("redirect loop", f"redirected back to {current}")

@@ -48,9 +48,6 @@ class CollectError(JobError):
 class SearchResult:
     url: str
     source: str
-    thumbnail_url: str | None = None
-    width: int | None = None
-    height: int | None = None
     license: str = "unknown"
     license_url: str | None = None
     creator: str | None = None
@@ -214,7 +211,6 @@ class OpenverseSource(Source):
     def _result(self, item: dict[str, Any]) -> SearchResult:
         return SearchResult(
             url=item["url"], source=f"openverse:{item.get('source') or item.get('provider') or '?'}",
-            thumbnail_url=item.get("thumbnail"), width=_int(item.get("width")), height=_int(item.get("height")),
             license=openverse_license_name(item.get("license"), item.get("license_version")),
             license_url=item.get("license_url"), creator=item.get("creator"), title=item.get("title"),
             landing_url=item.get("foreign_landing_url"),
@@ -281,9 +277,7 @@ class WikimediaSource(Source):
         if not url:
             return None
         return SearchResult(
-            url=url, source="wikimedia", thumbnail_url=info.get("thumburl"),
-            width=_int(info.get("thumbwidth") or info.get("width")),
-            height=_int(info.get("thumbheight") or info.get("height")),
+            url=url, source="wikimedia",
             license=strip_html(meta.get("LicenseShortName")) or "unknown", license_url=meta.get("LicenseUrl"),
             creator=strip_html(meta.get("Artist")),
             title=strip_html(meta.get("ObjectName")) or str(page.get("title", "")).removeprefix("File:") or None,
@@ -332,8 +326,7 @@ class BingSource(Source):
 
     def _result(self, item: dict[str, Any]) -> SearchResult:
         return SearchResult(
-            url=item["contentUrl"], source="bing", thumbnail_url=item.get("thumbnailUrl"),
-            width=_int(item.get("width")), height=_int(item.get("height")),
+            url=item["contentUrl"], source="bing",
             # Bing reports no per-image license; record the filter the results were searched with.
             license=f"unknown (searched with Bing license={self.license or 'All'})",
             creator=None, title=item.get("name"), landing_url=item.get("hostPageUrl"),

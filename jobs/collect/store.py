@@ -41,15 +41,15 @@ class Manifest:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self.entries = self._load()
+        raw = path.read_bytes() if path.exists() else b""
+        self.entries = self._parse(raw)
         # a crash can leave a last line without its newline: never glue the next line onto it
-        self._torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        self._torn = bool(raw) and not raw.endswith(b"\n")
 
-    def _load(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
+    @staticmethod
+    def _parse(raw: bytes) -> list[dict[str, Any]]:
         entries = []
-        for line in self.path.read_text(errors="replace").splitlines():
+        for line in raw.decode(errors="replace").splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:
