@@ -15,7 +15,6 @@ Pass ``--weights PATH`` to the benchmarks to use a real state_dict instead.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import sys
@@ -33,6 +32,7 @@ if str(REPO) not in sys.path:
 from jobs.config import RunPaths  # noqa: E402
 from jobs.fileio import atomic_torch_save, atomic_write_json, read_json  # noqa: E402
 from jobs.presets import decode_rgb, eval_transform  # noqa: E402
+from jobs.split import splits_document  # noqa: E402
 
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
 RESULTS = REPO / "bench" / "results"
@@ -87,9 +87,7 @@ def splits_from_folders(paths: RunPaths, test_every: int = 0) -> dict:
         seen[label, folder] = seen.get((label, folder), 0) + 1
         to_test = folder == "val" and test_every and seen[label, folder] % test_every == 0
         files[f["output"]] = "test" if to_test else folder
-    doc = {"seed": None, "val_fraction": None, "test_fraction": None, "classes": sorted(report["classes"]),
-           "data_hash": report["data_hash"],
-           "split_hash": hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest(), "files": files}
+    doc = splits_document(files, sorted(report["classes"]), report["data_hash"])
     atomic_write_json(paths.splits, doc)
     return doc
 

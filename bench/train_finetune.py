@@ -24,12 +24,12 @@ import torch
 from common import resolve_device, save_result
 
 from jobs.config import load_config
-from jobs.model import build_model, head_module
+from jobs.model import build_model
 from jobs.runtime import setup
-from jobs.train import _set_train_modes, train_one_epoch
+from jobs.train import _set_train_modes, make_optimizer, train_one_epoch
 
 
-def _variants(device: str, with_compile: bool) -> list[tuple[str, dict]]:
+def _variants(with_compile: bool) -> list[tuple[str, dict]]:
     ours = {"channels_last": True, "precision": "auto", "freeze_bn": True, "grad_clip": 1.0}
     plain = {"channels_last": False, "precision": "fp32", "freeze_bn": False, "grad_clip": 0.0}
     variants = [
@@ -46,14 +46,6 @@ def _variants(device: str, with_compile: bool) -> list[tuple[str, dict]]:
     return variants
 
 
-def _optimizer(model: torch.nn.Module, lr: float, backbone_lr_div: float) -> torch.optim.Optimizer:
-    """The fine-tune stage's two parameter groups: the head at lr, the backbone at lr / div."""
-    head = list(head_module(model).parameters())
-    head_ids = {id(p) for p in head}
-    backbone = [p for p in model.parameters() if id(p) not in head_ids]
-    return torch.optim.AdamW([{"params": head, "lr": lr}, {"params": backbone, "lr": lr / backbone_lr_div}])
-
-
 class Variant:
     """One configuration's model, optimizer and runtime, ready to run timed steps."""
 
@@ -65,7 +57,7 @@ class Variant:
         self.model = build_model("resnet18", 2, "none").to(self.rt.device, memory_format=self.rt.memory_format())
         _set_train_modes(self.model, trainable_all=True, freeze_bn=settings["freeze_bn"])
         self.trained = torch.compile(self.model) if settings.get("compile") else self.model
-        self.optimizer = _optimizer(self.model, cfg.lr, cfg.backbone_lr_div)
+        self.optimizer = make_optimizer(self.model, cfg, finetune=True)
         self.scaler = torch.amp.GradScaler(self.rt.device.type) if self.rt.amp_dtype == torch.float16 else None
 
     def run(self, steps: int) -> float:
@@ -92,7 +84,7 @@ def main() -> None:
     steps, warmup = args.steps or (10 if cuda else 2), args.warmup or (5 if cuda else 1)
     torch.manual_seed(0)
     batch = (torch.randn(args.batch_size, 3, 224, 224), torch.randint(0, 2, (args.batch_size,)))
-    variants = {name: Variant(settings, device, batch) for name, settings in _variants(device, args.compile)}
+    variants = {name: Variant(settings, device, batch) for name, settings in _variants(args.compile)}
     for v in variants.values():
         v.run(warmup + ((10 if cuda else 2) if v.settings.get("compile") else 0))  # compiling happens here
     # Rounds interleave the variants, so load from other processes on a shared machine hits all of them alike.

@@ -68,17 +68,23 @@ def split(cfg: Config, paths: RunPaths) -> Path:
             print(f"split: WARNING class '{label}' has only {len(assigned)} images: no test image for it")
         print(f"split: {label:<16} train={counts['train']} val={counts['val']} test={counts['test']}")
         files.update(sorted(assigned.items()))
-    doc = {
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "test_fraction": cfg.test_fraction,
-        "classes": sorted(by_class),
-        "data_hash": report["data_hash"],
+    atomic_write_json(paths.splits, splits_document(files, sorted(by_class), report["data_hash"], cfg.seed,
+                                                    cfg.val_fraction, cfg.test_fraction))
+    return paths.splits
+
+
+def splits_document(files: dict[str, str], classes: list[str], data_hash: str, seed: int | None = None,
+                    val_fraction: float | None = None, test_fraction: float | None = None) -> dict:
+    """What ``splits.json`` holds; ``split_hash`` names exactly this assignment of files."""
+    return {
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "classes": classes,
+        "data_hash": data_hash,
         "split_hash": hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest(),
         "files": files,
     }
-    atomic_write_json(paths.splits, doc)
-    return paths.splits
 
 
 def _previous_assignment(paths: RunPaths, cfg: Config) -> dict[str, str]:

@@ -352,6 +352,17 @@ def _set_train_modes(model: nn.Module, trainable_all: bool, freeze_bn: bool) -> 
     container.train()  # the head and the dropout right before it (efficientnet/mobilenet classifiers)
 
 
+def make_optimizer(model: nn.Module, cfg: Config, finetune: bool) -> torch.optim.AdamW:
+    """AdamW on the trainable parameters: head at ``lr``, backbone at ``lr / backbone_lr_div`` when fine-tuning."""
+    head_params = list(head_module(model).parameters())
+    head_ids = {id(p) for p in head_params}
+    backbone_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [{"params": head_params, "lr": cfg.lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": cfg.lr / (cfg.backbone_lr_div if finetune else 1.0)})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def _full_stage(stage: str, cfg: Config, paths: RunPaths, rt: Runtime, model: nn.Module, splits: dict,
                 progress: Progress, resume: dict | None, save_ckpt: Callable) -> None:
     """Images through the whole network: the head stage when features cannot be cached, or fine-tune."""
@@ -360,13 +371,7 @@ def _full_stage(stage: str, cfg: Config, paths: RunPaths, rt: Runtime, model: nn
     if finetune:
         for p in model.parameters():
             p.requires_grad_(True)
-    head_params = list(head_module(model).parameters())
-    head_ids = {id(p) for p in head_params}
-    backbone_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    groups = [{"params": head_params, "lr": cfg.lr}]
-    if backbone_params:
-        groups.append({"params": backbone_params, "lr": cfg.lr / (cfg.backbone_lr_div if finetune else 1.0)})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg, finetune)
     train_loader = _train_loader(paths, splits, cfg, rt)
     val_loader = _eval_loader(paths, splits, "val", cfg, rt)
     steps = len(train_loader)
