@@ -8,7 +8,6 @@ a killed rank failing the job and a resume on another world size), not about acc
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -20,16 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURE_IMAGES, REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "hymenoptera_small"
 # fp32 and no loader workers: the same numbers on every CPU, and two ranks fit two cores.
 TRAIN = ("--weights", "none", "--batch-size", "8", "--seed", "42", "--num-workers", "0", "--device", "cpu",
          "--precision", "fp32")
 CLEAN = ("--min-images-per-class", "3")
 RUN_TIMEOUT = 300
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"{FIXTURE} is missing")
+pytestmark = pytest.mark.skipif(not FIXTURE_IMAGES.is_dir(), reason=f"{FIXTURE_IMAGES} is missing")
 
 
 def _env() -> dict[str, str]:
@@ -52,7 +50,7 @@ def _torchrun(*args: str, nproc: int = 2) -> list[str]:
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert result.returncode == 0, \
         f"{cmd} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
@@ -62,7 +60,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 def split_dir(tmp_path_factory) -> Path:
     """The fixture cleaned and split once; every test trains in its own copy."""
     out = tmp_path_factory.mktemp("split")
-    _run(_single("clean", "--data", str(FIXTURE), "--out", str(out), *CLEAN))
+    _run(_single("clean", "--data", str(FIXTURE_IMAGES), "--out", str(out), *CLEAN))
     _run(_single("split", "--out", str(out)))
     return out
 
@@ -199,7 +197,7 @@ def test_killed_rank_fails_the_job_and_resumes_on_one_process(fresh_run, tmp_pat
     args = ("train", "--out", str(out), "--no-cache-features", "--epochs", "4", *TRAIN)
     log = tmp_path / "torchrun.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen(_torchrun(*args), cwd=ROOT, env=_env(), stdout=sink, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(_torchrun(*args), cwd=REPO, env=_env(), stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         # Epoch 1 is checkpointed (last.pt is renamed into place last), so epoch 2 is under way.
@@ -230,11 +228,9 @@ def test_killed_rank_fails_the_job_and_resumes_on_one_process(fresh_run, tmp_pat
 # the whole job
 
 
-@pytest.mark.skipif(not all(importlib.util.find_spec(f"jobs.{m}") for m in ("evaluate", "archive")),
-                    reason="jobs.evaluate / jobs.archive not written yet")
 def test_run_under_torchrun_writes_one_set_of_artifacts(cached_single, split_dir, tmp_path):
     out = tmp_path / "run"
-    result = _run(_torchrun("run", "--data", str(FIXTURE), "--out", str(out), *CLEAN, *TRAIN, *CACHED))
+    result = _run(_torchrun("run", "--data", str(FIXTURE_IMAGES), "--out", str(out), *CLEAN, *TRAIN, *CACHED))
     _assert_both_ranks_ran(result.stdout)
     # Rank 0 alone cleaned and split: the same split as the one-process reference.
     assert json.loads((out / "splits.json").read_text())["files"] == \

@@ -81,6 +81,12 @@ def _prepared_run(tmp_path: Path, name: str, data: Path) -> Path:
     return out
 
 
+def _epochs(metrics: Path) -> list[dict]:
+    """metrics.json's epoch records without the timings, which differ between any two runs."""
+    return [{k: v for k, v in e.items() if k not in {"seconds", "images_per_s"}}
+            for e in json.loads(metrics.read_text())["epochs"]]
+
+
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, small_data: Path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
     reference = _prepared_run(tmp_path, "reference", small_data)
@@ -104,11 +110,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, sma
     resumed = subprocess.run(_train_cmd(killed), cwd=REPO, env=env, capture_output=True, text=True, check=True)
     assert "resuming head stage after epoch 1" in resumed.stdout
 
-    def epochs(out: Path) -> list[dict]:
-        return [{k: v for k, v in e.items() if k not in {"seconds", "images_per_s"}}
-                for e in json.loads((out / "metrics.json").read_text())["epochs"]]
-
-    assert epochs(killed) == epochs(reference)
+    assert _epochs(killed / "metrics.json") == _epochs(reference / "metrics.json")
     a = torch.load(killed / "checkpoints/last.pt", weights_only=True)["model"]
     b = torch.load(reference / "checkpoints/last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in b)
@@ -150,11 +152,7 @@ def test_cached_head_stage_resumes_from_its_head_only_checkpoint(tmp_path: Path,
     train_module.train(cfg, crashed, setup(cfg))
     assert "resuming head stage after epoch 2" in capsys.readouterr().out
 
-    def epochs(paths: RunPaths) -> list[dict]:
-        return [{k: v for k, v in e.items() if k not in {"seconds", "images_per_s"}}
-                for e in json.loads(paths.metrics.read_text())["epochs"]]
-
-    assert epochs(crashed) == epochs(reference)
+    assert _epochs(crashed.metrics) == _epochs(reference.metrics)
     a = torch.load(crashed.checkpoints / "last.pt", weights_only=True)
     b = torch.load(reference.checkpoints / "last.pt", weights_only=True)
     assert not a["head_only"] and a["model"].keys() == b["model"].keys()  # the stage's end wrote the whole model
