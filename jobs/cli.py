@@ -15,36 +15,34 @@ from typing import Any
 
 import click
 
-from jobs.config import Config, RunPaths, load_config
+from jobs.config import (
+    ARCHIVE,
+    RUN_DEFINING,
+    Config,
+    RunPaths,
+    key_type,
+    keys_for,
+    load_config,
+    record_keys,
+    saved_yaml,
+)
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir
 
-COLLECT_KEYS = ("terms", "images_per_term", "source", "endpoint", "licenses", "urls_file", "user_agent", "api_key_env",
-                "download_workers", "requests_per_minute", "max_download_mb", "allow_private_addresses")
-CLEAN_KEYS = ("min_image_size", "min_images_per_class", "max_image_pixels")
-SPLIT_KEYS = ("val_fraction", "test_fraction", "seed")
-TRAIN_KEYS = ("arch", "weights", "freeze_backbone", "epochs", "batch_size", "lr", "weight_decay", "feature_views",
-              "cache_features", "finetune_epochs", "backbone_lr_div", "warmup_epochs", "patience", "grad_clip",
-              "freeze_bn", "sync_bn", "device", "precision", "channels_last", "compile", "num_workers",
-              "deterministic", "seed")
-ARCHIVE_KEYS = ("model_name", "model_version", "model_store", "topk", "serve_batch_size", "max_batch_delay_ms",
-                "min_workers", "max_workers", "response_timeout", "startup_timeout")
-ALL_KEYS = tuple(dict.fromkeys(COLLECT_KEYS + CLEAN_KEYS + SPLIT_KEYS + TRAIN_KEYS + ARCHIVE_KEYS))
 
-
-def config_options(keys: tuple[str, ...]) -> Callable:
-    """Add ``--config``, ``--out`` and one option per config key (default None = not given)."""
-    defaults = Config()
+def config_options(command: str) -> Callable:
+    """Add ``--config``, ``--out`` and one option per config key the command takes (default None = not given)."""
+    defaults, keys = Config(), keys_for(command)
 
     def decorate(fn: Callable) -> Callable:
         for f in reversed([f for f in fields(Config) if f.name in keys]):
             dashed, default = f.name.replace("_", "-"), getattr(defaults, f.name)
             shown = ",".join(default) if isinstance(default, list) else default
             help_text = f"{f.metadata['help']} [config key {f.name}; default {shown}]"
-            if f.type == "bool":
+            if key_type(f.name) is bool:
                 fn = click.option(f"--{dashed}/--no-{dashed}", f.name, default=None, help=help_text)(fn)
             else:
-                fn = click.option(f"--{dashed}", f.name, default=None, metavar=_metavar(str(f.type)),
+                fn = click.option(f"--{dashed}", f.name, default=None, metavar=_metavar(f.name),
                                   help=help_text)(fn)
         fn = click.option("--out", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True,
                           help="Run folder: every stage reads and writes here.")(fn)
@@ -54,16 +52,27 @@ def config_options(keys: tuple[str, ...]) -> Callable:
     return decorate
 
 
-def _metavar(kind: str) -> str:
-    return {"int": "INT", "float": "FLOAT", "list[str]": "A,B,..."}.get(kind, "TEXT")
+def _metavar(name: str) -> str:
+    kind = key_type(name)
+    return {int: "INT", float: "FLOAT", str: "TEXT"}.get(kind, "A,B,...")
 
 
-def _setup(config_file: Path | None, out: Path, overrides: dict[str, Any]) -> tuple[Config, RunPaths]:
-    # A run folder remembers its config: re-running one stage uses the settings of the run.
+def _setup(command: str, config_file: Path | None, out: Path, overrides: dict[str, Any]) -> tuple[Config, RunPaths]:
+    """The run's config with this command's options on top.
+
+    A run folder remembers its config, so re-running one stage uses the settings of the run. Only
+    the commands that define a run save it; archive and export-kserve record their own keys (later
+    commands look for the archive they made); every other command leaves config.yaml as it is, so
+    an option given to one command applies to that command alone.
+    """
     cfg = load_config(config_file, overrides, saved=RunPaths(Path(out)).config)
-    ensure_writable_dir(out)
     paths = RunPaths.for_config(out, cfg)
-    atomic_write_text(paths.config, cfg.to_yaml())
+    if command in RUN_DEFINING:
+        ensure_writable_dir(out)
+        atomic_write_text(paths.config, saved_yaml(cfg.to_dict()))
+    elif command in ARCHIVE:
+        ensure_writable_dir(out)
+        atomic_write_text(paths.config, saved_yaml(record_keys(paths, cfg, keys_for(command))))
     return cfg, paths
 
 
@@ -98,13 +107,13 @@ def cli() -> None:
               help="Folder with one sub-folder per class. Without it, images are collected for --terms.")
 @click.option("--resume", "resume", flag_value="require", default=None, help="Require resuming checkpoints/last.pt.")
 @click.option("--fresh", "resume", flag_value="fresh", help="Start training over (old checkpoints are kept aside).")
-@config_options(ALL_KEYS)
+@config_options("run")
 def run(config_file: Path | None, out: Path, data: Path | None, resume: str | None, **overrides: Any) -> None:
     """The whole job: [collect] -> clean -> split -> train -> evaluate -> export -> archive."""
     from jobs import archive, clean, evaluate, export, split, train
     from jobs.runtime import barrier, setup, teardown
 
-    cfg, paths = _setup(config_file, out, overrides)
+    cfg, paths = _setup("run", config_file, out, overrides)
     rt = setup(cfg)
     try:
         if rt.is_main:
@@ -125,45 +134,45 @@ def run(config_file: Path | None, out: Path, data: Path | None, resume: str | No
 
 
 @cli.command()
-@config_options(COLLECT_KEYS + ("seed",))
+@config_options("collect")
 def collect(config_file: Path | None, out: Path, **overrides: Any) -> None:
     """Download images for each search term into OUT/raw/<term>/ with a manifest and attribution."""
-    cfg, paths = _setup(config_file, out, overrides)
+    cfg, paths = _setup("collect", config_file, out, overrides)
     _collect(cfg, paths)
 
 
 @cli.command()
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Folder with one sub-folder per class (default: OUT/raw from collect).")
-@config_options(CLEAN_KEYS)
+@config_options("clean")
 def clean(config_file: Path | None, out: Path, data: Path | None, **overrides: Any) -> None:
     """Decode every image; keep, convert to RGB, or quarantine it; write clean_report.json."""
     from jobs.clean import clean as clean_stage
 
-    cfg, paths = _setup(config_file, out, overrides)
+    cfg, paths = _setup("clean", config_file, out, overrides)
     clean_stage(cfg, paths, data or paths.raw)
 
 
 @cli.command()
-@config_options(SPLIT_KEYS)
+@config_options("split")
 def split(config_file: Path | None, out: Path, **overrides: Any) -> None:
     """Assign the cleaned images to train/val/test (stratified, seeded, stable): splits.json."""
     from jobs.split import split as split_stage
 
-    cfg, paths = _setup(config_file, out, overrides)
+    cfg, paths = _setup("split", config_file, out, overrides)
     split_stage(cfg, paths)
 
 
 @cli.command()
 @click.option("--resume", "resume", flag_value="require", default=None, help="Require resuming checkpoints/last.pt.")
 @click.option("--fresh", "resume", flag_value="fresh", help="Start over (old checkpoints are kept aside).")
-@config_options(TRAIN_KEYS)
+@config_options("train")
 def train(config_file: Path | None, out: Path, resume: str | None, **overrides: Any) -> None:
     """Train (or resume) from splits.json: checkpoints/{last,best}.pt and metrics.json. Works under torchrun."""
     from jobs.runtime import setup, teardown
     from jobs.train import train as train_stage
 
-    cfg, paths = _setup(config_file, out, overrides)
+    cfg, paths = _setup("train", config_file, out, overrides)
     rt = setup(cfg)
     try:
         train_stage(cfg, paths, rt, resume or "auto")
@@ -172,33 +181,33 @@ def train(config_file: Path | None, out: Path, resume: str | None, **overrides: 
 
 
 @cli.command()
-@config_options(TRAIN_KEYS)
+@config_options("evaluate")
 def evaluate(config_file: Path | None, out: Path, **overrides: Any) -> None:
     """Score the best checkpoint on the test split and write the report/ folder."""
     from jobs.evaluate import evaluate as evaluate_stage
     from jobs.runtime import setup
 
-    cfg, paths = _setup(config_file, out, overrides)
+    cfg, paths = _setup("evaluate", config_file, out, overrides)
     evaluate_stage(cfg, paths, setup(cfg))
 
 
 @cli.command()
-@config_options(("arch", "model_name", "model_version", "topk"))
+@config_options("export")
 def export(config_file: Path | None, out: Path, **overrides: Any) -> None:
     """Write model/model.pt (a bare state_dict), index_to_name.json and metadata.json."""
     from jobs.export import export as export_stage
 
-    cfg, paths = _setup(config_file, out, overrides)
+    cfg, paths = _setup("export", config_file, out, overrides)
     export_stage(cfg, paths)
 
 
 @cli.command()
-@config_options(ARCHIVE_KEYS)
+@config_options("archive")
 def archive(config_file: Path | None, out: Path, **overrides: Any) -> None:
     """Pack model/ with torch-model-archiver and our handler into MODEL_STORE/<model_name>.mar."""
     from jobs.archive import archive as archive_stage
 
-    cfg, paths = _setup(config_file, out, overrides)
+    cfg, paths = _setup("archive", config_file, out, overrides)
     click.echo(archive_stage(cfg, paths))
 
 
@@ -227,12 +236,12 @@ def serve(model_store: Path, stop: bool, host: str, port: int, management_port: 
 
 @cli.command("export-kserve")
 @click.option("--dest", type=click.Path(path_type=Path), default=None, help="Target folder (default OUT/kserve).")
-@config_options(ARCHIVE_KEYS)
+@config_options("export-kserve")
 def export_kserve(config_file: Path | None, out: Path, dest: Path | None, **overrides: Any) -> None:
     """Lay out OUT/kserve/{config/config.properties, model-store/<name>.mar} for a KServe InferenceService."""
     from jobs.kserve import export_kserve as export_kserve_stage
 
-    cfg, paths = _setup(config_file, out, overrides)
+    cfg, paths = _setup("export-kserve", config_file, out, overrides)
     click.echo(export_kserve_stage(cfg, paths, dest))
 
 
@@ -250,6 +259,8 @@ def predict(model_dir: Path, topk: int | None, images: tuple[Path, ...]) -> None
 
 
 def main() -> None:
+    # Progress lines reach a pipe, a log file or `kubectl logs` as they happen, not at exit.
+    sys.stdout.reconfigure(line_buffering=True)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -1,14 +1,25 @@
 """The job's configuration: one dataclass, loaded from YAML and overridden from the command line.
 
 Every field is a config key *and* a CLI option of the same name (``epochs`` <-> ``--epochs``).
-The precedence is: dataclass default < ``--config`` YAML file < explicit CLI option.
+Each key's definition is the one source of truth for: its type (the field's type hint), its
+default, its allowed range, the commands that take it (``commands``), and whether it changes the
+training trajectory (``trajectory``: a checkpoint made with another value is not resumed) or a
+cache key (``cache``). The CLI options, ``TRAJECTORY_KEYS``, the cache keys and the README's key
+table are all derived from here.
+
+The precedence is: dataclass default < the run folder's saved ``config.yaml`` < ``--config`` YAML
+file < explicit CLI option.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -21,73 +32,90 @@ class ConfigError(JobError):
     """A config file or option the user must fix; the message names the key."""
 
 
-def _key(default: Any, help: str, **kw: Any) -> Any:
+# The commands that define a run save the effective config; the others only read it.
+RUN_DEFINING = ("run", "collect", "clean", "split", "train")
+COLLECT, CLEAN, SPLIT, TRAIN = ("collect",), ("clean",), ("split",), ("train",)
+EVALUATE, EXPORT, ARCHIVE = ("evaluate",), ("export",), ("archive", "export-kserve")
+SERVE = ("serve",)
+# Where a key is used at run time by several commands (device/precision by train and evaluate).
+RUNTIME = TRAIN + EVALUATE
+
+
+def _key(default: Any, help: str, *, commands: tuple[str, ...], trajectory: bool = False,
+         cache: tuple[str, ...] = (), lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+         choices: tuple[str, ...] | None = None) -> Any:
+    """One config key. ``lo``/``hi``: the allowed closed range (``lo_open``: lo itself excluded)."""
+    meta = {"help": help, "commands": commands, "trajectory": trajectory, "cache": cache, "lo": lo, "hi": hi,
+            "lo_open": lo_open, "choices": choices}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class Config:
     # -- collect -------------------------------------------------------------------------------
-    terms: list[str] = _key(["puppies", "kittens"], "Search terms, one class each (CLI: --terms a,b).")
-    images_per_term: int = _key(35, "How many images to collect per search term.")
-    source: str = _key("openverse", "Image source: openverse, wikimedia, bing or urls.")
-    endpoint: str | None = _key(None, "Override the source's base URL (a Bing-v7-compatible endpoint, a mirror, a test server).")
-    licenses: str = _key("commercial,modification", "Openverse license filter: a license_type list (e.g. 'commercial,modification') or license codes ('by,by-sa,cc0'); empty = any.")
-    urls_file: str | None = _key(None, "For source 'urls': a text/CSV file of 'class,url' lines, or a folder of <class>.txt files.")
+    terms: list[str] = _key(["puppies", "kittens"], "Search terms, one class each (CLI: --terms a,b).", commands=COLLECT)
+    images_per_term: int = _key(35, "How many images to collect per search term.", commands=COLLECT, lo=1, hi=10**7)
+    source: str = _key("openverse", "Image source: openverse, wikimedia, bing or urls.", commands=COLLECT, choices=("openverse", "wikimedia", "bing", "urls"))
+    endpoint: str | None = _key(None, "Override the source's base URL (a Bing-v7-compatible endpoint, a mirror, a test server).", commands=COLLECT)
+    licenses: str = _key("commercial,modification", "Openverse license filter: a license_type list (e.g. 'commercial,modification') or license codes ('by,by-sa,cc0'); empty = any.", commands=COLLECT)
+    urls_file: str | None = _key(None, "For source 'urls': a text/CSV file of 'class,url' lines, or a folder of <class>.txt files.", commands=COLLECT)
     user_agent: str = _key(
         "image-classifier-pipeline/0.1 (+https://github.com/; batch image collection for model training)",
-        "HTTP User-Agent; Wikimedia requires a descriptive one with a contact.",
+        "HTTP User-Agent; Wikimedia requires a descriptive one with a contact.", commands=COLLECT,
     )
-    api_key_env: str = _key("IMAGE_SEARCH_API_KEY", "Environment variable holding the source's API key/token (Bing key, Openverse bearer token).")
-    download_workers: int = _key(8, "Concurrent downloads.")
-    requests_per_minute: int = _key(20, "Search API requests per minute (Openverse allows about 20 anonymously).")
-    max_download_mb: float = _key(20.0, "Abort any single download larger than this.")
-    allow_private_addresses: bool = _key(False, "Allow URLs that resolve to loopback/private addresses (local testing only).")
+    api_key_env: str = _key("IMAGE_SEARCH_API_KEY", "Environment variable holding the source's API key/token (Bing key, Openverse bearer token).", commands=COLLECT)
+    download_workers: int = _key(8, "Concurrent downloads.", commands=COLLECT, lo=1, hi=512)
+    requests_per_minute: int = _key(20, "Search API requests per minute (Openverse allows about 20 anonymously).", commands=COLLECT, lo=1, hi=100_000)
+    max_download_mb: float = _key(20.0, "Abort any single download larger than this.", commands=COLLECT, lo=0, lo_open=True, hi=100_000)
+    allow_private_addresses: bool = _key(False, "Allow URLs that resolve to loopback/private addresses (local testing only).", commands=COLLECT)
     # -- clean ---------------------------------------------------------------------------------
-    min_image_size: int = _key(32, "Exclude images whose short side is below this many pixels.")
-    min_images_per_class: int = _key(5, "Refuse to train when a class has fewer clean images than this.")
-    max_image_pixels: int = _key(89_478_485, "Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS).")
+    min_image_size: int = _key(32, "Exclude images whose short side is below this many pixels.", commands=CLEAN, cache=("clean",), lo=0, hi=100_000)
+    min_images_per_class: int = _key(5, "Refuse to train when a class has fewer clean images than this.", commands=CLEAN, lo=1, hi=10**9)
+    max_image_pixels: int = _key(89_478_485, "Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS).", commands=CLEAN, cache=("clean",), lo=1, hi=10**12)
+    follow_symlinks: bool = _key(False, "Clean: follow symbolic links that lead outside --data (by default they are excluded as outside_data).", commands=CLEAN)
     # -- split ---------------------------------------------------------------------------------
-    val_fraction: float = _key(0.1, "Fraction of each class held out for validation.")
-    test_fraction: float = _key(0.1, "Fraction of each class held out for the final test.")
-    seed: int = _key(42, "Seed for the split, augmentation and initialisation.")
+    val_fraction: float = _key(0.1, "Fraction of each class held out for validation.", commands=SPLIT, lo=0, hi=0.99)
+    test_fraction: float = _key(0.1, "Fraction of each class held out for the final test.", commands=SPLIT, lo=0, hi=0.99)
+    seed: int = _key(42, "Seed for the split, augmentation and initialisation.", commands=COLLECT + SPLIT + TRAIN, trajectory=True, cache=("features",), lo=0, hi=2**32 - 1)
     # -- model ---------------------------------------------------------------------------------
-    arch: str = _key("resnet18", "torchvision architecture name (resnet18/34/50, efficientnet_b0, mobilenet_v3_large, convnext_tiny, ...).")
-    weights: str = _key("imagenet", "Backbone weights: 'imagenet' (torchvision, cached in TORCH_HOME), 'none', or a path to a state_dict.")
-    freeze_backbone: bool = _key(True, "Train only the new classifier head (the frozen stage).")
+    arch: str = _key("resnet18", "torchvision architecture name (resnet18/34/50, efficientnet_b0, mobilenet_v3_large, convnext_tiny, ...).", commands=TRAIN, trajectory=True, cache=("features",))
+    weights: str = _key("imagenet", "Backbone weights: 'imagenet' (torchvision, cached in TORCH_HOME), 'none', or a path to a state_dict.", commands=TRAIN, trajectory=True, cache=("features",))
+    freeze_backbone: bool = _key(True, "Train only the new classifier head (the frozen stage).", commands=TRAIN, trajectory=True)
     # -- train ---------------------------------------------------------------------------------
-    epochs: int = _key(25, "Epochs of the head (frozen-backbone) stage.")
-    batch_size: int = _key(32, "Global batch size (split across ranks under torchrun).")
-    lr: float = _key(0.002, "Peak learning rate of the head (AdamW), decayed to 0 by a cosine over each stage.")
-    weight_decay: float = _key(0.0, "AdamW weight decay (0 = plain Adam semantics).")
-    feature_views: int = _key(5, "Cached-feature stage: augmented views per training image (view 0 = eval transform).")
-    cache_features: bool = _key(True, "Train the frozen head on cached backbone features (falls back to the full loop when impossible).")
-    finetune_epochs: int = _key(0, "Epochs of the unfrozen fine-tune stage after the head stage (0 = off).")
-    backbone_lr_div: float = _key(10.0, "Fine-tune stage: backbone lr = lr / this.")
-    warmup_epochs: float = _key(1.0, "Fine-tune stage: linear warmup before the cosine schedule.")
-    patience: int = _key(5, "Fine-tune stage: stop after this many epochs without a better val loss.")
-    grad_clip: float = _key(1.0, "Fine-tune stage: clip the gradient norm to this (0 = off).")
-    freeze_bn: bool = _key(True, "Fine-tune stage: keep BatchNorm running statistics frozen.")
-    sync_bn: bool = _key(False, "Fine-tune stage under torchrun: convert BatchNorm to SyncBatchNorm.")
-    device: str = _key("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
-    precision: str = _key("auto", "auto (bf16/fp16 autocast where supported), fp32, bf16 or fp16.")
-    channels_last: bool = _key(True, "Use the channels_last memory format.")
-    compile: bool = _key(False, "Wrap the model in torch.compile.")
-    num_workers: int = _key(-1, "DataLoader workers (-1 = from the CPU count).")
-    deterministic: bool = _key(False, "Deterministic kernels and single-threaded data loading (exactly reproducible on CPU).")
+    # epochs, finetune_epochs and patience are not trajectory keys on purpose: raising them continues a run.
+    epochs: int = _key(25, "Epochs of the head (frozen-backbone) stage.", commands=TRAIN, lo=0, hi=100_000)
+    batch_size: int = _key(32, "Global batch size (split across ranks under torchrun); for evaluate, its own batch size.", commands=RUNTIME, trajectory=True, lo=1, hi=65_536)
+    lr: float = _key(0.002, "Peak learning rate of the head (AdamW), decayed to 0 by a cosine over each stage.", commands=TRAIN, trajectory=True, lo=0, lo_open=True, hi=10)
+    weight_decay: float = _key(0.0, "AdamW weight decay (0 = plain Adam semantics).", commands=TRAIN, trajectory=True, lo=0, hi=10)
+    feature_views: int = _key(5, "Cached-feature stage: augmented views per training image (view 0 = eval transform).", commands=TRAIN, trajectory=True, cache=("features",), lo=1, hi=256)
+    cache_features: bool = _key(True, "Train the frozen head on cached backbone features (falls back to the full loop when impossible).", commands=TRAIN, trajectory=True)
+    finetune_epochs: int = _key(0, "Epochs of the unfrozen fine-tune stage after the head stage (0 = off).", commands=TRAIN, lo=0, hi=100_000)
+    backbone_lr_div: float = _key(10.0, "Fine-tune stage: backbone lr = lr / this.", commands=TRAIN, trajectory=True, lo=0, lo_open=True, hi=1e6)
+    warmup_epochs: float = _key(1.0, "Fine-tune stage: linear warmup before the cosine schedule.", commands=TRAIN, trajectory=True, lo=0, hi=100_000)
+    patience: int = _key(5, "Fine-tune stage: stop after this many epochs without a better val loss.", commands=TRAIN, lo=0, hi=100_000)
+    grad_clip: float = _key(1.0, "Fine-tune stage: clip the gradient norm to this (0 = off).", commands=TRAIN, trajectory=True, lo=0, hi=1e9)
+    freeze_bn: bool = _key(True, "Fine-tune stage: keep BatchNorm running statistics frozen.", commands=TRAIN, trajectory=True)
+    sync_bn: bool = _key(False, "Fine-tune stage under torchrun: convert BatchNorm to SyncBatchNorm.", commands=TRAIN)
+    checkpoint_minutes: float = _key(10.0, "Also checkpoint inside an epoch every this many minutes (0 = epoch ends only); SIGTERM always checkpoints.", commands=TRAIN, lo=0, hi=100_000)
+    device: str = _key("auto", "auto (CUDA when available), cpu, cuda or cuda:N.", commands=RUNTIME)
+    precision: str = _key("auto", "auto (bf16/fp16 autocast where native: GPUs, CPUs with AVX512-BF16/AMX), fp32, bf16 or fp16.", commands=RUNTIME, cache=("features",), choices=("auto", "fp32", "bf16", "fp16"))
+    channels_last: bool = _key(True, "Use the channels_last memory format.", commands=RUNTIME, cache=("features",))
+    compile: bool = _key(False, "Wrap the model in torch.compile.", commands=TRAIN)
+    num_workers: int = _key(-1, "DataLoader workers (-1 = from the CPU count).", commands=RUNTIME, lo=-1, hi=256)
+    deterministic: bool = _key(False, "Deterministic kernels and single-threaded data loading (exactly reproducible on CPU).", commands=RUNTIME)
     # -- archive / serve -----------------------------------------------------------------------
-    model_name: str = _key("classifier", "Name of the served model: /predictions/<model_name>.")
-    model_version: str = _key("1.0", "Version written into the model archive.")
-    model_store: str | None = _key(None, "Where the .mar goes (default <out>/model-store).")
-    topk: int = _key(5, "Predictions returned per image (capped at the number of classes).")
-    serve_batch_size: int = _key(8, "TorchServe batchSize for the model.")
-    max_batch_delay_ms: int = _key(20, "TorchServe maxBatchDelay in milliseconds.")
-    min_workers: int = _key(1, "TorchServe minWorkers.")
-    max_workers: int = _key(1, "TorchServe maxWorkers.")
-    response_timeout: int = _key(120, "TorchServe responseTimeout in seconds.")
-    startup_timeout: int = _key(120, "TorchServe startupTimeout in seconds.")
+    model_name: str = _key("classifier", "Name of the served model: /predictions/<model_name>.", commands=EXPORT + ARCHIVE)
+    model_version: str = _key("1.0", "Version written into the model archive.", commands=EXPORT + ARCHIVE)
+    model_store: str | None = _key(None, "Where the .mar goes (default <out>/model-store).", commands=ARCHIVE)
+    topk: int = _key(5, "Predictions returned per image (capped at the number of classes).", commands=EXPORT + ARCHIVE, lo=1, hi=100_000)
+    serve_batch_size: int = _key(8, "TorchServe batchSize for the model.", commands=ARCHIVE, lo=1, hi=4096)
+    max_batch_delay_ms: int = _key(20, "TorchServe maxBatchDelay in milliseconds.", commands=ARCHIVE, lo=0, hi=600_000)
+    min_workers: int = _key(1, "TorchServe minWorkers.", commands=ARCHIVE, lo=0, hi=256)
+    max_workers: int = _key(1, "TorchServe maxWorkers.", commands=ARCHIVE, lo=1, hi=256)
+    response_timeout: int = _key(120, "TorchServe responseTimeout in seconds.", commands=ARCHIVE, lo=1, hi=86_400)
+    startup_timeout: int = _key(120, "TorchServe startupTimeout in seconds.", commands=ARCHIVE, lo=1, hi=86_400)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,20 +128,61 @@ def key_names() -> list[str]:
     return [f.name for f in fields(Config)]
 
 
+def keys_for(command: str) -> tuple[str, ...]:
+    """The keys a command takes: ``run`` takes them all."""
+    return tuple(f.name for f in fields(Config) if command == "run" or command in f.metadata["commands"])
+
+
+def keys_where(flag: str, value: Any = True) -> tuple[str, ...]:
+    """Keys whose definition has ``flag`` (``trajectory``) or lists ``value`` under it (``cache``)."""
+    meta = {f.name: f.metadata[flag] for f in fields(Config)}
+    return tuple(k for k, v in meta.items() if (value in v if isinstance(v, tuple) else v == value))
+
+
+TRAJECTORY_KEYS = keys_where("trajectory")
+FEATURE_CACHE_KEYS = keys_where("cache", "features")
+CLEAN_CACHE_KEYS = keys_where("cache", "clean")
+
+
+@cache
+def _types() -> dict[str, Any]:
+    return typing.get_type_hints(Config)
+
+
+def key_type(name: str) -> Any:
+    """The key's type with ``| None`` removed (``str | None`` -> ``str``)."""
+    hint = _types()[name]
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def optional(name: str) -> bool:
+    hint = _types()[name]
+    return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def type_name(name: str) -> str:
+    kind = key_type(name)
+    return "list" if typing.get_origin(kind) is list else kind.__name__
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Turn a YAML or CLI value into the field's type, naming the key when it cannot."""
     f = next(f for f in fields(Config) if f.name == name)
-    kind = str(f.type)
+    kind = key_type(name)
     if value is None:
-        if "None" in kind:
+        if optional(name):
             return None
         raise ConfigError(f"config key '{name}' cannot be empty ({f.metadata['help']})")
     try:
-        if kind.startswith("list"):
+        if typing.get_origin(kind) is list:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",")]
+            if not isinstance(value, list):
+                raise ValueError(value)
             return [str(v) for v in value if str(v)]
-        if kind == "bool":
+        if kind is bool:
             if isinstance(value, bool):
                 return value
             text = str(value).strip().lower()
@@ -122,54 +191,106 @@ def _coerce(name: str, value: Any) -> Any:
             if text in {"0", "false", "no", "off"}:
                 return False
             raise ValueError(value)
-        if kind == "int":
-            if isinstance(value, bool) or float(value) != int(float(value)):
+        if kind is int:
+            number = float(value)
+            if isinstance(value, bool) or not math.isfinite(number) or number != int(number):
                 raise ValueError(value)
-            return int(float(value))
-        if kind == "float":
+            return int(number) if not isinstance(value, int) else value
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
             return float(value)
+        if isinstance(value, (dict, list)):
+            raise ValueError(value)
         return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"config key '{name}' expects {kind}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"config key '{name}' expects {type_name(name)}, got {value!r}") from None
+
+
+def describe_range(name: str) -> str:
+    m = next(f for f in fields(Config) if f.name == name).metadata
+    if m["choices"]:
+        return "one of " + ", ".join(m["choices"])
+    if m["lo"] is None and m["hi"] is None:
+        return ""
+    return f"{'(' if m['lo_open'] else '['}{_num(m['lo'])}, {_num(m['hi'])}]"
+
+
+def _num(x: float | None) -> str:
+    return "-inf" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
 
 
 def _validate(cfg: Config) -> None:
+    """Every number finite and in its key's range, every choice known; one line naming the key."""
+    for f in fields(Config):
+        value, m = getattr(cfg, f.name), f.metadata
+        if value is None:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low_ok = m["lo"] is None or (value > m["lo"] if m["lo_open"] else value >= m["lo"])
+            high_ok = m["hi"] is None or value <= m["hi"]
+            if not math.isfinite(value) or not low_ok or not high_ok:
+                raise ConfigError(f"config key '{f.name}' must be a finite number in {describe_range(f.name)} "
+                                  f"(got {value!r})")
+        if m["choices"] and value not in m["choices"]:
+            raise ConfigError(f"config key '{f.name}' must be {describe_range(f.name)} (got {value!r})")
+
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"config key '{key}' {why} (got {getattr(cfg, key)!r})")
 
-    if not 0 <= cfg.val_fraction < 1:
-        raise bad("val_fraction", "must be in [0, 1)")
-    if not 0 <= cfg.test_fraction < 1 or cfg.val_fraction + cfg.test_fraction >= 1:
-        raise bad("test_fraction", "must be in [0, 1) and leave room for training with val_fraction")
-    for key in ("epochs", "finetune_epochs", "min_image_size", "patience"):
-        if getattr(cfg, key) < 0:
-            raise bad(key, "must be >= 0")
-    for key in ("batch_size", "feature_views", "images_per_term", "download_workers", "topk",
-                "serve_batch_size", "min_images_per_class", "requests_per_minute"):
-        if getattr(cfg, key) < 1:
-            raise bad(key, "must be >= 1")
-    if cfg.lr <= 0:
-        raise bad("lr", "must be > 0")
-    if cfg.precision not in {"auto", "fp32", "bf16", "fp16"}:
-        raise bad("precision", "must be one of auto, fp32, bf16, fp16")
-    if cfg.source not in {"openverse", "wikimedia", "bing", "urls"}:
-        raise bad("source", "must be one of openverse, wikimedia, bing, urls")
+    if cfg.val_fraction + cfg.test_fraction >= 1:
+        raise bad("test_fraction", "must leave room for training with val_fraction")
     if not (cfg.device in {"auto", "cpu", "cuda"} or cfg.device.startswith("cuda:")):
         raise bad("device", "must be auto, cpu, cuda or cuda:N")
     if cfg.min_workers > cfg.max_workers:
         raise bad("min_workers", f"must not exceed max_workers ({cfg.max_workers})")
 
 
-def _read_yaml(p: Path) -> dict[str, Any]:
+def key_table_markdown() -> str:
+    """The README's key table, generated from the definitions (a test keeps the README in step)."""
+    defaults = Config()
+    rows = ["| key | type | default | range | commands | changes | meaning |", "|---|---|---|---|---|---|---|"]
+    for f in fields(Config):
+        default = getattr(defaults, f.name)
+        shown = ",".join(default) if isinstance(default, list) else default
+        commands = ", ".join(f.metadata["commands"])
+        flags = "trajectory" if f.metadata["trajectory"] else ""
+        if f.metadata["cache"]:
+            flags = ", ".join(filter(None, [flags, *(f"{c} cache" for c in f.metadata["cache"])]))
+        rows.append(f"| `{f.name}` | {type_name(f.name)} | `{shown}` | {describe_range(f.name)} | {commands} | "
+                    f"{flags} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+SAVED_HEADER = "# jobs config: {n} keys. Written by the commands that define this run; edit values, not the key list."
+_HEADER_RE = r"^# jobs config: (\d+) keys"
+
+
+def _read_yaml(p: Path, rebuild: str | None = None) -> dict[str, Any]:
+    """A YAML mapping. ``rebuild``: how to recreate the file, for the error of a damaged run file."""
+    fix = f"; {rebuild}" if rebuild else "; fix its syntax"
     try:
-        loaded = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text()
+        loaded = yaml.safe_load(text) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror}; pass an existing YAML file to --config") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]}){fix}") from None
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {p} must be a mapping of key: value")
+        raise ConfigError(f"config file {p} must be a mapping of key: value{fix}")
+    if rebuild:
+        import re
+
+        header = re.match(_HEADER_RE, text)
+        if header and int(header.group(1)) != len(loaded):
+            raise ConfigError(f"config file {p} is damaged: it was written with {header.group(1)} keys and now has "
+                              f"{len(loaded)}{fix}")
     return loaded
+
+
+def saved_rebuild_hint(p: Path) -> str:
+    return (f"restore it, or delete it and re-run the same command with the same options "
+            f"(keys not given then take their defaults): rm {p}")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
@@ -182,7 +303,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     known = set(key_names())
     values: dict[str, Any] = {}
     if saved is not None and Path(saved).is_file():
-        values.update({k: v for k, v in _read_yaml(Path(saved)).items() if k in known})
+        values.update({k: v for k, v in _read_yaml(Path(saved), saved_rebuild_hint(Path(saved))).items()
+                       if k in known})
     if path is not None:
         values.update(_read_yaml(Path(path)))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -194,6 +316,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     cfg = Config(**{k: _coerce(k, v) for k, v in values.items()})
     _validate(cfg)
     return cfg
+
+
+def saved_yaml(values: dict[str, Any]) -> str:
+    return SAVED_HEADER.format(n=len(values)) + "\n" + yaml.safe_dump(values, sort_keys=False)
+
+
+def record_keys(paths: RunPaths, cfg: Config, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The run's saved config with only ``keys`` taken from ``cfg``: what archive records of itself.
+
+    The training keys stay as the run defined them, whatever this command was given.
+    """
+    base = Config().to_dict()
+    if paths.config.is_file():
+        base.update({k: v for k, v in _read_yaml(paths.config, saved_rebuild_hint(paths.config)).items()
+                     if k in base})
+    base.update({k: getattr(cfg, k) for k in keys})
+    return base
 
 
 @dataclass(frozen=True)

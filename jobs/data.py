@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from jobs.config import RunPaths
 from jobs.errors import JobError
-from jobs.fileio import read_json
+from jobs.fileio import read_run_file
 from jobs.presets import decode_rgb
 
 
@@ -19,9 +19,10 @@ class SplitDataError(JobError):
 
 
 def load_splits(paths: RunPaths) -> dict:
+    rebuild = f"run `python -m jobs split --out {paths.out}`"
     if not paths.splits.exists():
-        raise SplitDataError(f"{paths.splits} not found; run `python -m jobs split --out {paths.out}` first")
-    return read_json(paths.splits)
+        raise SplitDataError(f"{paths.splits} not found; {rebuild} first")
+    return read_run_file(paths.splits, rebuild, ("classes", "files", "split_hash", "data_hash"))
 
 
 def split_items(splits: dict, split: str) -> list[tuple[str, int]]:
@@ -44,6 +45,58 @@ class ImageFiles(Dataset):
         return self.transform(decode_rgb((self.root / path).read_bytes())), label
 
 
+class SeededAugment(Dataset):
+    """``dataset[(i, seed)]`` draws image i's random augmentation from a generator seeded by ``seed``.
+
+    The draws then do not depend on the number of workers or ranks, nor on where in an epoch a
+    run was resumed: ``EpochSampler`` hands out the seeds.
+    """
+
+    def __init__(self, dataset: ImageFiles):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[i]
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """This rank's (index, augmentation seed) pairs for one epoch, in an order fixed by (seed, epoch).
+
+    The permutation is padded to a multiple of ``world_size`` (every rank takes the same number of
+    steps, as DDP needs) and dealt out round-robin. ``set_epoch(epoch, skip)`` skips the first
+    ``skip`` samples of all ranks together, which is exactly where a mid-epoch checkpoint stopped.
+    """
+
+    def __init__(self, length: int, seed: int, rank: int, world_size: int):
+        self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
+        self.epoch = self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _padded(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.length, generator=g).tolist()
+        return order + order[: (-self.length) % self.world_size]
+
+    def shard_length(self, skip: int) -> int:
+        return len(range(self.rank, len(self._padded()) - skip, self.world_size))
+
+    def __iter__(self):
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
+        for i in self._padded()[self.skip:][self.rank::self.world_size]:
+            yield i, (base + i) % 2**63
+
+    def __len__(self) -> int:
+        return self.shard_length(self.skip)
+
+
 class ShardSampler(Sampler[int]):
     """Rank ``rank`` of ``world_size`` takes every world_size-th index: no padding, no overlap.
 
@@ -62,7 +115,8 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, *, shuffle: bool = False,
-                sampler: Sampler | None = None, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+                sampler: Sampler | None = None, pin_memory: bool = False, drop_last: bool = False,
+                generator: torch.Generator | None = None) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -73,4 +127,5 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, *, shuffle:
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=generator,  # the loader's own seed draws then leave the global RNG alone
     )

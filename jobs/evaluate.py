@@ -12,15 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from jobs import report
+from jobs import checkpoints, report
 from jobs.config import Config, RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
 from jobs.errors import JobError
-from jobs.fileio import atomic_write_json
-from jobs.model import build_model, head_module
+from jobs.fileio import atomic_write_json, read_run_file
+from jobs.model import build_model
 from jobs.presets import eval_transform
 from jobs.runtime import Runtime, default_num_workers
+from jobs.train import predict_logits
 
 ECE_BINS = 15
 TOP_CONFUSED = 5
@@ -30,72 +32,42 @@ class EvaluateError(JobError):
     pass
 
 
-def load_checkpoint(paths: RunPaths) -> tuple[Path, dict]:
-    """``best.pt``, else ``last.pt`` (a run killed before any epoch had a val score)."""
-    for name in ("best.pt", "last.pt"):
-        path = paths.checkpoints / name
-        if path.exists():
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any failure to read means the same to the user
-                raise EvaluateError(f"checkpoint {path} is unreadable ({type(e).__name__}); re-run "
-                                    f"`python -m jobs train --out {paths.out} --fresh`") from None
-            if state.get("head_only"):
-                raise EvaluateError(f"checkpoint {path} holds only the head (training stopped inside the head stage); "
-                                    f"finish it with `python -m jobs train --out {paths.out}`")
-            return path, state
-    raise EvaluateError(f"no checkpoint in {paths.checkpoints}; run `python -m jobs train --out {paths.out}` first")
+def load_trained_model(paths: RunPaths, classes: list[str]) -> tuple[torch.nn.Module, dict]:
+    """The best checkpoint, built from the architecture and label order recorded in it."""
+    path, state = checkpoints.for_inference(paths)
+    arch = state["config"]["arch"]
+    if state["classes"] != classes:
+        raise EvaluateError(f"checkpoint {path} was trained on classes {state['classes']}, but {paths.splits} has "
+                            f"{classes}; re-run `python -m jobs train --out {paths.out}`")
+    model = build_model(arch, len(classes), "none")  # every weight comes from the checkpoint
+    model.load_state_dict(state["model"])
+    progress = state["progress"]
+    return model, {"file": path.name, "arch": arch, "stage": progress.get("stage"),
+                   "best_epoch": progress.get("best_epoch")}
 
 
-def _load_model(cfg: Config, paths: RunPaths, classes: list[str]) -> tuple[torch.nn.Module, dict]:
-    path, state = load_checkpoint(paths)
-    model = build_model(cfg.arch, len(classes), "none")  # every weight comes from the checkpoint
-    try:
-        model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError):
-        raise EvaluateError(f"checkpoint {path} does not fit arch '{cfg.arch}' with {len(classes)} classes; "
-                            "pass the --arch the run was trained with") from None
-    progress = state.get("progress", {})
-    return model, {"file": path.name, "stage": progress.get("stage"), "best_epoch": progress.get("best_epoch")}
-
-
-@torch.no_grad()
 def predict_split(model: torch.nn.Module, paths: RunPaths, items: list[tuple[str, int]], cfg: Config,
                   rt: Runtime) -> np.ndarray:
-    """Softmax probabilities (N, C) for ``items``, in their order."""
-    model.eval().to(rt.device, memory_format=rt.memory_format())
+    """Softmax probabilities (N, C) for ``items``, in their order (train's validation loop)."""
+    model.to(rt.device, memory_format=rt.memory_format())
     loader = make_loader(ImageFiles(paths.out, items, eval_transform()), cfg.batch_size,
                          default_num_workers(cfg, rt), pin_memory=rt.device.type == "cuda")
-    chunks = []
-    for images, _ in loader:
-        images = images.to(rt.device, non_blocking=True, memory_format=rt.memory_format())
-        with rt.autocast():
-            logits = model(images)
-        chunks.append(logits.float().softmax(1).cpu().numpy())
-    return np.concatenate(chunks) if chunks else np.zeros((0, head_module(model).out_features))
+    logits, _ = predict_logits(model, loader, rt)
+    return logits.softmax(1).numpy()
 
 
 # ----------------------------------------------------------------------------------------------
 # metrics: pure functions of (true labels, probabilities)
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
-    """Counts; rows = true class, columns = predicted class."""
-    cm = np.zeros((n, n), dtype=np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
-    return cm
-
-
-def per_class_scores(cm: np.ndarray, classes: list[str]) -> dict[str, dict]:
-    """Precision/recall/F1 per class; 0.0 where undefined (no predictions or no support), as sklearn does."""
-    tp, predicted, support = np.diag(cm), cm.sum(0), cm.sum(1)
-    scores = {}
-    for i, name in enumerate(classes):
-        p = tp[i] / predicted[i] if predicted[i] else 0.0
-        r = tp[i] / support[i] if support[i] else 0.0
-        f1 = 2 * p * r / (p + r) if p + r else 0.0
-        scores[name] = {"precision": float(p), "recall": float(r), "f1": float(f1), "support": int(support[i])}
-    return scores
+def per_class_scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, dict]:
+    """Precision/recall/F1 per class (scikit-learn; 0.0 where undefined)."""
+    if not len(y_true):
+        return {name: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for name in classes}
+    labels = list(range(len(classes)))
+    p, r, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, name in enumerate(classes)}
 
 
 def macro_f1(cm: np.ndarray, scores: dict[str, dict]) -> float | None:
@@ -130,8 +102,9 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BIN
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], files: list[str]) -> dict:
     y_pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
     confidence = probs.max(1) if len(probs) else np.zeros(0)
-    cm = confusion_matrix(y_true, y_pred, len(classes))
-    scores = per_class_scores(cm, classes)
+    n = len(classes)
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(n))) if len(y_true) else np.zeros((n, n), dtype=np.int64)
+    scores = per_class_scores(y_true, y_pred, classes)
     correct = y_pred == y_true
     return {
         "count": len(y_true),
@@ -157,7 +130,7 @@ def evaluate(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     splits = load_splits(paths)
     classes = splits["classes"]
     items = split_items(splits, "test")
-    model, checkpoint = _load_model(cfg, paths, classes)
+    model, checkpoint = load_trained_model(paths, classes)
     probs = predict_split(model, paths, items, cfg, rt)
     metrics = compute_metrics(np.array([label for _, label in items], dtype=np.int64), probs, classes,
                               [path for path, _ in items])
@@ -168,8 +141,19 @@ def evaluate(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
                            "collect more images or raise --test-fraction and re-run split")
         print(f"evaluate: WARNING {metrics['note']}")
     atomic_write_json(paths.report / "metrics.json", metrics)
+    _record_test_score(paths, metrics, probs, items)
     index = report.write_report(paths, metrics)
     acc = metrics["accuracy"]
     print(f"evaluate: test accuracy {'n/a' if acc is None else f'{acc:.4f}'} on {len(items)} images "
           f"({checkpoint['file']}); report: {index}")
     return index
+
+
+def _record_test_score(paths: RunPaths, metrics: dict, probs: np.ndarray, items: list[tuple[str, int]]) -> None:
+    """The run's metrics.json gets its top-level test numbers from here, the one place the test split is scored."""
+    training = read_run_file(paths.metrics, f"re-run `python -m jobs train --out {paths.out}`", ("epochs",)) \
+        if paths.metrics.exists() else {}
+    true_p = probs[np.arange(len(items)), [label for _, label in items]] if items else np.zeros(0)
+    loss = float(-np.log(np.clip(true_p, 1e-12, 1)).mean()) if items else None
+    atomic_write_json(paths.metrics, {**training, "test_accuracy": metrics["accuracy"], "test_loss": loss,
+                                      "test_count": metrics["count"], "classes": metrics["classes"]})

@@ -8,6 +8,7 @@ execute arbitrary code on load. ``torch.load(..., weights_only=True)`` reads wha
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -15,11 +16,11 @@ from pathlib import Path
 import torch
 import torchvision
 
-from jobs import __version__
+from jobs import __version__, checkpoints
 from jobs.config import Config, RunPaths
 from jobs.data import load_splits
-from jobs.evaluate import load_checkpoint
-from jobs.fileio import atomic_torch_save, atomic_write_json, read_json
+from jobs.errors import JobError
+from jobs.fileio import atomic_torch_save, atomic_write_json, read_json, read_run_file
 from jobs.model import build_model
 from jobs.presets import preprocess_spec
 
@@ -59,14 +60,27 @@ def build_metadata(cfg: Config, splits: dict, metrics: dict) -> dict:
 
 
 def export(cfg: Config, paths: RunPaths) -> Path:
-    """Write ``model/{model.pt,index_to_name.json,metadata.json}``; returns the model folder."""
-    _, checkpoint = load_checkpoint(paths)
+    """Write ``model/{model.pt,index_to_name.json,metadata.json}``; returns the model folder.
+
+    The architecture, weights and label order come from the checkpoint, never from this command's
+    options: ``cfg`` only names and versions the model.
+    """
+    path, checkpoint = checkpoints.for_inference(paths)
     splits = load_splits(paths)
-    metrics = read_json(paths.metrics) if paths.metrics.exists() else {}
+    if checkpoint["classes"] != splits["classes"]:
+        raise JobError(f"checkpoint {path} was trained on classes {checkpoint['classes']}, but {paths.splits} has "
+                       f"{splits['classes']}; re-run `python -m jobs train --out {paths.out}`")
+    metrics = read_run_file(paths.metrics, f"re-run `python -m jobs evaluate --out {paths.out}`") \
+        if paths.metrics.exists() else {}
     state = {k: v.contiguous() for k, v in checkpoint["model"].items()}
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise JobError(f"checkpoint {path} holds non-finite weights ({broken[0]}, ...); nothing exported. Re-train "
+                       f"with a lower --lr: `python -m jobs train --out {paths.out} --fresh --lr ...`")
+    trained = dataclasses.replace(cfg, arch=checkpoint["config"]["arch"], weights=checkpoint["config"]["weights"])
     # Prove the file loads into the named architecture before anyone serves it.
-    build_model(cfg.arch, len(splits["classes"]), "none").load_state_dict(state)
-    meta = build_metadata(cfg, splits, metrics)
+    build_model(trained.arch, len(splits["classes"]), "none").load_state_dict(state)
+    meta = build_metadata(trained, splits, metrics)
     license_summary = _license_summary(paths)
     if license_summary:
         meta["data_licenses"] = license_summary

@@ -68,6 +68,20 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_run_file(path: str | os.PathLike, rebuild: str, required: tuple[str, ...] = ()) -> dict:
+    """A JSON object an earlier stage wrote, or one line naming the file and the command that rebuilds it."""
+    try:
+        doc = read_json(path)
+    except OSError as e:
+        raise JobError(f"cannot read {path} ({e.strerror}); {rebuild}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise JobError(f"{path} is damaged ({type(e).__name__}: {str(e)[:80]}); {rebuild} to rebuild it") from None
+    missing = [k for k in required if not isinstance(doc, dict) or k not in doc]
+    if missing:
+        raise JobError(f"{path} is damaged (missing {', '.join(missing)}); {rebuild} to rebuild it")
+    return doc
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -50,6 +50,8 @@ def weights_tag(weights: str) -> str:
         return weights
     from jobs.fileio import sha256_file
 
+    if not Path(weights).is_file():
+        raise ModelError(f"weights file {weights} not found; use --weights imagenet, none, or a state_dict path")
     return f"file:{sha256_file(weights)[:16]}"
 
 

@@ -243,27 +243,15 @@ def test_run_under_torchrun_writes_one_set_of_artifacts(cached_single, split_dir
 
 
 def test_resuming_with_other_steps_per_epoch_keeps_the_cosine_on_course():
-    """A run checkpointed after 2 of 4 epochs at 8 steps each resumes with 4 steps per epoch (twice
-    the processes): the lr continues from the half-way point and reaches 0 on the last step."""
-    from jobs.runtime import rng_state
-    from jobs.train import Progress, restore_optimization, warmup_cosine
+    """The lr of a step is a function of (stage, epoch, step): a run checkpointed after 2 of 4 epochs
+    at 8 steps each and resumed with 4 steps per epoch (twice the processes) continues from the
+    half-way point, decays every step, and reaches 0 at the stage's end."""
+    from jobs.train import Stage, lr_factor
 
-    def optimization(steps_per_epoch: int):
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(0, 4 * steps_per_epoch))
-
-    optimizer, scheduler = optimization(8)
-    for _ in range(16):
-        optimizer.step()
-        scheduler.step()
-    resume = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-              "progress": Progress(epoch=2).__dict__}
-    optimizer, scheduler = optimization(4)
-    restore_optimization(resume, optimizer, scheduler, 4)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # cos(pi/2): half of the peak
-    lrs = []
-    for _ in range(8):
-        optimizer.step()
-        scheduler.step()
-        lrs.append(optimizer.param_groups[0]["lr"])
-    assert lrs[-1] == 0.0 and all(a > b for a, b in zip(lrs, lrs[1:]))
+    stage = Stage("head", epochs=4, train_all=False, on_features=False)
+    assert lr_factor(stage, 2, 0, 8) == pytest.approx(0.5) == lr_factor(stage, 2, 0, 4)  # cos(pi/2)
+    resumed = [lr_factor(stage, epoch, step, 4) for epoch in (2, 3) for step in range(4)]
+    assert all(a > b for a, b in zip(resumed, resumed[1:]))
+    assert lr_factor(stage, 4, 0, 4) == 0.0  # one step past the last one
+    warm = Stage("finetune", epochs=2, train_all=True, on_features=False, warmup_epochs=0.5)
+    assert [lr_factor(warm, 0, s, 4) for s in range(2)] == [0.5, 1.0]  # linear warmup over half an epoch
