@@ -26,7 +26,7 @@ from common import resolve_device, save_result
 from jobs.config import load_config
 from jobs.model import build_model
 from jobs.runtime import setup
-from jobs.train import _set_train_modes, make_optimizer, train_one_epoch
+from jobs.train import Progress, Stage, make_optimizer, set_train_modes, train_one_epoch
 
 
 def _variants(with_compile: bool) -> list[tuple[str, dict]]:
@@ -46,6 +46,21 @@ def _variants(with_compile: bool) -> list[tuple[str, dict]]:
     return variants
 
 
+class RepeatedBatch:
+    """One batch ``steps`` times, in the form ``train_one_epoch`` takes its batches."""
+
+    on_images = True
+
+    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], steps: int, rt):
+        self.batch, self.steps_per_epoch, self.samples_per_step = batch, steps, len(batch[1])
+        self.rt = rt
+
+    def epoch(self, epoch: int, skip_samples: int):
+        images, labels = self.batch
+        for _ in range(self.steps_per_epoch):
+            yield images.to(self.rt.device, memory_format=self.rt.memory_format()), labels.to(self.rt.device)
+
+
 class Variant:
     """One configuration's model, optimizer and runtime, ready to run timed steps."""
 
@@ -55,9 +70,9 @@ class Variant:
         self.settings, self.batch, self.rt = settings, batch, setup(cfg)
         torch.manual_seed(0)
         self.model = build_model("resnet18", 2, "none").to(self.rt.device, memory_format=self.rt.memory_format())
-        _set_train_modes(self.model, trainable_all=True, freeze_bn=settings["freeze_bn"])
+        set_train_modes(self.model, train_all=True, freeze_bn=settings["freeze_bn"])
         self.trained = torch.compile(self.model) if settings.get("compile") else self.model
-        self.optimizer = make_optimizer(self.model, cfg, finetune=True)
+        self.optimizer = make_optimizer(self.model, cfg, cfg.backbone_lr_div)
         self.scaler = torch.amp.GradScaler(self.rt.device.type) if self.rt.amp_dtype == torch.float16 else None
 
     def run(self, steps: int) -> float:
@@ -65,8 +80,9 @@ class Variant:
         if self.rt.device.type == "cuda":
             torch.cuda.synchronize()
         with contextlib.redirect_stderr(io.StringIO()):  # the stage's progress bar
-            record = train_one_epoch(self.trained, [self.batch] * steps, self.optimizer, None, self.rt,
-                                     self.settings["grad_clip"], "bench", self.scaler)
+            stage = Stage("finetune", 1, train_all=True, on_features=False, grad_clip=self.settings["grad_clip"])
+            record = train_one_epoch(self.trained, RepeatedBatch(self.batch, steps, self.rt), self.optimizer, stage,
+                                     0, Progress(), self.rt, scaler=self.scaler)
         return record["images_per_s"]
 
 

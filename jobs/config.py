@@ -14,6 +14,7 @@ file < explicit CLI option.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -310,7 +311,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for name in values:
         if name not in known:
-            close = [k for k in known if k.replace("_", "") == str(name).replace("_", "").replace("-", "")]
+            squashed = {k.replace("_", ""): k for k in known}
+            close = difflib.get_close_matches(str(name).replace("_", "").replace("-", ""), squashed, n=1, cutoff=0.8)
+            close = [squashed[c] for c in close]
             hint = f"; did you mean '{close[0]}'?" if close else "; see `python -m jobs run --help` for the keys"
             raise ConfigError(f"unknown config key '{name}'{hint}")
     cfg = Config(**{k: _coerce(k, v) for k, v in values.items()})

@@ -353,6 +353,7 @@ def make_optimizer(model: nn.Module, cfg: Config, backbone_lr_div: float) -> tor
 
 def train(cfg: Config, paths: RunPaths, rt: Runtime, resume_mode: str = "auto") -> Path:
     """Train (or resume) and write checkpoints + ``metrics.json``; returns the metrics path."""
+    weights_tag(cfg.weights)  # a --weights file that is not there fails before any work
     splits = load_splits(paths)
     classes = splits["classes"]
     if not split_items(splits, "train"):

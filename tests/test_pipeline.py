@@ -62,11 +62,24 @@ def test_exported_state_dict_reloads_and_reproduces_test_accuracy(finished_run: 
     assert correct / len(items) == pytest.approx(metrics["test_accuracy"])
 
 
-def test_rerun_is_a_resume_that_changes_nothing(finished_run: Path):
-    before = (finished_run / "model/model.pt").read_bytes()
-    proc = run_job("train", "--out", str(finished_run), *SMALL_RUN[:-4])
-    assert "resuming head stage after epoch 2" in proc.stdout
-    assert (finished_run / "model/model.pt").read_bytes() == before
+def test_read_only_commands_leave_the_run_as_it_was(finished_run: Path):
+    """evaluate with its own --batch-size, export with its own --topk: config.yaml and the checkpoints
+    are untouched, and the next train resumes (before, the saved batch_size changed the fingerprint
+    and train started over)."""
+    files = ("config.yaml", "checkpoints/last.pt", "checkpoints/best.pt")
+    before = {f: (finished_run / f).read_bytes() for f in files}
+    run_job("evaluate", "--out", str(finished_run), "--batch-size", "7", "--num-workers", "0")
+    run_job("export", "--out", str(finished_run), "--topk", "1")
+    assert {f: (finished_run / f).read_bytes() for f in files} == before
+    assert json.loads((finished_run / "model/metadata.json").read_text())["topk"] == 1
+    run_job("export", "--out", str(finished_run))
+    model_before = (finished_run / "model/model.pt").read_bytes()
+
+    proc = run_job("train", "--out", str(finished_run))
+    assert "resuming head stage after epoch 2" in proc.stdout and "starting over" not in proc.stdout
+    assert (finished_run / "config.yaml").read_bytes() == before["config.yaml"]
+    run_job("export", "--out", str(finished_run))
+    assert (finished_run / "model/model.pt").read_bytes() == model_before  # the same weights, byte for byte
 
 
 def _train_cmd(out: Path) -> list[str]:
@@ -171,3 +184,67 @@ def test_corrupt_checkpoint_is_reported_not_overwritten(tmp_path: Path, small_da
     run_job("train", "--out", str(out), "--weights", "none", "--epochs", "1", "--fresh")
     kept = list(tmp_path.glob("corrupt/checkpoints.old-*/last.pt"))
     assert kept and kept[0].read_bytes() == b"not a checkpoint"
+
+
+def _run_until(cmd: list[str], env: dict, marker: bytes, steps_after: int) -> tuple[subprocess.Popen, bytes]:
+    """Start ``cmd`` and read its output until ``steps_after`` training steps were logged after ``marker``."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    seen, deadline = b"", time.monotonic() + 400
+    while marker not in seen or seen.split(marker, 1)[1].count(b"loss=") < steps_after:
+        chunk = proc.stdout.read1(4096)
+        assert chunk and time.monotonic() < deadline, seen.decode(errors="replace")[-2000:]
+        seen += chunk
+    return proc, seen
+
+
+def _exported_model(out: Path) -> bytes:
+    run_job("export", "--out", str(out))
+    return (out / "model/model.pt").read_bytes()
+
+
+PREEMPTIBLE = {
+    # Fine-tune: 6 steps per epoch, a checkpoint after every step (checkpoint_minutes ~ 6 ms).
+    "finetune": (["--epochs", "1", "--feature-views", "1", "--finetune-epochs", "2", "--checkpoint-minutes", "0.0001"],
+                 b"finetune 2/2", "finetune"),
+    # The full loop (the head stage without cached features): only SIGTERM checkpoints inside an epoch.
+    "full loop": (["--epochs", "2", "--no-cache-features"], b"head 2/2", "head"),
+}
+
+
+@pytest.mark.parametrize("kind, sig", [("finetune", signal.SIGTERM), ("finetune", signal.SIGKILL),
+                                       ("full loop", signal.SIGTERM)])
+def test_preempted_mid_epoch_then_resume_is_byte_identical(tmp_path: Path, small_data: Path, kind: str, sig: int):
+    """Kubernetes' SIGTERM: the current step finishes, a checkpoint is written, exit 143 within seconds.
+    A SIGKILL loses at most the steps since the last (mid-epoch) checkpoint. Either way the same
+    command then gives the model.pt an uninterrupted run gives, byte for byte, and the epoch lines
+    reach the pipe as they happen."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop("PYTHONUNBUFFERED", None)  # the job itself must flush its progress lines
+    extra, marker, stage = PREEMPTIBLE[kind]
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "jobs", "train", "--out", str(out), "--weights", "none", "--batch-size", "4",
+                "--deterministic", *extra]
+
+    reference = _prepared_run(tmp_path, "reference", small_data)
+    subprocess.run(command(reference), cwd=REPO, env=env, check=True, capture_output=True)
+
+    stopped = _prepared_run(tmp_path, "stopped", small_data)
+    proc, seen = _run_until(command(stopped), env, marker, steps_after=4)
+    assert f"{stage} epoch 1/2:".encode() in seen  # the first epoch's line arrived while the job ran
+    sent = time.monotonic()
+    os.killpg(proc.pid, sig)
+    rest = proc.communicate(timeout=120)[0]
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and time.monotonic() - sent < 60, rest.decode(errors="replace")[-1500:]
+        assert b"SIGTERM: checkpointed" in rest
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    progress = torch.load(stopped / "checkpoints/last.pt", weights_only=True)["progress"]
+    assert (progress["stage"], progress["epoch"]) == (stage, 1) and progress["samples"] > 0  # inside epoch 2
+
+    resumed = subprocess.run(command(stopped), cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert f"resuming {stage} stage in epoch 2" in resumed.stdout
+    assert _epochs(stopped / "metrics.json") == _epochs(reference / "metrics.json")
+    assert _exported_model(stopped) == _exported_model(reference)
