@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
-from jobs.fileio import atomic_write_bytes, atomic_write_json, link_or_copy, read_json, sha256_file
+from jobs.fileio import atomic_write_bytes, atomic_write_json, link_or_copy, read_json, sha256_file, sweep_partials
 from jobs.presets import to_rgb
 
 # Sidecar files other stages keep next to images (collect's manifest, partial downloads).
@@ -43,7 +43,9 @@ class FileResult:
     label: str
     sha256: str
     status: str  # kept | converted | excluded
-    reason: str = ""  # for excluded: not_an_image, corrupt, decompression_bomb, unsupported, too_small, duplicate
+    # for excluded: not_an_image, corrupt, decompression_bomb, unsupported, too_small, duplicate;
+    # paths not read at all: outside_data, broken_link, not_a_regular_file (these have no sha256)
+    reason: str = ""
     detail: str = ""
     output: str = ""  # path relative to <out>
     width: int = 0
@@ -53,24 +55,69 @@ class FileResult:
     pixel_hash: str = ""
 
 
-def discover(data: Path) -> dict[str, list[Path]]:
-    """Class name -> files under ``data/<class>/`` (recursively), sorted, sidecars skipped."""
+@dataclass
+class Found:
+    """What ``discover`` saw: files to decode per class, and paths it will not read (with the reason)."""
+
+    files: dict[str, list[Path]]
+    unreadable: list[FileResult]
+
+
+def discover(data: Path, follow_symlinks: bool = False) -> Found:
+    """Class name -> files under ``data/<class>/`` (recursively), sorted, sidecars skipped.
+
+    Every other path gets a report line: a symbolic link that leads outside ``data`` (unless
+    ``follow_symlinks``), a broken link, and anything that is not a regular file (a FIFO would block
+    a reader forever).
+    """
     if not data.is_dir():
         raise CleanError(f"--data {data} is not a folder; point it at a folder with one sub-folder per class")
-    classes = {}
-    for class_dir in sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(
-            p for p in class_dir.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
-            and p.name not in IGNORED_NAMES and not p.name.endswith(".part")
-        )
-        classes[class_dir.name] = files
-    if not classes:
+    root = data.resolve()
+    found = Found({}, [])
+
+    def refuse(path: Path, label: str, reason: str, detail: str) -> None:
+        found.unreadable.append(FileResult(source=str(path.relative_to(data)), label=label, sha256="",
+                                           status="excluded", reason=reason, detail=detail))
+
+    def usable(path: Path, label: str) -> bool:
+        """Whether to read ``path`` (a file, or a folder to walk); refuse it otherwise."""
+        if path.is_symlink():
+            if not path.exists():
+                refuse(path, label, "broken_link", f"link to {os.readlink(path)}, which does not exist")
+                return False
+            target = path.resolve()
+            if not follow_symlinks and not target.is_relative_to(root):
+                refuse(path, label, "outside_data", f"link to {target}, outside --data; set follow_symlinks: true "
+                       "to read it")
+                return False
+        if path.is_dir() or path.is_file():
+            return True
+        refuse(path, label, "not_a_regular_file", "a FIFO, socket or device; not read")
+        return False
+
+    def walk(folder: Path, label: str, seen: set[Path]) -> list[Path]:
+        files = []
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith(".") or entry.name in IGNORED_NAMES or entry.name.endswith(".part"):
+                continue
+            if not usable(entry, label):
+                continue
+            if entry.is_dir():
+                if entry.resolve() not in seen:  # a link back up the tree would loop forever
+                    files += walk(entry, label, seen | {entry.resolve()})
+            else:
+                files.append(entry)
+        return files
+
+    for class_dir in sorted(p for p in data.iterdir() if not p.name.startswith(".")):
+        if usable(class_dir, class_dir.name) and class_dir.is_dir():
+            found.files[class_dir.name] = walk(class_dir, class_dir.name, {class_dir.resolve()})
+    if not found.files:
         raise CleanError(f"--data {data} has no class sub-folders; expected {data}/<class>/<images>")
-    if len(classes) < 2:
-        raise CleanError(f"--data {data} has one class ({next(iter(classes))}); a classifier needs at least two "
+    if len(found.files) < 2:
+        raise CleanError(f"--data {data} has one class ({next(iter(found.files))}); a classifier needs at least two "
                          "sub-folders")
-    return classes
+    return found
 
 
 def inspect_image(path: Path, min_size: int, max_pixels: int) -> tuple[dict, Image.Image | None]:
@@ -134,8 +181,10 @@ def _check_one(path: Path, label: str, rel: str, sha: str, cfg: Config,
 
 def clean(cfg: Config, paths: RunPaths, data: Path) -> Path:
     """Build ``<out>/dataset`` from ``data``; returns the path of ``clean_report.json``."""
-    data = Path(data).resolve()
-    classes = discover(data)
+    data = Path(data).absolute()
+    sweep_partials(paths.dataset, paths.quarantine, paths.cache, paths.clean_report)
+    found = discover(data, cfg.follow_symlinks)
+    classes = found.files
     cache_file = paths.cache / "clean_cache.json"
     cache = _load_cache(cache_file, cfg)
     stat_cache: dict = cache.setdefault("stat", {})
@@ -157,12 +206,12 @@ def clean(cfg: Config, paths: RunPaths, data: Path) -> Path:
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         checked = list(pool.map(work, jobs))
 
-    results = _place_files(checked, jobs, data, paths)
+    results = _place_files(checked, jobs, data, paths) + found.unreadable
     for r in results:
-        if r.reason != "duplicate":
+        if r.sha256 and r.reason != "duplicate":
             decisions[r.sha256] = {k: v for k, v in asdict(r).items() if k not in {"source", "label"}}
     atomic_write_json(cache_file, cache)
-    report = _summarize(results, data, cfg)
+    report = _summarize(results, data, list(classes))
     atomic_write_json(paths.clean_report, report)
     _print_summary(report)
     _refuse_small_classes(report, cfg)
@@ -222,10 +271,14 @@ def _load_cache(cache_file: Path, cfg: Config) -> dict:
     return {"key": key}
 
 
-def _summarize(results: list[FileResult], data: Path, cfg: Config) -> dict:
-    summary: dict[str, dict[str, int]] = {}
+def _summarize(results: list[FileResult], data: Path, labels: list[str]) -> dict:
+    """Counts per class (a refused class folder is no class); every path looked at is in ``files``."""
+    summary: dict[str, dict[str, int]] = {label: {"kept": 0, "converted": 0, "excluded": 0, "usable": 0}
+                                          for label in labels}
     for r in results:
-        counts = summary.setdefault(r.label, {"kept": 0, "converted": 0, "excluded": 0, "usable": 0})
+        if r.label not in summary:
+            continue
+        counts = summary[r.label]
         counts[r.status] += 1
         counts["usable"] += r.status != "excluded"
     usable = sorted((r.output, r.sha256) for r in results if r.status != "excluded")

@@ -27,7 +27,7 @@ from jobs.config import (
     saved_yaml,
 )
 from jobs.errors import JobError
-from jobs.fileio import atomic_write_text, ensure_writable_dir
+from jobs.fileio import atomic_write_text, ensure_writable_dir, sweep_partials
 
 
 def config_options(command: str) -> Callable:
@@ -67,6 +67,8 @@ def _setup(command: str, config_file: Path | None, out: Path, overrides: dict[st
     """
     cfg = load_config(config_file, overrides, saved=RunPaths(Path(out)).config)
     paths = RunPaths.for_config(out, cfg)
+    if command in RUN_DEFINING + ARCHIVE:
+        sweep_partials(paths.config)
     if command in RUN_DEFINING:
         ensure_writable_dir(out)
         atomic_write_text(paths.config, saved_yaml(cfg.to_dict()))

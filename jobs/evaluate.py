@@ -18,7 +18,7 @@ from jobs import checkpoints, report
 from jobs.config import Config, RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
 from jobs.errors import JobError
-from jobs.fileio import atomic_write_json, read_run_file
+from jobs.fileio import atomic_write_json, read_run_file, sweep_partials
 from jobs.model import build_model
 from jobs.presets import eval_transform
 from jobs.runtime import Runtime, default_num_workers
@@ -127,6 +127,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], f
 
 def evaluate(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     """Write ``<out>/report/`` (metrics.json, the PNGs and index.html); returns the index.html path."""
+    sweep_partials(paths.report, paths.metrics)
     splits = load_splits(paths)
     classes = splits["classes"]
     items = split_items(splits, "test")

@@ -20,7 +20,7 @@ from jobs import __version__, checkpoints
 from jobs.config import Config, RunPaths
 from jobs.data import load_splits
 from jobs.errors import JobError
-from jobs.fileio import atomic_torch_save, atomic_write_json, read_json, read_run_file
+from jobs.fileio import atomic_torch_save, atomic_write_json, read_json, read_run_file, sweep_partials
 from jobs.model import build_model
 from jobs.presets import preprocess_spec
 
@@ -65,6 +65,7 @@ def export(cfg: Config, paths: RunPaths) -> Path:
     The architecture, weights and label order come from the checkpoint, never from this command's
     options: ``cfg`` only names and versions the model.
     """
+    sweep_partials(paths.model)
     path, checkpoint = checkpoints.for_inference(paths)
     splits = load_splits(paths)
     if checkpoint["classes"] != splits["classes"]:

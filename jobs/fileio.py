@@ -7,6 +7,7 @@ write to a temporary file in the same folder, fsync, then ``os.replace``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -27,8 +28,9 @@ os.umask(_UMASK)
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file beside ``path``; on clean exit fsync it and rename it over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    with _disk_full_is_one_line(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from other users (e.g. the server)
         with os.fdopen(fd, mode) as f:
@@ -42,8 +44,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+@contextlib.contextmanager
+def _disk_full_is_one_line(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise JobError(f"no space left on the device writing {path}; free some space (or pick another --out) "
+                           "and re-run the same command: it continues where it stopped") from None
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_open(path, "wb") as f:
+    with _disk_full_is_one_line(Path(path)), atomic_open(path, "wb") as f:
         f.write(data)
     return Path(path)
 
@@ -97,6 +110,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Hard-link ``src`` to ``dst`` (copy across filesystems); replaces ``dst`` atomically."""
     dst = Path(dst)
+    with contextlib.suppress(OSError):
+        if os.path.samefile(src, dst):
+            return dst  # already this file: os.replace onto the same inode would leave the temp link behind
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.link.part")
     with contextlib.suppress(FileNotFoundError):
@@ -107,6 +123,20 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
     return dst
+
+
+def sweep_partials(*targets: str | os.PathLike) -> None:
+    """Delete the temp files (``.NAME.*.part``) a killed process left behind.
+
+    A folder is swept recursively; a file's own temp siblings (``.metrics.json.*.part``) are swept
+    beside it. Called at the start of each stage for what that stage writes: no other process
+    writes there then, so every ``.part`` file is a leftover.
+    """
+    for target in map(Path, targets):
+        leftovers = target.rglob(".*.part") if target.is_dir() else target.parent.glob(f".{target.name}.*part")
+        for leftover in list(leftovers):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                leftover.unlink()
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:

@@ -12,6 +12,7 @@ import html
 import io
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -273,6 +274,12 @@ def render_html(paths: RunPaths, metrics: dict, splits: dict, figures: dict[str,
 
 def write_report(paths: RunPaths, metrics: dict) -> Path:
     """Write the PNGs that the data allows and ``index.html``; returns the page's path."""
+    # Class names are plain text: a folder named "math$\\x{$" is a label, not TeX for mathtext to parse.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _write_report(paths, metrics)
+
+
+def _write_report(paths: RunPaths, metrics: dict) -> Path:
     report = paths.report
     splits = read_json(paths.splits)
     figures: dict[str, Path] = {}

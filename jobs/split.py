@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
-from jobs.fileio import atomic_write_json, read_json
+from jobs.fileio import atomic_write_json, read_run_file, sweep_partials
 
 SPLITS = ("train", "val", "test")
 
@@ -52,9 +52,11 @@ def assign(files: list[tuple[str, str]], previous: dict[str, str], seed: int,
 
 def split(cfg: Config, paths: RunPaths) -> Path:
     """Write ``splits.json`` from ``clean_report.json``; returns its path."""
+    rebuild = f"run `python -m jobs clean --out {paths.out} --data DATA`"
     if not paths.clean_report.exists():
-        raise SplitError(f"{paths.clean_report} not found; run `python -m jobs clean --out {paths.out}` first")
-    report = read_json(paths.clean_report)
+        raise SplitError(f"{paths.clean_report} not found; {rebuild} first")
+    report = read_run_file(paths.clean_report, rebuild, ("files", "classes", "data_hash"))
+    sweep_partials(paths.splits)
     by_class: dict[str, list[tuple[str, str]]] = {}
     for f in report["files"]:
         if f["status"] != "excluded":
@@ -91,7 +93,11 @@ def _previous_assignment(paths: RunPaths, cfg: Config) -> dict[str, str]:
     """Keep earlier assignments only when they were made with the same seed and fractions."""
     if not paths.splits.exists():
         return {}
-    old = read_json(paths.splits)
+    try:
+        old = read_run_file(paths.splits, "", ("files",))
+    except JobError:
+        print(f"split: {paths.splits} is damaged; assigning every file afresh")
+        return {}
     same = (old.get("seed"), old.get("val_fraction"), old.get("test_fraction")) == (
         cfg.seed, cfg.val_fraction, cfg.test_fraction)
     return old.get("files", {}) if same else {}

@@ -40,7 +40,7 @@ from jobs import checkpoints, features
 from jobs.config import TRAJECTORY_KEYS, Config, RunPaths
 from jobs.data import EpochSampler, ImageFiles, SeededAugment, ShardSampler, load_splits, make_loader, split_items
 from jobs.errors import JobError
-from jobs.fileio import atomic_write_json
+from jobs.fileio import atomic_write_json, sweep_partials
 from jobs.model import build_model, freeze_backbone, head_module, head_path, split_backbone_head, weights_tag
 from jobs.presets import eval_transform, train_transform
 from jobs.runtime import Runtime, barrier, default_num_workers, rng_state, seed_everything, set_rng_state
@@ -354,6 +354,8 @@ def make_optimizer(model: nn.Module, cfg: Config, backbone_lr_div: float) -> tor
 def train(cfg: Config, paths: RunPaths, rt: Runtime, resume_mode: str = "auto") -> Path:
     """Train (or resume) and write checkpoints + ``metrics.json``; returns the metrics path."""
     weights_tag(cfg.weights)  # a --weights file that is not there fails before any work
+    if rt.is_main:
+        sweep_partials(paths.checkpoints, paths.cache, paths.metrics)
     splits = load_splits(paths)
     classes = splits["classes"]
     if not split_items(splits, "train"):

@@ -140,3 +140,49 @@ def test_unwritable_out_is_refused(tmp_path, small_data):
     finally:
         (tmp_path / "ro").chmod(0o700)
     assert proc.returncode == 2 and "not writable" in proc.stderr and str(out) in proc.stderr
+
+
+def test_links_fifos_and_outside_paths_each_get_a_report_line(tmp_path: Path, small_data: Path):
+    """Nothing under --data is skipped without a word, and nothing outside it is read unless asked."""
+    photo = Image.open(sorted((small_data / "ants").glob("*.jpg"))[0]).convert("RGB")
+    stranger, other_class = tmp_path / "elsewhere" / "stranger.jpg", tmp_path / "other_class"
+    stranger.parent.mkdir()
+    other_class.mkdir()
+    photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(stranger)  # photos no file under --data has
+    photo.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(other_class / "x.jpg")
+    (small_data / "ants" / "outside.jpg").symlink_to(stranger)
+    (small_data / "ants" / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    os.mkfifo(small_data / "bees" / "pipe.jpg")
+    (small_data / "linked_class").symlink_to(other_class, target_is_directory=True)
+    inside = sorted((small_data / "bees").glob("*.jpg"))[0]
+    (small_data / "ants" / "inside.jpg").symlink_to(inside)
+    paths = RunPaths(tmp_path / "out")
+    clean(load_config(overrides={"min_images_per_class": 3}), paths, small_data)
+    report = json.loads(paths.clean_report.read_text())
+    by_source = {f["source"]: f for f in report["files"]}
+    assert {k: (by_source[k]["reason"], by_source[k]["sha256"]) for k in
+            ("ants/outside.jpg", "ants/broken.jpg", "bees/pipe.jpg", "linked_class")} == {
+        "ants/outside.jpg": ("outside_data", ""), "ants/broken.jpg": ("broken_link", ""),
+        "bees/pipe.jpg": ("not_a_regular_file", ""), "linked_class": ("outside_data", "")}
+    assert set(report["classes"]) == {"ants", "bees"}  # a refused class folder is no class
+    # A link inside --data is read like any file (here: the same photo as its target).
+    assert by_source["ants/inside.jpg"]["sha256"] == by_source[f"bees/{inside.name}"]["sha256"] != ""
+
+    followed = RunPaths(tmp_path / "followed")
+    clean(load_config(overrides={"min_images_per_class": 1, "follow_symlinks": True}), followed, small_data)
+    report = json.loads(followed.clean_report.read_text())
+    assert {f["source"]: f["status"] for f in report["files"]}["ants/outside.jpg"] == "kept"
+    assert "linked_class" in report["classes"]
+
+
+def test_leftover_part_files_are_swept_and_reruns_leave_none(tmp_path: Path, small_data: Path):
+    """A killed run's temp files go at the next start; a rerun over hard links leaves no .link.part."""
+    paths = RunPaths(tmp_path / "out")
+    cfg = load_config(overrides={"min_images_per_class": 3})
+    (small_data / "ants" / "broken.jpg").write_bytes(b"not an image")
+    clean(cfg, paths, small_data)
+    for leftover in (paths.dataset / "ants" / ".x.jpg.link.part", paths.quarantine / "not_an_image" / ".y.part",
+                     paths.cache / ".clean_cache.json.123.part"):
+        leftover.write_bytes(b"half")
+    clean(cfg, paths, small_data)
+    assert list(paths.out.rglob("*.part")) == []

@@ -248,3 +248,52 @@ def test_preempted_mid_epoch_then_resume_is_byte_identical(tmp_path: Path, small
     assert f"resuming {stage} stage in epoch 2" in resumed.stdout
     assert _epochs(stopped / "metrics.json") == _epochs(reference / "metrics.json")
     assert _exported_model(stopped) == _exported_model(reference)
+    assert not list(stopped.rglob("*.part"))  # the killed run's temp files were swept
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_damaged_run_files_name_themselves_and_the_fix(tmp_path: Path, small_data: Path):
+    out = _prepared_run(tmp_path, "run", small_data)
+    splits = (out / "splits.json").read_bytes()
+    (out / "splits.json").write_bytes(splits[: len(splits) // 2])
+    for command in (("train", "--weights", "none"), ("evaluate",)):
+        _one_line_error(run_job(*command, "--out", str(out), check=False),
+                        "splits.json is damaged", "python -m jobs split --out")
+    report = (out / "clean_report.json").read_bytes()
+    (out / "clean_report.json").write_bytes(report[:100])
+    _one_line_error(run_job("split", "--out", str(out), check=False), "clean_report.json is damaged",
+                    "python -m jobs clean --out")
+    # `run` rebuilds both from the data folder and goes on.
+    proc = run_job("run", "--data", str(small_data), "--out", str(out), *SMALL_RUN)
+    assert "splits.json is damaged; assigning every file afresh" in proc.stdout and "done:" in proc.stdout
+
+
+def test_class_names_and_paths_are_plain_text(tmp_path: Path, small_data: Path):
+    """A class folder named like TeX, and an --out with a comma, go through evaluate and archive."""
+    (small_data / "ants").rename(small_data / "math$\\undefinedmacro{$")
+    out = tmp_path / "C,x"
+    proc = run_job("run", "--data", str(small_data), "--out", str(out), *SMALL_RUN)
+    assert "done:" in proc.stdout
+    assert (out / "report" / "confusion_matrix.png").is_file() and (out / "model-store" / "classifier.mar").is_file()
+    assert json.loads((out / "model" / "metadata.json").read_text())["classes"][1] == "math$\\undefinedmacro{$"
+
+
+def test_a_full_disk_is_one_line(tmp_path: Path, small_data: Path):
+    out = tmp_path / "tiny"
+    out.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(out)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        proc = run_job("clean", "--data", str(small_data), "--out", str(out), "--min-images-per-class", "3",
+                       check=False)
+        _one_line_error(proc, "no space left on the device writing", "re-run the same command")
+        assert not list(out.rglob("*.part"))
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
