@@ -25,6 +25,19 @@ $PY -c 'import torch, torchvision; print("torch", torch.__version__, "torchvisio
 echo "job exit $?" | tee -a "$OUT/job.log"
 cp $RUN/metrics.json "$OUT/job_metrics.json" 2>/dev/null
 
+# Resume on the GPU: SIGTERM inside a fine-tune epoch (exit 143 after a checkpoint), then the same
+# command resumes with AdamW's state on the GPU and finishes.
+RESUME="$PY -m jobs train --out $RUN --weights none --epochs 25 --finetune-epochs 4 --batch-size 64 --fresh"
+{
+  $RESUME & pid=$!
+  for _ in $(seq 600); do grep -q "finetune epoch 1/4" "$OUT/resume.log" 2>/dev/null && break; sleep 0.5; done
+  sleep 2; kill -TERM $pid; wait $pid; echo "sigterm exit $?"
+  ${RESUME% --fresh}; echo "resume exit $?"
+} > "$OUT/resume.log" 2>&1
+grep -E "exit|resuming" "$OUT/resume.log"
+$PY -m pytest -q -p no:cacheprovider tests/test_pipeline.py -k models_device > "$OUT/resume_test.log" 2>&1
+tail -1 "$OUT/resume_test.log"
+
 timeout 240 $PY bench/train_finetune.py --device cuda --compile > "$OUT/bench_finetune.log" 2>&1
 timeout 240 $PY bench/train_frozen.py --device cuda --data "$DATA" > "$OUT/bench_frozen.log" 2>&1
 timeout 180 $PY bench/parity_sweep.py --device cuda --data "$DATA" --seeds 12 > "$OUT/bench_parity.log" 2>&1

@@ -113,15 +113,20 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     with contextlib.suppress(OSError):
         if os.path.samefile(src, dst):
             return dst  # already this file: os.replace onto the same inode would leave the temp link behind
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.link.part")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with _disk_full_is_one_line(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            try:
+                shutil.copyfile(src, tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        os.replace(tmp, dst)
     return dst
 
 

@@ -297,3 +297,44 @@ def test_a_full_disk_is_one_line(tmp_path: Path, small_data: Path):
         assert not list(out.rglob("*.part"))
     finally:
         subprocess.run(["umount", str(out)], check=True)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # bench/gpu_check.sh runs the cuda one
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_finetune_resumes_with_the_optimizer_state_on_the_models_device(tmp_path: Path, small_data: Path,
+                                                                        monkeypatch, device: str):
+    """Optimizer.load_state_dict casts the state to each parameter's device at load time: the model
+    must be on its device before the optimizer is restored, or AdamW's moments stay on the CPU."""
+    from jobs import train as train_module
+    from jobs.config import RunPaths, load_config
+    from jobs.runtime import setup
+
+    cfg = load_config(overrides={"weights": "none", "epochs": 1, "feature_views": 1, "finetune_epochs": 2,
+                                 "batch_size": 8, "num_workers": 0, "device": device})
+    paths = RunPaths(_prepared_run(tmp_path, "run", small_data))
+    real_save, real_epoch = train_module.save_checkpoint, train_module.train_one_epoch
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        progress = next(a for a in args if isinstance(a, train_module.Progress))
+        if (progress.stage, progress.epoch) == ("finetune", 1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg, paths, setup(cfg))
+    monkeypatch.undo()
+
+    placements = []
+
+    def checked_epoch(model, batches, optimizer, *args, **kwargs):
+        placements.extend((state["exp_avg"].device, p.device) for p, state in optimizer.state.items())
+        return real_epoch(model, batches, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", checked_epoch)
+    train_module.train(cfg, paths, setup(cfg))
+    assert placements and all(state == param for state, param in placements), placements
+    assert [(e["stage"], e["epoch"]) for e in json.loads(paths.metrics.read_text())["epochs"]] == [
+        ("head", 1), ("finetune", 1), ("finetune", 2)]
