@@ -338,3 +338,30 @@ def test_finetune_resumes_with_the_optimizer_state_on_the_models_device(tmp_path
     assert placements and all(state == param for state, param in placements), placements
     assert [(e["stage"], e["epoch"]) for e in json.loads(paths.metrics.read_text())["epochs"]] == [
         ("head", 1), ("finetune", 1), ("finetune", 2)]
+
+
+def test_a_non_finite_loss_stops_training_and_nothing_nan_is_exported(tmp_path: Path, small_data: Path):
+    from jobs import checkpoints
+    from jobs.config import RunPaths, load_config
+    from jobs.model import build_model, freeze_backbone
+    from jobs.runtime import setup
+    from jobs.train import FeatureBatches, Progress, Stage, TrainError, make_optimizer, train_one_epoch
+
+    cfg = load_config(overrides={"weights": "none"})
+    model = build_model("resnet18", 2, "none")
+    freeze_backbone(model)
+    with torch.no_grad():
+        model.fc.weight.fill_(float("nan"))  # what a diverged step leaves behind
+    batches = FeatureBatches(torch.randn(8, 1, 512), torch.randint(0, 2, (8,)), batch_size=4, seed=0)
+    stage = Stage("head", 3, train_all=False, on_features=True)
+    with pytest.raises(TrainError, match=r"training loss became nan in head epoch 2 step 1 \(lr .*\); lower --lr"):
+        train_one_epoch(model.fc, batches, make_optimizer(model, cfg, 1.0), stage, 1, Progress(), setup(cfg))
+
+    out = _prepared_run(tmp_path, "run", small_data)
+    run_job("train", "--out", str(out), "--weights", "none", "--epochs", "1", "--num-workers", "0")
+    paths = RunPaths(out)
+    state = checkpoints.read(paths.checkpoints / checkpoints.BEST, "")
+    state["model"]["fc.bias"] = torch.full_like(state["model"]["fc.bias"], float("inf"))
+    checkpoints.write(paths, checkpoints.BEST, {k: v for k, v in state.items() if k != "format"})
+    _one_line_error(run_job("export", "--out", str(out), check=False), "non-finite weights (fc.bias", "lower --lr")
+    assert not (out / "model" / "model.pt").exists()
