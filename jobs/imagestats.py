@@ -86,6 +86,8 @@ def image_stats(rgb: Image.Image) -> dict:
     gray = small.convert("L")
     blur_gray = _downscaled(gray, BLUR_SIZE)
     stats = {
+        "width": width,
+        "height": height,
         "phash": phash_hex(gray),
         "brightness_p5": round(float(p5), 4),
         "brightness_p99": round(float(p99), 4),
