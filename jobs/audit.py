@@ -23,10 +23,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from torch import nn
+
+from jobs import features
+from jobs.config import Config, RunPaths
+from jobs.errors import JobError
+from jobs.fileio import atomic_write_json, read_run_file
+from jobs.imagestats import phash_array
+from jobs.model import build_model, head_path, split_backbone_head
+from jobs.review import render_review
+from jobs.runtime import Runtime, seed_everything
 
 # Chosen by bench/audit.py on the 396 hymenoptera .jpg photos and 600 copies of 60 of them.
 # pHash distances are even (32 of 64 bits lie above the median) and the closest two distinct
@@ -337,3 +348,63 @@ def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequen
                      "seed": seed, "knn": knn, "images": n},
     }
 
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+
+
+def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
+    """Write ``<out>/audit.json`` and ``<out>/report/review.html`` from clean's report.
+
+    Hashes and quality measurements come from clean's one decode; features are the view-0
+    backbone features of every usable image, from the per-image cache that training shares.
+    """
+    report = read_run_file(paths.clean_report, f"run `python -m jobs clean --out {paths.out} --data DATA`",
+                           ("files", "classes", "data_hash"))
+    classes = sorted(report["classes"])
+    usable = [f for f in report["files"] if f["status"] != "excluded"]
+    if not usable:
+        raise JobError(f"{paths.clean_report} lists no usable image; nothing to audit")
+    index = {name: i for i, name in enumerate(classes)}
+    seed_everything(cfg.seed)  # the same seeded backbone training builds (weights: none)
+    model = build_model(cfg.arch, len(classes), cfg.weights).eval()
+    parts = split_backbone_head(model)
+    if parts is not None:
+        backbone = parts[0]
+    else:  # pooled features, as the head sees them (dropout is off in eval mode)
+        model.set_submodule(head_path(model), nn.Identity())
+        backbone = model
+    backbone.to(rt.device, memory_format=rt.memory_format())
+    items = [(f["output"], f["sha256"]) for f in usable]
+    feats = features.view_features(cfg, paths, rt, backbone, len(classes), items, 1, "audit")[:, 0].numpy()
+    doc = audit_document([f["source"] for f in usable], np.array([index[f["label"]] for f in usable]), classes,
+                         phash_array([f["stats"]["phash"] for f in usable]), feats, [f["stats"] for f in usable],
+                         hash_radius=cfg.audit_hash_radius, cosine_threshold=cfg.audit_cosine_threshold,
+                         folds=cfg.audit_folds, seed=cfg.seed)
+    doc["near_duplicates"] = exact_conflicts(report["files"]) + doc["near_duplicates"]
+    doc.update(classes=classes, data_hash=report["data_hash"], label_issues_mode=cfg.label_issues)
+    atomic_write_json(paths.audit, doc)
+    outputs = {f["source"]: paths.out / f["output"] for f in report["files"] if f["output"]}
+    render_review(doc, outputs.get, classes, paths.report / "review.html", str(paths.out.resolve()))
+    groups = doc["near_duplicates"]
+    print(f"audit: {len(groups)} near-duplicate groups ({sum(g['cross_class'] for g in groups)} across classes), "
+          f"{len(doc['label_issues'])} label issues, {len(doc['outliers'])} outliers, "
+          f"{len(doc['image_issues'])} images with quality flags; review: {paths.report / 'review.html'}")
+    return paths.audit
+
+
+def exact_conflicts(files: Sequence[dict]) -> list[dict]:
+    """Groups of pixel-identical images in more than one class, which clean excluded as label_conflict
+    (or kept, where a decision said so): the audit lists them first, for review."""
+    by_pixels: dict[str, list[dict]] = {}
+    for f in files:
+        if f.get("pixel_hash") and (f["status"] != "excluded" or f["reason"] == "label_conflict"):
+            by_pixels.setdefault(f["pixel_hash"], []).append(f)
+    groups = []
+    for members in by_pixels.values():
+        classes = sorted({f["label"] for f in members})
+        if len(classes) > 1 and any(f["reason"] == "label_conflict" for f in members):
+            groups.append({"files": sorted(f["source"] for f in members), "classes": classes, "cross_class": True,
+                           "similarity": 1.0, "max_hamming": 0, "exact": True})
+    return sorted(groups, key=lambda g: g["files"])

@@ -14,14 +14,16 @@ import io
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from jobs import decisions
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_bytes, atomic_write_json, link_or_copy, read_json, sha256_file, sweep_partials
+from jobs.imagestats import image_stats
 from jobs.presets import to_rgb
 
 # Sidecar files other stages keep next to images (collect's manifest, partial downloads).
@@ -30,7 +32,7 @@ TRAINABLE_AS_IS = {"JPEG", "PNG", "WEBP", "BMP"}
 # Scraped GIFs are animations, placeholders ("image not found") and logos far more often than
 # photos; 256 colours also make poor training data. They are quarantined for a person to check.
 EXCLUDED_FORMATS = {"GIF"}
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 class CleanError(JobError):
@@ -53,6 +55,7 @@ class FileResult:
     format: str = ""
     mode: str = ""
     pixel_hash: str = ""
+    stats: dict = field(default_factory=dict)  # jobs.imagestats: pHash and quality measurements, for the audit
 
 
 @dataclass
@@ -176,6 +179,7 @@ def _check_one(path: Path, label: str, rel: str, sha: str, cfg: Config,
     result = FileResult(source=rel, label=label, sha256=sha, **facts)
     if rgb is not None:
         result.pixel_hash = pixel_hash(rgb)
+        result.stats = image_stats(rgb)  # in the same decode: a rerun decodes nothing
     return result, rgb
 
 
@@ -188,7 +192,8 @@ def clean(cfg: Config, paths: RunPaths, data: Path) -> Path:
     cache_file = paths.cache / "clean_cache.json"
     cache = _load_cache(cache_file, cfg)
     stat_cache: dict = cache.setdefault("stat", {})
-    decisions: dict = cache.setdefault("decisions", {})
+    by_content: dict = cache.setdefault("results", {})
+    choices = decisions.load(paths, list(classes))
 
     jobs = []
     for label, files in classes.items():
@@ -201,15 +206,14 @@ def clean(cfg: Config, paths: RunPaths, data: Path) -> Path:
 
     def work(job: tuple) -> tuple[FileResult, Image.Image | None]:
         f, label, rel, sha = job
-        return _check_one(f, label, rel, sha, cfg, decisions.get(sha))
+        return _check_one(f, label, rel, sha, cfg, by_content.get(sha))
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         checked = list(pool.map(work, jobs))
+    for result, _ in checked:  # what decoding found, before duplicates and decisions re-classify it
+        by_content[result.sha256] = {k: v for k, v in asdict(result).items() if k not in {"source", "label"}}
 
-    results = _place_files(checked, jobs, data, paths) + found.unreadable
-    for r in results:
-        if r.sha256 and r.reason != "duplicate":
-            decisions[r.sha256] = {k: v for k, v in asdict(r).items() if k not in {"source", "label"}}
+    results = _place_files(checked, jobs, data, paths, choices) + found.unreadable
     atomic_write_json(cache_file, cache)
     report = _summarize(results, data, list(classes))
     atomic_write_json(paths.clean_report, report)
@@ -218,35 +222,81 @@ def clean(cfg: Config, paths: RunPaths, data: Path) -> Path:
     return paths.clean_report
 
 
-def _place_files(checked: list[tuple[FileResult, Image.Image | None]], jobs: list[tuple],
-                 data: Path, paths: RunPaths) -> list[FileResult]:
-    """Link or write each usable file into dataset/, the rest into quarantine/; drop stale outputs."""
-    seen_pixels: dict[str, str] = {}
+def _place_files(checked: list[tuple[FileResult, Image.Image | None]], jobs: list[tuple], data: Path,
+                 paths: RunPaths, choices: decisions.Decisions) -> list[FileResult]:
+    """Apply decisions and duplicates, then link or write each usable file into dataset/ and the rest
+    into quarantine/; drop stale outputs.
+
+    The same pixels within one class: one copy is kept, the rest are duplicates. The same pixels
+    in two classes: a label conflict, every copy excluded (not silently kept in the first class)
+    until a decision keeps one.
+    """
+    results = [result for result, _ in checked]
+    rgbs = {id(result): rgb for result, rgb in checked}
+    sources = {id(result): src for result, (src, *_rest) in zip(results, jobs)}
+    applied = _apply_decisions(results, choices)
+    by_pixels: dict[str, list[FileResult]] = {}
+    for r in results:
+        if r.status != "excluded":
+            by_pixels.setdefault(r.pixel_hash, []).append(r)
+    for copies in by_pixels.values():
+        first_in_class: dict[str, FileResult] = {}
+        for r in copies:
+            if r.label in first_in_class:
+                r.status, r.reason = "excluded", "duplicate"
+                r.detail = f"same pixels as {first_in_class[r.label].source}"
+            else:
+                first_in_class[r.label] = r
+        if len(first_in_class) > 1:
+            for r in first_in_class.values():
+                if r.source not in choices.keep:
+                    others = [o.source for o in first_in_class.values() if o is not r]
+                    r.status, r.reason = "excluded", "label_conflict"
+                    r.detail = f"same pixels as {', '.join(others)} in another class; keep one in review"
+
     wanted: set[Path] = set()
-    results = []
-    for (result, rgb), (src, label, _, _) in zip(checked, jobs):
-        class_dir = data / label
-        if result.status != "excluded" and result.pixel_hash in seen_pixels:
-            result.status, result.reason = "excluded", "duplicate"
-            result.detail = f"same pixels as {seen_pixels[result.pixel_hash]}"
-        if result.status == "excluded":
-            target = paths.quarantine / result.reason / label / _output_name(src, class_dir, False)
+    for r in results:
+        src = sources[id(r)]
+        class_dir = data / Path(r.source).parts[0]
+        name = _output_name(src, class_dir, r.status == "converted")
+        if r.status == "excluded":
+            target = paths.quarantine / r.reason / r.label / name
             link_or_copy(src, target)
-            result.output = str(target.relative_to(paths.out))
         else:
-            seen_pixels[result.pixel_hash] = result.source
-            target = paths.dataset / label / _output_name(src, class_dir, result.status == "converted")
-            if result.status == "kept":
+            target = paths.dataset / r.label / name
+            if target in wanted:  # a relabelled file whose name the class already has
+                target = target.with_name(f"{Path(name).stem}__{r.sha256[:10]}{Path(name).suffix}")
+            if r.status == "kept":
                 link_or_copy(src, target)
-            elif rgb is not None or not target.exists():
-                atomic_write_bytes(target, _png_bytes(rgb if rgb is not None else _reconvert(src)))
-            result.output = str(target.relative_to(paths.out))
-            wanted.add(target)
-        results.append(result)
-    if paths.dataset.exists():
-        for stale in (p for p in paths.dataset.rglob("*") if p.is_file() and p not in wanted):
-            stale.unlink()  # our own output from an earlier run whose source is gone
+            elif rgbs[id(r)] is not None or not target.exists():
+                atomic_write_bytes(target, _png_bytes(rgbs[id(r)] if rgbs[id(r)] is not None else _reconvert(src)))
+        r.output = str(target.relative_to(paths.out))
+        wanted.add(target)
+    for folder in (paths.dataset, paths.quarantine):
+        if folder.exists():
+            for stale in (p for p in folder.rglob("*") if p.is_file() and p not in wanted):
+                stale.unlink()  # our own output from an earlier run whose source is gone or moved
+    if len(choices):
+        print(f"clean: decisions: {applied['exclude']} excluded, {applied['relabel']} relabelled, "
+              f"{applied['keep']} kept ({paths.decisions})")
     return results
+
+
+def _apply_decisions(results: list[FileResult], choices: decisions.Decisions) -> dict[str, int]:
+    """Exclusions and relabels, before duplicates and the minimum-images check; returns what applied."""
+    present = {r.source for r in results}
+    missing = sorted(choices.sources() - present)
+    if missing:
+        print(f"clean: decisions: {len(missing)} for files no longer in the data, skipped: "
+              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    for r in results:
+        if r.source in choices.exclude:
+            r.status, r.reason, r.detail = "excluded", "decision", "excluded in review"
+        elif r.source in choices.relabel and r.status != "excluded":
+            r.detail = f"relabelled from {r.label} in review"
+            r.label = choices.relabel[r.source]
+    return {"exclude": len(choices.exclude & present), "relabel": len(set(choices.relabel) & present),
+            "keep": len(choices.keep & present)}
 
 
 def _reconvert(src: Path) -> Image.Image:

@@ -104,14 +104,37 @@ def cli() -> None:
     """
 
 
+DECISIONS_OPTION = click.option(
+    "--decisions", "decisions_file", type=click.Path(path_type=Path), default=None,
+    help="A decisions.json exported from the review page (exclude / relabel / keep); copied into OUT.")
+
+
+def _copy_decisions(decisions_file: Path | None, paths: RunPaths) -> None:
+    if decisions_file is not None:
+        from jobs.decisions import copy_into_run
+
+        copy_into_run(decisions_file, paths)
+
+
+def _audit(cfg: Config, paths: RunPaths, rt: Any) -> None:
+    """The audit runs in one process, also under torchrun (the other ranks wait at a barrier)."""
+    import dataclasses
+
+    from jobs.audit import audit
+
+    audit(cfg, paths, dataclasses.replace(rt, rank=0, world_size=1))
+
+
 @cli.command()
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Folder with one sub-folder per class. Without it, images are collected for --terms.")
 @click.option("--resume", "resume", flag_value="require", default=None, help="Require resuming checkpoints/last.pt.")
 @click.option("--fresh", "resume", flag_value="fresh", help="Start training over (old checkpoints are kept aside).")
+@DECISIONS_OPTION
 @config_options("run")
-def run(config_file: Path | None, out: Path, data: Path | None, resume: str | None, **overrides: Any) -> None:
-    """The whole job: [collect] -> clean -> split -> train -> evaluate -> export -> archive."""
+def run(config_file: Path | None, out: Path, data: Path | None, resume: str | None, decisions_file: Path | None,
+        **overrides: Any) -> None:
+    """The whole job: [collect] -> clean -> audit -> split -> train -> evaluate -> export -> archive."""
     from jobs import archive, clean, evaluate, export, split, train
     from jobs.runtime import barrier, setup, teardown
 
@@ -120,9 +143,11 @@ def run(config_file: Path | None, out: Path, data: Path | None, resume: str | No
     try:
         if rt.is_main:
             _print_config(cfg, paths)
+            _copy_decisions(decisions_file, paths)
             if data is None:
                 _collect(cfg, paths)
             clean.clean(cfg, paths, data or paths.raw)
+            _audit(cfg, paths, rt)
             split.split(cfg, paths)
         barrier(rt)
         train.train(cfg, paths, rt, resume or "auto")
@@ -146,13 +171,26 @@ def collect(config_file: Path | None, out: Path, **overrides: Any) -> None:
 @cli.command()
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Folder with one sub-folder per class (default: OUT/raw from collect).")
+@DECISIONS_OPTION
 @config_options("clean")
-def clean(config_file: Path | None, out: Path, data: Path | None, **overrides: Any) -> None:
-    """Decode every image; keep, convert to RGB, or quarantine it; write clean_report.json."""
+def clean(config_file: Path | None, out: Path, data: Path | None, decisions_file: Path | None,
+          **overrides: Any) -> None:
+    """Decode every image; keep, convert to RGB, or quarantine it; apply decisions; write clean_report.json."""
     from jobs.clean import clean as clean_stage
 
     cfg, paths = _setup("clean", config_file, out, overrides)
+    _copy_decisions(decisions_file, paths)
     clean_stage(cfg, paths, data or paths.raw)
+
+
+@cli.command()
+@config_options("audit")
+def audit(config_file: Path | None, out: Path, **overrides: Any) -> None:
+    """Near-duplicates, label conflicts, label issues, outliers, quality flags: audit.json + report/review.html."""
+    from jobs.runtime import setup
+
+    cfg, paths = _setup("audit", config_file, out, overrides)
+    _audit(cfg, paths, setup(cfg))
 
 
 @cli.command()

@@ -34,12 +34,12 @@ class ConfigError(JobError):
 
 
 # The commands that define a run save the effective config; the others only read it.
-RUN_DEFINING = ("run", "collect", "clean", "split", "train")
-COLLECT, CLEAN, SPLIT, TRAIN = ("collect",), ("clean",), ("split",), ("train",)
+RUN_DEFINING = ("run", "collect", "clean", "audit", "split", "train")
+COLLECT, CLEAN, AUDIT, SPLIT, TRAIN = ("collect",), ("clean",), ("audit",), ("split",), ("train",)
 EVALUATE, EXPORT, ARCHIVE = ("evaluate",), ("export",), ("archive", "export-kserve")
 SERVE = ("serve",)
 # Where a key is used at run time by several commands (device/precision by train and evaluate).
-RUNTIME = TRAIN + EVALUATE
+RUNTIME = AUDIT + TRAIN + EVALUATE
 
 
 def _key(default: Any, help: str, *, commands: tuple[str, ...], trajectory: bool = False,
@@ -76,18 +76,23 @@ class Config:
     min_images_per_class: int = _key(5, "Refuse to train when a class has fewer clean images than this.", commands=CLEAN, lo=1, hi=10**9)
     max_image_pixels: int = _key(89_478_485, "Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS).", commands=CLEAN, cache=("clean",), lo=1, hi=10**12)
     follow_symlinks: bool = _key(False, "Clean: follow symbolic links that lead outside --data (by default they are excluded as outside_data).", commands=CLEAN)
+    # -- audit ---------------------------------------------------------------------------------
+    label_issues: str = _key("flag", "Audit: what to do with likely wrong labels: flag (list them for review) or exclude (also leave them out of every split).", commands=AUDIT + SPLIT, choices=("flag", "exclude"))
+    audit_hash_radius: int = _key(10, "Audit: perceptual-hash Hamming radius for near-duplicates (bits of 64).", commands=AUDIT, lo=0, hi=32)
+    audit_cosine_threshold: float = _key(0.97, "Audit: backbone-feature cosine similarity above which two images are near-duplicates.", commands=AUDIT, lo=0, hi=1)
+    audit_folds: int = _key(5, "Audit: folds of the out-of-fold head whose predictions find label issues.", commands=AUDIT, lo=2, hi=100)
     # -- split ---------------------------------------------------------------------------------
     val_fraction: float = _key(0.1, "Fraction of each class held out for validation.", commands=SPLIT, lo=0, hi=0.99)
     test_fraction: float = _key(0.1, "Fraction of each class held out for the final test.", commands=SPLIT, lo=0, hi=0.99)
-    seed: int = _key(42, "Seed for the split, augmentation and initialisation.", commands=COLLECT + SPLIT + TRAIN, trajectory=True, cache=("features",), lo=0, hi=2**32 - 1)
+    seed: int = _key(42, "Seed for the split, augmentation and initialisation.", commands=COLLECT + AUDIT + SPLIT + TRAIN, trajectory=True, cache=("features",), lo=0, hi=2**32 - 1)
     # -- model ---------------------------------------------------------------------------------
-    arch: str = _key("resnet18", "torchvision architecture name (resnet18/34/50, efficientnet_b0, mobilenet_v3_large, convnext_tiny, ...).", commands=TRAIN, trajectory=True, cache=("features",))
-    weights: str = _key("imagenet", "Backbone weights: 'imagenet' (torchvision, cached in TORCH_HOME), 'none', or a path to a state_dict.", commands=TRAIN, trajectory=True, cache=("features",))
+    arch: str = _key("resnet18", "torchvision architecture name (resnet18/34/50, efficientnet_b0, mobilenet_v3_large, convnext_tiny, ...).", commands=AUDIT + TRAIN, trajectory=True, cache=("features",))
+    weights: str = _key("imagenet", "Backbone weights: 'imagenet' (torchvision, cached in TORCH_HOME), 'none', or a path to a state_dict.", commands=AUDIT + TRAIN, trajectory=True, cache=("features",))
     freeze_backbone: bool = _key(True, "Train only the new classifier head (the frozen stage).", commands=TRAIN, trajectory=True)
     # -- train ---------------------------------------------------------------------------------
     # epochs, finetune_epochs and patience are not trajectory keys on purpose: raising them continues a run.
     epochs: int = _key(25, "Epochs of the head (frozen-backbone) stage.", commands=TRAIN, lo=0, hi=100_000)
-    batch_size: int = _key(32, "Global batch size (split across ranks under torchrun); for evaluate, its own batch size.", commands=RUNTIME, trajectory=True, lo=1, hi=65_536)
+    batch_size: int = _key(32, "Global batch size (split across ranks under torchrun); for evaluate, its own batch size.", commands=TRAIN + EVALUATE, trajectory=True, lo=1, hi=65_536)
     lr: float = _key(0.002, "Peak learning rate of the head (AdamW), decayed to 0 by a cosine over each stage.", commands=TRAIN, trajectory=True, lo=0, lo_open=True, hi=10)
     weight_decay: float = _key(0.0, "AdamW weight decay (0 = plain Adam semantics).", commands=TRAIN, trajectory=True, lo=0, hi=10)
     feature_views: int = _key(5, "Cached-feature stage: augmented views per training image (view 0 = eval transform).", commands=TRAIN, trajectory=True, cache=("features",), lo=1, hi=256)
@@ -364,6 +369,14 @@ class RunPaths:
     @property
     def splits(self) -> Path:
         return self.out / "splits.json"
+
+    @property
+    def audit(self) -> Path:
+        return self.out / "audit.json"
+
+    @property
+    def decisions(self) -> Path:
+        return self.out / "decisions.json"
 
     @property
     def checkpoints(self) -> Path:

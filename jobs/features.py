@@ -1,62 +1,100 @@
-"""Backbone features computed once and cached, so the frozen stage trains only a linear head.
+"""Backbone features computed once per image and cached, shared by the audit and the head stage.
 
 With a frozen backbone the original loop paid a full forward per image per epoch. Here each
 training image is seen through ``feature_views`` fixed views (view 0 = the eval transform,
 the rest = the train augmentation), each pushed through the backbone once; every epoch then
-draws one view per image. Val/test use the eval view only.
+draws one view per image. Val/test and the audit use the eval view only.
+
+The cache is per image: ``<out>/cache/features/<backbone key>/chunk-*.pt``, where the backbone key
+names the architecture, weights, preprocessing, precision and memory format, and each entry is
+keyed by the image's content hash (the augmented views also by seed and count). A new split, a
+relabelled or excluded image, or an audit before the split: no image is ever run twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from jobs.config import Config, RunPaths
+from jobs.config import FEATURE_CACHE_KEYS, Config, RunPaths
 from jobs.data import ImageFiles, ShardSampler, make_loader, split_items
-from jobs.fileio import atomic_torch_save
+from jobs.fileio import atomic_torch_save, read_run_file
 from jobs.model import fold_batchnorm, weights_tag
 from jobs.presets import decode_rgb, eval_transform, preprocess_spec, train_transform
-from jobs.runtime import Runtime, default_num_workers
+from jobs.runtime import Runtime, barrier, default_num_workers
 
 
-def cache_key(cfg: Config, splits: dict, split: str, rt: Runtime) -> str:
-    parts = {
-        "files": [p for p, s in sorted(splits["files"].items()) if s == split],
-        "data_hash": splits["data_hash"],
-        "arch": cfg.arch,
-        "weights": weights_tag(cfg.weights),
-        "views": cfg.feature_views if split == "train" else 1,
-        "seed": cfg.seed,
-        "preprocess": preprocess_spec(),
-        "amp": str(rt.amp_dtype),
-        "channels_last": rt.channels_last,
-    }
+def backbone_key(cfg: Config, rt: Runtime, num_classes: int) -> str:
+    """What makes two backbone passes over the same image give the same features.
+
+    ``num_classes`` too: with ``weights: none`` the seeded random backbone depends on how much of
+    the RNG the head's initialisation drew before the convolutions were initialised.
+    """
+    parts = {k: getattr(cfg, k) for k in FEATURE_CACHE_KEYS if k not in {"seed", "feature_views"}}
+    parts.update(weights=weights_tag(cfg.weights), preprocess=preprocess_spec(), amp=str(rt.amp_dtype),
+                 channels_last=rt.channels_last, num_classes=num_classes)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-class ViewsDataset(ImageFiles):
-    """Image i -> (views, C, H, W): view 0 the eval transform, the rest augmented.
+class FeatureStore:
+    """Per-image feature tensors in chunk files; each extraction adds one chunk atomically.
 
-    Each image is decoded once for all its views, and its augmentations are drawn from a
-    generator seeded by (seed, i), so the views do not depend on the number of ranks, workers
-    or on how much random state earlier code used.
+    A chunk that cannot be read (a damaged disk, a foreign file) is named and ignored: its images
+    are simply computed again.
     """
 
-    def __init__(self, root, items, views: int, seed: int):
-        super().__init__(root, items, eval_transform())
-        self.views, self.seed, self.augment = views, seed, train_transform()
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.entries: dict[str, torch.Tensor] = {}
+        for chunk in sorted(folder.glob("chunk-*.pt")):
+            try:
+                self.entries.update(torch.load(chunk, map_location="cpu", weights_only=True))
+            except Exception as e:  # noqa: BLE001 - a bad cache file is recomputed, never fatal
+                print(f"features: cache {chunk} unreadable ({type(e).__name__}); its images are computed again")
+
+    def add(self, entries: dict[str, torch.Tensor]) -> None:
+        if entries:
+            name = hashlib.sha256("".join(sorted(entries)).encode()).hexdigest()[:16]
+            atomic_torch_save(self.folder / f"chunk-{time.time_ns()}-{name}.pt", entries)
+            self.entries.update(entries)
+
+
+def _eval_key(sha: str) -> str:
+    return f"{sha}:eval"
+
+
+def _augmented_key(sha: str, seed: int, count: int) -> str:
+    return f"{sha}:aug:{seed}:{count}"
+
+
+class ViewsDataset(ImageFiles):
+    """Image i -> (views, C, H, W): the eval view (``with_eval``) and ``augmented`` train views.
+
+    Each image is decoded once for all its views, and its augmentations are drawn from a
+    generator seeded by (seed, content hash), so the views do not depend on the number of ranks,
+    workers, on the split, or on how much random state earlier code used.
+    """
+
+    def __init__(self, root: Path, items: list[tuple[str, str]], with_eval: bool, augmented: int, seed: int):
+        super().__init__(root, [(path, 0) for path, _ in items], eval_transform())
+        self.shas, self.with_eval, self.augmented, self.seed = [sha for _, sha in items], with_eval, augmented, seed
+        self.augment = train_transform()
+        self.views = int(with_eval) + augmented
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.items[i]
+        path, _ = self.items[i]
         image = decode_rgb((self.root / path).read_bytes())
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + i)
-            views = [self.transform(image)] + [self.augment(image) for _ in range(self.views - 1)]
-        return torch.stack(views), label
+            torch.manual_seed(self.seed * 1_000_003 + int(self.shas[i][:15], 16))
+            views = [self.transform(image)] if self.with_eval else []
+            views += [self.augment(image) for _ in range(self.augmented)]
+        return torch.stack(views), 0
 
 
 @torch.no_grad()
@@ -80,27 +118,74 @@ def _extract(backbone: nn.Module, dataset: ViewsDataset, cfg: Config, rt: Runtim
     # Rank r holds indices r, r+W, r+2W, ...: gather every shard, then interleave back to dataset order.
     gathered: list = [None] * rt.world_size
     dist.all_gather_object(gathered, mine)
-    out = torch.empty(len(dataset), *gathered[0].shape[1:])
+    out = torch.empty(len(dataset), *next(g for g in gathered if g.numel()).shape[1:])
     for r, part in enumerate(gathered):
-        out[r::rt.world_size] = part
+        if part.numel():  # a rank with no image of its own (fewer images than ranks)
+            out[r::rt.world_size] = part
     return out
+
+
+def view_features(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module, num_classes: int,
+                  items: list[tuple[str, str]], views: int, what: str) -> torch.Tensor:
+    """(N, views, D) features of ``items`` ((path in the run folder, content hash)); view 0 = eval.
+
+    Only the images (and views) the cache lacks go through the backbone; ``what`` names them in
+    the one line that says how many were computed.
+    """
+    store = FeatureStore(paths.cache / "features" / backbone_key(cfg, rt, num_classes))
+    augmented = views - 1
+    unique = list(dict.fromkeys(items))  # an image listed twice is computed once
+    need_eval = {sha for _, sha in unique if _eval_key(sha) not in store.entries}
+    need_aug = {sha for _, sha in unique if augmented and _augmented_key(sha, cfg.seed, augmented) not in store.entries}
+    passes = 0
+    new: dict[str, torch.Tensor] = {}
+    folded = None
+    for with_eval, count, wanted in ((True, augmented, need_eval & need_aug), (True, 0, need_eval - need_aug),
+                                     (False, augmented, need_aug - need_eval)):
+        todo = [(p, sha) for p, sha in unique if sha in wanted]
+        if not todo:
+            continue
+        if folded is None:
+            folded = fold_batchnorm(backbone).to(rt.device, memory_format=rt.memory_format())
+        computed = _extract(folded, ViewsDataset(paths.out, todo, with_eval, count, cfg.seed), cfg, rt)
+        for i, (_, sha) in enumerate(todo):
+            if with_eval:
+                new[_eval_key(sha)] = computed[i, 0].clone()
+            if count:
+                new[_augmented_key(sha, cfg.seed, count)] = computed[i, int(with_eval):].clone()
+        passes += computed.shape[0] * computed.shape[1]
+    if new:
+        if rt.is_main:
+            store.add(new)
+        else:
+            store.entries.update(new)
+        barrier(rt)
+    print(f"features: {what}: {len(items)} images x {views} views, {passes} backbone passes "
+          f"({len(need_eval | need_aug)} images not in the cache)")
+    if not items:
+        return torch.zeros(0, views, 0)
+    rows = []
+    for _, sha in items:
+        parts = [store.entries[_eval_key(sha)].unsqueeze(0)]
+        if augmented:
+            parts.append(store.entries[_augmented_key(sha, cfg.seed, augmented)])
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def content_hashes(paths: RunPaths) -> dict[str, str]:
+    """Path in the run folder -> content hash of its source, from clean_report.json (never re-hashed)."""
+    report = read_run_file(paths.clean_report, f"run `python -m jobs clean --out {paths.out} --data DATA`",
+                           ("files",))
+    return {f["output"]: f["sha256"] for f in report["files"] if f["status"] != "excluded"}
 
 
 def load_or_extract(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module, splits: dict,
                     split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, V, D), labels (N,)) for ``split``, from ``<out>/cache`` when present."""
+    """(features (N, V, D), labels (N,)) for ``split``, computing only what the cache lacks."""
     items = split_items(splits, split)
     labels = torch.tensor([label for _, label in items], dtype=torch.long)
-    cache_file = paths.cache / f"features-{split}-{cache_key(cfg, splits, split, rt)}.pt"
-    if cache_file.exists():
-        try:
-            return torch.load(cache_file, map_location="cpu", weights_only=True), labels
-        except Exception as e:  # noqa: BLE001 - a bad cache file is recomputed, never fatal
-            print(f"features: cache {cache_file} unreadable ({type(e).__name__}); recomputing")
-    backbone = fold_batchnorm(backbone).to(rt.device, memory_format=rt.memory_format())
+    shas = content_hashes(paths)
     views = cfg.feature_views if split == "train" else 1
-    features = _extract(backbone, ViewsDataset(paths.out, items, views, cfg.seed), cfg, rt)
-    print(f"features: {split}: {len(items)} images x {views} views")
-    if rt.is_main:
-        atomic_torch_save(cache_file, features)
-    return features, labels
+    items_with_hashes = [(p, shas[p]) for p, _ in items]
+    return view_features(cfg, paths, rt, backbone, len(splits["classes"]), items_with_hashes, views, split), labels

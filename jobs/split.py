@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from jobs import decisions
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_json, read_run_file, sweep_partials
@@ -35,18 +36,33 @@ def _order_key(seed: int, sha256: str) -> str:
     return hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()
 
 
-def assign(files: list[tuple[str, str]], previous: dict[str, str], seed: int,
-           val_fraction: float, test_fraction: float) -> dict[str, str]:
-    """files: (path, sha256) of one class -> {path: split}."""
+def assign(files: list[tuple[str, str]], previous: dict[str, str], seed: int, val_fraction: float,
+           test_fraction: float, group_of: dict[str, int] | None = None) -> dict[str, str]:
+    """files: (path, sha256) of one class -> {path: split}.
+
+    ``group_of`` maps paths to near-duplicate group ids: a group goes to one split as a whole.
+    A group (or a lone file) keeps its earlier split when its members had exactly one; a group
+    whose members were split apart (they were not known to be copies then) is placed anew.
+    """
+    group_of = group_of or {}
+    units: dict[object, list[tuple[str, str]]] = {}
+    for path, sha in files:
+        units.setdefault(group_of.get(path, ("file", path)), []).append((path, sha))
     target = target_counts(len(files), val_fraction, test_fraction)
-    result = {path: previous[path] for path, _ in files if previous.get(path) in SPLITS}
+    result: dict[str, str] = {}
+    new = []
+    for members in units.values():
+        earlier = {previous[p] for p, _ in members if previous.get(p) in SPLITS}
+        if len(earlier) == 1:
+            result.update(dict.fromkeys((p for p, _ in members), earlier.pop()))
+        else:
+            new.append(members)
     counts = {s: sum(1 for v in result.values() if v == s) for s in SPLITS}
-    new = sorted((f for f in files if f[0] not in result), key=lambda f: _order_key(seed, f[1]))
-    for path, _ in new:
+    for members in sorted(new, key=lambda m: min(_order_key(seed, sha) for _, sha in m)):
         # Fill the rarest splits first (test, then val) so small classes still get held-out images.
         split = max(reversed(SPLITS), key=lambda s: target[s] - counts[s])
-        result[path] = split
-        counts[split] += 1
+        result.update(dict.fromkeys((p for p, _ in members), split))
+        counts[split] += len(members)
     return result
 
 
@@ -57,22 +73,62 @@ def split(cfg: Config, paths: RunPaths) -> Path:
         raise SplitError(f"{paths.clean_report} not found; {rebuild} first")
     report = read_run_file(paths.clean_report, rebuild, ("files", "classes", "data_hash"))
     sweep_partials(paths.splits)
+    group_of, excluded = audit_constraints(paths, report, cfg)
     by_class: dict[str, list[tuple[str, str]]] = {}
     for f in report["files"]:
-        if f["status"] != "excluded":
+        if f["status"] != "excluded" and f["output"] not in excluded:
             by_class.setdefault(f["label"], []).append((f["output"], f["sha256"]))
     previous = _previous_assignment(paths, cfg)
     files: dict[str, str] = {}
     for label in sorted(by_class):
-        assigned = assign(by_class[label], previous, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        assigned = assign(by_class[label], previous, cfg.seed, cfg.val_fraction, cfg.test_fraction, group_of)
         counts = {s: sum(1 for v in assigned.values() if v == s) for s in SPLITS}
         if cfg.test_fraction > 0 and counts["test"] == 0:
             print(f"split: WARNING class '{label}' has only {len(assigned)} images: no test image for it")
         print(f"split: {label:<16} train={counts['train']} val={counts['val']} test={counts['test']}")
         files.update(sorted(assigned.items()))
-    atomic_write_json(paths.splits, splits_document(files, sorted(by_class), report["data_hash"], cfg.seed,
-                                                    cfg.val_fraction, cfg.test_fraction))
+    doc = splits_document(files, sorted(by_class), report["data_hash"], cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    doc["excluded"] = dict(sorted(excluded.items()))
+    atomic_write_json(paths.splits, doc)
     return paths.splits
+
+
+def audit_constraints(paths: RunPaths, report: dict, cfg: Config) -> tuple[dict[str, int], dict[str, str]]:
+    """From audit.json and decisions.json: (run path -> near-duplicate group id, run path -> why excluded).
+
+    A group within one class stays whole; a group across classes is a label conflict and leaves
+    every split, except the files a decision keeps; with ``label_issues: exclude`` so do the
+    label issues the audit found.
+    """
+    if not paths.audit.exists():
+        print(f"split: WARNING no {paths.audit}: near-duplicates may straddle splits; run "
+              f"`python -m jobs audit --out {paths.out}` before split")
+        return {}, {}
+    audit = read_run_file(paths.audit, f"run `python -m jobs audit --out {paths.out}`",
+                          ("near_duplicates", "label_issues", "data_hash"))
+    if audit["data_hash"] != report["data_hash"]:
+        raise SplitError(f"{paths.audit} describes other data than {paths.clean_report} (clean ran since); run "
+                         f"`python -m jobs audit --out {paths.out}` first")
+    keep = decisions.load(paths, sorted(report["classes"])).keep
+    output_of = {f["source"]: f["output"] for f in report["files"] if f["status"] != "excluded"}
+    group_of: dict[str, int] = {}
+    excluded: dict[str, str] = {}
+    for gid, group in enumerate(audit["near_duplicates"]):
+        members = [src for src in group["files"] if src in output_of]
+        for src in members:
+            if not group["cross_class"]:
+                group_of[output_of[src]] = gid
+            elif src not in keep:
+                excluded[output_of[src]] = "label_conflict"
+    if cfg.label_issues == "exclude":
+        for issue in audit["label_issues"]:
+            if issue["file"] in output_of and issue["file"] not in keep:
+                excluded.setdefault(output_of[issue["file"]], "label_issue")
+    whole = len({gid for gid in group_of.values()})
+    print(f"split: {whole} near-duplicate groups kept within one split; {len(excluded)} files excluded "
+          f"({sum(r == 'label_conflict' for r in excluded.values())} in cross-class conflicts, "
+          f"{sum(r == 'label_issue' for r in excluded.values())} label issues)")
+    return group_of, excluded
 
 
 def splits_document(files: dict[str, str], classes: list[str], data_hash: str, seed: int | None = None,

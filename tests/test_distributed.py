@@ -117,7 +117,7 @@ def test_cached_head_stage_under_torchrun_matches_one_process(cached_single, fre
     result = _run(_torchrun("train", "--out", str(out), *TRAIN, *CACHED))
     _assert_both_ranks_ran(result.stdout)
     ddp = _assert_one_set_of_artifacts(out, [("head", 1), ("head", 2)])
-    assert len(list((out / "cache").glob("features-*.pt"))) == 2  # train + val, written once by rank 0
+    assert len(list((out / "cache" / "features").glob("*/chunk-*.pt"))) == 2  # train + val, written once by rank 0
     # Features are extracted in rank shards and gathered; the head then trains identically
     # everywhere, so two ranks reproduce one process up to float summation order.
     for mine, ref in zip(ddp["epochs"], cached_single["epochs"], strict=True):
