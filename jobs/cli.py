@@ -20,7 +20,8 @@ from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir
 
 COLLECT_KEYS = ("terms", "images_per_term", "source", "endpoint", "licenses", "urls_file", "user_agent", "api_key_env",
-                "download_workers", "requests_per_minute", "max_download_mb", "allow_private_addresses")
+                "download_workers", "requests_per_minute", "max_download_mb", "allow_private_addresses",
+                "download_timeout", "collect_deadline_minutes", "disallowed_header_directives")
 CLEAN_KEYS = ("min_image_size", "min_images_per_class", "max_image_pixels")
 SPLIT_KEYS = ("val_fraction", "test_fraction", "seed")
 TRAIN_KEYS = ("arch", "weights", "freeze_backbone", "epochs", "batch_size", "lr", "weight_decay", "feature_views",

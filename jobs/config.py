@@ -45,6 +45,9 @@ class Config:
     requests_per_minute: int = _key(20, "Search API requests per minute (Openverse allows about 20 anonymously).")
     max_download_mb: float = _key(20.0, "Abort any single download larger than this.")
     allow_private_addresses: bool = _key(False, "Allow URLs that resolve to loopback/private addresses (local testing only).")
+    download_timeout: float = _key(30.0, "Seconds one image download may take in all (redirects and retries included), however slowly the bytes arrive.")
+    collect_deadline_minutes: float = _key(0.0, "Stop collecting after this many minutes and keep what is there; the same command continues (0 = no deadline).")
+    disallowed_header_directives: list[str] = _key(["noai", "noimageai", "noindex", "noimageindex"], "Skip images whose X-Robots-Tag response header carries one of these directives (empty = ignore the header).")
     # -- clean ---------------------------------------------------------------------------------
     min_image_size: int = _key(32, "Exclude images whose short side is below this many pixels.")
     min_images_per_class: int = _key(5, "Refuse to train when a class has fewer clean images than this.")
@@ -150,6 +153,10 @@ def _validate(cfg: Config) -> None:
             raise bad(key, "must be >= 1")
     if cfg.lr <= 0:
         raise bad("lr", "must be > 0")
+    if cfg.download_timeout <= 0:
+        raise bad("download_timeout", "must be > 0 seconds")
+    if cfg.collect_deadline_minutes < 0:
+        raise bad("collect_deadline_minutes", "must be >= 0 (0 = no deadline)")
     if cfg.precision not in {"auto", "fp32", "bf16", "fp16"}:
         raise bad("precision", "must be one of auto, fp32, bf16, fp16")
     if cfg.source not in {"openverse", "wikimedia", "bing", "urls"}:

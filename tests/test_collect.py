@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURE_IMAGES, REPO, run_job
-from fake_image_api import HOSTILE, PRIVATE_TARGET, FakeImageAPI
+from fake_image_api import DRIP, DRIP_SECONDS, HOSTILE, OPT_OUT, PRIVATE_TARGET, FakeImageAPI
 from PIL import Image
 
 from jobs.collect import collect, contact_sheet
@@ -69,7 +69,7 @@ def make_cfg(server: FakeImageAPI, **overrides):
 def fast(cfg, **overrides) -> DownloadSettings:
     """Short timeouts and backoff so the hostile cases take seconds, not minutes."""
     return DownloadSettings.from_config(cfg, **{"read_timeout": 0.5, "connect_timeout": 2.0, "backoff": 0.05,
-                                                "total_timeout": 10.0, **overrides})
+                                                "download_timeout": 10.0, **overrides})
 
 
 def images(folder: Path) -> list[Path]:
@@ -243,6 +243,43 @@ def test_hostile_responses_are_failed_with_a_reason_and_transient_ones_retried_o
     assert len(server.requests_to(HOSTILE["to_private"])) > counts[HOSTILE["to_private"]]  # refusal depends on config
 
 
+@pytest.mark.parametrize("where", ["body", "headers"])
+def test_a_one_byte_drip_is_abandoned_at_download_timeout(server, tmp_path, where):
+    """1 byte every 2 s never trips a per-read timeout; the whole-download deadline still holds."""
+    server.catalog = {"ants": [DRIP[where], "/img/ants/0.jpg"]}
+    cfg = make_cfg(server, terms="ants", images_per_term=2, download_timeout=4)
+    started = time.monotonic()
+    summary = collect(cfg, RunPaths(tmp_path))
+    elapsed = time.monotonic() - started
+    assert DownloadSettings.from_config(cfg).read_timeout > DRIP_SECONDS  # so only the deadline can end it
+    entry = latest(tmp_path / "raw", "ants")[server.url + DRIP[where]]
+    assert entry["status"] == "failed" and entry["retryable"] and "download_timeout=4 s" in entry["error"]
+    assert summary["terms"]["ants"]["kept"] == 1 and summary["terms"]["ants"]["failed"] == {"timeout": 1}
+    assert len(server.requests_to(DRIP[where])) == 1  # the deadline covers retries: no second attempt
+    assert elapsed < cfg.download_timeout + 4.0, f"collect took {elapsed:.1f} s"
+
+
+def test_x_robots_tag_opt_outs_are_not_kept(server, tmp_path):
+    server.catalog = {"ants": list(OPT_OUT)}
+    summary = collect(make_cfg(server, terms="ants", images_per_term=len(OPT_OUT)), RunPaths(tmp_path / "a"))
+    entries = latest(tmp_path / "a" / "raw", "ants")
+    status = {path: entries[server.url + path]["status"] for path in OPT_OUT}
+    opted_out = {p for p, s in status.items() if s == "failed"}
+    assert opted_out == {"/h/robots/noai.jpg", "/h/robots/two-lines.jpg", "/h/robots/noindex-nofollow.jpg",
+                         "/h/robots/our-bot.jpg"}
+    assert "X-Robots-Tag noai" in entries[server.url + "/h/robots/noai.jpg"]["error"]
+    assert "noimageai" in entries[server.url + "/h/robots/two-lines.jpg"]["error"]
+    assert summary["terms"]["ants"]["failed"] == {"opted out": 4} and summary["failed_by_reason"] == {"opted out": 4}
+    assert len(images(tmp_path / "a" / "raw" / "ants")) == 1  # other-bot and harmless: the same photo, kept once
+    # the key sets the list; empty turns the check off
+    only_noai = collect(make_cfg(server, terms="ants", images_per_term=len(OPT_OUT),
+                                 disallowed_header_directives="noai"), RunPaths(tmp_path / "b"))
+    assert only_noai["terms"]["ants"]["failed"] == {"opted out": 2}  # noai.jpg and our-bot.jpg
+    off = collect(make_cfg(server, terms="ants", images_per_term=len(OPT_OUT), disallowed_header_directives=""),
+                  RunPaths(tmp_path / "c"))
+    assert off["terms"]["ants"]["failed"] == {} and off["kept"] == {"ants": 1}
+
+
 def test_default_policy_refuses_loopback_image_urls_without_requesting_them(server, tmp_path):
     cfg = make_cfg(server, terms="ants", images_per_term=3, allow_private_addresses=False)
     summary = collect(cfg, RunPaths(tmp_path))
@@ -378,9 +415,9 @@ def test_manifest_survives_a_torn_last_line(tmp_path):
     path = tmp_path / "manifest.jsonl"
     path.write_text('{"url": "http://a/1", "status": "ok"}\n{"url": "http://a/2", "sta')
     manifest = Manifest(path)
-    assert [e["url"] for e in manifest.entries] == ["http://a/1"]
+    assert list(manifest.latest) == ["http://a/1"]
     manifest.append({"url": "http://a/3", "status": "failed"})
-    assert [e["url"] for e in Manifest(path).entries] == ["http://a/1", "http://a/3"]
+    assert list(Manifest(path).latest) == ["http://a/1", "http://a/3"]
 
 
 def test_term_folder_names():

@@ -334,50 +334,63 @@ class BingSource(Source):
 
 
 class UrlsSource(Source):
-    """URLs listed by the user; every listed URL of a class is fetched (``images_per_term`` does not apply)."""
+    """URLs listed by the user; every listed URL of a class is fetched (``images_per_term`` does not apply).
+
+    The list is streamed, never held as rows: one pass here counts each class's distinct URLs (a
+    set of the URL strings lives only during that pass), and one pass per class yields its URLs
+    as the downloads need them.
+    """
 
     name = "urls"
 
     def __init__(self, location: Path) -> None:
         self.location = location
-        self.urls = read_url_list(location)
+        if not location.exists():
+            raise CollectError(f"config key 'urls_file' names {location}, which does not exist; "
+                               "pass a class,url file or a folder of <class>.txt files")
+        distinct: dict[str, set[str]] = {}
+        for cls, urls in self._by_class():
+            distinct.setdefault(cls, set()).update(urls)
+        self.counts = {cls: len(urls) for cls, urls in distinct.items() if urls}
+        if not self.counts:
+            raise CollectError(f"config key 'urls_file': {location} lists no URLs; write 'class,url' lines")
 
     def classes(self) -> list[str]:
-        return list(self.urls)
+        return list(self.counts)
 
     def target(self, term: str, images_per_term: int) -> int:
-        return len(self.urls.get(term, []))
+        return self.counts.get(term, 0)
 
     def search(self, term: str, n: int) -> Iterator[SearchResult]:
-        for url in self.urls.get(term, [])[:n]:
-            yield SearchResult(url=url, source=f"urls:{self.location.name}", landing_url=url)
+        for _, urls in self._by_class(term):
+            for url in urls:
+                yield SearchResult(url=url, source=f"urls:{self.location.name}", landing_url=url)
+
+    def _by_class(self, only: str | None = None) -> Iterator[tuple[str, Iterator[str]]]:
+        """(class, its URLs) pairs; a CSV gives one pair per line, a folder one per file."""
+        if self.location.is_dir():
+            for txt in sorted(self.location.glob("*.txt")):
+                if only is None or txt.stem == only:
+                    yield txt.stem, _url_lines(txt)
+            return
+        with self.location.open(errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                cls, sep, url = (part.strip().strip('"') for part in line.partition(","))
+                if not sep or not cls or not url:
+                    raise CollectError(f"{self.location}:{lineno}: expected 'class,url', got {line[:80]!r}")
+                if (cls.lower(), url.lower()) != ("class", "url") and (only is None or cls == only):  # not a header
+                    yield cls, iter((url,))
 
 
-def read_url_list(location: Path) -> dict[str, list[str]]:
-    """``class,url`` lines (a header line and '#' comments allowed; URLs may hold commas), or a folder of
-    ``<class>.txt`` files with one URL per line."""
-    if not location.exists():
-        raise CollectError(f"config key 'urls_file' names {location}, which does not exist; "
-                          "pass a class,url file or a folder of <class>.txt files")
-    urls: dict[str, list[str]] = {}
-    if location.is_dir():
-        for txt in sorted(location.glob("*.txt")):
-            lines = [ln.strip() for ln in txt.read_text(errors="replace").splitlines()]
-            urls[txt.stem] = [ln for ln in lines if ln and not ln.startswith("#")]
-    else:
-        for lineno, line in enumerate(location.read_text(errors="replace").splitlines(), 1):
+def _url_lines(txt: Path) -> Iterator[str]:
+    with txt.open(errors="replace") as f:
+        for line in f:
             line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            cls, sep, url = (part.strip().strip('"') for part in line.partition(","))
-            if not sep or not cls or not url:
-                raise CollectError(f"{location}:{lineno}: expected 'class,url', got {line[:80]!r}")
-            if (cls.lower(), url.lower()) != ("class", "url"):  # a CSV header line
-                urls.setdefault(cls, []).append(url)
-    urls = {cls: list(dict.fromkeys(u)) for cls, u in urls.items() if u}
-    if not urls:
-        raise CollectError(f"config key 'urls_file': {location} lists no URLs; write 'class,url' lines")
-    return urls
+            if line and not line.startswith("#"):
+                yield line
 
 
 def make_source(cfg: Config) -> Source:
