@@ -6,7 +6,8 @@ Speaks the response shapes of Openverse (``/v1/images/``), the Wikimedia Commons
 distinct crop/mirror of it, so any number of different images can be served from a few).
 Result URLs are built from the request's Host header, so a client in a container gets URLs it can reach.
 
-Hostile routes under ``/h/``: 404, 500-then-200, 429-then-200 with Retry-After, a slow answer,
+Hostile routes under ``/h/``: 404, 500-then-200, 429-then-200 with Retry-After, 503 n times then
+200 (``/h/fails/<n>/<k>.jpg``), a slow answer,
 an endless body, 1-byte-every-2-s drips (in the body and in the status line), photos behind
 ``X-Robots-Tag`` opt-outs, HTML (as text/html and as image/jpeg), redirect loops and chains, redirects to a
 private address and to file:// (never followed by a correct client), a truncated JPEG, a PNG named .jpg, and a
@@ -157,9 +158,13 @@ class FakeImageAPI:
             return self._variants[(cls, k)]
 
     def first_hit(self, key: str) -> bool:
+        return self.hit(key) == 1
+
+    def hit(self, key: str) -> int:
+        """How many times ``key`` was asked for, this time included."""
         with self._lock:
             self._hits[key] += 1
-            return self._hits[key] == 1
+            return self._hits[key]
 
     def record(self, path: str, query: dict[str, str], headers: dict[str, str]) -> None:
         with self._lock:
@@ -348,6 +353,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, buf.getvalue(), "image/jpeg")
         if path == "/h/dup.jpg":
             return self._send(200, ants0, "image/jpeg")
+        if path.startswith("/h/fails/"):  # /h/fails/<n>/<k>.jpg: 503 for the first n requests, then photo k
+            _, _, _, n, name = path.split("/")
+            if self.api.hit(path) <= int(n):
+                return self._send(503, b"busy", "text/plain")
+            return self._send(200, self.api.photo(first, int(name.split(".")[0])), "image/jpeg")
         if path in DRIP.values():
             return self._drip(headers_too=path == DRIP["headers"])
         if path in OPT_OUT:

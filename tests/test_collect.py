@@ -147,6 +147,50 @@ def test_rerun_downloads_nothing_new_and_removes_crash_leftovers(server, tmp_pat
     assert len(server.requests_to("/img/")) == n_img + 3
 
 
+def test_rerun_retries_only_what_failed_and_retry_all_the_permanent_ones(server, tmp_path):
+    """A URL failing all through one run (6 times) is kept by the next; nothing kept is downloaded again."""
+    good = [f"/img/ants/{k}.jpg" for k in range(4)]
+    flaky = "/h/fails/6/5.jpg"
+    server.catalog = {"ants": [*good, flaky, "/h/404.jpg"]}
+    cfg = make_cfg(server, terms="ants", images_per_term=6)
+    first = collect(cfg, RunPaths(tmp_path), settings=fast(cfg, retries=5))
+    assert first["terms"]["ants"]["kept"] == 4 and first["terms"]["ants"]["failed"] == {"http 503": 1, "http 404": 1}
+    assert len(server.requests_to(flaky)) == 6
+    entry = latest(tmp_path / "raw", "ants")[server.url + flaky]
+    assert entry["status"] == "failed" and entry["retryable"] and not entry["permanent"]
+    counts = {path: len(server.requests_to(path)) for path in [*good, "/h/404.jpg"]}
+
+    second = collect(cfg, RunPaths(tmp_path), settings=fast(cfg, retries=5))
+    assert len(server.requests_to(flaky)) == 7
+    assert latest(tmp_path / "raw", "ants")[server.url + flaky]["status"] == "ok"
+    assert {path: len(server.requests_to(path)) for path in counts} == counts  # nothing else fetched again
+    ants = second["terms"]["ants"]
+    assert (ants["kept"], ants["downloaded"], ants["retried"], ants["retried_kept"], ants["skipped_failed"]) == (
+        5, 1, 1, 1, 1)
+    report = json.loads((tmp_path / "raw" / "collect_report.json").read_text())
+    assert report["terms"]["ants"]["retried_kept"] == 1 and report["sources"]["openverse:flickr"]["tried"] == 1
+
+    proc = run_job("collect", "--out", str(tmp_path), "--terms", "ants", "--images-per-term", "6", "--endpoint",
+                   server.url, "--allow-private-addresses", "--requests-per-minute", "600", "--retry-all")
+    assert len(server.requests_to("/h/404.jpg")) == counts["/h/404.jpg"] + 1  # --retry-all: the permanent one too
+    assert {path: len(server.requests_to(path)) for path in good} == {p: counts[p] for p in good}
+    assert "retried 1 earlier failures (0 kept), skipped 0 permanent ones" in proc.stdout
+    assert "failed by reason: http 404: 1 (of 1 tried)" in proc.stdout
+
+
+def test_collect_report_counts_failures_by_reason_and_source(server, tmp_path):
+    server.catalog = {"ants": ["/img/ants/0.jpg", "/h/404.jpg", "/h/fails/9/1.jpg", "/h/page.html"],
+                      "bees": ["/img/bees/0.jpg", "/h/404.jpg?b"]}
+    cfg = make_cfg(server, images_per_term=4)
+    summary = collect(cfg, RunPaths(tmp_path), settings=fast(cfg, retries=0))
+    report = json.loads((tmp_path / "raw" / "collect_report.json").read_text())
+    assert report["failed_by_reason"] == {"http 404": 2, "http 503": 1, "not an image": 1}
+    assert report["sources"] == {"openverse:flickr": {"tried": 6, "kept": 2, "duplicate": 0, "failed": {
+        "http 404": 2, "http 503": 1, "not an image": 1}}}
+    assert report["terms"]["bees"]["failed"] == {"http 404": 1} and report["kept"] == {"ants": 1, "bees": 1}
+    assert summary["report"] == str(tmp_path / "raw" / "collect_report.json")
+
+
 @pytest.mark.parametrize(("licenses", "expected"), [
     ("by,cc0", {"license": "by,cc0"}),
     ("commercial", {"license_type": "commercial"}),
@@ -166,16 +210,16 @@ def test_mixed_license_filter_is_one_clear_error(server, tmp_path):
 def test_same_image_under_two_urls_and_two_terms_is_stored_once(server, tmp_path):
     server.catalog = {"ants": ["/img/ants/0.jpg", "/h/dup.jpg", "/img/ants/1.jpg"],
                       "bees": ["/img/ants/0.jpg", "/img/bees/0.jpg"]}
-    cfg = make_cfg(server, images_per_term=3, download_workers=1)  # one worker: a fixed order of ok/duplicate
-    summary = collect(cfg, RunPaths(tmp_path))
+    summary = collect(make_cfg(server, images_per_term=3), RunPaths(tmp_path))
     raw = tmp_path / "raw"
 
     ants0 = hashlib.sha256(server.photo("ants", 0)).hexdigest()
     everywhere = [p for p in raw.glob("*/*") if p.suffix in IMAGE_SUFFIXES]
     assert len(everywhere) == 3 and sum(p.name.startswith(ants0[:16]) for p in everywhere) == 1
     ants, bees = latest(raw, "ants"), latest(raw, "bees")
-    assert ants[f"{server.url}/h/dup.jpg"]["status"] == "duplicate"
-    assert ants[f"{server.url}/h/dup.jpg"]["sha256"] == ants0
+    copies = [ants[f"{server.url}{path}"] for path in ("/img/ants/0.jpg", "/h/dup.jpg")]
+    assert sorted(e["status"] for e in copies) == ["duplicate", "ok"]  # whichever verified first is kept
+    assert {e["sha256"] for e in copies} == {ants0}
     assert bees[f"{server.url}/img/ants/0.jpg"]["status"] == "duplicate"
     assert bees[f"{server.url}/img/ants/0.jpg"]["file"] == f"../ants/{ants0[:16]}.jpg"
     assert summary["terms"]["ants"]["kept"] == 2 and summary["terms"]["bees"]["kept"] == 1
@@ -480,6 +524,31 @@ def test_collect_killed_with_sigkill_then_rerun_matches_an_uninterrupted_run(ser
     for term in ("ants", "bees"):
         lines = (killed / "raw" / term / "manifest.jsonl").read_text().splitlines()
         assert all(json.loads(line)["url"] for line in lines)
+
+
+def test_collect_deadline_stops_cleanly_and_the_same_command_finishes(server, tmp_path):
+    out = tmp_path / "run"
+    cmd = [*_collect_cmd(server, out), "--collect-deadline-minutes", "0.05"]  # 3 s
+    server.image_delay = 1.0  # 24 images, 2 at a time: about 12 s, far past the deadline
+    started = time.monotonic()
+    stopped = run_job(*cmd, check=False)
+    elapsed = time.monotonic() - started
+    assert stopped.returncode == 2 and elapsed < 3 + 6, (elapsed, stopped.stdout, stopped.stderr)
+    assert "collect stopped: collect_deadline_minutes=0.05 passed; still short: ants " in stopped.stdout
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: collect_deadline_minutes=0.05 passed with ") and "bees (0)" in last
+    assert "short of min_images_per_class=5; run the same command again" in last
+    kept_first = _image_sets(out / "raw")
+    assert 0 < len(kept_first["ants"]) < 12 and kept_first["bees"] == []
+    assert "unfinished" not in (out / "raw" / "ants" / "manifest.jsonl").read_text()  # cut short = not recorded
+    assert not leftovers(out / "raw")
+
+    server.image_delay = 0.0
+    run_job(*cmd)
+    assert {t: len(n) for t, n in _image_sets(out / "raw").items()} == {"ants": 12, "bees": 12}
+    assert set(kept_first["ants"]) <= set(_image_sets(out / "raw")["ants"])
+    report = json.loads((out / "raw" / "collect_report.json").read_text())
+    assert report["deadline_passed"] is False and report["terms"]["ants"]["already_had"] == len(kept_first["ants"])
 
 
 def test_run_end_to_end_from_fake_openverse(server, tmp_path):
