@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))  # `python bench/collect.py` from anywhere; not vi
 from jobs.collect.download import Downloader, DownloadSettings, inspect_image  # noqa: E402
 from jobs.collect.netsafety import AddressPolicy  # noqa: E402
 from jobs.collect.stage import usable_cpus  # noqa: E402
-from jobs.collect.store import RawStore  # noqa: E402
+from jobs.collect.store import RawStore, write_image  # noqa: E402
 from jobs.config import Config  # noqa: E402
 from jobs.fileio import atomic_write_json  # noqa: E402
 
@@ -218,7 +218,7 @@ def run_stages(server: PhotoServer, urls: list[tuple[str, str]], work: Path, wor
         store = RawStore(folder, ["x"])
         manifest = store.manifests["x"]
         for body, info in zip(bodies, infos, strict=True):
-            name = store.write("x", body.sha256, info.ext, body.data)
+            name = write_image(folder / "x", body.sha256, info.ext, body.data)
             manifest.append({"url": body.final_url, "file": name, "status": "ok", "sha256": body.sha256,
                              "size": len(body.data)})
             if fsync:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from jobs.collect import collect, contact_sheet
 from jobs.collect.download import DownloadSettings
-from jobs.collect.netsafety import AddressPolicy, UnsafeURL, make_session
+from jobs.collect.netsafety import AddressPolicy, UnsafeURL, make_pool_manager
 from jobs.collect.preview import CELL, GAP, PANELS_PER_ROW, TITLE_H
 from jobs.collect.sources import CollectError
 from jobs.collect.store import Manifest, term_folder_name
@@ -355,9 +355,10 @@ def test_check_url_allows_public_addresses_and_the_allow_switch():
 def test_session_checks_the_address_again_at_connect_time(server):
     """What a DNS answer that changed after check_url would meet: the connection itself refuses."""
     with pytest.raises(UnsafeURL, match="loopback"):
-        make_session(AddressPolicy(), "test").get(f"{server.url}/img/ants/0.jpg", timeout=5)
+        make_pool_manager(AddressPolicy(), "test", 1).request("GET", f"{server.url}/img/ants/0.jpg", timeout=5)
     assert server.requests_to("/img/") == []
-    assert make_session(LOOPBACK_ONLY, "test").get(f"{server.url}/img/ants/0.jpg", timeout=5).status_code == 200
+    assert make_pool_manager(LOOPBACK_ONLY, "test", 1).request(
+        "GET", f"{server.url}/img/ants/0.jpg", timeout=5).status == 200
 
 
 def test_concurrent_requests_per_host_are_limited(server, tmp_path):

@@ -23,15 +23,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
+from urllib.request import getproxies, proxy_bypass
 
-import requests
+import urllib3
 from PIL import Image, UnidentifiedImageError
+from urllib3.exceptions import HTTPError
+from urllib3.exceptions import TimeoutError as UrllibTimeout
 
 from jobs.config import Config
 from jobs.fileio import sha256_bytes
 
 from .deadline import DeadlineWatch, Guard
-from .netsafety import AddressPolicy, UnsafeURL, make_session
+from .netsafety import AddressPolicy, UnsafeURL, make_pool_manager
 from .sources import retry_after_seconds
 
 # Formats the later stages can decode, with the extension each is saved under. Pillow is told to
@@ -154,11 +157,12 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
 
 
 class Downloader:
-    """Thread-safe: one requests.Session per worker thread, a concurrency limit per host."""
+    """Thread-safe: one urllib3 pool manager (per proxy) shared by the download threads, a limit per host."""
 
     def __init__(self, settings: DownloadSettings, policy: AddressPolicy, user_agent: str) -> None:
         self.settings, self.policy, self.user_agent = settings, policy, user_agent
-        self._local = threading.local()
+        self._managers: dict[str | None, urllib3.PoolManager] = {}
+        self._proxies = getproxies()
         self._host_slots: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
         self._watch = DeadlineWatch()
@@ -219,33 +223,44 @@ class Downloader:
         left = guard.remaining()
         if left <= 0:
             raise self._timed_out()
-        timeout = (min(self.settings.connect_timeout, left), min(self.settings.read_timeout, left))
+        timeout = urllib3.Timeout(connect=min(self.settings.connect_timeout, left),
+                                  read=min(self.settings.read_timeout, left))
         with self._host_slot(url):
             try:
-                with self._session().get(url, stream=True, allow_redirects=False, timeout=timeout) as resp:
-                    if resp.status_code in REDIRECT_STATUSES and resp.headers.get("Location"):
-                        return resp.headers["Location"], b""
-                    self._check_response(resp)
-                    data = self._read_capped(resp, guard)
+                resp = self._manager(url).request("GET", url, preload_content=False, redirect=False, retries=False,
+                                                  timeout=timeout)
             except UnsafeURL as e:  # the connect-time check: DNS changed its answer since check_url
                 raise DownloadError("refused", str(e), permanent=False) from None
-            except requests.Timeout:
-                if guard.fired or guard.remaining() <= 0:
-                    raise self._timed_out() from None
-                raise DownloadError("timeout", f"no answer within {timeout[0]:g} s (connect) / {timeout[1]:g} s (read)",
-                                    True) from None
-            except requests.RequestException as e:
-                if guard.fired:  # the watcher shut the socket: whatever urllib3 made of that, it is the deadline
-                    raise self._timed_out() from None
-                if isinstance(e, requests.ConnectionError):
-                    raise DownloadError("connection error", _first_line(e), True) from None
-                raise DownloadError("bad request", _first_line(e)) from None
+            except (HTTPError, OSError) as e:
+                raise self._network_error(e, guard, timeout) from None
+            try:
+                if resp.status in REDIRECT_STATUSES and resp.headers.get("Location"):
+                    return resp.headers["Location"], b""
+                self._check_response(resp)
+                data = self._read_capped(resp, guard)
+            except (HTTPError, OSError) as e:
+                raise self._network_error(e, guard, timeout) from None
+            finally:
+                if resp.isclosed():  # read to the end: the connection can serve the next request
+                    resp.release_conn()
+                else:
+                    resp.close()  # half-read (a redirect's body, a refusal, a timeout): drop the connection
         if guard.fired:  # a shut socket reads as end of body: that body is short, not complete
             raise self._timed_out()
         return None, data
 
-    def _check_response(self, resp: requests.Response) -> None:
-        status = resp.status_code
+    def _network_error(self, error: BaseException, guard: Guard, timeout: urllib3.Timeout) -> DownloadError:
+        if guard.fired or guard.remaining() <= 0:  # the watcher shut the socket: whatever urllib3 made of it
+            return self._timed_out()
+        if isinstance(error, UrllibTimeout):
+            return DownloadError("timeout", f"no answer within {timeout.connect_timeout:g} s (connect) / "
+                                            f"{timeout.read_timeout:g} s (read)", True)
+        if isinstance(error, urllib3.exceptions.LocationParseError):
+            return DownloadError("bad request", _first_line(error))
+        return DownloadError("connection error", _first_line(error), True)
+
+    def _check_response(self, resp: urllib3.BaseHTTPResponse) -> None:
+        status = resp.status
         if status == 429 or status >= 500:
             raise DownloadError(f"http {status}", resp.reason or "server error", True,
                                 retry_after_seconds(resp.headers.get("Retry-After")))
@@ -254,7 +269,7 @@ class Downloader:
         ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype.startswith(NON_IMAGE_TYPES):
             raise DownloadError("not an image", f"Content-Type {ctype}")
-        directive = opt_out_directive(resp.raw.headers.getlist("X-Robots-Tag"), self.settings.robots_name,
+        directive = opt_out_directive(resp.headers.getlist("X-Robots-Tag"), self.settings.robots_name,
                                       self.settings.disallowed_directives)
         if directive:  # refused under this run's disallowed_header_directives: a re-run asks again
             raise DownloadError("opted out", f"X-Robots-Tag {directive} (config key disallowed_header_directives)",
@@ -263,9 +278,9 @@ class Downloader:
         if length.isdigit() and int(length) > self.settings.max_bytes:
             raise DownloadError("too large", f"Content-Length {length} exceeds {self._cap_text()}", permanent=False)
 
-    def _read_capped(self, resp: requests.Response, guard: Guard) -> bytes:
+    def _read_capped(self, resp: urllib3.BaseHTTPResponse, guard: Guard) -> bytes:
         buf = bytearray()
-        for chunk in resp.iter_content(READ_SIZE):
+        for chunk in resp.stream(READ_SIZE, decode_content=True):
             buf += chunk
             if len(buf) > self.settings.max_bytes:
                 raise DownloadError("too large", f"body exceeds {self._cap_text()}; aborted", permanent=False)
@@ -276,11 +291,16 @@ class Downloader:
     def _cap_text(self) -> str:
         return f"max_download_mb={self.settings.max_bytes / 2**20:g}"
 
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = make_session(self.policy, self.user_agent)
-        return session
+    def _manager(self, url: str) -> urllib3.PoolManager:
+        """The pool manager for ``url``: direct, or through the proxy HTTP(S)_PROXY names (unless NO_PROXY)."""
+        parts = urlsplit(url)
+        proxy = self._proxies.get(parts.scheme)
+        if proxy and proxy_bypass(parts.hostname or ""):
+            proxy = None
+        with self._lock:
+            if proxy not in self._managers:
+                self._managers[proxy] = make_pool_manager(self.policy, self.user_agent, self.settings.per_host, proxy)
+            return self._managers[proxy]
 
     @contextlib.contextmanager
     def _host_slot(self, url: str) -> Iterator[None]:

@@ -5,10 +5,12 @@ so the kept images are the first ``images_per_term`` that download and decode. T
 a function of the search results: a run killed at any point and run again ends with the same
 files as an uninterrupted run (transient failures aside, which a re-run retries).
 
-Three kinds of workers: download threads (network and hashing, which release the GIL), verification
-processes (Pillow decodes every image fully, which would stall the download threads if it shared
-their GIL), and this thread, which writes files and manifest lines. Search results are read lazily
-(a 100k-line URL list is streamed), and at most a window of them is in flight at once.
+Three kinds of workers: download threads (network and hashing), verification processes (Pillow
+decodes every image fully, then writes the file), and this thread, which decides what is kept and
+appends manifest lines. Decoding and file writes stay out of this process: there they would
+compete for the GIL with the download threads, and each write's syscalls would wait for it.
+Search results are read lazily (a 100k-line URL list is streamed), and at most a window of them
+is in flight at once.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -35,7 +39,7 @@ from .download import Body, Downloader, DownloadError, DownloadSettings, ImageIn
 from .netsafety import AddressPolicy
 from .preview import contact_sheet
 from .sources import CollectError, SearchError, SearchResult, Source, make_source
-from .store import RawStore, term_folder_name
+from .store import RawStore, image_name, term_folder_name, write_image
 
 SEARCH_FACTOR = 3  # look at up to this many results per wanted image before giving up on a term
 MIN_SEARCH_SLACK = 20
@@ -105,6 +109,13 @@ def _entry(result: SearchResult, status: str, body: Body | None = None, info: Im
     if error:
         entry["retryable"], entry["permanent"] = error.retryable, error.permanent
     return entry
+
+
+def verify_and_write(data: bytes, sha256: str, max_pixels: int, folder: Path) -> ImageInfo:
+    """In a verification process: decode ``data`` fully and, when it is an image, write it into ``folder``."""
+    info = inspect_image(data, max_pixels)
+    write_image(folder, sha256, info.ext, data)
+    return info
 
 
 def _ignore_sigint() -> None:
@@ -183,7 +194,7 @@ class TermCollector:
                 if job is None:
                     exhausted = True
                     break
-                pending[self.network.submit(self.downloader.fetch, job.result.url, self.stop_at)] = job
+                pending[self.network.submit(self._download, job)] = job
             if not pending:
                 return
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -195,37 +206,45 @@ class TermCollector:
                 elif step is not None:
                     have += self._count(job, step, summary, bar)
 
+    def _download(self, job: _Job) -> Future:
+        """In a download thread: fetch, then hand the body to a verification process."""
+        job.body = self.downloader.fetch(job.result.url, self.stop_at)
+        return self.verify.submit(verify_and_write, job.body.data, job.body.sha256,
+                                  self.downloader.settings.max_pixels, self.store.raw / job.term)
+
     def _advance(self, job: _Job, future: Future) -> Future | dict[str, Any] | None:
-        """A finished download becomes a verification; a finished verification (or a failure) an entry."""
+        """A finished download is a verification in flight; a finished verification (or a failure) an entry."""
         try:
             value = future.result()
         except Unfinished:
             return None  # cut short by the run's deadline: as if never tried
         except DownloadError as e:
             entry = _entry(job.result, "failed", job.body, error=e)
+        except BrokenProcessPool:
+            raise CollectError("a verification process died (out of memory?); run the same command again to "
+                               "continue, perhaps with a lower max_image_pixels") from None
+        except OSError:
+            raise  # writing an image failed (disk full, permissions): not the URL's fault
         except Exception as e:  # whatever a hostile server manages to provoke, one URL must not end the run
             entry = _entry(job.result, "failed", job.body, error=DownloadError(
                 "unexpected error", f"{type(e).__name__}: {e}", permanent=False))
         else:
-            if job.body is None:
-                job.body = value
-                return self.verify.submit(inspect_image, value.data, self.downloader.settings.max_pixels)
-            entry = self._store(job, value)
+            if isinstance(value, Future):
+                return value
+            entry = self._keep(job, value)
         self.store.manifests[job.term].append(entry)
         return entry
 
-    def _store(self, job: _Job, info: ImageInfo) -> dict[str, Any]:
+    def _keep(self, job: _Job, info: ImageInfo) -> dict[str, Any]:
+        """The verified file is on disk: keep it, or record a duplicate (and drop a copy in another folder)."""
         assert job.body is not None
-        body = job.body
-        existing = self.store.claim(job.term, body.sha256, info.ext)
-        if existing:
-            return _entry(job.result, "duplicate", body, info, file=f"../{existing}")
-        try:
-            name = self.store.write(job.term, body.sha256, info.ext, body.data)
-        except BaseException:
-            self.store.release(body.sha256)
-            raise
-        return _entry(job.result, "ok", body, info, file=name)
+        name = image_name(job.body.sha256, info.ext)
+        existing = self.store.claim(job.term, job.body.sha256, info.ext)
+        if existing is None:
+            return _entry(job.result, "ok", job.body, info, file=name)
+        if existing != f"{job.term}/{name}":
+            (self.store.raw / job.term / name).unlink(missing_ok=True)
+        return _entry(job.result, "duplicate", job.body, info, file=f"../{existing}")
 
     def _count(self, job: _Job, entry: dict[str, Any], summary: TermSummary, bar: tqdm) -> int:
         """Tally one manifest entry; 1 when it kept an image."""
@@ -288,6 +307,7 @@ def collect(cfg: Config, paths: RunPaths, *, retry_all: bool = False, settings: 
         network.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: finish what runs, start nothing new
         verify.shutdown(wait=True, cancel_futures=True)
         downloader.close()
+        store.close()
     kept = {term: store.kept_entries(term) for term in terms}
     attribution_md, attribution_json = write_attribution(paths.raw, kept)
     preview = contact_sheet({t: [paths.raw / t / e["file"] for e in sorted(es, key=lambda e: e["file"])]

@@ -5,13 +5,14 @@ whose latest manifest line says ``ok``. Files are named by content, so the same 
 twice (under two URLs or two terms, in this run or an earlier one) is stored once.
 
 Crash safety without an fsync per image: an image is written to a dot-named ``.part`` file and
-renamed, and only then is its ``ok`` line appended. Opening the store removes ``.part`` files and
-images without an ``ok`` line, and re-hashes every kept image against its manifest line: after a
-power loss, an image whose bytes did not reach the disk fails that check and is fetched again,
-and a manifest line that was lost makes its image an orphan that is removed and fetched again.
-So a re-run ends where an uninterrupted run would; what a crash costs is re-downloads, never a bad
-image counted as kept. (An fsync per image and per manifest line cost about 1 ms per image on the
-development machine's ext4, where re-hashing costs 0.05 ms; see bench/collect.py.)
+renamed (by the verification process that decoded it), and only then is its ``ok`` line
+appended. Opening the store removes ``.part`` files and images without an ``ok`` line, and
+re-hashes every kept image against its manifest line: after a power loss, an image whose bytes
+did not reach the disk fails that check and is fetched again, and a manifest line that was lost
+makes its image an orphan that is removed and fetched again. So a re-run ends where an
+uninterrupted run would; what a crash costs is re-downloads, never a bad image counted as kept.
+(bench/collect.py: an fsync per image and per manifest line costs 5-14 ms of wall time per image
+on the development machine's ext4; re-hashing on open costs 0.2-0.7 ms.)
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Manifest:
             self._remember(entry)
         # a crash can leave a last line without its newline: never glue the next line onto it
         self._torn = bool(raw) and not raw.endswith(b"\n")
+        self._fd: int | None = None
 
     @staticmethod
     def _parse(raw: bytes) -> list[dict[str, Any]]:
@@ -77,12 +79,16 @@ class Manifest:
         with self._lock:
             if self._torn:
                 line, self._torn = b"\n" + line, False
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+            if self._fd is None:  # kept open: one write per line, no open/close
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(self._fd, line)
             self._remember(entry)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class RawStore:
@@ -133,30 +139,38 @@ class RawStore:
         return {url for url, e in self.manifests[term].latest.items() if e.get("status") == "failed"}
 
     def claim(self, term: str, sha256: str, ext: str) -> str | None:
-        """Reserve the file for this content; returns the existing "term/file" when it is already kept."""
+        """Make ``term``'s copy of this content the kept one; returns the existing "term/file" when there is one."""
         with self._lock:
             existing = self._by_sha.get(sha256)
             if existing is None:
-                self._by_sha[sha256] = f"{term}/{sha256[:16]}.{ext}"
+                self._by_sha[sha256] = f"{term}/{image_name(sha256, ext)}"
             return existing
 
-    def release(self, sha256: str) -> None:
-        with self._lock:
-            self._by_sha.pop(sha256, None)
+    def close(self) -> None:
+        for manifest in self.manifests.values():
+            manifest.close()
 
-    def write(self, term: str, sha256: str, ext: str, data: bytes) -> str:
-        """Write-and-rename without fsync (the module docstring says why that is safe here)."""
-        name = f"{sha256[:16]}.{ext}"
-        path = self.raw / term / name
-        part = path.with_name(f".{name}.part")  # one writer per content: claim() reserved it
-        try:
-            part.write_bytes(data)
-            os.replace(part, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()
-            raise
-        return name
+
+def image_name(sha256: str, ext: str) -> str:
+    return f"{sha256[:16]}.{ext}"
+
+
+def write_image(folder: Path, sha256: str, ext: str, data: bytes) -> str:
+    """Write-and-rename without fsync (the module docstring says why that is safe here); returns the name.
+
+    Runs in the verification processes. Two writers of one name write the same bytes (the name is
+    the content's hash), so whichever rename lands last changes nothing.
+    """
+    name = image_name(sha256, ext)
+    part = folder / f".{name}.{os.getpid()}.part"
+    try:
+        part.write_bytes(data)
+        os.replace(part, folder / name)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+        raise
+    return name
 
 
 def _remove_parts(folder: Path) -> None:
