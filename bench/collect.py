@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))  # `python bench/collect.py` from anywhere; not vi
 
 from jobs.collect.download import Downloader, DownloadSettings, inspect_image  # noqa: E402
 from jobs.collect.netsafety import AddressPolicy  # noqa: E402
-from jobs.collect.stage import usable_cpus  # noqa: E402
+from jobs.collect.stage import usable_cpus, verification_pool  # noqa: E402
 from jobs.collect.store import RawStore, write_image  # noqa: E402
 from jobs.config import Config  # noqa: E402
 from jobs.fileio import atomic_write_json  # noqa: E402
@@ -134,8 +134,8 @@ class PhotoServer:
 class TreeCPU:
     """CPU seconds of a process and all its descendants, sampled from /proc every 20 ms.
 
-    rusage misses the verification workers: they are children of the forkserver process, which
-    nobody waits for. A descendant's last sample counts, so at most 20 ms of each is lost.
+    rusage would count only the descendants that were waited for. A descendant's last sample
+    counts, so at most 20 ms of each is lost.
     """
 
     def __init__(self, root: int) -> None:
@@ -253,7 +253,7 @@ def run_stages(server: PhotoServer, urls: list[tuple[str, str]], work: Path, wor
 def started_pool() -> tuple[ProcessPoolExecutor, float]:
     """A verification pool like collect's, its workers started and warm; and how long that took."""
     started = time.monotonic()
-    pool = ProcessPoolExecutor(usable_cpus(), mp_context=multiprocessing.get_context("forkserver"))
+    pool = verification_pool()
     list(pool.map(_warm, range(4 * usable_cpus())))
     return pool, time.monotonic() - started
 

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -118,8 +119,16 @@ def verify_and_write(data: bytes, sha256: str, max_pixels: int, folder: Path) ->
     return info
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; no worker tracebacks
+def _verification_worker(parent: int) -> None:
+    """Initializer of a verification process: Ctrl-C is the parent's to handle, and the parent's death ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # no worker tracebacks on Ctrl-C
+
+    def exit_with_parent() -> None:  # a SIGKILLed parent leaves its pool blocked on a queue forever otherwise
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, name="parent-watch", daemon=True).start()
 
 
 def usable_cpus() -> int:
@@ -268,10 +277,11 @@ class TermCollector:
         return 0
 
 
-def _verify_pool() -> ProcessPoolExecutor:
-    # forkserver: workers start from a clean process, not a fork of one with download threads running
-    return ProcessPoolExecutor(usable_cpus(), mp_context=multiprocessing.get_context("forkserver"),
-                               initializer=_ignore_sigint)
+def verification_pool() -> ProcessPoolExecutor:
+    """One process per usable core. Spawned: not a fork of a process with download threads running, and
+    each a child of this process, so it can tell when this process is gone."""
+    return ProcessPoolExecutor(usable_cpus(), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_verification_worker, initargs=(os.getpid(),))
 
 
 def collect(cfg: Config, paths: RunPaths, *, retry_all: bool = False, settings: DownloadSettings | None = None,
@@ -297,7 +307,7 @@ def collect(cfg: Config, paths: RunPaths, *, retry_all: bool = False, settings: 
     print(f"collect: {len(terms)} terms from {source.name} into {paths.raw}", flush=True)
     summaries: dict[str, TermSummary] = {}
     network = ThreadPoolExecutor(cfg.download_workers, thread_name_prefix="download")
-    verify = _verify_pool()
+    verify = verification_pool()
     collector = TermCollector(store, downloader, network, verify, cfg.download_workers * IN_FLIGHT_PER_WORKER,
                               stop_at, retry_all)
     try:
