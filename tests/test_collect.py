@@ -438,9 +438,10 @@ def test_an_endpoint_that_is_not_the_api_is_reported_not_a_crash(server, tmp_pat
 @pytest.mark.parametrize("layout", ["file", "folder"])
 def test_urls_source(server, tmp_path, layout):
     urls = {"ants": [f"{server.url}/img/ants/{k}.jpg" for k in range(3)], "bees": [f"{server.url}/img/bees/0.jpg"]}
-    if layout == "file":
+    if layout == "file":  # classes interleaved, one URL listed twice, a header and a comment
         listing = tmp_path / "urls.csv"
-        listing.write_text("class,url\n# a comment\n" + "".join(f"{c},{u}\n" for c, us in urls.items() for u in us))
+        rows = [("ants", urls["ants"][0]), ("bees", urls["bees"][0]), *(("ants", u) for u in urls["ants"])]
+        listing.write_text("class,url\n# a comment\n" + "".join(f"{c},{u}\n" for c, u in rows))
     else:
         listing = tmp_path / "lists"
         listing.mkdir()
@@ -450,8 +451,13 @@ def test_urls_source(server, tmp_path, layout):
     summary = collect(cfg, RunPaths(tmp_path / "out"))
     assert {t: s["kept"] for t, s in summary["terms"].items()} == {"ants": 3, "bees": 1}
     assert server.api_requests() == []
+    assert {t: s["wanted"] for t, s in summary["terms"].items()} == {"ants": 3, "bees": 1}  # distinct URLs
     with pytest.raises(CollectError, match="urls_file"):
         collect(make_cfg(server, source="urls", urls_file=str(tmp_path / "missing.csv")), RunPaths(tmp_path))
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"ants,{urls['ants'][0]}\nno comma here\n")
+    with pytest.raises(CollectError, match=r"bad.csv:2: expected 'class,url'"):
+        collect(make_cfg(server, source="urls", urls_file=str(bad)), RunPaths(tmp_path))
 
 
 # -- small parts ---------------------------------------------------------------------------------
