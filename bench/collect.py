@@ -1,7 +1,7 @@
 """Collect throughput: the whole ``jobs collect`` command on a URL list served from loopback.
 
     .venv/bin/python bench/collect.py [--images 2000] [--sets small,fixture,full] [--workers 8]
-                                      [--baseline REV]
+                                      [--baseline REV,...]
 
 A server process serves real photos, each URL a distinct file: photo ``k % n`` with a JPEG comment
 naming ``k`` (a COM segment after SOI), so no two downloads hash alike. Photo sets: ``small`` (the
@@ -12,11 +12,12 @@ set in shared/datasets, when present).
 For each set it reports:
 - ``command``: ``python -m jobs collect --source urls`` on a ``class,url`` list of ``--images`` lines
   (contact sheet, attribution and report included); images/s, images/s per usable core, and the
-  CPU seconds of the command (with its verification processes) and of the server. With
-  ``--baseline REV`` the same command also runs on the ``jobs/`` of git revision REV, side by side.
-- ``stages``: the same bodies through each stage alone (download threads, verification processes,
+  CPU seconds of the command (all its processes) and of the server. With ``--baseline REV,...``
+  the same command also runs on the ``jobs/`` of each git revision, side by side.
+- ``stages``: the same bodies through each stage alone (download threads, verification threads,
   writes) and each stage's share of their sum, by CPU time and by wall time.
-- ``pipeline``: verification in the download threads vs in a process pool (wall images/s).
+- ``pipeline``: download + verify with verification in the download threads, in collect's
+  verification threads, or in a process pool (wall images/s).
 - ``writes``: ms per image for write-and-rename, the same with fsync per file and per manifest
   line (what collect did before), and re-hashing on open (what a re-run does instead).
 
@@ -191,7 +192,7 @@ def run_command(server: PhotoServer, urls: list[tuple[str, str]], work: Path, wo
 
 
 def timed(fn: Any) -> tuple[Any, float, float]:
-    """(value, wall s, CPU s of this process and its descendants, verification workers included)."""
+    """(value, wall s, CPU s of this process and its descendants)."""
     tree = TreeCPU(os.getpid())
     time.sleep(0.05)  # a first sample before the work starts
     before, wall = sum(tree.seen.values()), time.monotonic()
@@ -228,7 +229,7 @@ def run_stages(server: PhotoServer, urls: list[tuple[str, str]], work: Path, wor
                     os.close(fd)
 
     bodies, net_wall, net_cpu = timed(download)
-    pool, pool_start_s = started_pool()
+    pool = verification_pool()
     infos, dec_wall, dec_cpu = timed(decode)
     pool.shutdown()
     _, write_wall, write_cpu = timed(lambda: write(False))
@@ -239,7 +240,6 @@ def run_stages(server: PhotoServer, urls: list[tuple[str, str]], work: Path, wor
     cpu = {"network": net_cpu, "decode": dec_cpu, "write": write_cpu}
     wall = {"network": net_wall, "decode": dec_wall, "write": write_wall}
     return {
-        "verify_pool_start_s": round(pool_start_s, 2),
         "stages": {stage: {"cpu_ms_per_image": round(1000 * cpu[stage] / n, 3),
                            "wall_ms_per_image": round(1000 * wall[stage] / n, 3),
                            "share_of_cpu": round(cpu[stage] / sum(cpu.values()), 3),
@@ -250,10 +250,10 @@ def run_stages(server: PhotoServer, urls: list[tuple[str, str]], work: Path, wor
     }
 
 
-def started_pool() -> tuple[ProcessPoolExecutor, float]:
-    """A verification pool like collect's, its workers started and warm; and how long that took."""
+def process_pool() -> tuple[ProcessPoolExecutor, float]:
+    """The alternative to collect's verification threads: one spawned process per core, started and warm."""
     started = time.monotonic()
-    pool = verification_pool()
+    pool = ProcessPoolExecutor(usable_cpus(), mp_context=multiprocessing.get_context("spawn"))
     list(pool.map(_warm, range(4 * usable_cpus())))
     return pool, time.monotonic() - started
 
@@ -263,13 +263,18 @@ def _warm(_: int) -> None:
 
 
 def run_pipelines(server: PhotoServer, urls: list[tuple[str, str]], workers: int) -> dict[str, float]:
-    """Download + verify with verification in the download threads vs in a process pool."""
+    """Download + verify: verification in the download threads, in collect's verification threads, or in
+    a process pool (its start-up reported apart, not timed)."""
     cfg = Config(allow_private_addresses=True)
     max_pixels = cfg.max_image_pixels
-    result = {}
-    for where in ("threads", "processes"):
+    result: dict[str, float] = {}
+    for where in ("download_threads", "verification_threads", "processes"):
         downloader = Downloader(DownloadSettings.from_config(cfg), AddressPolicy(allow_private=True), cfg.user_agent)
-        verify = started_pool()[0] if where == "processes" else None
+        verify: Any = None
+        if where == "processes":
+            verify, result["process_pool_start_s"] = process_pool()
+        elif where == "verification_threads":
+            verify = verification_pool()
 
         def one(url: str, downloader: Downloader = downloader, verify: Any = verify) -> Any:
             body = downloader.fetch(url)
@@ -311,7 +316,8 @@ def main() -> None:
     ap.add_argument("--stage-images", type=int, default=600, help="URLs per set for the stage and pipeline timings")
     ap.add_argument("--sets", default="small,fixture,full")
     ap.add_argument("--workers", type=int, default=8, help="download_workers")
-    ap.add_argument("--baseline", default=None, help="git revision whose jobs/ also runs the command, side by side")
+    ap.add_argument("--baseline", default=None,
+                    help="git revisions (comma-separated) whose jobs/ also run the command, side by side")
     args = ap.parse_args()
     sets = photo_sets()
     load_before = os.getloadavg()
@@ -320,8 +326,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-collect-") as tmp:
         work = Path(tmp)
         trees = {"this": REPO}
-        if args.baseline:
-            trees[args.baseline] = baseline_tree(args.baseline, work)
+        for rev in filter(None, (args.baseline or "").split(",")):
+            trees[rev] = baseline_tree(rev, work)
         for name in [s for s in args.sets.split(",") if s in sets]:
             photos = sets[name]
             server = PhotoServer(photos)

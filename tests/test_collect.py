@@ -518,12 +518,10 @@ def test_collect_killed_with_sigkill_then_rerun_matches_an_uninterrupted_run(ser
         if manifest.exists() and len(manifest.read_text().splitlines()) >= 3:
             break
         time.sleep(0.01)
-    workers = _children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
     folders = [killed / "raw" / term for term in ("ants", "bees")]
     assert sum(len(images(f)) for f in folders if f.exists()) < 24  # killed mid-run
-    assert workers and _gone(workers, timeout=10), "verification processes outlived their SIGKILLed parent"
     # what a kill can leave besides: an image mid-write, the attribution or report mid-write
     (killed / "raw" / "ants" / ".0123456789abcdef.jpg.4242.part").write_bytes(b"half an image")
     (killed / "raw" / ".attribution.json.x1y2.part").write_text("[")
@@ -562,27 +560,6 @@ def test_collect_deadline_stops_cleanly_and_the_same_command_finishes(server, tm
     assert set(kept_first["ants"]) <= set(_image_sets(out / "raw")["ants"])
     report = json.loads((out / "raw" / "collect_report.json").read_text())
     assert report["deadline_passed"] is False and report["terms"]["ants"]["already_had"] == len(kept_first["ants"])
-
-
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def _gone(pids: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(Path(f"/proc/{pid}").exists() for pid in pids):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_a_kept_image_whose_bytes_were_lost_is_fetched_again(server, tmp_path):

@@ -1,9 +1,9 @@
 """Fetch one image URL safely: address checks per redirect hop, retries, a byte cap, a deadline, a content check.
 
 ``Downloader.fetch`` does the network part (in a download thread); ``inspect_image`` decides whether
-the bytes are an image (in a verification process, so decoding never holds the GIL the download
-threads need). Whether a body is an image is decided by its bytes (Pillow identifies, verifies and
-fully decodes it), never by the URL's suffix or the Content-Type; only clearly non-image
+the bytes are an image (in a verification thread, so a download never waits for a decode).
+Whether a body is an image is decided by its bytes (Pillow identifies, verifies and fully
+decodes it), never by the URL's suffix or the Content-Type; only clearly non-image
 Content-Types (HTML, JSON, video ...) are refused before the body is read, and so are responses
 whose ``X-Robots-Tag`` opts out (``disallowed_header_directives``). The file extension comes from
 the detected format.
@@ -62,18 +62,12 @@ class DownloadError(Exception):
         self.reason, self.detail, self.retryable, self.retry_after = reason, detail, retryable, retry_after
         self.permanent = not retryable if permanent is None else permanent
 
-    def __reduce__(self) -> tuple[Any, ...]:  # raised in a verification process, re-raised here
-        return DownloadError, (self.reason, self.detail, self.retryable, self.retry_after, self.permanent)
-
 
 class Unfinished(DownloadError):
     """Cut short by the whole run's deadline (``collect_deadline_minutes``): not the URL's fault, not recorded."""
 
     def __init__(self) -> None:
         super().__init__("unfinished", "collect_deadline_minutes passed", permanent=False)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return Unfinished, ()
 
 
 @dataclass(frozen=True)

@@ -5,26 +5,26 @@ so the kept images are the first ``images_per_term`` that download and decode. T
 a function of the search results: a run killed at any point and run again ends with the same
 files as an uninterrupted run (transient failures aside, which a re-run retries).
 
-Three kinds of workers: download threads (network and hashing), verification processes (Pillow
-decodes every image fully, then writes the file), and this thread, which decides what is kept and
-appends manifest lines. Decoding and file writes stay out of this process: there they would
-compete for the GIL with the download threads, and each write's syscalls would wait for it.
+Three kinds of workers: download threads (network and hashing), verification threads (Pillow
+decodes every image fully, then the file is written) and this thread, which only decides what is
+kept and appends manifest lines. Downloads never wait for a decode, and this thread makes one
+syscall per image: each syscall releases the GIL, and under busy download threads getting it
+back is what made a main thread that wrote files the bottleneck. Verification runs in threads,
+not processes: Pillow releases the GIL while it decodes, and on the 2-core development machine a
+process pool made the whole command 1.1-1.4x slower (spawning it, and copying every body to it;
+bench/collect.py, README).
 Search results are read lazily (a 100k-line URL list is streamed), and at most a window of them
 is in flight at once.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import signal
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -113,22 +113,10 @@ def _entry(result: SearchResult, status: str, body: Body | None = None, info: Im
 
 
 def verify_and_write(data: bytes, sha256: str, max_pixels: int, folder: Path) -> ImageInfo:
-    """In a verification process: decode ``data`` fully and, when it is an image, write it into ``folder``."""
+    """In a verification thread: decode ``data`` fully and, when it is an image, write it into ``folder``."""
     info = inspect_image(data, max_pixels)
     write_image(folder, sha256, info.ext, data)
     return info
-
-
-def _verification_worker(parent: int) -> None:
-    """Initializer of a verification process: Ctrl-C is the parent's to handle, and the parent's death ends it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # no worker tracebacks on Ctrl-C
-
-    def exit_with_parent() -> None:  # a SIGKILLed parent leaves its pool blocked on a queue forever otherwise
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=exit_with_parent, name="parent-watch", daemon=True).start()
 
 
 def usable_cpus() -> int:
@@ -144,7 +132,7 @@ class _Job:
 
 
 class TermCollector:
-    """Downloads for one run: shared store, downloader, thread and process pools; one term at a time."""
+    """Downloads for one run: shared store, downloader, download and verification pools; one term at a time."""
 
     def __init__(self, store: RawStore, downloader: Downloader, network: Executor, verify: Executor, window: int,
                  stop_at: float | None, retry_all: bool) -> None:
@@ -216,7 +204,7 @@ class TermCollector:
                     have += self._count(job, step, summary, bar)
 
     def _download(self, job: _Job) -> Future:
-        """In a download thread: fetch, then hand the body to a verification process."""
+        """In a download thread: fetch, then hand the body to a verification thread."""
         job.body = self.downloader.fetch(job.result.url, self.stop_at)
         return self.verify.submit(verify_and_write, job.body.data, job.body.sha256,
                                   self.downloader.settings.max_pixels, self.store.raw / job.term)
@@ -229,9 +217,6 @@ class TermCollector:
             return None  # cut short by the run's deadline: as if never tried
         except DownloadError as e:
             entry = _entry(job.result, "failed", job.body, error=e)
-        except BrokenProcessPool:
-            raise CollectError("a verification process died (out of memory?); run the same command again to "
-                               "continue, perhaps with a lower max_image_pixels") from None
         except OSError:
             raise  # writing an image failed (disk full, permissions): not the URL's fault
         except Exception as e:  # whatever a hostile server manages to provoke, one URL must not end the run
@@ -277,11 +262,9 @@ class TermCollector:
         return 0
 
 
-def verification_pool() -> ProcessPoolExecutor:
-    """One process per usable core. Spawned: not a fork of a process with download threads running, and
-    each a child of this process, so it can tell when this process is gone."""
-    return ProcessPoolExecutor(usable_cpus(), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_verification_worker, initargs=(os.getpid(),))
+def verification_pool() -> ThreadPoolExecutor:
+    """Two threads per usable core: decoding releases the GIL, and a write waits on the disk."""
+    return ThreadPoolExecutor(2 * usable_cpus(), thread_name_prefix="verify")
 
 
 def collect(cfg: Config, paths: RunPaths, *, retry_all: bool = False, settings: DownloadSettings | None = None,

@@ -5,7 +5,7 @@ whose latest manifest line says ``ok``. Files are named by content, so the same 
 twice (under two URLs or two terms, in this run or an earlier one) is stored once.
 
 Crash safety without an fsync per image: an image is written to a dot-named ``.part`` file and
-renamed (by the verification process that decoded it), and only then is its ``ok`` line
+renamed (by the verification thread that decoded it), and only then is its ``ok`` line
 appended. Opening the store removes ``.part`` files and images without an ``ok`` line, and
 re-hashes every kept image against its manifest line: after a power loss, an image whose bytes
 did not reach the disk fails that check and is fetched again, and a manifest line that was lost
@@ -158,11 +158,11 @@ def image_name(sha256: str, ext: str) -> str:
 def write_image(folder: Path, sha256: str, ext: str, data: bytes) -> str:
     """Write-and-rename without fsync (the module docstring says why that is safe here); returns the name.
 
-    Runs in the verification processes. Two writers of one name write the same bytes (the name is
+    Runs in the verification threads. Two writers of one name write the same bytes (the name is
     the content's hash), so whichever rename lands last changes nothing.
     """
     name = image_name(sha256, ext)
-    part = folder / f".{name}.{os.getpid()}.part"
+    part = folder / f".{name}.{threading.get_ident()}.part"
     try:
         part.write_bytes(data)
         os.replace(part, folder / name)
