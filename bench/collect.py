@@ -11,7 +11,8 @@ set in shared/datasets, when present).
 
 For each set it reports:
 - ``command``: ``python -m jobs collect --source urls`` on a ``class,url`` list of ``--images`` lines
-  (contact sheet, attribution and report included); images/s, images/s per usable core, and the
+  (contact sheet, attribution and report included), the median of ``--rounds`` runs that
+  alternate the trees; images/s, images/s per usable core, and the
   CPU seconds of the command (all its processes) and of the server. With ``--baseline REV,...``
   the same command also runs on the ``jobs/`` of each git revision, side by side.
 - ``stages``: the same bodies through each stage alone (download threads, verification threads,
@@ -302,12 +303,14 @@ def baseline_tree(rev: str, work: Path) -> Path:
 
 
 def cpu_flags() -> str:
+    """The model name and which of the flags this project quotes (amx*, avx512_bf16) the CPU has."""
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "unknown"
-    wanted = sorted(f for f in flags if f.startswith("amx") or f == "avx512_bf16")
-    return " ".join(wanted) or "none of amx*/avx512_bf16"
+        return platform.processor() or "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    wanted = sorted(f for f in set(info.split()) if f.startswith("amx") or f == "avx512_bf16")
+    return f"{model}; {' '.join(wanted) or 'none of amx*/avx512_bf16'}"
 
 
 def main() -> None:
@@ -316,6 +319,7 @@ def main() -> None:
     ap.add_argument("--stage-images", type=int, default=600, help="URLs per set for the stage and pipeline timings")
     ap.add_argument("--sets", default="small,fixture,full")
     ap.add_argument("--workers", type=int, default=8, help="download_workers")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of the command per tree (the median is kept)")
     ap.add_argument("--baseline", default=None,
                     help="git revisions (comma-separated) whose jobs/ also run the command, side by side")
     args = ap.parse_args()
@@ -334,12 +338,20 @@ def main() -> None:
             try:
                 row: dict[str, Any] = {"photos": len(photos),
                                        "mean_kb": round(sum(len(d) for _, d in photos) / len(photos) / 1024, 1)}
-                for label, root in trees.items():
-                    run_dir = work / f"{name}-{label}"
-                    run_dir.mkdir()
-                    row[f"command_{label}"] = run_command(server, server.urls(f"{name}-{label}", args.images),
-                                                          run_dir, args.workers, root)
-                    print(f"{name} {label}: {row[f'command_{label}']}", flush=True)
+                runs: dict[str, list[dict[str, float]]] = {label: [] for label in trees}
+                for rnd in range(args.rounds):  # rounds alternate the trees: load from others hits them alike
+                    for label, root in trees.items():
+                        run_dir = work / f"{name}-{label}-{rnd}"
+                        run_dir.mkdir()
+                        runs[label].append(run_command(server, server.urls(f"{name}-{label}-{rnd}", args.images),
+                                                       run_dir, args.workers, root))
+                        print(f"{name} {label} round {rnd + 1}: {runs[label][-1]}", flush=True)
+                for label, rows in runs.items():
+                    median = sorted(rows, key=lambda r: r["images_per_s"])[len(rows) // 2]
+                    row[f"command_{label}"] = {**median, "images_per_s_rounds": [r["images_per_s"] for r in rows]}
+                    ratio = median["images_per_s"] / row["command_this"]["images_per_s"]
+                    print(f"{name} {label}: median {median['images_per_s']} images/s "
+                          f"({median['images_per_s_per_core']} per core), this/{label} = {1 / ratio:.2f}", flush=True)
                 stage_dir = work / f"{name}-stages"
                 stage_dir.mkdir()
                 stage_urls = server.urls(f"{name}-stage", args.stage_images)
@@ -352,7 +364,7 @@ def main() -> None:
                 server.stop()
     atomic_write_json(RESULT, {
         "benchmark": "collect", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
-        "cpu": platform.processor(), "images": args.images, "stage_images": args.stage_images,
+        "images": args.images, "rounds": args.rounds, "stage_images": args.stage_images,
         "download_workers": args.workers, "usable_cores": usable_cpus(), "cpu_flags": cpu_flags(),
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "note": "server and command share the machine's cores; the machine was shared with other work",
