@@ -11,8 +11,8 @@ kept and appends manifest lines. Downloads never wait for a decode, and this thr
 syscall per image: each syscall releases the GIL, and under busy download threads getting it
 back is what made a main thread that wrote files the bottleneck. Verification runs in threads,
 not processes: Pillow releases the GIL while it decodes, and on the 2-core development machine a
-process pool made the whole command 1.1-1.4x slower (spawning it, and copying every body to it;
-bench/collect.py, README).
+process pool made the whole command 1.37x slower on small photos (spawning it, copying every body
+to it) and was within noise on full-size ones (bench/collect.py, README).
 Search results are read lazily (a 100k-line URL list is streamed), and at most a window of them
 is in flight at once.
 """
