@@ -163,6 +163,8 @@ class Downloader:
 
     def close(self) -> None:
         self._watch.close()
+        for manager in self._managers.values():
+            manager.clear()  # close the kept-alive connections now, not when the garbage collector gets to them
 
     def fetch(self, url: str, stop_at: float | None = None) -> Body:
         """Download ``url`` following at most ``max_redirects`` checked hops; DownloadError on failure.
