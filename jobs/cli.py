@@ -78,11 +78,16 @@ def _setup(command: str, config_file: Path | None, out: Path, overrides: dict[st
     return cfg, paths
 
 
-def _collect(cfg: Config, paths: RunPaths) -> None:
+def _collect(cfg: Config, paths: RunPaths, retry_all: bool) -> None:
     from jobs.collect import collect as collect_stage
 
-    summary = collect_stage(cfg, paths)
-    if not any(term["kept"] for term in summary["terms"].values()):
+    summary = collect_stage(cfg, paths, retry_all=retry_all)
+    short = {t: n for t, n in summary["kept"].items() if n < cfg.min_images_per_class}
+    if summary["deadline_passed"] and short:
+        raise JobError(f"collect_deadline_minutes={cfg.collect_deadline_minutes:g} passed with "
+                       f"{', '.join(f'{t} ({n})' for t, n in short.items())} short of min_images_per_class="
+                       f"{cfg.min_images_per_class}; run the same command again to continue collecting")
+    if not any(summary["kept"].values()):
         raise JobError(f"no images collected for any of {list(summary['terms'])} from {summary['source']}; see the "
                        "summary above (network, --endpoint, --licenses, the search terms)")
 
@@ -125,15 +130,20 @@ def _audit(cfg: Config, paths: RunPaths, rt: Any) -> None:
     audit(cfg, paths, dataclasses.replace(rt, rank=0, world_size=1))
 
 
+RETRY_ALL = click.option("--retry-all", is_flag=True,
+                         help="Collect: also fetch again the URLs that failed permanently (404, not an image) before.")
+
+
 @cli.command()
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Folder with one sub-folder per class. Without it, images are collected for --terms.")
 @click.option("--resume", "resume", flag_value="require", default=None, help="Require resuming checkpoints/last.pt.")
 @click.option("--fresh", "resume", flag_value="fresh", help="Start training over (old checkpoints are kept aside).")
 @DECISIONS_OPTION
+@RETRY_ALL
 @config_options("run")
 def run(config_file: Path | None, out: Path, data: Path | None, resume: str | None, decisions_file: Path | None,
-        **overrides: Any) -> None:
+        retry_all: bool, **overrides: Any) -> None:
     """The whole job: [collect] -> clean -> audit -> split -> train -> evaluate -> export -> archive."""
     from jobs import archive, clean, evaluate, export, split, train
     from jobs.runtime import barrier, setup, teardown
@@ -145,7 +155,7 @@ def run(config_file: Path | None, out: Path, data: Path | None, resume: str | No
             _print_config(cfg, paths)
             _copy_decisions(decisions_file, paths)
             if data is None:
-                _collect(cfg, paths)
+                _collect(cfg, paths, retry_all)
             clean.clean(cfg, paths, data or paths.raw)
             _audit(cfg, paths, rt)
             split.split(cfg, paths)
@@ -161,11 +171,12 @@ def run(config_file: Path | None, out: Path, data: Path | None, resume: str | No
 
 
 @cli.command()
+@RETRY_ALL
 @config_options("collect")
-def collect(config_file: Path | None, out: Path, **overrides: Any) -> None:
+def collect(config_file: Path | None, out: Path, retry_all: bool, **overrides: Any) -> None:
     """Download images for each search term into OUT/raw/<term>/ with a manifest and attribution."""
     cfg, paths = _setup("collect", config_file, out, overrides)
-    _collect(cfg, paths)
+    _collect(cfg, paths, retry_all)
 
 
 @cli.command()

@@ -71,9 +71,12 @@ class Config:
     requests_per_minute: int = _key(20, "Search API requests per minute (Openverse allows about 20 anonymously).", commands=COLLECT, lo=1, hi=100_000)
     max_download_mb: float = _key(20.0, "Abort any single download larger than this.", commands=COLLECT, lo=0, lo_open=True, hi=100_000)
     allow_private_addresses: bool = _key(False, "Allow URLs that resolve to loopback/private addresses (local testing only).", commands=COLLECT)
+    download_timeout: float = _key(30.0, "Seconds one image download may take in all (redirects and retries included), however slowly the bytes arrive.", commands=COLLECT, lo=0, lo_open=True, hi=86_400)
+    collect_deadline_minutes: float = _key(0.0, "Stop collecting after this many minutes and keep what is there; the same command continues (0 = no deadline).", commands=COLLECT, lo=0, hi=10**7)
+    disallowed_header_directives: list[str] = _key(["noai", "noimageai", "noindex", "noimageindex"], "Skip images whose X-Robots-Tag response header carries one of these directives (empty = ignore the header).", commands=COLLECT)
     # -- clean ---------------------------------------------------------------------------------
     min_image_size: int = _key(32, "Exclude images whose short side is below this many pixels.", commands=CLEAN, cache=("clean",), lo=0, hi=100_000)
-    min_images_per_class: int = _key(5, "Refuse to train when a class has fewer clean images than this.", commands=CLEAN, lo=1, hi=10**9)
+    min_images_per_class: int = _key(5, "Refuse to train when a class has fewer clean images than this (collect: the minimum a deadline may leave).", commands=COLLECT + CLEAN, lo=1, hi=10**9)
     max_image_pixels: int = _key(89_478_485, "Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS).", commands=CLEAN, cache=("clean",), lo=1, hi=10**12)
     follow_symlinks: bool = _key(False, "Clean: follow symbolic links that lead outside --data (by default they are excluded as outside_data).", commands=CLEAN)
     # -- audit ---------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ Speaks the response shapes of Openverse (``/v1/images/``), the Wikimedia Commons
 distinct crop/mirror of it, so any number of different images can be served from a few).
 Result URLs are built from the request's Host header, so a client in a container gets URLs it can reach.
 
-Hostile routes under ``/h/``: 404, 500-then-200, 429-then-200 with Retry-After, a slow answer,
-an endless body, HTML (as text/html and as image/jpeg), redirect loops and chains, redirects to a
+Hostile routes under ``/h/``: 404, 500-then-200, 429-then-200 with Retry-After, 503 n times then
+200 (``/h/fails/<n>/<k>.jpg``), a slow answer,
+an endless body, 1-byte-every-2-s drips (in the body and in the status line), photos behind
+``X-Robots-Tag`` opt-outs, HTML (as text/html and as image/jpeg), redirect loops and chains, redirects to a
 private address and to file:// (never followed by a correct client), a truncated JPEG, a PNG named .jpg, and a
 copy of ``/img/ants/0.jpg`` under another URL.
 
@@ -51,6 +53,18 @@ HOSTILE = {
     "truncated": "/h/truncated.jpg",
     "png_named_jpg": "/h/png-named.jpg",
     "dup": "/h/dup.jpg",
+}
+# Slow drips: 1 byte every DRIP_SECONDS, behind a 1 MB Content-Length (body) or inside the status line (headers)
+DRIP = {"body": "/h/drip-body.jpg", "headers": "/h/drip-headers.jpg"}
+DRIP_SECONDS = 2.0
+# A real photo behind X-Robots-Tag header lines (each tuple: the lines sent, in order)
+OPT_OUT = {
+    "/h/robots/noai.jpg": ("noai",),
+    "/h/robots/two-lines.jpg": ("nofollow", "noimageai"),
+    "/h/robots/noindex-nofollow.jpg": ("noindex, nofollow",),
+    "/h/robots/other-bot.jpg": ("otherbot: noai",),
+    "/h/robots/our-bot.jpg": ("image-classifier-pipeline: noai, noindex",),
+    "/h/robots/harmless.jpg": ("nofollow, unavailable_after: 25 Jun 2030 15:00:00 PST",),
 }
 
 
@@ -144,9 +158,13 @@ class FakeImageAPI:
             return self._variants[(cls, k)]
 
     def first_hit(self, key: str) -> bool:
+        return self.hit(key) == 1
+
+    def hit(self, key: str) -> int:
+        """How many times ``key`` was asked for, this time included."""
         with self._lock:
             self._hits[key] += 1
-            return self._hits[key] == 1
+            return self._hits[key]
 
     def record(self, path: str, query: dict[str, str], headers: dict[str, str]) -> None:
         with self._lock:
@@ -335,7 +353,36 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, buf.getvalue(), "image/jpeg")
         if path == "/h/dup.jpg":
             return self._send(200, ants0, "image/jpeg")
+        if path.startswith("/h/fails/"):  # /h/fails/<n>/<k>.jpg: 503 for the first n requests, then photo k
+            _, _, _, n, name = path.split("/")
+            if self.api.hit(path) <= int(n):
+                return self._send(503, b"busy", "text/plain")
+            return self._send(200, self.api.photo(first, int(name.split(".")[0])), "image/jpeg")
+        if path in DRIP.values():
+            return self._drip(headers_too=path == DRIP["headers"])
+        if path in OPT_OUT:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(ants0)))
+            for value in OPT_OUT[path]:
+                self.send_header("X-Robots-Tag", value)
+            self.end_headers()
+            self.wfile.write(ants0)
+            return None
         self._send(404, b"no such route", "text/plain")
+
+    def _drip(self, headers_too: bool) -> None:
+        """One byte every DRIP_SECONDS, until the client hangs up (or 10 minutes)."""
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 1048576\r\n\r\n"
+        if not headers_too:
+            self.wfile.write(head)
+            head = b""
+        body = self.api.photo(sorted(self.api.photos)[0], 0)
+        for byte in (head + body)[: int(600 / DRIP_SECONDS)]:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(DRIP_SECONDS)
+        self.close_connection = True
 
     def _endless(self) -> None:
         """An image/jpeg body that never ends (until 1 GiB): the client's byte cap must stop it."""

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURE_IMAGES, REPO, run_job
-from fake_image_api import HOSTILE, PRIVATE_TARGET, FakeImageAPI
+from fake_image_api import DRIP, DRIP_SECONDS, HOSTILE, OPT_OUT, PRIVATE_TARGET, FakeImageAPI
 from PIL import Image
 
 from jobs.collect import collect, contact_sheet
 from jobs.collect.download import DownloadSettings
-from jobs.collect.netsafety import AddressPolicy, UnsafeURL, make_session
+from jobs.collect.netsafety import AddressPolicy, UnsafeURL, make_pool_manager
 from jobs.collect.preview import CELL, GAP, PANELS_PER_ROW, TITLE_H
 from jobs.collect.sources import CollectError
 from jobs.collect.store import Manifest, term_folder_name
@@ -69,7 +69,7 @@ def make_cfg(server: FakeImageAPI, **overrides):
 def fast(cfg, **overrides) -> DownloadSettings:
     """Short timeouts and backoff so the hostile cases take seconds, not minutes."""
     return DownloadSettings.from_config(cfg, **{"read_timeout": 0.5, "connect_timeout": 2.0, "backoff": 0.05,
-                                                "total_timeout": 10.0, **overrides})
+                                                "download_timeout": 10.0, **overrides})
 
 
 def images(folder: Path) -> list[Path]:
@@ -147,6 +147,50 @@ def test_rerun_downloads_nothing_new_and_removes_crash_leftovers(server, tmp_pat
     assert len(server.requests_to("/img/")) == n_img + 3
 
 
+def test_rerun_retries_only_what_failed_and_retry_all_the_permanent_ones(server, tmp_path):
+    """A URL failing all through one run (6 times) is kept by the next; nothing kept is downloaded again."""
+    good = [f"/img/ants/{k}.jpg" for k in range(4)]
+    flaky = "/h/fails/6/5.jpg"
+    server.catalog = {"ants": [*good, flaky, "/h/404.jpg"]}
+    cfg = make_cfg(server, terms="ants", images_per_term=6)
+    first = collect(cfg, RunPaths(tmp_path), settings=fast(cfg, retries=5))
+    assert first["terms"]["ants"]["kept"] == 4 and first["terms"]["ants"]["failed"] == {"http 503": 1, "http 404": 1}
+    assert len(server.requests_to(flaky)) == 6
+    entry = latest(tmp_path / "raw", "ants")[server.url + flaky]
+    assert entry["status"] == "failed" and entry["retryable"] and not entry["permanent"]
+    counts = {path: len(server.requests_to(path)) for path in [*good, "/h/404.jpg"]}
+
+    second = collect(cfg, RunPaths(tmp_path), settings=fast(cfg, retries=5))
+    assert len(server.requests_to(flaky)) == 7
+    assert latest(tmp_path / "raw", "ants")[server.url + flaky]["status"] == "ok"
+    assert {path: len(server.requests_to(path)) for path in counts} == counts  # nothing else fetched again
+    ants = second["terms"]["ants"]
+    assert (ants["kept"], ants["downloaded"], ants["retried"], ants["retried_kept"], ants["skipped_failed"]) == (
+        5, 1, 1, 1, 1)
+    report = json.loads((tmp_path / "raw" / "collect_report.json").read_text())
+    assert report["terms"]["ants"]["retried_kept"] == 1 and report["sources"]["openverse:flickr"]["tried"] == 1
+
+    proc = run_job("collect", "--out", str(tmp_path), "--terms", "ants", "--images-per-term", "6", "--endpoint",
+                   server.url, "--allow-private-addresses", "--requests-per-minute", "600", "--retry-all")
+    assert len(server.requests_to("/h/404.jpg")) == counts["/h/404.jpg"] + 1  # --retry-all: the permanent one too
+    assert {path: len(server.requests_to(path)) for path in good} == {p: counts[p] for p in good}
+    assert "retried 1 earlier failures (0 kept), skipped 0 permanent ones" in proc.stdout
+    assert "failed by reason: http 404: 1 (of 1 tried)" in proc.stdout
+
+
+def test_collect_report_counts_failures_by_reason_and_source(server, tmp_path):
+    server.catalog = {"ants": ["/img/ants/0.jpg", "/h/404.jpg", "/h/fails/9/1.jpg", "/h/page.html"],
+                      "bees": ["/img/bees/0.jpg", "/h/404.jpg?b"]}
+    cfg = make_cfg(server, images_per_term=4)
+    summary = collect(cfg, RunPaths(tmp_path), settings=fast(cfg, retries=0))
+    report = json.loads((tmp_path / "raw" / "collect_report.json").read_text())
+    assert report["failed_by_reason"] == {"http 404": 2, "http 503": 1, "not an image": 1}
+    assert report["sources"] == {"openverse:flickr": {"tried": 6, "kept": 2, "duplicate": 0, "failed": {
+        "http 404": 2, "http 503": 1, "not an image": 1}}}
+    assert report["terms"]["bees"]["failed"] == {"http 404": 1} and report["kept"] == {"ants": 1, "bees": 1}
+    assert summary["report"] == str(tmp_path / "raw" / "collect_report.json")
+
+
 @pytest.mark.parametrize(("licenses", "expected"), [
     ("by,cc0", {"license": "by,cc0"}),
     ("commercial", {"license_type": "commercial"}),
@@ -166,16 +210,16 @@ def test_mixed_license_filter_is_one_clear_error(server, tmp_path):
 def test_same_image_under_two_urls_and_two_terms_is_stored_once(server, tmp_path):
     server.catalog = {"ants": ["/img/ants/0.jpg", "/h/dup.jpg", "/img/ants/1.jpg"],
                       "bees": ["/img/ants/0.jpg", "/img/bees/0.jpg"]}
-    cfg = make_cfg(server, images_per_term=3, download_workers=1)  # one worker: a fixed order of ok/duplicate
-    summary = collect(cfg, RunPaths(tmp_path))
+    summary = collect(make_cfg(server, images_per_term=3), RunPaths(tmp_path))
     raw = tmp_path / "raw"
 
     ants0 = hashlib.sha256(server.photo("ants", 0)).hexdigest()
     everywhere = [p for p in raw.glob("*/*") if p.suffix in IMAGE_SUFFIXES]
     assert len(everywhere) == 3 and sum(p.name.startswith(ants0[:16]) for p in everywhere) == 1
     ants, bees = latest(raw, "ants"), latest(raw, "bees")
-    assert ants[f"{server.url}/h/dup.jpg"]["status"] == "duplicate"
-    assert ants[f"{server.url}/h/dup.jpg"]["sha256"] == ants0
+    copies = [ants[f"{server.url}{path}"] for path in ("/img/ants/0.jpg", "/h/dup.jpg")]
+    assert sorted(e["status"] for e in copies) == ["duplicate", "ok"]  # whichever verified first is kept
+    assert {e["sha256"] for e in copies} == {ants0}
     assert bees[f"{server.url}/img/ants/0.jpg"]["status"] == "duplicate"
     assert bees[f"{server.url}/img/ants/0.jpg"]["file"] == f"../ants/{ants0[:16]}.jpg"
     assert summary["terms"]["ants"]["kept"] == 2 and summary["terms"]["bees"]["kept"] == 1
@@ -243,6 +287,43 @@ def test_hostile_responses_are_failed_with_a_reason_and_transient_ones_retried_o
     assert len(server.requests_to(HOSTILE["to_private"])) > counts[HOSTILE["to_private"]]  # refusal depends on config
 
 
+@pytest.mark.parametrize("where", ["body", "headers"])
+def test_a_one_byte_drip_is_abandoned_at_download_timeout(server, tmp_path, where):
+    """1 byte every 2 s never trips a per-read timeout; the whole-download deadline still holds."""
+    server.catalog = {"ants": [DRIP[where], "/img/ants/0.jpg"]}
+    cfg = make_cfg(server, terms="ants", images_per_term=2, download_timeout=4)
+    started = time.monotonic()
+    summary = collect(cfg, RunPaths(tmp_path))
+    elapsed = time.monotonic() - started
+    assert DownloadSettings.from_config(cfg).read_timeout > DRIP_SECONDS  # so only the deadline can end it
+    entry = latest(tmp_path / "raw", "ants")[server.url + DRIP[where]]
+    assert entry["status"] == "failed" and entry["retryable"] and "download_timeout=4 s" in entry["error"]
+    assert summary["terms"]["ants"]["kept"] == 1 and summary["terms"]["ants"]["failed"] == {"timeout": 1}
+    assert len(server.requests_to(DRIP[where])) == 1  # the deadline covers retries: no second attempt
+    assert elapsed < cfg.download_timeout + 4.0, f"collect took {elapsed:.1f} s"
+
+
+def test_x_robots_tag_opt_outs_are_not_kept(server, tmp_path):
+    server.catalog = {"ants": list(OPT_OUT)}
+    summary = collect(make_cfg(server, terms="ants", images_per_term=len(OPT_OUT)), RunPaths(tmp_path / "a"))
+    entries = latest(tmp_path / "a" / "raw", "ants")
+    status = {path: entries[server.url + path]["status"] for path in OPT_OUT}
+    opted_out = {p for p, s in status.items() if s == "failed"}
+    assert opted_out == {"/h/robots/noai.jpg", "/h/robots/two-lines.jpg", "/h/robots/noindex-nofollow.jpg",
+                         "/h/robots/our-bot.jpg"}
+    assert "X-Robots-Tag noai" in entries[server.url + "/h/robots/noai.jpg"]["error"]
+    assert "noimageai" in entries[server.url + "/h/robots/two-lines.jpg"]["error"]
+    assert summary["terms"]["ants"]["failed"] == {"opted out": 4} and summary["failed_by_reason"] == {"opted out": 4}
+    assert len(images(tmp_path / "a" / "raw" / "ants")) == 1  # other-bot and harmless: the same photo, kept once
+    # the key sets the list; empty turns the check off
+    only_noai = collect(make_cfg(server, terms="ants", images_per_term=len(OPT_OUT),
+                                 disallowed_header_directives="noai"), RunPaths(tmp_path / "b"))
+    assert only_noai["terms"]["ants"]["failed"] == {"opted out": 2}  # noai.jpg and our-bot.jpg
+    off = collect(make_cfg(server, terms="ants", images_per_term=len(OPT_OUT), disallowed_header_directives=""),
+                  RunPaths(tmp_path / "c"))
+    assert off["terms"]["ants"]["failed"] == {} and off["kept"] == {"ants": 1}
+
+
 def test_default_policy_refuses_loopback_image_urls_without_requesting_them(server, tmp_path):
     cfg = make_cfg(server, terms="ants", images_per_term=3, allow_private_addresses=False)
     summary = collect(cfg, RunPaths(tmp_path))
@@ -274,9 +355,10 @@ def test_check_url_allows_public_addresses_and_the_allow_switch():
 def test_session_checks_the_address_again_at_connect_time(server):
     """What a DNS answer that changed after check_url would meet: the connection itself refuses."""
     with pytest.raises(UnsafeURL, match="loopback"):
-        make_session(AddressPolicy(), "test").get(f"{server.url}/img/ants/0.jpg", timeout=5)
+        make_pool_manager(AddressPolicy(), "test", 1).request("GET", f"{server.url}/img/ants/0.jpg", timeout=5)
     assert server.requests_to("/img/") == []
-    assert make_session(LOOPBACK_ONLY, "test").get(f"{server.url}/img/ants/0.jpg", timeout=5).status_code == 200
+    assert make_pool_manager(LOOPBACK_ONLY, "test", 1).request(
+        "GET", f"{server.url}/img/ants/0.jpg", timeout=5).status == 200
 
 
 def test_concurrent_requests_per_host_are_limited(server, tmp_path):
@@ -356,9 +438,10 @@ def test_an_endpoint_that_is_not_the_api_is_reported_not_a_crash(server, tmp_pat
 @pytest.mark.parametrize("layout", ["file", "folder"])
 def test_urls_source(server, tmp_path, layout):
     urls = {"ants": [f"{server.url}/img/ants/{k}.jpg" for k in range(3)], "bees": [f"{server.url}/img/bees/0.jpg"]}
-    if layout == "file":
+    if layout == "file":  # classes interleaved, one URL listed twice, a header and a comment
         listing = tmp_path / "urls.csv"
-        listing.write_text("class,url\n# a comment\n" + "".join(f"{c},{u}\n" for c, us in urls.items() for u in us))
+        rows = [("ants", urls["ants"][0]), ("bees", urls["bees"][0]), *(("ants", u) for u in urls["ants"])]
+        listing.write_text("class,url\n# a comment\n" + "".join(f"{c},{u}\n" for c, u in rows))
     else:
         listing = tmp_path / "lists"
         listing.mkdir()
@@ -368,8 +451,13 @@ def test_urls_source(server, tmp_path, layout):
     summary = collect(cfg, RunPaths(tmp_path / "out"))
     assert {t: s["kept"] for t, s in summary["terms"].items()} == {"ants": 3, "bees": 1}
     assert server.api_requests() == []
+    assert {t: s["wanted"] for t, s in summary["terms"].items()} == {"ants": 3, "bees": 1}  # distinct URLs
     with pytest.raises(CollectError, match="urls_file"):
         collect(make_cfg(server, source="urls", urls_file=str(tmp_path / "missing.csv")), RunPaths(tmp_path))
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"ants,{urls['ants'][0]}\nno comma here\n")
+    with pytest.raises(CollectError, match=r"bad.csv:2: expected 'class,url'"):
+        collect(make_cfg(server, source="urls", urls_file=str(bad)), RunPaths(tmp_path))
 
 
 # -- small parts ---------------------------------------------------------------------------------
@@ -378,9 +466,9 @@ def test_manifest_survives_a_torn_last_line(tmp_path):
     path = tmp_path / "manifest.jsonl"
     path.write_text('{"url": "http://a/1", "status": "ok"}\n{"url": "http://a/2", "sta')
     manifest = Manifest(path)
-    assert [e["url"] for e in manifest.entries] == ["http://a/1"]
+    assert list(manifest.latest) == ["http://a/1"]
     manifest.append({"url": "http://a/3", "status": "failed"})
-    assert [e["url"] for e in Manifest(path).entries] == ["http://a/1", "http://a/3"]
+    assert list(Manifest(path).latest) == ["http://a/1", "http://a/3"]
 
 
 def test_term_folder_names():
@@ -434,6 +522,10 @@ def test_collect_killed_with_sigkill_then_rerun_matches_an_uninterrupted_run(ser
     assert proc.wait(timeout=10) == -signal.SIGKILL
     folders = [killed / "raw" / term for term in ("ants", "bees")]
     assert sum(len(images(f)) for f in folders if f.exists()) < 24  # killed mid-run
+    # what a kill can leave besides: an image mid-write, the attribution or report mid-write
+    (killed / "raw" / "ants" / ".0123456789abcdef.jpg.4242.part").write_bytes(b"half an image")
+    (killed / "raw" / ".attribution.json.x1y2.part").write_text("[")
+    (killed / "raw" / ".collect_report.json.x3y4.part").write_text("{")
 
     run_job(*_collect_cmd(server, killed))
     run_job(*_collect_cmd(server, tmp_path / "straight"))
@@ -443,6 +535,45 @@ def test_collect_killed_with_sigkill_then_rerun_matches_an_uninterrupted_run(ser
     for term in ("ants", "bees"):
         lines = (killed / "raw" / term / "manifest.jsonl").read_text().splitlines()
         assert all(json.loads(line)["url"] for line in lines)
+
+
+def test_collect_deadline_stops_cleanly_and_the_same_command_finishes(server, tmp_path):
+    out = tmp_path / "run"
+    cmd = [*_collect_cmd(server, out), "--collect-deadline-minutes", "0.05"]  # 3 s
+    server.image_delay = 1.0  # 24 images, 2 at a time: about 12 s, far past the deadline
+    started = time.monotonic()
+    stopped = run_job(*cmd, check=False)
+    elapsed = time.monotonic() - started
+    assert stopped.returncode == 2 and elapsed < 3 + 6, (elapsed, stopped.stdout, stopped.stderr)
+    assert "collect stopped: collect_deadline_minutes=0.05 passed; still short: ants " in stopped.stdout
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: collect_deadline_minutes=0.05 passed with ") and "bees (0)" in last
+    assert "short of min_images_per_class=5; run the same command again" in last
+    kept_first = _image_sets(out / "raw")
+    assert 0 < len(kept_first["ants"]) < 12 and kept_first["bees"] == []
+    assert "unfinished" not in (out / "raw" / "ants" / "manifest.jsonl").read_text()  # cut short = not recorded
+    assert not leftovers(out / "raw")
+
+    server.image_delay = 0.0
+    run_job(*cmd)
+    assert {t: len(n) for t, n in _image_sets(out / "raw").items()} == {"ants": 12, "bees": 12}
+    assert set(kept_first["ants"]) <= set(_image_sets(out / "raw")["ants"])
+    report = json.loads((out / "raw" / "collect_report.json").read_text())
+    assert report["deadline_passed"] is False and report["terms"]["ants"]["already_had"] == len(kept_first["ants"])
+
+
+def test_a_kept_image_whose_bytes_were_lost_is_fetched_again(server, tmp_path):
+    """No fsync per image: what a power loss can do to a renamed file, the next run's re-hash undoes."""
+    cfg = make_cfg(server, terms="ants", images_per_term=3)
+    collect(cfg, RunPaths(tmp_path))
+    ants = tmp_path / "raw" / "ants"
+    victim, intact = images(ants)[0], images(ants)[1]
+    good = victim.read_bytes()
+    victim.write_bytes(b"")  # the rename reached the disk, the data did not
+    before = len(server.requests_to("/img/"))
+    summary = collect(cfg, RunPaths(tmp_path))
+    assert victim.read_bytes() == good and intact.is_file()
+    assert len(server.requests_to("/img/")) == before + 1 and summary["terms"]["ants"]["downloaded"] == 1
 
 
 def test_run_end_to_end_from_fake_openverse(server, tmp_path):

@@ -14,10 +14,12 @@ through the downloader's address checks. API requests are paced (``requests_per_
 from __future__ import annotations
 
 import html
+import itertools
 import os
 import re
 import threading
 import time
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -334,50 +336,87 @@ class BingSource(Source):
 
 
 class UrlsSource(Source):
-    """URLs listed by the user; every listed URL of a class is fetched (``images_per_term`` does not apply)."""
+    """URLs listed by the user; every listed URL of a class is fetched (``images_per_term`` does not apply).
+
+    The list is streamed, never held as rows: one pass here counts each class's distinct URLs (a
+    set of the URL strings lives only during that pass) and, for a CSV, notes where each class's
+    lines start (8 bytes a line); each class's URLs are then read back as the downloads need them.
+    """
 
     name = "urls"
 
     def __init__(self, location: Path) -> None:
         self.location = location
-        self.urls = read_url_list(location)
+        if not location.exists():
+            raise CollectError(f"config key 'urls_file' names {location}, which does not exist; "
+                               "pass a class,url file or a folder of <class>.txt files")
+        self._offsets: dict[str, array] = {}
+        distinct: dict[str, set[str]] = {}
+        if location.is_dir():
+            for txt in sorted(location.glob("*.txt")):
+                distinct.setdefault(txt.stem, set()).update(_url_lines(txt))
+        else:
+            for offset, cls, url in self._csv_rows():
+                distinct.setdefault(cls, set()).add(url)
+                self._offsets.setdefault(cls, array("q")).append(offset)
+        self.counts = {cls: len(urls) for cls, urls in distinct.items() if urls}
+        if not self.counts:
+            raise CollectError(f"config key 'urls_file': {location} lists no URLs; write 'class,url' lines")
 
     def classes(self) -> list[str]:
-        return list(self.urls)
+        return list(self.counts)
 
     def target(self, term: str, images_per_term: int) -> int:
-        return len(self.urls.get(term, []))
+        return self.counts.get(term, 0)
 
     def search(self, term: str, n: int) -> Iterator[SearchResult]:
-        for url in self.urls.get(term, [])[:n]:
+        for url in itertools.islice(self._class_urls(term), n):
             yield SearchResult(url=url, source=f"urls:{self.location.name}", landing_url=url)
 
+    def _class_urls(self, term: str) -> Iterator[str]:
+        if self.location.is_dir():
+            yield from _url_lines(self.location / f"{term}.txt")
+            return
+        with self.location.open("rb") as f:
+            for offset in self._offsets.get(term, ()):
+                f.seek(offset)
+                row = _csv_row(f.readline().decode(errors="replace"))
+                if row:  # None only when the file changed since __init__ read it
+                    yield row[1]
 
-def read_url_list(location: Path) -> dict[str, list[str]]:
-    """``class,url`` lines (a header line and '#' comments allowed; URLs may hold commas), or a folder of
-    ``<class>.txt`` files with one URL per line."""
-    if not location.exists():
-        raise CollectError(f"config key 'urls_file' names {location}, which does not exist; "
-                          "pass a class,url file or a folder of <class>.txt files")
-    urls: dict[str, list[str]] = {}
-    if location.is_dir():
-        for txt in sorted(location.glob("*.txt")):
-            lines = [ln.strip() for ln in txt.read_text(errors="replace").splitlines()]
-            urls[txt.stem] = [ln for ln in lines if ln and not ln.startswith("#")]
-    else:
-        for lineno, line in enumerate(location.read_text(errors="replace").splitlines(), 1):
+    def _csv_rows(self) -> Iterator[tuple[int, str, str]]:
+        """(byte offset, class, url) of every ``class,url`` line; CollectError names a malformed one."""
+        offset = 0
+        with self.location.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = raw.decode(errors="replace")
+                try:
+                    row = _csv_row(line)
+                except ValueError:
+                    raise CollectError(f"{self.location}:{lineno}: expected 'class,url', got "
+                                       f"{line.strip()[:80]!r}") from None
+                if row is not None:
+                    yield offset, *row
+                offset += len(raw)
+
+
+def _csv_row(line: str) -> tuple[str, str] | None:
+    """(class, url) of one line; None for a blank line, a '#' comment or a header; ValueError when malformed."""
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    cls, sep, url = (part.strip().strip('"') for part in line.partition(","))
+    if not sep or not cls or not url:
+        raise ValueError(line)
+    return None if (cls.lower(), url.lower()) == ("class", "url") else (cls, url)
+
+
+def _url_lines(txt: Path) -> Iterator[str]:
+    with txt.open(errors="replace") as f:
+        for line in f:
             line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            cls, sep, url = (part.strip().strip('"') for part in line.partition(","))
-            if not sep or not cls or not url:
-                raise CollectError(f"{location}:{lineno}: expected 'class,url', got {line[:80]!r}")
-            if (cls.lower(), url.lower()) != ("class", "url"):  # a CSV header line
-                urls.setdefault(cls, []).append(url)
-    urls = {cls: list(dict.fromkeys(u)) for cls, u in urls.items() if u}
-    if not urls:
-        raise CollectError(f"config key 'urls_file': {location} lists no URLs; write 'class,url' lines")
-    return urls
+            if line and not line.startswith("#"):
+                yield line
 
 
 def make_source(cfg: Config) -> Source:
