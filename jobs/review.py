@@ -125,6 +125,44 @@ def render_review(audit: dict, image_file: Callable[[str], Path | None], class_n
     return atomic_write_text(out, page)
 
 
+def data_quality_html(audit: dict, review_href: str = "review.html") -> str:
+    """The report's data-quality fragment (no heading: the report wraps it in its own section).
+
+    Counts per kind, the estimated label noise per class, a link to the review page and what the
+    split did about leakage, all from ``audit`` (an audit.json document).
+    """
+    groups = audit.get("near_duplicates", [])
+    conflicts = [g for g in groups if g.get("cross_class")]
+    conflict_images = sum(len(g["files"]) for g in conflicts)
+    issue_counts: dict[str, int] = {}
+    for entry in audit.get("image_issues", []):
+        for issue in entry.get("issues", []):
+            issue_counts[issue] = issue_counts.get(issue, 0) + 1
+    by_issue = ", ".join(f"{issue} {n}" for issue, n in sorted(issue_counts.items()))
+    rows = [
+        ("cross-class conflicts (groups of one image under several classes)", len(conflicts),
+         f"{conflict_images} images"),
+        ("near-duplicate groups within one class", len(groups) - len(conflicts),
+         f"{sum(len(g['files']) for g in groups if not g.get('cross_class'))} images"),
+        ("label issues", len(audit.get("label_issues", [])), ""),
+        ("outliers", len(audit.get("outliers", [])), ""),
+        ("image-quality flags (images)", len(audit.get("image_issues", [])), by_issue),
+    ]
+    table = "".join(f"<tr><td>{html.escape(kind)}</td><td>{n}</td><td>{html.escape(detail)}</td></tr>"
+                    for kind, n, detail in rows)
+    noise = audit.get("estimated_noise", {})
+    noise_rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{100 * r:.1f}%</td></tr>" for c, r in noise.items())
+    noise_html = (f"<table><tr><th>class</th><th>estimated label noise</th></tr>{noise_rows}</table>" if noise
+                  else "<p>Estimated label noise: not estimated.</p>")
+    leakage = ("test accuracy on a leakage-free split: near-duplicate groups are kept within one split; "
+               f"{len(conflicts)} cross-class conflict{'' if len(conflicts) == 1 else 's'} excluded"
+               + (f" ({conflict_images} images)" if conflicts else ""))
+    return (f'<div id="data-quality"><table><tr><th>found</th><th>count</th><th>details</th></tr>{table}</table>'
+            f"{noise_html}<p>{html.escape(leakage)}</p>"
+            f'<p><a href="{html.escape(review_href)}">Review the flagged images</a> '
+            "(keep / exclude / relabel; then re-run the same job)</p></div>")
+
+
 def _card_html(card: dict, thumb: str, class_names: Sequence[str]) -> str:
     file = card["file"]
     facts = [f'given <b>{html.escape(card["given"])}</b>']

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import requests
 
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_json
-from jobs.review import ReviewServer, render_review, review_server
+from jobs.review import ReviewServer, data_quality_html, render_review, review_server
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hymenoptera_small"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -209,3 +210,28 @@ def test_review_server_refuses_to_start_without_a_page_or_off_loopback(tmp_path)
             review_server(run, port=taken.server_address[1])
     finally:
         taken.server_close()
+
+
+def test_data_quality_fragment_counts_each_kind_and_escapes():
+    audit = _audit()
+    audit["near_duplicates"].append({"files": ["bees/a.jpg", "<b>x</b>/a.jpg", "bees/c.jpg"],
+                                     "classes": ["<b>x</b>", "bees"], "cross_class": True})
+    audit["estimated_noise"]["<b>x</b>"] = 0.5
+    fragment = data_quality_html(audit, review_href='review.html?a="1"')
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>(\d+)</td><td>([^<]*)</td></tr>", fragment)
+    assert rows == [("cross-class conflicts (groups of one image under several classes)", "2", "5 images"),
+                    ("near-duplicate groups within one class", "1", "2 images"),
+                    ("label issues", "1", ""), ("outliers", "2", ""),
+                    ("image-quality flags (images)", "2", "blurry 1, dark 2")]
+    assert "<tr><td>ants</td><td>8.0%</td></tr>" in fragment
+    assert "<tr><td>&lt;b&gt;x&lt;/b&gt;</td><td>50.0%</td></tr>" in fragment and "<b>x" not in fragment
+    assert ("<p>test accuracy on a leakage-free split: near-duplicate groups are kept within one split; "
+            "2 cross-class conflicts excluded (5 images)</p>") in fragment
+    assert '<a href="review.html?a=&quot;1&quot;">' in fragment
+
+
+def test_data_quality_fragment_of_a_clean_audit():
+    fragment = data_quality_html({"near_duplicates": [], "label_issues": [], "outliers": [], "image_issues": [],
+                                  "estimated_noise": {}})
+    assert "0 cross-class conflicts excluded</p>" in fragment
+    assert "not estimated" in fragment and '<a href="review.html">' in fragment
