@@ -381,7 +381,8 @@ button.on{font-weight:bold;outline:2px solid #333}
 <button id="export">Export decisions.json</button> <button id="clear">Clear all</button>
 <button id="save" hidden>Save to run</button> <span id="save-status"></span>
 <div class="note">Choices are saved in this browser as you click. Click a chosen button again to undo it.
-Export, then put decisions.json in the run folder (or pass --decisions) and re-run the job.</div></header>
+Export decisions.json into the run folder (or, when this page is served by
+<code>python -m jobs review --out RUN</code>, Save to run), then re-run the same job.</div></header>
 __SECTIONS__
 <script>
 "use strict";
