@@ -309,17 +309,17 @@ class _ReviewHandler(BaseHTTPRequestHandler):
         if self.headers.get_content_type() != "application/json":
             self._reply(415, "send decisions.json with Content-Type: application/json")
             return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
             self._reply(411, "send a Content-Length header with the decisions.json body")
             return
-        if not 0 <= length <= MAX_BODY:
+        length = int(length)
+        if length > MAX_BODY:
             self._reply(413, f"a decisions.json body must be at most {MAX_BODY} bytes")
             return
         try:
             doc = json.loads(self.rfile.read(length))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...
             self._reply(400, f"the body is not JSON ({str(e).splitlines()[0][:120]})")
             return
         try:

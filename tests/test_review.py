@@ -156,6 +156,8 @@ def test_save_to_run_writes_decisions_json_from_the_browser(served):
 
 @pytest.mark.parametrize("body, message", [
     (b"{not json", "the body is not JSON"),
+    (b"\xff\xfe", "the body is not JSON"),
+    (b"[" * 100_000, "the body is not JSON"),
     (b"[]", "decisions must be a JSON object"),
     (b'{"exclude": "ants/a.jpg"}', "exclude must be a list of file paths"),
     (b'{"keep": [1]}', "keep must be a list of file paths"),
