@@ -10,20 +10,30 @@ browser's localStorage under a key naming the run, survive a reload, and are exp
 Every path is a source path relative to the data folder, as in audit.json. One choice per
 file: a file shown in several sections (a label issue that is also an outlier) shows the same
 choice everywhere.
+
+``serve_review`` serves the run's report folder on loopback and saves the page's choices straight
+into ``<run>/decisions.json`` (``POST /decisions``); the page shows a "Save to run" button only
+when this server answers ``GET /decisions``.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
+import ipaddress
 import json
+import mimetypes
 from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from PIL import Image, ImageOps
 
-from jobs.fileio import atomic_write_text
+from jobs.errors import JobError
+from jobs.fileio import atomic_write_json, atomic_write_text, read_run_file
 
 THUMB_SIZE = 160
 MAX_PER_KIND = 500  # cards per section; the rest stay in audit.json
@@ -115,6 +125,44 @@ def render_review(audit: dict, image_file: Callable[[str], Path | None], class_n
     return atomic_write_text(out, page)
 
 
+def data_quality_html(audit: dict, review_href: str = "review.html") -> str:
+    """The report's data-quality fragment (no heading: the report wraps it in its own section).
+
+    Counts per kind, the estimated label noise per class, a link to the review page and what the
+    split did about leakage, all from ``audit`` (an audit.json document).
+    """
+    groups = audit.get("near_duplicates", [])
+    conflicts = [g for g in groups if g.get("cross_class")]
+    conflict_images = sum(len(g["files"]) for g in conflicts)
+    issue_counts: dict[str, int] = {}
+    for entry in audit.get("image_issues", []):
+        for issue in entry.get("issues", []):
+            issue_counts[issue] = issue_counts.get(issue, 0) + 1
+    by_issue = ", ".join(f"{issue} {n}" for issue, n in sorted(issue_counts.items()))
+    rows = [
+        ("cross-class conflicts (groups of one image under several classes)", len(conflicts),
+         f"{conflict_images} images"),
+        ("near-duplicate groups within one class", len(groups) - len(conflicts),
+         f"{sum(len(g['files']) for g in groups if not g.get('cross_class'))} images"),
+        ("label issues", len(audit.get("label_issues", [])), ""),
+        ("outliers", len(audit.get("outliers", [])), ""),
+        ("image-quality flags (images)", len(audit.get("image_issues", [])), by_issue),
+    ]
+    table = "".join(f"<tr><td>{html.escape(kind)}</td><td>{n}</td><td>{html.escape(detail)}</td></tr>"
+                    for kind, n, detail in rows)
+    noise = audit.get("estimated_noise", {})
+    noise_rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{100 * r:.1f}%</td></tr>" for c, r in noise.items())
+    noise_html = (f"<table><tr><th>class</th><th>estimated label noise</th></tr>{noise_rows}</table>" if noise
+                  else "<p>Estimated label noise: not estimated.</p>")
+    leakage = ("test accuracy on a leakage-free split: near-duplicate groups are kept within one split; "
+               f"{len(conflicts)} cross-class conflict{'' if len(conflicts) == 1 else 's'} excluded"
+               + (f" ({conflict_images} images)" if conflicts else ""))
+    return (f'<div id="data-quality"><table><tr><th>found</th><th>count</th><th>details</th></tr>{table}</table>'
+            f"{noise_html}<p>{html.escape(leakage)}</p>"
+            f'<p><a href="{html.escape(review_href)}">Review the flagged images</a> '
+            "(keep / exclude / relabel; then re-run the same job)</p></div>")
+
+
 def _card_html(card: dict, thumb: str, class_names: Sequence[str]) -> str:
     file = card["file"]
     facts = [f'given <b>{html.escape(card["given"])}</b>']
@@ -132,6 +180,183 @@ def _card_html(card: dict, thumb: str, class_names: Sequence[str]) -> str:
             '<div class="controls"><button data-action="keep">keep</button>'
             '<button data-action="exclude">exclude</button>'
             f'<button data-action="relabel">relabel to</button><select>{options}</select></div></div>')
+
+
+DECISION_KEYS = ("exclude", "relabel", "keep")
+MAX_BODY = 16 << 20  # decisions for ~100k files; anything larger is not from the page
+
+
+def run_class_names(run_folder: Path) -> list[str]:
+    """The relabel targets: the classes clean found (``clean_report.json``), else ``splits.json``'s.
+
+    clean_report.json is written before the audit, so it exists whenever review.html does;
+    splits.json (same classes) covers a run folder that kept only the later stages' files.
+    """
+    clean_report, splits = run_folder / "clean_report.json", run_folder / "splits.json"
+    if clean_report.exists() or not splits.exists():
+        rebuild = f"run `python -m jobs clean --out {run_folder}`"
+        return list(read_run_file(clean_report, rebuild, ("classes",))["classes"])
+    return list(read_run_file(splits, f"run `python -m jobs split --out {run_folder}`", ("classes",))["classes"])
+
+
+def check_decisions(doc: object, class_names: Sequence[str]) -> dict:
+    """``doc`` as decisions.json holds it (all three keys, sorted), or ValueError with one line saying what is wrong."""
+    if not isinstance(doc, dict):
+        raise ValueError('decisions must be a JSON object: {"exclude": [...], "relabel": {...}, "keep": [...]}')
+    unknown_keys = sorted(set(doc) - set(DECISION_KEYS))
+    if unknown_keys:
+        raise ValueError(f"unknown key {unknown_keys[0]!r} in decisions; the keys are exclude, relabel, keep")
+    exclude, relabel, keep = doc.get("exclude", []), doc.get("relabel", {}), doc.get("keep", [])
+    for name, files in (("exclude", exclude), ("keep", keep)):
+        if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+            raise ValueError(f"{name} must be a list of file paths (strings)")
+    if not isinstance(relabel, dict) or not all(isinstance(c, str) for c in relabel.values()) or "" in relabel:
+        raise ValueError('relabel must map file paths to class names: {"dogs/x.jpg": "cats"}')
+    unknown_classes = sorted(set(relabel.values()) - set(class_names))
+    if unknown_classes:
+        raise ValueError(f"unknown class {unknown_classes[0]!r} in relabel; the run's classes are "
+                         f"{', '.join(class_names)}")
+    chosen: dict[str, str] = {}
+    for kind, files in (("exclude", exclude), ("relabel", list(relabel)), ("keep", keep)):
+        for f in files:
+            if chosen.setdefault(f, kind) != kind:
+                raise ValueError(f"{f!r} is in both {chosen[f]} and {kind}; choose one")
+    return {"exclude": sorted(set(exclude)), "relabel": dict(sorted(relabel.items())), "keep": sorted(set(keep))}
+
+
+class ReviewServer(ThreadingHTTPServer):
+    """Serves ``<run>/report/`` and takes ``POST /decisions`` into ``<run>/decisions.json``."""
+
+    daemon_threads = True
+
+    def __init__(self, run_folder: Path, host: str, port: int) -> None:
+        self.run_folder = run_folder
+        self.report = (run_folder / "report").resolve()
+        super().__init__((host, port), _ReviewHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/review.html"
+
+
+def review_server(run_folder: Path, host: str = "127.0.0.1", port: int = 8765) -> ReviewServer:
+    """A bound (not yet serving) ReviewServer for ``run_folder``, or one line saying why it cannot start.
+
+    Loopback only: the server writes into the run folder and asks nobody for a password.
+    Port 0 picks a free port (see ``.url``).
+    """
+    try:
+        loopback = ipaddress.ip_address(host).version == 4 and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise JobError(f"--host {host} is not a loopback address; the review server writes into the run folder "
+                       "and has no login, so it listens on 127.0.0.1 (or another 127.x address) only")
+    page = run_folder / "report" / "review.html"
+    if not page.is_file():
+        raise JobError(f"no review page at {page}; run `python -m jobs audit --out {run_folder}` first")
+    run_class_names(run_folder)  # fail now, not at the first save
+    try:
+        return ReviewServer(run_folder, host, port)
+    except OSError as e:
+        why = "is in use; pass another --port" if e.errno == errno.EADDRINUSE else f"cannot be opened ({e.strerror})"
+        raise JobError(f"port {port} on {host} {why}") from None
+
+
+def serve_review(run_folder: Path, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Serve the review page until Ctrl-C; "Save to run" writes ``<run_folder>/decisions.json``."""
+    server = review_server(run_folder, host, port)
+    print(f"review: open {server.url} ; Save to run writes {run_folder / 'decisions.json'} ; Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("review: stopped")
+    finally:
+        server.server_close()
+
+
+class _ReviewHandler(BaseHTTPRequestHandler):
+    server: ReviewServer
+    server_version = "jobs-review"
+
+    def do_GET(self) -> None:
+        if not self._from_this_host():
+            return
+        path = unquote(urlsplit(self.path).path)
+        if path == "/decisions":  # the page asks this to learn it may offer "Save to run"
+            saved = (self.server.run_folder / "decisions.json").exists()
+            self._reply(200, json.dumps({"run": str(self.server.run_folder), "saved": saved}), "application/json")
+            return
+        try:
+            target = (self.server.report / (path.lstrip("/") or "review.html")).resolve()
+        except (OSError, ValueError):  # e.g. a NUL byte in the path
+            target = None
+        if target is None or not target.is_relative_to(self.server.report) or not target.is_file():
+            self._reply(404, f"not found: {path} (this server serves only the run's report folder)")
+            return
+        content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        if content_type.startswith("text/"):
+            content_type += "; charset=utf-8"  # the report's pages are written as UTF-8
+        self._reply(200, target.read_bytes(), content_type)
+
+    def do_POST(self) -> None:
+        if not self._from_this_host():
+            return
+        if urlsplit(self.path).path != "/decisions":
+            self._reply(404, f"not found: POST {self.path} (POST /decisions saves decisions.json)")
+            return
+        if self.headers.get_content_type() != "application/json":
+            self._reply(415, "send decisions.json with Content-Type: application/json")
+            return
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            self._reply(411, "send a Content-Length header with the decisions.json body")
+            return
+        length = int(length)
+        if length > MAX_BODY:
+            self._reply(413, f"a decisions.json body must be at most {MAX_BODY} bytes")
+            return
+        try:
+            doc = json.loads(self.rfile.read(length))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...
+            self._reply(400, f"the body is not JSON ({str(e).splitlines()[0][:120]})")
+            return
+        try:
+            decisions = check_decisions(doc, run_class_names(self.server.run_folder))
+        except ValueError as e:
+            self._reply(400, str(e))
+            return
+        except JobError as e:  # the run folder lost clean_report.json while we served: not the client's fault
+            self._reply(500, str(e))
+            return
+        target = self.server.run_folder / "decisions.json"
+        try:
+            atomic_write_json(target, decisions)
+        except (OSError, JobError) as e:
+            self._reply(500, f"cannot write {target}: {e}")
+            return
+        count = len(decisions["exclude"]) + len(decisions["relabel"]) + len(decisions["keep"])
+        self._reply(200, f"saved {count} decision{'' if count == 1 else 's'} to {target}")
+
+    def _from_this_host(self) -> bool:
+        """Refuse requests addressed to another name (DNS rebinding) or sent by another site's page."""
+        port = self.server.server_address[1]
+        origins = {f"{self.server.server_address[0]}:{port}", f"localhost:{port}"}
+        origin = self.headers.get("Origin")
+        if self.headers.get("Host") in origins and (origin is None or urlsplit(origin).netloc in origins):
+            return True
+        self._reply(403, f"only the review page at {self.server.url} may use this server")
+        return False
+
+    def _reply(self, status: int, body: str | bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
 
 
 _PAGE = """<!doctype html>
@@ -154,8 +379,10 @@ button.on{font-weight:bold;outline:2px solid #333}
 <header><b>Review</b> · estimated label noise: __NOISE__ ·
 <span id="count">0 decisions</span>
 <button id="export">Export decisions.json</button> <button id="clear">Clear all</button>
+<button id="save" hidden>Save to run</button> <span id="save-status"></span>
 <div class="note">Choices are saved in this browser as you click. Click a chosen button again to undo it.
-Export, then put decisions.json in the run folder (or pass --decisions) and re-run the job.</div></header>
+Export decisions.json into the run folder (or, when this page is served by
+<code>python -m jobs review --out RUN</code>, Save to run), then re-run the same job.</div></header>
 __SECTIONS__
 <script>
 "use strict";
@@ -212,6 +439,23 @@ document.getElementById("export").addEventListener("click", () => {
 });
 document.getElementById("clear").addEventListener("click", () => {
   if (confirm("Clear every choice on this page?")) { state = {}; save(); paint(); }
+});
+const saveButton = document.getElementById("save"), saveStatus = document.getElementById("save-status");
+if (location.protocol === "http:" || location.protocol === "https:") {
+  // only `python -m jobs review` answers this; any other web server leaves the button hidden
+  fetch("/decisions").then(r => r.ok ? r.json() : null).then(info => {
+    if (info && typeof info.run === "string") {
+      saveButton.hidden = false; saveButton.title = "write decisions.json into " + info.run;
+    }
+  }).catch(() => {});
+}
+saveButton.addEventListener("click", async () => {
+  saveStatus.textContent = "saving...";
+  try {
+    const r = await fetch("/decisions", {method: "POST", headers: {"Content-Type": "application/json"},
+                                         body: JSON.stringify(decisions())});
+    saveStatus.textContent = (r.ok ? "" : "not saved: ") + await r.text();
+  } catch (e) { saveStatus.textContent = "not saved: " + e; }
 });
 window.addEventListener("storage", e => { if (e.key === KEY) { state = JSON.parse(e.newValue || "{}"); paint(); } });
 paint();

@@ -234,7 +234,7 @@ def _help(argv: list[str]) -> str:
 
 def test_manifests_call_jobs_commands_with_options_they_have():
     calls = _jobs_calls()
-    assert set(calls) >= {"run", "clean", "split", "train", "evaluate", "export", "archive"}
+    assert set(calls) >= {"run", "clean", "audit", "split", "train", "evaluate", "export", "archive"}
     for command, options in calls.items():
         text = _help(["-m", "jobs", command])
         missing = [o for o in options if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text)]
@@ -274,7 +274,19 @@ def test_pytorchjob_runs_one_container_on_master_and_workers():
     # After torchrun, single-process stages must not see the operator's pod-level WORLD_SIZE/RANK.
     after = script.split("torchrun", 1)[1]
     assert after.index("unset WORLD_SIZE RANK") < after.index("-m jobs evaluate")
-    assert [c["args"][0] for c in master["initContainers"]] == ["clean", "split"]
+    # the audit runs on the cleaned images, and split reads audit.json: clean -> audit -> split
+    assert [c["args"][0] for c in master["initContainers"]] == ["clean", "audit", "split"]
+    assert all(c["command"] == ["python", "-m", "jobs"] for c in master["initContainers"])
+
+
+def test_single_pod_job_and_compose_run_the_whole_job():
+    """The Job and `docker compose run train` call `run`, so they get every stage `run` has (audit included)."""
+    (container,) = _one("Job")["spec"]["template"]["spec"]["containers"]
+    assert _argv_lines(container)[0][:4] == ["python", "-m", "jobs", "run"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["train"]
+    assert "command" not in compose and "entrypoint" not in compose  # the image's default: `run`
+    (entrypoint,) = re.findall(r"^ENTRYPOINT (.*)$", (ROOT / "Dockerfile.train").read_text(), re.M)
+    assert 'set -- run --out /runs/latest' in json.loads(entrypoint)[4]
 
 
 def test_serve_deployment_runs_with_a_read_only_root_filesystem():

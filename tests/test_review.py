@@ -1,14 +1,22 @@
-"""The review page in a real headless Chromium: choices persist across a reload and export as decisions.json."""
+"""The review page in a real headless Chromium: choices persist across a reload, export as decisions.json,
+and `jobs review`'s loopback server saves them into the run folder; its refusals over plain HTTP."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
-from jobs.review import render_review
+from jobs.errors import JobError
+from jobs.fileio import atomic_write_json
+from jobs.review import ReviewServer, data_quality_html, render_review, review_server
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hymenoptera_small"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -49,6 +57,7 @@ def test_review_page_persists_choices_and_exports_decisions(tmp_path):
         try:
             page = browser.new_page(accept_downloads=True)
             page.goto(out.as_uri())
+            assert page.locator("#save").is_hidden()  # from file:// there is no server to save to
             sections = page.eval_on_selector_all("section", "s => s.map(x => x.id)")
             assert sections == ["conflicts", "near_duplicates", "label_issues", "outliers", "quality"]
             # every thumbnail is an <img> that decoded (data: URIs, nothing fetched)
@@ -90,3 +99,141 @@ def test_review_page_persists_choices_and_exports_decisions(tmp_path):
             browser.close()
 
     assert json.loads(saved.read_text()) == {"exclude": [ants[0]], "relabel": {bees[1]: "ants"}, "keep": [bees[0]]}
+
+
+def _run_folder(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    render_review(_audit(), lambda f: FIXTURE / f, ["ants", "bees"], run / "report" / "review.html",
+                  storage_key=str(run))
+    atomic_write_json(run / "clean_report.json", {"classes": {"ants": {"usable": 5}, "bees": {"usable": 5}},
+                                                  "files": []})
+    return run
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[ReviewServer]:
+    server = review_server(_run_folder(tmp_path), port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_save_to_run_writes_decisions_json_from_the_browser(served):
+    ants, bees = _files()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(served.url)
+            save = page.locator("#save")
+            save.wait_for(state="visible", timeout=10_000)  # shown once this server answered GET /decisions
+            page.locator(f'#conflicts .card[data-file="{ants[0]}"] button[data-action="exclude"]').click()
+            page.locator(f'#conflicts .card[data-file="{bees[0]}"] button[data-action="keep"]').click()
+            label_card = page.locator(f'#label_issues .card[data-file="{bees[1]}"]')
+            label_card.locator("select").select_option("ants")
+            label_card.locator('button[data-action="relabel"]').click()
+            save.click()
+            status = page.locator("#save-status")
+            status.filter(has_text="saved").wait_for(timeout=10_000)
+            assert status.text_content() == f"saved 3 decisions to {served.run_folder / 'decisions.json'}"
+            on_disk = json.loads((served.run_folder / "decisions.json").read_text())
+            assert on_disk == {"exclude": [ants[0]], "relabel": {bees[1]: "ants"}, "keep": [bees[0]]}
+
+            # a second save replaces the file: undoing the keep drops it
+            page.locator(f'#conflicts .card[data-file="{bees[0]}"] button[data-action="keep"]').click()
+            save.click()
+            status.filter(has_text="saved 2 decisions").wait_for(timeout=10_000)
+            on_disk = json.loads((served.run_folder / "decisions.json").read_text())
+            assert on_disk == {"exclude": [ants[0]], "relabel": {bees[1]: "ants"}, "keep": []}
+        finally:
+            browser.close()
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{not json", "the body is not JSON"),
+    (b"\xff\xfe", "the body is not JSON"),
+    (b"[" * 100_000, "the body is not JSON"),
+    (b"[]", "decisions must be a JSON object"),
+    (b'{"exclude": "ants/a.jpg"}', "exclude must be a list of file paths"),
+    (b'{"keep": [1]}', "keep must be a list of file paths"),
+    (b'{"relabel": ["ants/a.jpg"]}', "relabel must map file paths to class names"),
+    (b'{"exclude": [], "delete": []}', "unknown key 'delete'"),
+    (b'{"relabel": {"ants/a.jpg": "wasps"}}', "unknown class 'wasps' in relabel; the run's classes are ants, bees"),
+    (b'{"exclude": ["ants/a.jpg"], "keep": ["ants/a.jpg"]}', "'ants/a.jpg' is in both exclude and keep"),
+])
+def test_bad_decisions_get_400_and_leave_the_file_alone(served, body, message):
+    before = {"exclude": ["ants/old.jpg"], "relabel": {}, "keep": []}
+    atomic_write_json(served.run_folder / "decisions.json", before)
+    url = served.url.replace("/review.html", "/decisions")
+    r = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 400
+    assert r.text.startswith(message) and "\n" not in r.text
+    assert json.loads((served.run_folder / "decisions.json").read_text()) == before
+
+
+def test_server_refuses_what_is_not_the_page(served):
+    base = served.url.removesuffix("/review.html")
+    ok = {"exclude": [], "relabel": {"bees/x.jpg": "ants"}, "keep": []}
+    assert requests.post(base + "/decisions", data=json.dumps(ok), timeout=10).status_code == 415  # form-encoded
+    other_site = {"Origin": "http://example.test", "Content-Type": "application/json"}
+    assert requests.post(base + "/decisions", data=json.dumps(ok), headers=other_site, timeout=10).status_code == 403
+    assert requests.get(base + "/review.html", headers={"Host": "attacker.test"}, timeout=10).status_code == 403
+    assert not (served.run_folder / "decisions.json").exists()
+    assert requests.post(base + "/decisions", json=ok, timeout=10).status_code == 200
+    assert json.loads((served.run_folder / "decisions.json").read_text()) == ok
+
+    # nothing outside report/ is served: not by "..", not through a symlink
+    (served.report / "escape.json").symlink_to(served.run_folder / "clean_report.json")
+    host, port = served.server_address[:2]
+    for path in ("/../clean_report.json", "/%2e%2e/clean_report.json", "/escape.json", "/nope.html"):
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        assert response.status == 404, path
+        assert b"usable" not in response.read()
+        conn.close()
+    assert requests.get(base + "/", timeout=10).text == (served.report / "review.html").read_text()
+
+
+def test_review_server_refuses_to_start_without_a_page_or_off_loopback(tmp_path):
+    run = _run_folder(tmp_path)
+    with pytest.raises(JobError, match="not a loopback address"):
+        review_server(run, host="0.0.0.0", port=0)
+    with pytest.raises(JobError, match="run `python -m jobs audit --out"):
+        review_server(tmp_path / "empty", port=0)
+    taken = review_server(run, port=0)
+    try:
+        with pytest.raises(JobError, match="is in use; pass another --port"):
+            review_server(run, port=taken.server_address[1])
+    finally:
+        taken.server_close()
+
+
+def test_data_quality_fragment_counts_each_kind_and_escapes():
+    audit = _audit()
+    audit["near_duplicates"].append({"files": ["bees/a.jpg", "<b>x</b>/a.jpg", "bees/c.jpg"],
+                                     "classes": ["<b>x</b>", "bees"], "cross_class": True})
+    audit["estimated_noise"]["<b>x</b>"] = 0.5
+    fragment = data_quality_html(audit, review_href='review.html?a="1"')
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>(\d+)</td><td>([^<]*)</td></tr>", fragment)
+    assert rows == [("cross-class conflicts (groups of one image under several classes)", "2", "5 images"),
+                    ("near-duplicate groups within one class", "1", "2 images"),
+                    ("label issues", "1", ""), ("outliers", "2", ""),
+                    ("image-quality flags (images)", "2", "blurry 1, dark 2")]
+    assert "<tr><td>ants</td><td>8.0%</td></tr>" in fragment
+    assert "<tr><td>&lt;b&gt;x&lt;/b&gt;</td><td>50.0%</td></tr>" in fragment and "<b>x" not in fragment
+    assert ("<p>test accuracy on a leakage-free split: near-duplicate groups are kept within one split; "
+            "2 cross-class conflicts excluded (5 images)</p>") in fragment
+    assert '<a href="review.html?a=&quot;1&quot;">' in fragment
+
+
+def test_data_quality_fragment_of_a_clean_audit():
+    fragment = data_quality_html({"near_duplicates": [], "label_issues": [], "outliers": [], "image_issues": [],
+                                  "estimated_noise": {}})
+    assert "0 cross-class conflicts excluded</p>" in fragment
+    assert "not estimated" in fragment and '<a href="review.html">' in fragment
