@@ -285,6 +285,18 @@ def serve(model_store: Path, stop: bool, host: str, port: int, management_port: 
     sys.exit(code)
 
 
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True,
+              help="The run folder whose report/review.html to serve.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to listen on.")
+@click.option("--port", type=int, default=8765, show_default=True, help="Port (0 = any free one).")
+def review(out: Path, host: str, port: int) -> None:
+    """Serve OUT/report/review.html on loopback; its "Save to run" writes OUT/decisions.json."""
+    from jobs.review import serve_review
+
+    serve_review(out, host, port)
+
+
 @cli.command("export-kserve")
 @click.option("--dest", type=click.Path(path_type=Path), default=None, help="Target folder (default OUT/kserve).")
 @config_options("export-kserve")

@@ -11,6 +11,7 @@ file (it is trained in its own folder's class).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,29 +38,37 @@ class Decisions:
     def sources(self) -> set[str]:
         return set(self.exclude) | set(self.relabel) | set(self.keep)
 
+    def document(self) -> dict:
+        """As decisions.json holds it: all three keys, sorted."""
+        return {"exclude": sorted(self.exclude), "relabel": dict(sorted(self.relabel.items())),
+                "keep": sorted(self.keep)}
 
-def parse(doc: object, where: str, classes: list[str] | None = None) -> Decisions:
-    """Validate a decisions document; one line naming ``where`` and what is wrong."""
+
+def parse(doc: object, where: str, classes: Sequence[str] | None = None) -> Decisions:
+    """Validate a decisions document; one line, starting with ``where``, says what is wrong."""
     def bad(why: str) -> DecisionsError:
-        return DecisionsError(f"{where} is not a valid decisions file: {why}; expected "
-                              '{"exclude": [paths], "relabel": {path: class}, "keep": [paths]}')
+        return DecisionsError(f"{where}: {why}")
 
     if not isinstance(doc, dict):
-        raise bad("not a JSON object")
+        raise bad('decisions must be a JSON object: {"exclude": [...], "relabel": {...}, "keep": [...]}')
     unknown = sorted(set(doc) - set(KINDS))
     if unknown:
-        raise bad(f"unknown key {unknown[0]!r}")
+        raise bad(f"unknown key {unknown[0]!r} in decisions; the keys are exclude, relabel, keep")
     exclude, relabel, keep = doc.get("exclude", []), doc.get("relabel", {}), doc.get("keep", [])
-    for name, value in (("exclude", exclude), ("keep", keep)):
-        if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
-            raise bad(f"'{name}' must be a list of paths")
-    if not isinstance(relabel, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in relabel.items()):
-        raise bad("'relabel' must map paths to class names")
+    for name, files in (("exclude", exclude), ("keep", keep)):
+        if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+            raise bad(f"{name} must be a list of file paths (strings)")
+    if not isinstance(relabel, dict) or not all(isinstance(c, str) for c in relabel.values()) or "" in relabel:
+        raise bad('relabel must map file paths to class names: {"dogs/x.jpg": "cats"}')
     if classes is not None:
-        for path, label in relabel.items():
-            if label not in classes:
-                raise DecisionsError(f"{where}: relabel of {path} names class {label!r}, which is not one of "
-                                     f"{classes}; fix the class name")
+        unknown_classes = sorted(set(relabel.values()) - set(classes))
+        if unknown_classes:
+            raise bad(f"unknown class {unknown_classes[0]!r} in relabel; the run's classes are {', '.join(classes)}")
+    chosen: dict[str, str] = {}
+    for kind, files in (("exclude", exclude), ("relabel", list(relabel)), ("keep", keep)):
+        for f in files:
+            if chosen.setdefault(f, kind) != kind:
+                raise bad(f"{f!r} is in both {chosen[f]} and {kind}; choose one")
     return Decisions(frozenset(exclude), dict(relabel), frozenset(keep))
 
 
@@ -72,6 +81,8 @@ def load(paths: RunPaths, classes: list[str]) -> Decisions:
     except (OSError, ValueError) as e:
         raise DecisionsError(f"{paths.decisions} is not valid JSON ({type(e).__name__}: {str(e)[:80]}); fix it or "
                              "export it again from the review page") from None
+    except RecursionError:
+        raise DecisionsError(f"{paths.decisions} is nested too deeply to be a decisions file") from None
     return parse(doc, str(paths.decisions), classes)
 
 
@@ -82,5 +93,4 @@ def copy_into_run(source: Path, paths: RunPaths) -> None:
     except (OSError, ValueError) as e:
         raise DecisionsError(f"--decisions {source} cannot be read as JSON ({type(e).__name__}); pass the "
                              "decisions.json the review page exported") from None
-    parse(doc, f"--decisions {source}")
-    atomic_write_json(paths.decisions, doc)
+    atomic_write_json(paths.decisions, parse(doc, f"--decisions {source}").document())

@@ -23,6 +23,7 @@ from jobs.collect.preview import contact_sheet
 from jobs.config import RunPaths
 from jobs.data import split_items
 from jobs.fileio import atomic_write_bytes, atomic_write_text, read_json
+from jobs.review import data_quality_html
 
 MAX_PREDICTIONS_SHOWN = 24
 GRID_COLUMNS = 6
@@ -249,11 +250,25 @@ def _data_section(paths: RunPaths, splits: dict, figures: dict[str, Path]) -> st
     return _section("Data", body)
 
 
+def _quality_section(paths: RunPaths, splits: dict) -> list[str]:
+    """The audit's counts and the review page's link, when the run was audited."""
+    if not paths.audit.exists():
+        return []
+    excluded: dict[str, int] = {}
+    for reason in splits.get("excluded", {}).values():
+        excluded[reason] = excluded.get(reason, 0) + 1
+    if paths.clean_report.exists():
+        for f in read_json(paths.clean_report)["files"]:
+            if f["reason"] in {"label_conflict", "decision"}:
+                excluded[f["reason"]] = excluded.get(f["reason"], 0) + 1
+    return [_section("Data quality", data_quality_html(read_json(paths.audit), excluded))]
+
+
 def render_html(paths: RunPaths, metrics: dict, splits: dict, figures: dict[str, Path], notes: list[str]) -> str:
     config = paths.config.read_text() if paths.config.exists() else f"({paths.config} not found)"
     checkpoint = metrics["checkpoint"]
     best = checkpoint.get("best_epoch") or {}
-    sections = _results_sections(metrics, figures) + [
+    sections = _results_sections(metrics, figures) + _quality_section(paths, splits) + [
         _data_section(paths, splits, figures),
         _section("Run configuration", f"<pre id=\"config\">{html.escape(config)}</pre>"),
     ]

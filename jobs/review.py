@@ -32,6 +32,8 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image, ImageOps
 
+from jobs.decisions import DecisionsError
+from jobs.decisions import parse as parse_decisions
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_json, atomic_write_text, read_run_file
 
@@ -125,11 +127,12 @@ def render_review(audit: dict, image_file: Callable[[str], Path | None], class_n
     return atomic_write_text(out, page)
 
 
-def data_quality_html(audit: dict, review_href: str = "review.html") -> str:
+def data_quality_html(audit: dict, excluded: dict[str, int], review_href: str = "review.html") -> str:
     """The report's data-quality fragment (no heading: the report wraps it in its own section).
 
-    Counts per kind, the estimated label noise per class, a link to the review page and what the
-    split did about leakage, all from ``audit`` (an audit.json document).
+    Counts per kind, the estimated label noise per class and a link to the review page, from
+    ``audit`` (an audit.json document); what clean and split left out of every split, after the
+    decisions, from ``excluded`` (reason -> images: label_conflict, label_issue, decision).
     """
     groups = audit.get("near_duplicates", [])
     conflicts = [g for g in groups if g.get("cross_class")]
@@ -154,9 +157,11 @@ def data_quality_html(audit: dict, review_href: str = "review.html") -> str:
     noise_rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{100 * r:.1f}%</td></tr>" for c, r in noise.items())
     noise_html = (f"<table><tr><th>class</th><th>estimated label noise</th></tr>{noise_rows}</table>" if noise
                   else "<p>Estimated label noise: not estimated.</p>")
+    left_out = {"label_conflict": "in cross-class conflicts", "label_issue": "as label issues",
+                "decision": "by a review decision"}
     leakage = ("test accuracy on a leakage-free split: near-duplicate groups are kept within one split; "
-               f"{len(conflicts)} cross-class conflict{'' if len(conflicts) == 1 else 's'} excluded"
-               + (f" ({conflict_images} images)" if conflicts else ""))
+               + (", ".join(f"{n} image{'' if n == 1 else 's'} excluded {left_out.get(reason, reason)}"
+                            for reason, n in sorted(excluded.items()) if n) or "no image excluded"))
     return (f'<div id="data-quality"><table><tr><th>found</th><th>count</th><th>details</th></tr>{table}</table>'
             f"{noise_html}<p>{html.escape(leakage)}</p>"
             f'<p><a href="{html.escape(review_href)}">Review the flagged images</a> '
@@ -182,7 +187,6 @@ def _card_html(card: dict, thumb: str, class_names: Sequence[str]) -> str:
             f'<button data-action="relabel">relabel to</button><select>{options}</select></div></div>')
 
 
-DECISION_KEYS = ("exclude", "relabel", "keep")
 MAX_BODY = 16 << 20  # decisions for ~100k files; anything larger is not from the page
 
 
@@ -197,31 +201,6 @@ def run_class_names(run_folder: Path) -> list[str]:
         rebuild = f"run `python -m jobs clean --out {run_folder}`"
         return list(read_run_file(clean_report, rebuild, ("classes",))["classes"])
     return list(read_run_file(splits, f"run `python -m jobs split --out {run_folder}`", ("classes",))["classes"])
-
-
-def check_decisions(doc: object, class_names: Sequence[str]) -> dict:
-    """``doc`` as decisions.json holds it (all three keys, sorted), or ValueError with one line saying what is wrong."""
-    if not isinstance(doc, dict):
-        raise ValueError('decisions must be a JSON object: {"exclude": [...], "relabel": {...}, "keep": [...]}')
-    unknown_keys = sorted(set(doc) - set(DECISION_KEYS))
-    if unknown_keys:
-        raise ValueError(f"unknown key {unknown_keys[0]!r} in decisions; the keys are exclude, relabel, keep")
-    exclude, relabel, keep = doc.get("exclude", []), doc.get("relabel", {}), doc.get("keep", [])
-    for name, files in (("exclude", exclude), ("keep", keep)):
-        if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
-            raise ValueError(f"{name} must be a list of file paths (strings)")
-    if not isinstance(relabel, dict) or not all(isinstance(c, str) for c in relabel.values()) or "" in relabel:
-        raise ValueError('relabel must map file paths to class names: {"dogs/x.jpg": "cats"}')
-    unknown_classes = sorted(set(relabel.values()) - set(class_names))
-    if unknown_classes:
-        raise ValueError(f"unknown class {unknown_classes[0]!r} in relabel; the run's classes are "
-                         f"{', '.join(class_names)}")
-    chosen: dict[str, str] = {}
-    for kind, files in (("exclude", exclude), ("relabel", list(relabel)), ("keep", keep)):
-        for f in files:
-            if chosen.setdefault(f, kind) != kind:
-                raise ValueError(f"{f!r} is in both {chosen[f]} and {kind}; choose one")
-    return {"exclude": sorted(set(exclude)), "relabel": dict(sorted(relabel.items())), "keep": sorted(set(keep))}
 
 
 class ReviewServer(ThreadingHTTPServer):
@@ -323,8 +302,8 @@ class _ReviewHandler(BaseHTTPRequestHandler):
             self._reply(400, f"the body is not JSON ({str(e).splitlines()[0][:120]})")
             return
         try:
-            decisions = check_decisions(doc, run_class_names(self.server.run_folder))
-        except ValueError as e:
+            decisions = parse_decisions(doc, "the body", run_class_names(self.server.run_folder)).document()
+        except DecisionsError as e:
             self._reply(400, str(e))
             return
         except JobError as e:  # the run folder lost clean_report.json while we served: not the client's fault
@@ -381,8 +360,8 @@ button.on{font-weight:bold;outline:2px solid #333}
 <button id="export">Export decisions.json</button> <button id="clear">Clear all</button>
 <button id="save" hidden>Save to run</button> <span id="save-status"></span>
 <div class="note">Choices are saved in this browser as you click. Click a chosen button again to undo it.
-Export decisions.json into the run folder (or, when this page is served by
-<code>python -m jobs review --out RUN</code>, Save to run), then re-run the same job.</div></header>
+Export decisions.json into the run folder or pass it with <code>--decisions FILE</code> (or, when this
+page is served by <code>python -m jobs review --out RUN</code>, Save to run), then re-run the same job.</div></header>
 __SECTIONS__
 <script>
 "use strict";

@@ -147,8 +147,8 @@ def test_decisions_are_honoured_by_the_next_run_and_the_input_is_untouched(audit
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "is not valid JSON"),
-    ('{"exclude": "ants/a.jpg"}', "'exclude' must be a list of paths"),
-    ('{"relabel": {"ants/a.jpg": "wasps"}}', "names class 'wasps', which is not one of"),
+    ('{"exclude": "ants/a.jpg"}', "exclude must be a list of file paths"),
+    ('{"relabel": {"ants/a.jpg": "wasps"}}', "unknown class 'wasps' in relabel; the run's classes are ants, bees"),
     ('{"remove": []}', "unknown key 'remove'"),
 ])
 def test_bad_decisions_are_one_line_and_change_nothing(tmp_path: Path, small_data: Path, content: str, message: str):

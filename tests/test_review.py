@@ -172,7 +172,7 @@ def test_bad_decisions_get_400_and_leave_the_file_alone(served, body, message):
     url = served.url.replace("/review.html", "/decisions")
     r = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 400
-    assert r.text.startswith(message) and "\n" not in r.text
+    assert message in r.text and "\n" not in r.text
     assert json.loads((served.run_folder / "decisions.json").read_text()) == before
 
 
@@ -219,7 +219,8 @@ def test_data_quality_fragment_counts_each_kind_and_escapes():
     audit["near_duplicates"].append({"files": ["bees/a.jpg", "<b>x</b>/a.jpg", "bees/c.jpg"],
                                      "classes": ["<b>x</b>", "bees"], "cross_class": True})
     audit["estimated_noise"]["<b>x</b>"] = 0.5
-    fragment = data_quality_html(audit, review_href='review.html?a="1"')
+    fragment = data_quality_html(audit, {"label_conflict": 5, "label_issue": 1, "decision": 0},
+                                 review_href='review.html?a="1"')
     rows = re.findall(r"<tr><td>([^<]*)</td><td>(\d+)</td><td>([^<]*)</td></tr>", fragment)
     assert rows == [("cross-class conflicts (groups of one image under several classes)", "2", "5 images"),
                     ("near-duplicate groups within one class", "1", "2 images"),
@@ -228,12 +229,12 @@ def test_data_quality_fragment_counts_each_kind_and_escapes():
     assert "<tr><td>ants</td><td>8.0%</td></tr>" in fragment
     assert "<tr><td>&lt;b&gt;x&lt;/b&gt;</td><td>50.0%</td></tr>" in fragment and "<b>x" not in fragment
     assert ("<p>test accuracy on a leakage-free split: near-duplicate groups are kept within one split; "
-            "2 cross-class conflicts excluded (5 images)</p>") in fragment
+            "5 images excluded in cross-class conflicts, 1 image excluded as label issues</p>") in fragment
     assert '<a href="review.html?a=&quot;1&quot;">' in fragment
 
 
 def test_data_quality_fragment_of_a_clean_audit():
     fragment = data_quality_html({"near_duplicates": [], "label_issues": [], "outliers": [], "image_issues": [],
-                                  "estimated_noise": {}})
-    assert "0 cross-class conflicts excluded</p>" in fragment
+                                  "estimated_noise": {}}, {})
+    assert "kept within one split; no image excluded</p>" in fragment
     assert "not estimated" in fragment and '<a href="review.html">' in fragment
