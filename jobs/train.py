@@ -391,7 +391,8 @@ def train(cfg: Config, paths: RunPaths, rt: Runtime, resume_mode: str = "auto") 
                 progress.stage, progress.epoch, resume = stage.name, 0, None
             run_stage(stage, cfg, paths, rt, model, splits, progress, resume, fp, interruptions)
             resume = None
-    write_metrics(paths, progress)
+    if rt.is_main:
+        write_metrics(paths, progress)
     print(f"train: best {progress.best_epoch}")
     barrier(rt)
     return paths.metrics

@@ -78,6 +78,7 @@ def cached_single(split_dir, tmp_path_factory) -> dict:
     """The single-process reference for the cached-feature head stage (shared by two tests)."""
     out = Path(shutil.copytree(split_dir, tmp_path_factory.mktemp("cached") / "single"))
     _run(_single("train", "--out", str(out), *TRAIN, *CACHED))
+    _run(_single("evaluate", "--out", str(out), "--num-workers", "0"))  # the one place the test split is scored
     return _metrics(out)
 
 
@@ -116,6 +117,7 @@ def test_cached_head_stage_under_torchrun_matches_one_process(cached_single, fre
     out = fresh_run("ddp")
     result = _run(_torchrun("train", "--out", str(out), *TRAIN, *CACHED))
     _assert_both_ranks_ran(result.stdout)
+    _run(_single("evaluate", "--out", str(out), "--num-workers", "0"))
     ddp = _assert_one_set_of_artifacts(out, [("head", 1), ("head", 2)])
     assert len(list((out / "cache" / "features").glob("*/chunk-*.pt"))) == 2  # train + val, written once by rank 0
     # Features are extracted in rank shards and gathered; the head then trains identically
@@ -136,6 +138,8 @@ def test_full_loop_and_finetune_under_torchrun_close_to_one_process(fresh_run):
     _run(_single("train", "--out", str(single_out), *args))
     result = _run(_torchrun("train", "--out", str(ddp_out), *args))
     _assert_both_ranks_ran(result.stdout)
+    for out in (single_out, ddp_out):
+        _run(_single("evaluate", "--out", str(out), "--num-workers", "0"))
     expected = [("head", 1), ("finetune", 1)]
     single = _assert_one_set_of_artifacts(single_out, expected)
     ddp = _assert_one_set_of_artifacts(ddp_out, expected)
