@@ -28,7 +28,7 @@ TRAIN_KEYS = ("arch", "weights", "freeze_backbone", "epochs", "batch_size", "lr"
               "freeze_bn", "sync_bn", "device", "precision", "channels_last", "compile", "num_workers",
               "deterministic", "seed")
 ARCHIVE_KEYS = ("model_name", "model_version", "model_store", "topk", "serve_batch_size", "max_batch_delay_ms",
-                "min_workers", "max_workers", "response_timeout", "startup_timeout")
+                "min_workers", "max_workers", "response_timeout", "startup_timeout", "max_batch_pixels", "serve_tuning")
 ALL_KEYS = tuple(dict.fromkeys(COLLECT_KEYS + CLEAN_KEYS + SPLIT_KEYS + TRAIN_KEYS + ARCHIVE_KEYS))
 
 

@@ -88,6 +88,8 @@ class Config:
     max_workers: int = _key(1, "TorchServe maxWorkers.")
     response_timeout: int = _key(120, "TorchServe responseTimeout in seconds.")
     startup_timeout: int = _key(120, "TorchServe startupTimeout in seconds.")
+    max_batch_pixels: int = _key(200_000_000, "Pixels one served batch may decode (a request above it gets 413).")
+    serve_tuning: str = _key("machine", "jobs serve: workers/batching from this machine (machine) or the .mar (archive).")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,6 +158,10 @@ def _validate(cfg: Config) -> None:
         raise bad("source", "must be one of openverse, wikimedia, bing, urls")
     if not (cfg.device in {"auto", "cpu", "cuda"} or cfg.device.startswith("cuda:")):
         raise bad("device", "must be auto, cpu, cuda or cuda:N")
+    if cfg.max_batch_pixels < 1:
+        raise bad("max_batch_pixels", "must be >= 1")
+    if cfg.serve_tuning not in {"machine", "archive"}:
+        raise bad("serve_tuning", "must be machine or archive")
     if cfg.min_workers > cfg.max_workers:
         raise bad("min_workers", f"must not exceed max_workers ({cfg.max_workers})")
 

@@ -25,8 +25,9 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
-from handler import resnet_handler
-from handler.resnet_handler import BadRequest, ResNetHandler, parse_request
+from handler import classifier_handler
+from handler.classifier_handler import BadRequest, TorchvisionClassifierHandler, parse_request
+from jobs import contract
 from jobs.archive import archive, handler_dir
 from jobs.config import RunPaths, load_config
 from jobs.errors import JobError
@@ -51,14 +52,14 @@ def make_context(model_dir: Path, handler_options: dict | None = None) -> Contex
                    model_yaml_config={"handler": {"torch_threads": 0, **(handler_options or {})}})
 
 
-def load_handler(run_dir: Path, **options) -> tuple[ResNetHandler, Context]:
+def load_handler(run_dir: Path, **options) -> tuple[TorchvisionClassifierHandler, Context]:
     ctx = make_context(run_dir / "model", options)
-    h = ResNetHandler()
+    h = TorchvisionClassifierHandler()
     h.initialize(ctx)
     return h, ctx
 
 
-def call(h: ResNetHandler, ctx: Context, rows: list, headers: list[dict] | None = None) -> list:
+def call(h: TorchvisionClassifierHandler, ctx: Context, rows: list, headers: list[dict] | None = None) -> list:
     """One batch, as TorchServe's Service.predict hands it over: rows + per-request header processors."""
     headers = headers or [{} for _ in rows]
     ctx.request_processor = [RequestProcessor(hd) for hd in headers]
@@ -68,7 +69,7 @@ def call(h: ResNetHandler, ctx: Context, rows: list, headers: list[dict] | None 
 
 
 @pytest.fixture(scope="module")
-def loaded(run_dir: Path) -> tuple[ResNetHandler, Context]:
+def loaded(run_dir: Path) -> tuple[TorchvisionClassifierHandler, Context]:
     return load_handler(run_dir)
 
 
@@ -147,25 +148,27 @@ def test_a_bad_request_fails_alone_in_its_batch(loaded):
     bad = bad_images(good)
     rows = [{"body": bytearray(good)}] + [{"body": bytearray(v)} for v in bad.values()] + [{"data": bytearray(good)}]
     out = call(h, ctx, rows)
-    statuses = [ctx.get_response_status(i)[0] for i in range(len(rows))]
-    assert statuses == [200] + [400] * len(bad) + [200]
+    statuses = dict(zip(["good", *bad, "good-again"], [ctx.get_response_status(i)[0] for i in range(len(rows))],
+                        strict=True))
+    assert statuses == {"good": 200, **{kind: 400 for kind in bad}, "bomb": 413, "good-again": 200}
     assert out[0] == out[-1] and len(out[0]["predictions"]) == len(CLASSES)
     for kind, answer in zip(bad, out[1:-1], strict=True):
         assert set(answer) == {"error"}, kind
     by_kind = dict(zip(bad, out[1:-1], strict=True))
     assert "empty" in by_kind["empty"]["error"]
-    assert "decompression bomb" in by_kind["bomb"]["error"]
+    assert "more than 89478485 pixels (max_image_pixels)" in by_kind["bomb"]["error"]
     assert "aspect ratio" in by_kind["too-thin"]["error"]
     phrase = ctx.get_response_status(1)[1]
     assert phrase and phrase.isprintable() and phrase.isascii()
 
 
-def test_image_pixel_limit_comes_from_the_model_config(run_dir: Path):
+def test_image_pixel_limit_comes_from_the_model_config(run_dir: Path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the handler sets it process-wide
     h, ctx = load_handler(run_dir, max_image_pixels=50_000)
     small = io.BytesIO()
     Image.new("RGB", (200, 200), "blue").save(small, format="PNG")
     out = call(h, ctx, [{"body": bytearray(png_header(300, 300))}, {"body": bytearray(small.getvalue())}])
-    assert ctx.get_response_status(0)[0] == 400 and "more than 50000 pixels" in out[0]["error"]
+    assert ctx.get_response_status(0)[0] == 413 and "more than 50000 pixels" in out[0]["error"]
     assert ctx.get_response_status(1)[0] == 200
 
 
@@ -220,28 +223,27 @@ def test_malformed_bodies_are_named(row, message):
 def test_module_entry_point_initializes_once(run_dir: Path):
     """TorchServe calls handle(None, ctx) to load, then handle(batch, ctx); the module has one entry point."""
     ctx = make_context(run_dir / "model")
-    resnet_handler._service = ResNetHandler()
-    assert resnet_handler.handle(None, ctx) is None
-    model = resnet_handler._service.model
+    classifier_handler._service = TorchvisionClassifierHandler()
+    assert classifier_handler.handle(None, ctx) is None
+    model = classifier_handler._service.model
     ctx.request_processor, ctx.request_ids = [RequestProcessor({})], {0: "r"}
     ctx.metrics.request_ids = ctx.request_ids
-    (out,) = resnet_handler.handle([{"body": bytearray(PHOTOS[0].read_bytes())}], ctx)
-    assert resnet_handler._service.model is model and len(out["predictions"]) == 3
+    (out,) = classifier_handler.handle([{"body": bytearray(PHOTOS[0].read_bytes())}], ctx)
+    assert classifier_handler._service.model is model and len(out["predictions"]) == 3
 
 
-def test_cpu_threads_leave_a_core_to_the_frontend():
-    cores = len(os.sched_getaffinity(0))
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert resnet_handler._torch_threads("auto", {"maxWorkers": 1}, cpu) == max(1, cores - 1)
-    assert resnet_handler._torch_threads("auto", {"maxWorkers": 64}, cpu) == 1
-    assert resnet_handler._torch_threads("auto", {}, gpu) == 0  # torch's default
-    assert resnet_handler._torch_threads(3, {}, cpu) == 3
+def test_serving_plan_follows_the_machine():
+    assert contract.serving_plan(cores=2, gpus=0) == contract.ServingPlan(2, 1, 8, 1)
+    assert contract.serving_plan(cores=16, gpus=0) == contract.ServingPlan(4, 4, 8, 1)
+    assert contract.serving_plan(cores=64, gpus=0).threads == 4
+    assert contract.serving_plan(cores=16, gpus=2) == contract.ServingPlan(2, 8, 32, 5)
+    assert classifier_handler._torch_threads(3, torch.device("cpu")) == 3
 
 
 def test_handler_never_imports_captum():
-    code = "import sys, handler.resnet_handler; print('captum' in sys.modules)"
+    code = "import sys, handler.classifier_handler; print('captum' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
-    assert "captum" not in (handler_dir() / "resnet_handler.py").read_text()
+    assert "captum" not in (handler_dir() / "classifier_handler.py").read_text()
 
 
 def test_archive_packs_handler_presets_metadata_and_model_config(run_dir: Path, tmp_path: Path):
@@ -261,12 +263,13 @@ def test_archive_packs_handler_presets_metadata_and_model_config(run_dir: Path, 
     assert sorted(p.name for p in mar.parent.iterdir()) == [mar.name]  # no temp leftovers
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
-        assert {"model.pt", "metadata.json", "index_to_name.json", "presets.py", "resnet_handler.py",
+        assert {"model.pt", "metadata.json", "index_to_name.json", "presets.py", "contract.py", "classifier_handler.py",
                 "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
         model_config = yaml.safe_load(z.read("model-config.yaml"))
-        assert z.read("presets.py") == (Path(resnet_handler.presets.__file__)).read_bytes()
-    assert manifest["handler"] == "resnet_handler.py" and manifest["modelName"] == name
+        assert z.read("presets.py") == (Path(classifier_handler.presets.__file__)).read_bytes()
+        assert z.read("contract.py") == (Path(contract.__file__)).read_bytes()
+    assert manifest["handler"] == "classifier_handler.py" and manifest["modelName"] == name
     assert model_config["batchSize"] == 4 and model_config["maxBatchDelay"] == 50
     assert model_config["handler"]["topk"] == 2
     assert {"minWorkers", "maxWorkers", "responseTimeout", "startupTimeout"} <= set(model_config)

@@ -19,6 +19,7 @@ from jobs.clean import clean
 from jobs.config import Config, RunPaths, load_config
 from jobs.export import build_metadata, export
 from jobs.runtime import setup
+from jobs.serve import Ports, TorchServe, free_ports, launch
 from jobs.split import split
 from jobs.train import train
 
@@ -79,6 +80,18 @@ def archive_as(cfg: Config, paths: RunPaths, store: Path, name: str, handler: Pa
     """Archive an exported run under another model name / model-config into ``store``."""
     cfg = dataclasses.replace(cfg, model_name=name, **overrides)
     return archive(cfg, RunPaths(paths.out, store), handler, handler_options)
+
+
+def unused_ports(host: str = "127.0.0.1") -> Ports:
+    """Five ports unused right now on ``host``: servers in tests and benchmarks never collide."""
+    return Ports(*free_ports(5, host))
+
+
+def serve_detached(cfg: Config, model_store: Path, workdir: Path) -> TorchServe:
+    """What `python -m jobs serve` starts, on unused ports, left running: stop it with `jobs serve --stop`."""
+    ports = unused_ports()
+    return launch(cfg, model_store, workdir, host="127.0.0.1", port=ports.inference,
+                  management_port=ports.management, metrics_port=ports.metrics, disable_token_auth=False)
 
 
 def png_header(width: int, height: int) -> bytes:
