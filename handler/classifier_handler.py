@@ -225,9 +225,10 @@ class TorchvisionClassifierHandler(BaseHandler):
         """Pixels this image will decode to, from its header alone; refuses bombs and thin strips."""
         if not data:
             raise BadRequest(f"{where}empty body (0 bytes)")
-        size = contract.image_size(data)
-        if size is not None:
-            decoded = self.preprocessor.decoded_pixels(size)
+        header = contract.image_header(data)
+        if header is not None:
+            size = header[1]
+            decoded = self.preprocessor.decoded_pixels(*header)
         else:  # not PNG/JPEG: Pillow parses the header (and itself refuses twice the pixel limit)
             try:
                 with Image.open(io.BytesIO(data)) as img:

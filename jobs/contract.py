@@ -31,10 +31,12 @@ BF16_MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 on the val split that let
 JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers carry the size
 
 
-def build_model(meta: dict, weights: Path, device: torch.device) -> nn.Module:
-    """``meta["arch"]`` with ``meta["num_classes"]`` outputs, ``weights`` (a bare state_dict) loaded, in eval mode."""
+def build_model(meta: dict, weights: Path | dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """``meta["arch"]`` with ``meta["num_classes"]`` outputs, ``weights`` (a bare state_dict or its file) loaded,
+    channels_last, in eval mode."""
     model = models.get_model(meta["arch"], weights=None, num_classes=meta["num_classes"])
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return model.to(device, memory_format=torch.channels_last).eval()
@@ -51,19 +53,20 @@ class Preprocessor:
     def __call__(self, data: bytes) -> torch.Tensor:
         return self.transform(presets.decode_rgb(data, self.resize_size))
 
-    def decoded_pixels(self, size: tuple[int, int]) -> int:
-        """Pixels ``decode_rgb`` will decode for a JPEG/PNG of ``size``: large JPEGs decode at a reduced DCT scale."""
+    def decoded_pixels(self, fmt: str, size: tuple[int, int]) -> int:
+        """Pixels ``decode_rgb`` decodes for an image of ``size``: large JPEGs decode at a reduced DCT scale."""
         w, h = size
         scale = 1
-        while scale < 8 and min(w, h) // (scale * 2) >= self.resize_size:
+        while fmt == "JPEG" and scale < 8 and min(w, h) // (scale * 2) >= self.resize_size:
             scale *= 2
         return math.ceil(w / scale) * math.ceil(h / scale)
 
 
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's IHDR or a JPEG's frame header, without decoding; None for other formats."""
+def image_header(data: bytes) -> tuple[str, tuple[int, int]] | None:
+    """("PNG"|"JPEG", (width, height)) from a PNG's IHDR or a JPEG's frame header, without decoding;
+    None for other formats or a header cut short."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
-        return struct.unpack(">II", data[16:24])
+        return "PNG", struct.unpack(">II", data[16:24])
     if data[:2] != b"\xff\xd8":
         return None
     i = 2
@@ -80,7 +83,7 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         (length,) = struct.unpack(">H", data[i + 2:i + 4])
         if marker in JPEG_SOF_MARKERS and i + 9 <= len(data):
             h, w = struct.unpack(">HH", data[i + 5:i + 9])
-            return w, h
+            return "JPEG", (w, h)
         i += 2 + length
     return None
 

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -300,3 +301,96 @@ def test_rendered_config_keeps_management_on_loopback(tmp_path: Path):
     assert rendered["allowed_urls"].startswith("file://")
     assert "disable_token_authorization=true" in render_config(base, host="127.0.0.1", ports=Ports(),
                                                                model_store=tmp_path, disable_token_auth=True)
+
+
+ABUSIVE_BODIES = {
+    "100k-deep {": (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
+    "100k-deep [": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    "topk Infinity": (b'{"data": "aGk=", "topk": Infinity}', "topk must be a positive integer, got inf"),
+    "topk true": (b'{"data": "aGk=", "topk": true}', "topk must be a positive integer"),
+    "topk 2.5": (b'{"data": "aGk=", "topk": 2.5}', "topk must be a positive integer, got 2.5"),
+    "topk object": (b'{"data": "aGk=", "topk": {"a": 1}}', "got a JSON dict"),
+    "instances not a list": (b'{"instances": 5}', "'instances' must be a list"),
+    "v2 id not a string": (b'{"id": {"x": 1}, "inputs": []}', "'id' must be a string"),
+    "text": (b"this is not an image", "unrecognised format"),
+    "garbage PNG": (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not a decodable image"),
+}
+
+
+@pytest.mark.parametrize("kind", ABUSIVE_BODIES)
+def test_abusive_bodies_are_400s_that_say_why_without_internals(loaded, kind):
+    """As TorchServe hands them over when its own JSON parse failed: raw bytes."""
+    h, ctx = loaded
+    body, reason = ABUSIVE_BODIES[kind]
+    (out,) = call(h, ctx, [{"body": bytearray(body)}])
+    assert ctx.get_response_status(0)[0] == 400, out
+    assert reason in out["error"]
+    assert not re.search(r"0x[0-9a-f]+|<[^>]*>|/\w+/", out["error"]), out["error"]
+
+
+def test_pixel_budget_is_checked_from_headers_before_decoding(run_dir: Path):
+    """32 PNGs each just under Pillow's limit: refused from their headers, with the limit named."""
+    h, ctx = load_handler(run_dir, max_batch_pixels=1_000_000)
+    huge = {"instances": [{"data": b64(png_header(9400, 9400))}] * 32}
+    (out,) = call(h, ctx, [{"body": huge}])
+    assert ctx.get_response_status(0)[0] == 413
+    assert "2827520000 pixels; the limit per request is 1000000 (max_batch_pixels)" in out["error"]
+
+
+def test_a_batch_over_its_pixel_budget_refuses_the_later_requests(run_dir: Path):
+    h, ctx = load_handler(run_dir, max_batch_pixels=300_000)
+    photo = PHOTOS[0].read_bytes()
+    w, h_ = Image.open(io.BytesIO(photo)).size
+    assert w * h_ <= 300_000 < 2 * w * h_
+    out = call(h, ctx, [{"body": bytearray(photo)}, {"body": bytearray(photo)}])
+    assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 503]
+    assert "server busy" in out[1]["error"] and "predictions" in out[0]
+
+
+def test_image_size_from_headers_matches_pillow():
+    for photo in PHOTOS[:5]:
+        assert contract.image_header(photo.read_bytes()) == ("JPEG", Image.open(photo).size)
+    buf = io.BytesIO()
+    Image.new("RGB", (123, 45)).save(buf, format="PNG")
+    assert contract.image_header(buf.getvalue()) == ("PNG", (123, 45))
+    assert contract.image_header(b"GIF89a") is None
+    preprocessor = contract.Preprocessor({"preprocess": {"resize_size": 256}})
+    assert preprocessor.decoded_pixels("PNG", (4000, 3000)) == 12_000_000
+    assert preprocessor.decoded_pixels("JPEG", (4000, 3000)) == 500 * 375  # decoded at 1/8 scale
+
+
+def test_an_unexpected_failure_is_a_500_pointing_at_the_log(run_dir: Path, caplog):
+    h, ctx = load_handler(run_dir)
+    h.model = None  # a bug: the forward pass raises TypeError
+    (out,) = call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+    assert ctx.get_response_status(0)[0] == 500 and "model_log.log" in out["error"]
+    assert "Traceback" in caplog.text and "TypeError" in caplog.text
+
+
+def test_preprocess_and_forward_time_are_metrics(loaded):
+    h, ctx = loaded
+    call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+    names = {name for by_name in ctx.metrics.cache.values() for name in by_name}
+    assert {"PreprocessTime", "ForwardTime", "HandlerTime"} <= names
+
+
+def test_forced_bf16_is_emulated_where_not_native_and_close_to_fp32(run_dir: Path, loaded):
+    h, ctx = loaded
+    bf16, bctx = load_handler(run_dir, precision="bf16")
+    assert bf16.amp_dtype is torch.bfloat16
+    rows = [{"body": bytearray(p.read_bytes())} for p in PHOTOS[:4]]
+    for ref, got in zip(call(h, ctx, rows), call(bf16, bctx, rows), strict=True):
+        for p, q in zip(ref["predictions"], got["predictions"], strict=True):
+            assert q["probability"] == pytest.approx(p["probability"], abs=0.05)
+
+
+def test_recorded_bf16_serves_bf16_only_where_native(monkeypatch, caplog):
+    meta = {"serve_precision": {"choice": "bf16"}}
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(contract, "native_bf16", lambda device: True)
+    assert contract.serve_dtype(meta, cpu) is torch.bfloat16
+    assert contract.serve_dtype({"serve_precision": {"choice": "fp32"}}, cpu) is None
+    assert contract.serve_dtype({}, cpu) is None  # exported before the parity check: fp32
+    monkeypatch.setattr(contract, "native_bf16", lambda device: False)
+    assert contract.serve_dtype(meta, cpu) is None
+    assert "no native bf16: serving fp32" in caplog.text
