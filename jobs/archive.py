@@ -37,13 +37,21 @@ def handler_dir() -> Path:
     return Path(next(iter(handler.__path__))).resolve()
 
 
+def tuning_settings(cfg: Config) -> dict:
+    """Workers and batching from the config keys (TorchServe's names)."""
+    return {"minWorkers": cfg.min_workers, "maxWorkers": cfg.max_workers, "batchSize": cfg.serve_batch_size,
+            "maxBatchDelay": cfg.max_batch_delay_ms}
+
+
 def model_config(cfg: Config) -> dict:
-    """The per-model TorchServe settings packed into the .mar (``--config-file``)."""
+    """The per-model TorchServe settings packed into the .mar (``--config-file``).
+
+    Workers and batching are packed only with ``serve_tuning: archive``. TorchServe lets a packed
+    value beat config.properties' ``models`` setting, so by default the .mar carries none, and the
+    server that loads it chooses them for its own machine (``jobs serve``: ``contract.serving_plan``).
+    """
     return {
-        "minWorkers": cfg.min_workers,
-        "maxWorkers": cfg.max_workers,
-        "batchSize": cfg.serve_batch_size,
-        "maxBatchDelay": cfg.max_batch_delay_ms,
+        **(tuning_settings(cfg) if cfg.serve_tuning == "archive" else {}),
         "responseTimeout": cfg.response_timeout,
         "startupTimeout": cfg.startup_timeout,
         # Read by handler/classifier_handler.py from context.model_yaml_config["handler"].
@@ -93,8 +101,9 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
             raise JobError(f"torch-model-archiver failed for {paths.model}: {last}")
         os.replace(built, target)
     size_mb = target.stat().st_size / 1e6
-    print(f"archive: {target} ({size_mb:.1f} MB; {meta['arch']}, {meta['num_classes']} classes, "
-          f"batchSize {cfg.serve_batch_size}, maxBatchDelay {cfg.max_batch_delay_ms} ms)")
+    tuning = (f"batchSize {cfg.serve_batch_size}, maxBatchDelay {cfg.max_batch_delay_ms} ms"
+              if cfg.serve_tuning == "archive" else "workers and batching chosen where it is served")
+    print(f"archive: {target} ({size_mb:.1f} MB; {meta['arch']}, {meta['num_classes']} classes, {tuning})")
     return target
 
 

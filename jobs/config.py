@@ -89,7 +89,8 @@ class Config:
     response_timeout: int = _key(120, "TorchServe responseTimeout in seconds.")
     startup_timeout: int = _key(120, "TorchServe startupTimeout in seconds.")
     max_batch_pixels: int = _key(200_000_000, "Pixels one served batch may decode (a request above it gets 413).")
-    serve_tuning: str = _key("machine", "jobs serve: workers/batching from this machine (machine) or the .mar (archive).")
+    serve_tuning: str = _key("machine", "machine: the server picks workers/batching for its machine; archive: "
+                                        "pack serve_batch_size, max_batch_delay_ms, min/max_workers into the .mar.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jobs.archive import handler_dir, model_config, packed_settings
+from jobs.archive import handler_dir, model_config, packed_settings, tuning_settings
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, link_or_copy
@@ -41,7 +41,7 @@ HEADER = """\
 def archive_settings(mar: Path, cfg: Config) -> dict:
     """Name, version and batching of ``mar`` as packed by ``jobs archive`` (``cfg`` fills what a foreign .mar lacks)."""
     manifest, packed = packed_settings(mar)
-    defaults = model_config(cfg)
+    defaults = {**tuning_settings(cfg), **model_config(cfg)}
     return {"name": manifest["modelName"], "version": manifest.get("modelVersion", cfg.model_version),
             **{key: packed.get(key, defaults[key]) for key in SNAPSHOT_KEYS}}
 

@@ -50,11 +50,12 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def render_config(base: str, *, host: str, ports: Ports, model_store: Path, disable_token_auth: bool = False,
-                  models: dict | None = None) -> str:
+                  models: dict | None = None, metrics_config: Path | None = None) -> str:
     """``handler/config.properties`` with addresses, ports and model store replaced.
 
     Management and gRPC stay on 127.0.0.1 whatever ``host`` is: only inference and metrics follow it.
-    ``models`` (TorchServe's per-model settings, see ``machine_models``) overrides what the archives carry.
+    ``models`` (TorchServe's per-model settings, see ``machine_models``) sets what the archives leave open;
+    ``metrics_config`` names the metrics Prometheus mode exposes (``handler/metrics.yaml``).
     """
     store = Path(model_store).resolve()
     values = {
@@ -69,6 +70,7 @@ def render_config(base: str, *, host: str, ports: Ports, model_store: Path, disa
         "allowed_urls": "file://" + re.escape(str(store)).replace("\\", "\\\\") + "/.*\\\\.mar",
         **({"disable_token_authorization": "true"} if disable_token_auth else {}),
         **({"models": json.dumps(models, separators=(",", ":"))} if models else {}),
+        **({"metrics_config": str(metrics_config)} if metrics_config else {}),
     }
     lines, seen = [], set()
     for line in base.splitlines():
@@ -81,13 +83,15 @@ def render_config(base: str, *, host: str, ports: Ports, model_store: Path, disa
 
 
 def machine_models(model_store: Path, plan: contract.ServingPlan | None = None) -> dict:
-    """TorchServe's ``models`` setting for every .mar in ``model_store``: workers and batching chosen for
-    this machine (``contract.serving_plan``), timeouts as archived. It beats the archive's model-config.yaml,
-    which carries the build host's values."""
+    """TorchServe's ``models`` setting for the archives in ``model_store`` that leave workers and batching
+    to the server (``serve_tuning: machine``): chosen for this machine (``contract.serving_plan``).
+    An archive that packs them keeps its own: TorchServe lets the packed value win."""
     plan = plan or contract.serving_plan()
     models = {}
     for mar in sorted(Path(model_store).glob("*.mar")):
         manifest, packed = packed_settings(mar)
+        if "batchSize" in packed:
+            continue
         timeouts = {k: packed[k] for k in ("responseTimeout", "startupTimeout") if k in packed}
         models[manifest["modelName"]] = {manifest.get("modelVersion", "1.0"): {
             "defaultVersion": True, "marName": mar.name, **plan.model_settings(), **timeouts}}
@@ -220,7 +224,7 @@ def start(model_store: Path, workdir: Path, *, host: str = "127.0.0.1", ports: P
     config = workdir / "config.properties"
     atomic_write_text(config, render_config((handler_dir() / "config.properties").read_text(), host=host, ports=ports,
                                             model_store=model_store, disable_token_auth=disable_token_auth,
-                                            models=models))
+                                            models=models, metrics_config=handler_dir() / "metrics.yaml"))
     cmd = _torchserve_cmd("--start", "--foreground", "--ncs", "--model-store", str(model_store),
                           "--ts-config", str(config), "--models", "all")
     with open(workdir / "torchserve.out", "ab") as out:
@@ -277,11 +281,12 @@ def serve(cfg: Config, model_store: Path, *, stop: bool = False, workdir: Path |
 
 def launch(cfg: Config, model_store: Path, workdir: Path, *, host: str, port: int, management_port: int,
            metrics_port: int, disable_token_auth: bool) -> TorchServe:
-    """Start TorchServe, tuned for this machine unless ``serve_tuning: archive``; returns once it is ready."""
+    """Start TorchServe with workers and batching for this machine (where the archives leave them open);
+    returns once it is ready."""
     # gRPC is unused here but TorchServe always opens it: any two free loopback ports do.
     ports = Ports(port, management_port, metrics_port, *free_ports(2))
     plan = contract.serving_plan()
-    models = machine_models(model_store, plan) if cfg.serve_tuning == "machine" else None
+    models = machine_models(model_store, plan)
     server = start(model_store, workdir, host=host, ports=ports, disable_token_auth=disable_token_auth, models=models)
     try:
         names = model_names(model_store)
@@ -289,8 +294,9 @@ def launch(cfg: Config, model_store: Path, workdir: Path, *, host: str, port: in
     except BaseException:
         server.stop()
         raise
-    tuning = (f"{plan.workers} workers x {plan.threads} threads, batchSize {plan.batch_size}, "
-              f"maxBatchDelay {plan.max_batch_delay_ms} ms (this machine)" if models else "as archived")
+    tuned = ", ".join(models) or "none (all archives carry their own)"
+    tuning = (f"{plan.workers} workers x {plan.threads} threads, batchSize {plan.batch_size}, maxBatchDelay "
+              f"{plan.max_batch_delay_ms} ms for this machine: {tuned}")
     hint = curl_hint(server, cfg.model_name if cfg.model_name in names else names[0])
     print(f"serving {', '.join(names)} from {Path(model_store).resolve()}, {tuning}\n"
           f"logs and key_file.json: {server.workdir}\n{hint}", flush=True)

@@ -254,7 +254,8 @@ def test_archive_packs_handler_presets_metadata_and_model_config(run_dir: Path, 
     sentinel.parent.mkdir(parents=True)
     sentinel.write_text("x")
     try:
-        cfg = load_config(None, {"model_name": name, "serve_batch_size": 4, "max_batch_delay_ms": 50, "topk": 2})
+        cfg = load_config(None, {"model_name": name, "serve_batch_size": 4, "max_batch_delay_ms": 50, "topk": 2,
+                                 "serve_tuning": "archive"})
         mar = archive(cfg, RunPaths(run_dir, tmp_path / "store"))
         assert sentinel.exists()
     finally:
@@ -274,6 +275,10 @@ def test_archive_packs_handler_presets_metadata_and_model_config(run_dir: Path, 
     assert model_config["batchSize"] == 4 and model_config["maxBatchDelay"] == 50
     assert model_config["handler"]["topk"] == 2
     assert {"minWorkers", "maxWorkers", "responseTimeout", "startupTimeout"} <= set(model_config)
+    machine = archive(load_config(None, {"model_name": "m"}), RunPaths(run_dir, tmp_path / "store"))
+    with zipfile.ZipFile(machine) as z:  # by default the server chooses workers and batching
+        assert not {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay"} & set(yaml.safe_load(
+            z.read("model-config.yaml")))
 
 
 def test_archive_names_what_is_missing(tmp_path: Path):

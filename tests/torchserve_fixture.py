@@ -4,6 +4,7 @@ a 7-class data set made from the fixture photos, archives, and the requests Torc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import struct
 import zlib
@@ -101,6 +102,20 @@ def png_header(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+@functools.cache
+def blank_png(width: int, height: int) -> bytes:
+    """A real, decodable ``width`` x ``height`` black PNG, compressed row by row (no full-size buffer)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer, rows = zlib.compressobj(6), b"\0" * (1 + 3 * width) * 256  # filter byte + pixels, 256 rows a time
+    full, rest = divmod(height, 256)
+    data = b"".join(packer.compress(rows) for _ in range(full)) + packer.compress(rows[:rest * (1 + 3 * width)])
+    data += packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def bad_images(good_jpeg: bytes) -> dict[str, bytes]:
