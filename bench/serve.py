@@ -16,6 +16,7 @@ traffic). Each (variant, concurrency) cell sends real photos as raw request bodi
 variants, so other load on the machine hits them alike. Variants:
   * ours: workers and batching chosen by ``jobs serve`` for this machine (contract.serving_plan);
   * ours-archived: the archive's old fixed values (1 worker, batchSize 8, maxBatchDelay 20 ms);
+  * ours-1worker-allthreads: one worker on every core (latency at c=1 against throughput at c=8);
   * stock: bench/stock_handler.py (PIL + torchvision.transforms per image, fp32, batchSize 1,
     torch's default threads), the baseline of every ratio; stock-1thread: the same on 1 thread.
 Results: bench/results/serve.json. Without --model-dir the model is a random-weight resnet18 (speed
@@ -64,6 +65,8 @@ VARIANTS: dict[str, tuple[Path | None, dict, dict]] = {
     "ours": (None, {}, {}),
     "ours-archived": (None, {}, {**ARCHIVED, "min_workers": 1, "max_workers": 1, "serve_batch_size": 8,
                                  "max_batch_delay_ms": 20}),
+    "ours-1worker-allthreads": (None, {"torch_threads": os.cpu_count()}, {
+        **ARCHIVED, "min_workers": 1, "max_workers": 1, "serve_batch_size": 8, "max_batch_delay_ms": 1}),
     "stock": (STOCK, {}, {**ARCHIVED, "serve_batch_size": 1, "max_batch_delay_ms": 0}),
     "stock-1thread": (STOCK, {"torch_threads": 1}, {**ARCHIVED, "serve_batch_size": 1, "max_batch_delay_ms": 0}),
 }

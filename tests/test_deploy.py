@@ -343,7 +343,7 @@ def archived(tmp_path_factory) -> tuple[Config, Path]:
     """A real .mar (random weights) archived with batch settings that differ from the defaults."""
     paths = export_random_model(tmp_path_factory.mktemp("run"), ["ants", "bees"])
     cfg = load_config(None, {"weights": "none", "serve_batch_size": 4, "max_batch_delay_ms": 300,
-                             "model_version": "2.1"})
+                             "serve_tuning": "archive", "model_version": "2.1"})
     archive(cfg, paths)
     return cfg, paths.out
 
