@@ -16,13 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import ts
 import yaml
 from conftest import FIXTURE_IMAGES
 from PIL import Image
-from torchserve_fixture import bad_images, export_random_model, png_header
+from torchserve_fixture import bad_images, export_random_model, handle_batch, handler_context, png_header
 from ts.context import Context, RequestProcessor
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
@@ -46,11 +44,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def make_context(model_dir: Path, handler_options: dict | None = None) -> Context:
-    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
-    manifest = {"model": {"modelName": "clf", "modelVersion": "1.0", "serializedFile": "model.pt"}}
     # torch_threads 0: keep torch's default, or the handler would change this pytest process's thread count.
-    return Context("clf", str(model_dir), manifest, 8, None, "0.12.0", metrics=metrics,
-                   model_yaml_config={"handler": {"torch_threads": 0, **(handler_options or {})}})
+    return handler_context(model_dir, {"torch_threads": 0, **(handler_options or {})})
 
 
 def load_handler(run_dir: Path, **options) -> tuple[TorchvisionClassifierHandler, Context]:
@@ -58,15 +53,6 @@ def load_handler(run_dir: Path, **options) -> tuple[TorchvisionClassifierHandler
     h = TorchvisionClassifierHandler()
     h.initialize(ctx)
     return h, ctx
-
-
-def call(h: TorchvisionClassifierHandler, ctx: Context, rows: list, headers: list[dict] | None = None) -> list:
-    """One batch, as TorchServe's Service.predict hands it over: rows + per-request header processors."""
-    headers = headers or [{} for _ in rows]
-    ctx.request_processor = [RequestProcessor(hd) for hd in headers]
-    ctx.request_ids = {i: f"req-{i}" for i in range(len(rows))}
-    ctx.metrics.request_ids = ctx.request_ids
-    return h.handle(rows, ctx)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +71,7 @@ def probs_by_index(predictions: list[dict]) -> dict[int, float]:
 def test_predictions_equal_offline_predict_files(run_dir: Path, loaded):
     h, ctx = loaded
     files = PHOTOS[::5]
-    out = call(h, ctx, [{"body": bytearray(f.read_bytes())} for f in files])
+    out = handle_batch(h, ctx, [{"body": bytearray(f.read_bytes())} for f in files])
     offline = predict_files(run_dir / "model", files)
     assert len(out) == len(files)
     for got, ref in zip(out, offline, strict=True):
@@ -108,7 +94,7 @@ def test_every_body_shape_yields_the_same_answer(loaded):
         {"body": "data:image/jpeg;base64," + b64(img)},                   # text/plain data URL
         {"body": {"image_bytes": {"b64": b64(img)}}},                     # TF-serving style
     ]
-    out = call(h, ctx, rows)
+    out = handle_batch(h, ctx, rows)
     assert all(ctx.get_response_status(i)[0] == 200 for i in range(len(rows)))
     assert all(o == out[0] for o in out), out
 
@@ -118,8 +104,8 @@ def test_kserve_shapes_answer_per_instance(loaded):
     a, b = PHOTOS[0].read_bytes(), PHOTOS[-1].read_bytes()
     v1 = {"instances": [{"data": b64(a)}, {"data": b64(b)}]}
     v2 = {"id": "r1", "inputs": [{"name": "img", "shape": [2], "datatype": "BYTES", "data": [b64(a), b64(b)]}]}
-    single = call(h, ctx, [{"body": bytearray(a)}, {"body": bytearray(b)}])
-    got_v1, got_v2 = call(h, ctx, [{"body": v1}, {"body": v2}])
+    single = handle_batch(h, ctx, [{"body": bytearray(a)}, {"body": bytearray(b)}])
+    got_v1, got_v2 = handle_batch(h, ctx, [{"body": v1}, {"body": v2}])
     assert got_v1 == {"predictions": [single[0]["predictions"], single[1]["predictions"]]}
     assert got_v2["id"] == "r1" and got_v2["model_name"] == "clf"
     (output,) = got_v2["outputs"]
@@ -132,10 +118,10 @@ def test_torchserve_service_envelopes_unwrap_into_our_handler(loaded, envelope):
     """With ``service_envelope=kserve|kservev2`` TorchServe wraps the entry point in these classes."""
     h, ctx = loaded
     img = b64(PHOTOS[0].read_bytes())
-    expected = call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])[0]["predictions"]
+    expected = handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])[0]["predictions"]
     body = ({"instances": [{"data": img}]} if envelope is KServeEnvelope
             else {"inputs": [{"name": "img", "shape": [1], "datatype": "BYTES", "data": [img]}]})
-    wrapped = envelope(lambda data, context: call(h, context, data))
+    wrapped = envelope(lambda data, context: handle_batch(h, context, data))
     ctx.request_processor = [RequestProcessor({})]
     ctx.request_ids = {0: "req-0"}
     (response,) = wrapped.handle([{"body": body}], ctx)
@@ -148,7 +134,7 @@ def test_a_bad_request_fails_alone_in_its_batch(loaded):
     good = PHOTOS[3].read_bytes()
     bad = bad_images(good)
     rows = [{"body": bytearray(good)}] + [{"body": bytearray(v)} for v in bad.values()] + [{"data": bytearray(good)}]
-    out = call(h, ctx, rows)
+    out = handle_batch(h, ctx, rows)
     statuses = dict(zip(["good", *bad, "good-again"], [ctx.get_response_status(i)[0] for i in range(len(rows))],
                         strict=True))
     assert statuses == {"good": 200, **{kind: 400 for kind in bad}, "bomb": 413, "good-again": 200}
@@ -168,7 +154,7 @@ def test_image_pixel_limit_comes_from_the_model_config(run_dir: Path, monkeypatc
     h, ctx = load_handler(run_dir, max_image_pixels=50_000)
     small = io.BytesIO()
     Image.new("RGB", (200, 200), "blue").save(small, format="PNG")
-    out = call(h, ctx, [{"body": bytearray(png_header(300, 300))}, {"body": bytearray(small.getvalue())}])
+    out = handle_batch(h, ctx, [{"body": bytearray(png_header(300, 300))}, {"body": bytearray(small.getvalue())}])
     assert ctx.get_response_status(0)[0] == 413 and "more than 50000 pixels" in out[0]["error"]
     assert ctx.get_response_status(1)[0] == 200
 
@@ -186,20 +172,20 @@ TOPK_REQUESTS = {
 def test_topk_sources_and_cap(loaded, case):
     h, ctx = loaded
     make_row, headers, expected = TOPK_REQUESTS[case]
-    (out,) = call(h, ctx, [make_row(PHOTOS[1].read_bytes())], [headers])
+    (out,) = handle_batch(h, ctx, [make_row(PHOTOS[1].read_bytes())], [headers])
     assert len(out["predictions"]) == expected
 
 
 def test_topk_option_in_model_config(run_dir: Path):
     h, ctx = load_handler(run_dir, topk=2)
-    (out,) = call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+    (out,) = handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
     assert len(out["predictions"]) == 2
 
 
 @pytest.mark.parametrize("topk", ["0", "-1", "many"])
 def test_invalid_topk_is_a_400(loaded, topk):
     h, ctx = loaded
-    (out,) = call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}], [{"x-topk": topk}])
+    (out,) = handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}], [{"x-topk": topk}])
     assert ctx.get_response_status(0)[0] == 400 and "topk" in out["error"]
 
 
@@ -327,7 +313,7 @@ def test_abusive_bodies_are_400s_that_say_why_without_internals(loaded, kind):
     """As TorchServe hands them over when its own JSON parse failed: raw bytes."""
     h, ctx = loaded
     body, reason = ABUSIVE_BODIES[kind]
-    (out,) = call(h, ctx, [{"body": bytearray(body)}])
+    (out,) = handle_batch(h, ctx, [{"body": bytearray(body)}])
     assert ctx.get_response_status(0)[0] == 400, out
     assert reason in out["error"]
     assert not re.search(r"0x[0-9a-f]+|<[^>]*>|/\w+/", out["error"]), out["error"]
@@ -337,7 +323,7 @@ def test_pixel_budget_is_checked_from_headers_before_decoding(run_dir: Path):
     """32 PNGs each just under Pillow's limit: refused from their headers, with the limit named."""
     h, ctx = load_handler(run_dir, max_batch_pixels=1_000_000)
     huge = {"instances": [{"data": b64(png_header(9400, 9400))}] * 32}
-    (out,) = call(h, ctx, [{"body": huge}])
+    (out,) = handle_batch(h, ctx, [{"body": huge}])
     assert ctx.get_response_status(0)[0] == 413
     assert "2827520000 pixels; the limit per request is 1000000 (max_batch_pixels)" in out["error"]
 
@@ -347,7 +333,7 @@ def test_a_batch_over_its_pixel_budget_refuses_the_later_requests(run_dir: Path)
     photo = PHOTOS[0].read_bytes()
     w, h_ = Image.open(io.BytesIO(photo)).size
     assert w * h_ <= 300_000 < 2 * w * h_
-    out = call(h, ctx, [{"body": bytearray(photo)}, {"body": bytearray(photo)}])
+    out = handle_batch(h, ctx, [{"body": bytearray(photo)}, {"body": bytearray(photo)}])
     assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 503]
     assert "server busy" in out[1]["error"] and "predictions" in out[0]
 
@@ -367,14 +353,14 @@ def test_image_size_from_headers_matches_pillow():
 def test_an_unexpected_failure_is_a_500_pointing_at_the_log(run_dir: Path, caplog):
     h, ctx = load_handler(run_dir)
     h.model = None  # a bug: the forward pass raises TypeError
-    (out,) = call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+    (out,) = handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
     assert ctx.get_response_status(0)[0] == 500 and "model_log.log" in out["error"]
     assert "Traceback" in caplog.text and "TypeError" in caplog.text
 
 
 def test_preprocess_and_forward_time_are_metrics(loaded):
     h, ctx = loaded
-    call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+    handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
     names = {name for by_name in ctx.metrics.cache.values() for name in by_name}
     assert {"PreprocessTime", "ForwardTime", "HandlerTime"} <= names
 
@@ -384,7 +370,7 @@ def test_forced_bf16_is_emulated_where_not_native_and_close_to_fp32(run_dir: Pat
     bf16, bctx = load_handler(run_dir, precision="bf16")
     assert bf16.amp_dtype is torch.bfloat16
     rows = [{"body": bytearray(p.read_bytes())} for p in PHOTOS[:4]]
-    for ref, got in zip(call(h, ctx, rows), call(bf16, bctx, rows), strict=True):
+    for ref, got in zip(handle_batch(h, ctx, rows), handle_batch(bf16, bctx, rows), strict=True):
         for p, q in zip(ref["predictions"], got["predictions"], strict=True):
             assert q["probability"] == pytest.approx(p["probability"], abs=0.05)
 

@@ -10,10 +10,14 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import ts
 from PIL import Image, ImageOps
 from torchvision import models
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from jobs.archive import archive
 from jobs.clean import clean
@@ -93,6 +97,27 @@ def serve_detached(cfg: Config, model_store: Path, workdir: Path) -> TorchServe:
     ports = unused_ports()
     return launch(cfg, model_store, workdir, host="127.0.0.1", port=ports.inference,
                   management_port=ports.management, metrics_port=ports.metrics, disable_token_auth=False)
+
+
+def handler_context(model_dir: Path, handler_options: dict | None = None, gpu_id: int | None = None) -> Context:
+    """TorchServe's own Context as a worker builds it for a model in ``model_dir``."""
+    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    manifest = {"model": {"modelName": "clf", "modelVersion": "1.0", "serializedFile": "model.pt"}}
+    return Context("clf", str(model_dir), manifest, 8, gpu_id, "0.12.0", metrics=metrics,
+                   model_yaml_config={"handler": handler_options or {}})
+
+
+def batch_context(ctx: Context, headers: list[dict]) -> Context:
+    """``ctx`` set up as TorchServe's Service.predict does for a batch: per-request headers and ids."""
+    ctx.request_processor = [RequestProcessor(hd) for hd in headers]
+    ctx.request_ids = {i: f"req-{i}" for i in range(len(headers))}
+    ctx.metrics.request_ids = ctx.request_ids
+    return ctx
+
+
+def handle_batch(handler: Any, ctx: Context, rows: list, headers: list[dict] | None = None) -> list:
+    """One batch, as TorchServe's Service.predict hands it over: rows + per-request header processors."""
+    return handler.handle(rows, batch_context(ctx, headers or [{} for _ in rows]))
 
 
 def png_header(width: int, height: int) -> bytes:
