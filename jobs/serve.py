@@ -39,7 +39,6 @@ class Ports:
     grpc_management: int = 7071
 
 
-
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` ports unused right now on ``host``."""
     with contextlib.ExitStack() as stack:
@@ -208,7 +207,7 @@ def start(model_store: Path, workdir: Path, *, host: str = "127.0.0.1", ports: P
           disable_token_auth: bool = False, models: dict | None = None) -> TorchServe:
     """Start TorchServe on ``model_store`` with ``handler/config.properties`` adapted; returns at once.
 
-    ``models`` overrides the archives' workers/batching (``machine_models``); None keeps what they carry.
+    ``models`` sets the workers/batching the archives leave open (``machine_models``); None: TorchServe's defaults.
     It runs in its own session (process group): ``TorchServe.stop`` ends frontend and workers together,
     and a server not stopped outlives this process until ``serve --stop``.
     Its console output goes to ``workdir/torchserve.out``, its logs to ``workdir/logs/``.
