@@ -121,12 +121,13 @@ class TorchvisionClassifierHandler(BaseHandler):
             torch.set_num_threads(threads)
         # Decoding releases the GIL: a worker with several threads decodes its requests side by side.
         self.decoders = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
-        self.amp_dtype = contract.serve_dtype(self.meta, self.device, str(options.get("precision", "auto")))
-        self.model = contract.build_model(self.meta, model_dir / self.manifest["model"]["serializedFile"], self.device)
+        self.model, self.amp_dtype, self.precision = contract.load_serving_model(
+            self.meta, model_dir, model_dir / self.manifest["model"]["serializedFile"], self.device,
+            str(options.get("precision", "auto")))
         self.inference(Batch([], torch.zeros(1, *self.meta["input_size"])))  # warm up kernels before the first request
         self.initialized = True
         logger.info("loaded %s with %d classes on %s (%s, %d torch threads)", self.meta["arch"], len(self.classes),
-                    self.device, self.amp_dtype or "fp32", torch.get_num_threads())
+                    self.device, self.precision, torch.get_num_threads())
 
     def handle(self, data: list[Any], context: Any) -> list[Any]:
         """preprocess -> inference -> postprocess, with per-request errors and per-stage time metrics."""

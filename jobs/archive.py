@@ -77,6 +77,7 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
         raise JobError(f"config key 'model_name' must match {MODEL_NAME.pattern} for TorchServe "
                        f"(got {cfg.model_name!r})")
     meta = read_json(paths.model / "metadata.json")
+    int8 = [p for p in [paths.model / contract.INT8_WEIGHTS] if p.is_file()]  # when the export offered int8
     store = ensure_writable_dir(paths.model_store)
     target = store / f"{cfg.model_name}.mar"
     with tempfile.TemporaryDirectory(prefix=".archive-", dir=store) as tmp:
@@ -91,7 +92,7 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
                "--serialized-file", str(paths.model / "model.pt"),
                "--extra-files", ",".join(str(p) for p in (paths.model / "index_to_name.json",
                                                           paths.model / "metadata.json", Path(contract.__file__),
-                                                          Path(presets.__file__))),
+                                                          Path(presets.__file__), *int8)),
                "--config-file", str(config_file), "--export-path", str(work), "--force"]
         run = subprocess.run(cmd, env={**os.environ, "TMPDIR": str(work / "stage")}, capture_output=True, text=True,
                              check=False)

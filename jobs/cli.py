@@ -28,7 +28,8 @@ TRAIN_KEYS = ("arch", "weights", "freeze_backbone", "epochs", "batch_size", "lr"
               "freeze_bn", "sync_bn", "device", "precision", "channels_last", "compile", "num_workers",
               "deterministic", "seed")
 ARCHIVE_KEYS = ("model_name", "model_version", "model_store", "topk", "serve_batch_size", "max_batch_delay_ms",
-                "min_workers", "max_workers", "response_timeout", "startup_timeout", "max_batch_pixels", "serve_tuning")
+                "min_workers", "max_workers", "response_timeout", "startup_timeout", "max_batch_pixels",
+                "serve_precision", "serve_tuning")
 ALL_KEYS = tuple(dict.fromkeys(COLLECT_KEYS + CLEAN_KEYS + SPLIT_KEYS + TRAIN_KEYS + ARCHIVE_KEYS))
 
 
@@ -183,7 +184,7 @@ def evaluate(config_file: Path | None, out: Path, **overrides: Any) -> None:
 
 
 @cli.command()
-@config_options(("arch", "model_name", "model_version", "topk"))
+@config_options(("arch", "model_name", "model_version", "topk", "serve_precision"))
 def export(config_file: Path | None, out: Path, **overrides: Any) -> None:
     """Write model/model.pt (a bare state_dict), index_to_name.json and metadata.json."""
     from jobs.export import export as export_stage

@@ -8,10 +8,12 @@ like it, it imports nothing from ``jobs`` (only torch, torchvision, Pillow and `
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ except ImportError:  # from the repository
 logger = logging.getLogger(__name__)
 
 BF16_MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 on the val split that lets a model serve in bf16
+INT8_MAX_ACCURACY_LOSS = 0.005  # val accuracy int8 may lose against fp32 (0.5 points) and still be offered
+INT8_WEIGHTS = "model-int8.pt"  # beside model.pt when the export offered int8
 JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers carry the size
 
 
@@ -40,6 +44,52 @@ def build_model(meta: dict, weights: Path | dict[str, torch.Tensor], device: tor
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def _int8_prepared(meta: dict, model: nn.Module) -> nn.Module:
+    """FX graph-mode static quantization for x86 (FBGEMM/oneDNN kernels; no compiler needed at start-up)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    return prepare_fx(model.eval(), get_default_qconfig_mapping("x86"), (torch.zeros(1, *meta["input_size"]),))
+
+
+def quantize_int8(meta: dict, model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
+    """An int8 copy of ``model`` (CPU), its activation ranges observed on the ``calibration`` batches."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    prepared = _int8_prepared(meta, copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format))
+    with torch.inference_mode():
+        for x in calibration:
+            prepared(x)
+    return convert_fx(prepared)
+
+
+def build_int8_model(meta: dict, weights: Path) -> nn.Module:
+    """The int8 model the export wrote (``INT8_WEIGHTS``), rebuilt as ``quantize_int8`` built it."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    model = models.get_model(meta["arch"], weights=None, num_classes=meta["num_classes"])
+    with warnings.catch_warnings():  # the observers are empty on purpose: the scales come from the file
+        warnings.filterwarnings("ignore", "must run observer", UserWarning)
+        quantized = convert_fx(_int8_prepared(meta, model))
+    quantized.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return quantized.eval()
+
+
+def load_serving_model(meta: dict, model_dir: Path, weights: Path, device: torch.device,
+                       requested: str = "auto") -> tuple[nn.Module, torch.dtype | None, str]:
+    """(model, autocast dtype, precision name) as the handler and ``jobs predict`` serve it.
+
+    int8 where the export offered it (``serve_precision.choice``), on the CPU, unless fp32/bf16/fp16
+    is requested; otherwise ``build_model`` with ``serve_dtype``.
+    """
+    if (requested == "auto" and device.type == "cpu" and (meta.get("serve_precision") or {}).get("choice") == "int8"
+            and (model_dir / INT8_WEIGHTS).is_file()):
+        return build_int8_model(meta, model_dir / INT8_WEIGHTS), None, "int8"
+    dtype = serve_dtype(meta, device, requested)
+    return build_model(meta, weights, device), dtype, {None: "fp32", torch.bfloat16: "bf16"}.get(dtype, "fp16")
 
 
 class Preprocessor:
@@ -110,6 +160,8 @@ def serve_dtype(meta: dict, device: torch.device, requested: str = "auto") -> to
             logger.warning("bf16 forced on %s without native bf16: emulated, slower than fp32", device)
         return torch.bfloat16 if requested == "bf16" else torch.float16
     recorded = (meta.get("serve_precision") or {}).get("choice", "fp32")
+    if recorded == "int8":  # on a device int8 does not serve on: bf16 where its own check passed
+        recorded = "bf16" if (meta["serve_precision"].get("bf16_top1_agreement") or 0) >= BF16_MIN_AGREEMENT else ""
     if recorded != "bf16":
         return None
     if not native_bf16(device):

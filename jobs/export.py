@@ -21,7 +21,7 @@ from jobs.data import load_splits
 from jobs.evaluate import load_checkpoint
 from jobs.fileio import atomic_torch_save, atomic_write_json, read_json
 from jobs.model import build_model
-from jobs.parity import bf16_parity
+from jobs.parity import precision_record
 from jobs.presets import preprocess_spec
 
 
@@ -68,7 +68,7 @@ def export(cfg: Config, paths: RunPaths) -> Path:
     # Prove the file loads into the named architecture before anyone serves it.
     build_model(cfg.arch, len(splits["classes"]), "none").load_state_dict(state)
     meta = build_metadata(cfg, splits, metrics)
-    meta["serve_precision"] = bf16_parity(paths, meta, state)  # bf16 serving only where it keeps the answers
+    meta["serve_precision"] = precision_record(cfg, paths, meta, state)  # bf16/int8 only where they keep the answers
     license_summary = _license_summary(paths)
     if license_summary:
         meta["data_licenses"] = license_summary

@@ -18,23 +18,24 @@ from jobs.fileio import read_json
 CPU = torch.device("cpu")
 
 
-def load_exported(model_dir: Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model from ``metadata.json`` alone, as the handler does, and load ``model.pt``."""
+def load_exported(model_dir: Path) -> tuple[nn.Module, torch.dtype | None, dict]:
+    """(model, autocast dtype, metadata) from ``metadata.json`` and the weights, as the handler loads them."""
     meta_file, weights = model_dir / "metadata.json", model_dir / "model.pt"
     if not meta_file.exists() or not weights.exists():
         raise JobError(f"{model_dir} lacks metadata.json or model.pt; pass the model/ folder of a finished run")
     meta = read_json(meta_file)
-    return contract.build_model(meta, weights, CPU), meta
+    model, dtype, _ = contract.load_serving_model(meta, model_dir, weights, CPU)
+    return model, dtype, meta
 
 
 def predict_files(model_dir: Path, files: list[Path], topk: int | None = None) -> list[dict]:
     """One result per file: all probabilities and the top-k, or the reason the file is not an image.
 
-    Runs in the precision ``metadata.json`` records for serving (bf16 only on a CPU with native bf16).
+    Runs in the precision ``metadata.json`` records for serving (int8 where offered; bf16 only on a CPU
+    with native bf16).
     """
-    model, meta = load_exported(Path(model_dir))
+    model, dtype, meta = load_exported(Path(model_dir))
     preprocess = contract.Preprocessor(meta)
-    dtype = contract.serve_dtype(meta, CPU)
     k = topk or meta["topk"]
     results = []
     for f in files:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -385,3 +386,26 @@ def test_recorded_bf16_serves_bf16_only_where_native(monkeypatch, caplog):
     monkeypatch.setattr(contract, "native_bf16", lambda device: False)
     assert contract.serve_dtype(meta, cpu) is None
     assert "no native bf16: serving fp32" in caplog.text
+
+
+def test_int8_model_serves_as_predict_does_and_near_fp32(run_dir: Path, loaded, tmp_path: Path):
+    """An export that offered int8: the handler and `jobs predict` load model-int8.pt alike."""
+    shutil.copytree(run_dir / "model", tmp_path / "model")
+    model_dir = tmp_path / "model"
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    preprocess = contract.Preprocessor(meta)
+    fp32 = contract.build_model(meta, model_dir / "model.pt", torch.device("cpu"))
+    calibration = [torch.stack([preprocess(p.read_bytes()) for p in PHOTOS[:16]])]
+    torch.save(contract.quantize_int8(meta, fp32, calibration).state_dict(), model_dir / contract.INT8_WEIGHTS)
+    meta["serve_precision"] = {"choice": "int8"}
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+    h, ctx = load_handler(tmp_path)
+    assert h.precision == "int8"
+    files = PHOTOS[::6]
+    got = handle_batch(h, ctx, [{"body": bytearray(f.read_bytes())} for f in files])
+    offline = predict_files(model_dir, files)
+    reference = handle_batch(*loaded, [{"body": bytearray(f.read_bytes())} for f in files])
+    for answer, ref, fp in zip(got, offline, reference, strict=True):
+        for i, p in probs_by_index(answer["predictions"]).items():
+            assert p == pytest.approx(ref["probabilities"][i], abs=1e-4)
+            assert p == pytest.approx(probs_by_index(fp["predictions"])[i], abs=0.1)

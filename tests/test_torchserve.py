@@ -63,7 +63,7 @@ def served(tmp_path_factory) -> Served:
     store = root / "model-store"
     two_cfg, two = export_tiny_model(root / "two", FIXTURE_IMAGES)
     seven_data = make_seven_class_data(FIXTURE_IMAGES, root / "seven-data")
-    seven_cfg, seven = export_tiny_model(root / "seven", seven_data)
+    seven_cfg, seven = export_tiny_model(root / "seven", seven_data, serve_precision="int8")
     archive_as(two_cfg, two, store, "two", max_batch_delay_ms=200, serve_tuning="archive")
     archive_as(seven_cfg, seven, store, "seven")
     server = start(store, root / "state", ports=unused_ports(), models=machine_models(store))  # "seven" only
@@ -300,8 +300,13 @@ def test_preprocess_and_forward_time_reach_prometheus(served: Served):
         assert re.search(rf'^{name}\{{.*ModelName="seven".*\}} \S+$', text, re.M), f"{name} missing:\n{text[:3000]}"
 
 
-def test_parity_check_is_recorded_in_metadata(served: Served):
+def test_precision_checks_are_recorded_in_metadata(served: Served):
     record = json.loads((served.model_dirs["two"] / "metadata.json").read_text())["serve_precision"]
-    assert record["choice"] in {"bf16", "fp32"} and record["val_images"] > 0
+    assert record["choice"] in {"bf16", "fp32"} and record["val_images"] > 0 and "int8" not in record
     assert 0 <= record["bf16_top1_agreement"] <= 1
     assert record["choice"] == ("bf16" if record["bf16_top1_agreement"] >= 0.99 else "fp32")
+    seven = json.loads((served.model_dirs["seven"] / "metadata.json").read_text())["serve_precision"]
+    int8 = seven["int8"]  # serve_precision: int8 asked for the check; the numbers decide
+    assert set(int8["images_per_s"]) >= {"fp32", "int8"} and int8["calibration_images"] > 0
+    assert (seven["choice"] == "int8") == int8["offered"]
+    assert int8["offered"] == (served.model_dirs["seven"] / "model-int8.pt").is_file()
