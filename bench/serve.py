@@ -126,29 +126,33 @@ def run_load(server: TorchServe, model: str, photos: list[bytes], concurrency: i
 
 
 def in_process_limit(model_dir: Path, photos: list[bytes], duration: float) -> dict:
-    """Images/s of decode + preprocess + forward on every core, batch 8, in each precision the machine
-    has natively; ``best`` is the limit."""
+    """Images/s of decode + preprocess + forward on every core, batch 8, in fp32, native bf16 and int8.
+    ``best`` (the limit) is the best of fp32 and bf16, as the issue defines it; int8 is printed beside,
+    since it is served only where the export offered it."""
     cores = contract.cpu_cores()
     torch.set_num_threads(cores)
     meta = read_json(model_dir / "metadata.json")
     cpu = torch.device("cpu")
     model = contract.build_model(meta, model_dir / "model.pt", cpu)
     preprocess = contract.Preprocessor(meta)
-    precisions = {"fp32": None, **({"bf16": torch.bfloat16} if contract.native_bf16(cpu) else {})}
+    calibration = [torch.stack([preprocess(b) for b in photos[:32]])]
+    variants = {"fp32": (model, None), **({"bf16": (model, torch.bfloat16)} if contract.native_bf16(cpu) else {}),
+                "int8": (contract.quantize_int8(meta, model, calibration), None)}
     rates = {}
     with ThreadPoolExecutor(cores) as decoders:
-        for name, dtype in precisions.items():
+        for name, (net, dtype) in variants.items():
             batches = itertools.cycle(range(0, len(photos) - LIMIT_BATCH + 1, LIMIT_BATCH))
-            contract.probabilities(model, torch.stack(list(decoders.map(preprocess, photos[:LIMIT_BATCH]))), cpu,
+            contract.probabilities(net, torch.stack(list(decoders.map(preprocess, photos[:LIMIT_BATCH]))), cpu,
                                    dtype)  # warm-up
             images, start_time = 0, time.perf_counter()
             while time.perf_counter() - start_time < duration:
                 i = next(batches)
                 x = torch.stack(list(decoders.map(preprocess, photos[i:i + LIMIT_BATCH])))
-                contract.probabilities(model, x, cpu, dtype)
+                contract.probabilities(net, x, cpu, dtype)
                 images += len(x)
             rates[name] = round(images / (time.perf_counter() - start_time), 2)
-    return {"images_per_s": rates, "best": max(rates.values()), "threads": cores, "batch": LIMIT_BATCH}
+    best = max(rate for name, rate in rates.items() if name != "int8")
+    return {"images_per_s": rates, "best": best, "threads": cores, "batch": LIMIT_BATCH}
 
 
 def build_store(work: Path, model_dir: Path | None, variants: list[str]) -> tuple[Path, Path]:
