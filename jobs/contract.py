@@ -234,4 +234,4 @@ def serving_plan(cores: int | None = None, gpus: int | None = None) -> ServingPl
     if gpus:
         return ServingPlan(workers=gpus, threads=max(1, cores // gpus), batch_size=32, max_batch_delay_ms=5)
     threads = max(1, min(4, cores // 4))
-    return ServingPlan(workers=max(1, cores // threads), threads=threads, batch_size=8, max_batch_delay_ms=1)
+    return ServingPlan(workers=max(1, cores // threads), threads=threads, batch_size=4, max_batch_delay_ms=1)

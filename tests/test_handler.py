@@ -221,8 +221,8 @@ def test_module_entry_point_initializes_once(run_dir: Path):
 
 
 def test_serving_plan_follows_the_machine():
-    assert contract.serving_plan(cores=2, gpus=0) == contract.ServingPlan(2, 1, 8, 1)
-    assert contract.serving_plan(cores=16, gpus=0) == contract.ServingPlan(4, 4, 8, 1)
+    assert contract.serving_plan(cores=2, gpus=0) == contract.ServingPlan(2, 1, 4, 1)
+    assert contract.serving_plan(cores=16, gpus=0) == contract.ServingPlan(4, 4, 4, 1)
     assert contract.serving_plan(cores=64, gpus=0).threads == 4
     assert contract.serving_plan(cores=16, gpus=2) == contract.ServingPlan(2, 8, 32, 5)
     assert classifier_handler._torch_threads(3, torch.device("cpu")) == 3
