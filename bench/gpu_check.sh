@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (no TorchServe/Java there): environment, a real training
 # run of the job on the GPU (cached-feature head stage + fine-tune), then the training benchmarks
-# and the cached-vs-full accuracy sweep.
+# and the cached-vs-full accuracy sweep, then the serving handler's GPU path.
 #   bash bench/gpu_check.sh DATA      # DATA: a folder with train/<class>/ and val/<class>/
 # Results land in $OUT (or /tmp/gpu-check).
 set -uo pipefail
@@ -41,5 +41,7 @@ tail -1 "$OUT/resume_test.log"
 timeout 240 $PY bench/train_finetune.py --device cuda --compile > "$OUT/bench_finetune.log" 2>&1
 timeout 240 $PY bench/train_frozen.py --device cuda --data "$DATA" > "$OUT/bench_frozen.log" 2>&1
 timeout 180 $PY bench/parity_sweep.py --device cuda --data "$DATA" --seeds 12 > "$OUT/bench_parity.log" 2>&1
+# The serving handler's own path on the GPU (in-process, TorchServe's Context) against the bare forward pass.
+timeout 90 $PY bench/handler_gpu.py --images "$DATA/val" --batch 32 --duration 20 > "$OUT/bench_handler_gpu.log" 2>&1
 cp bench/results/*cuda*.json "$OUT/" 2>/dev/null
 tail -5 "$OUT"/*.log

@@ -1,15 +1,24 @@
-"""Serving benchmark: our handler vs a stock-style handler, same model, same TorchServe, real HTTP.
+"""Serving benchmark: served throughput against the machine's own in-process limit, and our handler
+against a stock-style handler, same model, same photos, one TorchServe, real HTTP.
 
     .venv/bin/python bench/serve.py [--duration 30] [--concurrency 1,8] [--variants ours,stock]
                                     [--images DIR] [--model-dir RUN/model]
 
-Every variant is the same model archived with a different handler / model-config, all in one model
-store and one TorchServe (only the variant under test receives traffic). Each (variant, concurrency)
-cell sends real photos as raw request bodies from ``concurrency`` closed-loop client threads; the
-cell's time is split into rounds that alternate the variants, so other load on the machine hits them
-alike. Reported: requests/s, p50/p99 latency, and ratios against "stock" (bench/stock_handler.py:
-PIL + torchvision.transforms per image, fp32, batchSize 1, torch's default threads). The ablation
-variants (ours-allthreads, ours-2workers, stock-1thread) separate thread count from batching.
+**The limit** is measured in this process, before and after the served cells: the same model and
+photos, decode + preprocess + forward (jobs/contract.py, what the handler runs), batch 8, every core
+(torch threads = cores, decoding on a thread pool of that size), in the best precision the machine
+has (fp32, and bf16 autocast where it is native). ``served/limit`` = served images/s over that.
+
+**The served cells**: every variant is the same model archived with a different handler /
+model-config, all in one model store and one TorchServe (only the variant under test receives
+traffic). Each (variant, concurrency) cell sends real photos as raw request bodies from
+``concurrency`` closed-loop client threads; its time is split into rounds that alternate the
+variants, so other load on the machine hits them alike. Variants:
+  * ours: workers and batching chosen by ``jobs serve`` for this machine (contract.serving_plan);
+  * ours-archived: the archive's old fixed values (1 worker, batchSize 8, maxBatchDelay 20 ms);
+  * ours-1worker-allthreads: one worker on every core (latency at c=1 against throughput at c=8);
+  * stock: bench/stock_handler.py (PIL + torchvision.transforms per image, fp32, batchSize 1,
+    torch's default threads), the baseline of every ratio; stock-1thread: the same on 1 thread.
 Results: bench/results/serve.json. Without --model-dir the model is a random-weight resnet18 (speed
 does not depend on the weights). The load generator runs on the same machine as the server.
 """
@@ -17,6 +26,7 @@ does not depend on the weights). The load generator runs on the same machine as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -38,24 +48,29 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the shared test helpers build models and archives
 
-from torchserve_fixture import archive_as, export_random_model  # noqa: E402
+from torchserve_fixture import archive_as, export_random_model, unused_ports  # noqa: E402
 
+from jobs import contract  # noqa: E402
 from jobs.config import RunPaths, load_config  # noqa: E402
-from jobs.fileio import atomic_write_json  # noqa: E402
-from jobs.serve import Ports, TorchServe, start  # noqa: E402
+from jobs.fileio import atomic_write_json, read_json  # noqa: E402
+from jobs.serve import TorchServe, machine_models, start  # noqa: E402
 
 SHARED_VAL = REPO.parent / "shared" / "datasets" / "hymenoptera" / "val"
 FIXTURES = REPO / "tests" / "fixtures" / "hymenoptera_small"
 STOCK = REPO / "bench" / "stock_handler.py"
 # name -> (handler file, model-config handler options, job-config overrides); "stock" is the baseline.
 # The -Nthread/-2workers variants separate the effect of thread count from batching and preprocessing.
+ARCHIVED = {"serve_tuning": "archive"}
 VARIANTS: dict[str, tuple[Path | None, dict, dict]] = {
     "ours": (None, {}, {}),
-    "ours-allthreads": (None, {"torch_threads": 0}, {}),
-    "ours-2workers": (None, {}, {"min_workers": 2, "max_workers": 2}),
-    "stock": (STOCK, {}, {"serve_batch_size": 1, "max_batch_delay_ms": 0}),
-    "stock-1thread": (STOCK, {"torch_threads": 1}, {"serve_batch_size": 1, "max_batch_delay_ms": 0}),
+    "ours-archived": (None, {}, {**ARCHIVED, "min_workers": 1, "max_workers": 1, "serve_batch_size": 8,
+                                 "max_batch_delay_ms": 20}),
+    "ours-1worker-allthreads": (None, {"torch_threads": os.cpu_count()}, {
+        **ARCHIVED, "min_workers": 1, "max_workers": 1, "serve_batch_size": 8, "max_batch_delay_ms": 1}),
+    "stock": (STOCK, {}, {**ARCHIVED, "serve_batch_size": 1, "max_batch_delay_ms": 0}),
+    "stock-1thread": (STOCK, {"torch_threads": 1}, {**ARCHIVED, "serve_batch_size": 1, "max_batch_delay_ms": 0}),
 }
+LIMIT_BATCH = 8
 
 
 def load_photos(folder: Path) -> list[bytes]:
@@ -110,14 +125,44 @@ def run_load(server: TorchServe, model: str, photos: list[bytes], concurrency: i
     cell.wall += time.perf_counter() - start_time
 
 
-def build_store(work: Path, model_dir: Path | None, variants: list[str]) -> Path:
-    """The same model archived once per variant (handler file and model-config differ)."""
+def in_process_limit(model_dir: Path, photos: list[bytes], duration: float) -> dict:
+    """Images/s of decode + preprocess + forward on every core, batch 8, in fp32, native bf16 and int8.
+    ``best`` (the limit) is the best of fp32 and bf16, as the issue defines it; int8 is printed beside,
+    since it is served only where the export offered it."""
+    cores = contract.cpu_cores()
+    torch.set_num_threads(cores)
+    meta = read_json(model_dir / "metadata.json")
+    cpu = torch.device("cpu")
+    model = contract.build_model(meta, model_dir / "model.pt", cpu)
+    preprocess = contract.Preprocessor(meta)
+    calibration = [torch.stack([preprocess(b) for b in photos[:32]])]
+    variants = {"fp32": (model, None), **({"bf16": (model, torch.bfloat16)} if contract.native_bf16(cpu) else {}),
+                "int8": (contract.quantize_int8(meta, model, calibration), None)}
+    rates = {}
+    with ThreadPoolExecutor(cores) as decoders:
+        for name, (net, dtype) in variants.items():
+            batches = itertools.cycle(range(0, len(photos) - LIMIT_BATCH + 1, LIMIT_BATCH))
+            contract.probabilities(net, torch.stack(list(decoders.map(preprocess, photos[:LIMIT_BATCH]))), cpu,
+                                   dtype)  # warm-up
+            images, start_time = 0, time.perf_counter()
+            while time.perf_counter() - start_time < duration:
+                i = next(batches)
+                x = torch.stack(list(decoders.map(preprocess, photos[i:i + LIMIT_BATCH])))
+                contract.probabilities(net, x, cpu, dtype)
+                images += len(x)
+            rates[name] = round(images / (time.perf_counter() - start_time), 2)
+    best = max(rate for name, rate in rates.items() if name != "int8")
+    return {"images_per_s": rates, "best": best, "threads": cores, "batch": LIMIT_BATCH}
+
+
+def build_store(work: Path, model_dir: Path | None, variants: list[str]) -> tuple[Path, Path]:
+    """The same model archived once per variant (handler file and model-config differ); (store, model dir)."""
     paths = RunPaths(model_dir.parent) if model_dir else export_random_model(work / "run", ["ants", "bees"])
     store = work / "model-store"
     for name in variants:
         handler, options, overrides = VARIANTS[name]
         archive_as(load_config(None, overrides), paths, store, name, handler=handler, handler_options=options)
-    return store
+    return store, paths.model
 
 
 def archive_settings(mar: Path) -> dict:
@@ -156,25 +201,52 @@ def main() -> None:
     photos = load_photos(args.images)
     levels = [int(c) for c in args.concurrency.split(",")]
     variants = list(dict.fromkeys(args.variants.split(",") + ["stock"]))
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        store = build_store(Path(tmp), args.model_dir, variants)
+        store, model_dir = build_store(Path(tmp), args.model_dir, variants)
         settings = {name: archive_settings(store / f"{name}.mar") for name in variants}
-        server = start(store, Path(tmp) / "state", ports=Ports.free())
+        limits = [in_process_limit(model_dir, photos, args.duration / 2)]
+        print(f"in-process limit (before): {json.dumps(limits[0])}", flush=True)
+        models = machine_models(store)  # what `jobs serve` sets for the archives that leave it open
+        server = start(store, Path(tmp) / "state", ports=unused_ports(), models=models)
         try:
             server.wait_ready(variants)
             cells = measure(server, variants, levels, photos, args.duration, args.warmup, args.rounds)
         finally:
             server.stop()
+        limits.append(in_process_limit(model_dir, photos, args.duration / 2))
+        print(f"in-process limit (after): {json.dumps(limits[1])}", flush=True)
+    limit = round(sum(li["best"] for li in limits) / len(limits), 2)
+    for cell in cells.values():
+        cell["served_over_limit"] = round(cell["requests_per_s"] / limit, 3) if cell["requests_per_s"] else None
+        cell["p99_over_p50"] = round(cell["p99_ms"] / cell["p50_ms"], 2) if cell["p50_ms"] else None
     ratios = {f"{name}@{c}": ratio(cells[f"{name}@{c}"], cells[f"stock@{c}"])
               for name in variants if name != "stock" for c in levels}
     result = {"images": str(args.images), "photos": len(photos), "duration_s": args.duration, "rounds": args.rounds,
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                          "torch": torch.__version__},
+                          "cpu_flags": cpu_flags(), "torch": torch.__version__,
+                          "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
+              "serving_plan": contract.serving_plan().__dict__, "limit_images_per_s": limit, "limits": limits,
               "model_config": settings, "cells": cells, "vs_stock": ratios}
     atomic_write_json(args.out, result)
+    print(f"limit {limit} img/s (fp32/bf16 best, {contract.cpu_cores()} threads); flags: {cpu_flags() or 'none'}; "
+          f"load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
+    for key, cell in cells.items():
+        print(f"{key}: {cell['requests_per_s']} img/s = {cell['served_over_limit']} of the limit, "
+              f"p50 {cell['p50_ms']} ms, p99/p50 {cell['p99_over_p50']}")
     for cell, r in ratios.items():
         print(f"{cell} vs stock: throughput x{r['throughput']}, p50 x{r['p50']}, p99 x{r['p99']}")
     print(f"saved {args.out}")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's bf16/AMX flags, the ones that decide the best precision."""
+    flags = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags |= {f for f in line.split(":", 1)[1].split() if f.startswith("amx") or f == "avx512_bf16"}
+    return sorted(flags)
 
 
 def ratio(ours: dict, stock: dict) -> dict:

@@ -1,4 +1,5 @@
-"""The TorchServe side: our image-classifier handler (``resnet_handler.py``) and the server
-configuration (``config.properties``). ``jobs archive`` packs the handler with ``jobs/presets.py``
-into the .mar; ``jobs serve``, the serve container and the tests read ``config.properties``.
+"""The TorchServe side: our image-classifier handler (``classifier_handler.py``), the server
+configuration (``config.properties``) and the metrics it exposes (``metrics.yaml``). ``jobs archive``
+packs the handler with ``jobs/contract.py`` and ``jobs/presets.py`` into the .mar; ``jobs serve``,
+the serve container and the tests read ``config.properties``.
 """

@@ -1,4 +1,4 @@
-"""Archive: ``model/`` + our handler + ``presets.py`` -> ``<model-store>/<model_name>.mar``.
+"""Archive: ``model/`` + our handler + ``contract.py`` + ``presets.py`` -> ``<model-store>/<model_name>.mar``.
 
 torch-model-archiver stages its files in ``$TMPDIR/<model_name>`` and deletes that folder
 first, so with the default name it would wipe an unrelated ``/tmp/classifier``. It therefore
@@ -8,16 +8,18 @@ the finished archive is renamed into place: a reader of the store never sees hal
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import yaml
 
-from jobs import presets
+from jobs import contract, presets
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir, read_json
@@ -25,6 +27,7 @@ from jobs.fileio import atomic_write_text, ensure_writable_dir, read_json
 MODEL_FILES = ("model.pt", "index_to_name.json", "metadata.json")
 # TorchServe's rule for model names (they become URL path segments and file names).
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+HANDLER_FILE = "classifier_handler.py"
 
 
 def handler_dir() -> Path:
@@ -34,19 +37,28 @@ def handler_dir() -> Path:
     return Path(next(iter(handler.__path__))).resolve()
 
 
+def tuning_settings(cfg: Config) -> dict:
+    """Workers and batching from the config keys (TorchServe's names)."""
+    return {"minWorkers": cfg.min_workers, "maxWorkers": cfg.max_workers, "batchSize": cfg.serve_batch_size,
+            "maxBatchDelay": cfg.max_batch_delay_ms}
+
+
 def model_config(cfg: Config) -> dict:
-    """The per-model TorchServe settings packed into the .mar (``--config-file``)."""
+    """The per-model TorchServe settings packed into the .mar (``--config-file``).
+
+    Workers and batching are packed only with ``serve_tuning: archive``. TorchServe lets a packed
+    value beat config.properties' ``models`` setting, so by default the .mar carries none, and the
+    server that loads it chooses them for its own machine (``jobs serve``: ``contract.serving_plan``).
+    """
     return {
-        "minWorkers": cfg.min_workers,
-        "maxWorkers": cfg.max_workers,
-        "batchSize": cfg.serve_batch_size,
-        "maxBatchDelay": cfg.max_batch_delay_ms,
+        **(tuning_settings(cfg) if cfg.serve_tuning == "archive" else {}),
         "responseTimeout": cfg.response_timeout,
         "startupTimeout": cfg.startup_timeout,
-        # Read by handler/resnet_handler.py from context.model_yaml_config["handler"].
+        # Read by handler/classifier_handler.py from context.model_yaml_config["handler"].
         "handler": {
             "topk": cfg.topk,
             "max_image_pixels": cfg.max_image_pixels,
+            "max_batch_pixels": cfg.max_batch_pixels,
             "precision": cfg.precision,
         },
     }
@@ -65,6 +77,7 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
         raise JobError(f"config key 'model_name' must match {MODEL_NAME.pattern} for TorchServe "
                        f"(got {cfg.model_name!r})")
     meta = read_json(paths.model / "metadata.json")
+    int8 = [p for p in [paths.model / contract.INT8_WEIGHTS] if p.is_file()]  # when the export offered int8
     store = ensure_writable_dir(paths.model_store)
     target = store / f"{cfg.model_name}.mar"
     with tempfile.TemporaryDirectory(prefix=".archive-", dir=store) as tmp:
@@ -75,10 +88,11 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
         config_file = atomic_write_text(work / "model-config.yaml", yaml.safe_dump(settings, sort_keys=False))
         cmd = [sys.executable, "-m", "model_archiver.model_packaging",
                "--model-name", cfg.model_name, "--version", cfg.model_version,
-               "--handler", str(handler or handler_dir() / "resnet_handler.py"),
+               "--handler", str(handler or handler_dir() / HANDLER_FILE),
                "--serialized-file", str(paths.model / "model.pt"),
                "--extra-files", ",".join(str(p) for p in (paths.model / "index_to_name.json",
-                                                          paths.model / "metadata.json", Path(presets.__file__))),
+                                                          paths.model / "metadata.json", Path(contract.__file__),
+                                                          Path(presets.__file__), *int8)),
                "--config-file", str(config_file), "--export-path", str(work), "--force"]
         run = subprocess.run(cmd, env={**os.environ, "TMPDIR": str(work / "stage")}, capture_output=True, text=True,
                              check=False)
@@ -88,6 +102,19 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
             raise JobError(f"torch-model-archiver failed for {paths.model}: {last}")
         os.replace(built, target)
     size_mb = target.stat().st_size / 1e6
-    print(f"archive: {target} ({size_mb:.1f} MB; {meta['arch']}, {meta['num_classes']} classes, "
-          f"batchSize {cfg.serve_batch_size}, maxBatchDelay {cfg.max_batch_delay_ms} ms)")
+    tuning = (f"batchSize {cfg.serve_batch_size}, maxBatchDelay {cfg.max_batch_delay_ms} ms"
+              if cfg.serve_tuning == "archive" else "workers and batching chosen where it is served")
+    print(f"archive: {target} ({size_mb:.1f} MB; {meta['arch']}, {meta['num_classes']} classes, {tuning})")
     return target
+
+
+def packed_settings(mar: Path) -> tuple[dict, dict]:
+    """(MANIFEST.json's "model", the packed model-config.yaml) of an archive; JobError if unreadable."""
+    try:
+        with zipfile.ZipFile(mar) as z:
+            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+            packed = yaml.safe_load(z.read(manifest["configFile"])) if manifest.get("configFile") else {}
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError, yaml.YAMLError) as e:
+        raise JobError(f"{mar} is not a readable model archive ({type(e).__name__}); "
+                       "re-run `python -m jobs archive`") from None
+    return manifest, packed or {}

@@ -125,6 +125,9 @@ class Config:
     max_workers: int = _key(1, "TorchServe maxWorkers.", commands=ARCHIVE, lo=1, hi=256)
     response_timeout: int = _key(120, "TorchServe responseTimeout in seconds.", commands=ARCHIVE, lo=1, hi=86_400)
     startup_timeout: int = _key(120, "TorchServe startupTimeout in seconds.", commands=ARCHIVE, lo=1, hi=86_400)
+    max_batch_pixels: int = _key(200_000_000, "Pixels one served batch may decode (a request above it gets 413).", commands=ARCHIVE, lo=1, hi=10**12)
+    serve_precision: str = _key("auto", "auto: bf16 where native and the export check allows, else fp32; int8: also offer int8 when it is faster at <= 0.5 points of val accuracy lost.", commands=EXPORT, choices=("auto", "int8"))
+    serve_tuning: str = _key("machine", "machine: the server picks workers/batching for its machine; archive: pack serve_batch_size, max_batch_delay_ms, min/max_workers into the .mar.", commands=ARCHIVE, choices=("machine", "archive"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,6 +254,12 @@ def _validate(cfg: Config) -> None:
         raise bad("test_fraction", "must leave room for training with val_fraction")
     if not (cfg.device in {"auto", "cpu", "cuda"} or cfg.device.startswith("cuda:")):
         raise bad("device", "must be auto, cpu, cuda or cuda:N")
+    if cfg.max_batch_pixels < 1:
+        raise bad("max_batch_pixels", "must be >= 1")
+    if cfg.serve_precision not in {"auto", "int8"}:
+        raise bad("serve_precision", "must be auto or int8")
+    if cfg.serve_tuning not in {"machine", "archive"}:
+        raise bad("serve_tuning", "must be machine or archive")
     if cfg.min_workers > cfg.max_workers:
         raise bad("min_workers", f"must not exceed max_workers ({cfg.max_workers})")
 

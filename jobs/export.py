@@ -22,6 +22,7 @@ from jobs.data import load_splits
 from jobs.errors import JobError
 from jobs.fileio import atomic_torch_save, atomic_write_json, read_json, read_run_file, sweep_partials
 from jobs.model import build_model
+from jobs.parity import precision_record
 from jobs.presets import preprocess_spec
 
 
@@ -82,6 +83,7 @@ def export(cfg: Config, paths: RunPaths) -> Path:
     # Prove the file loads into the named architecture before anyone serves it.
     build_model(trained.arch, len(splits["classes"]), "none").load_state_dict(state)
     meta = build_metadata(trained, splits, metrics)
+    meta["serve_precision"] = precision_record(trained, paths, meta, state)  # bf16/int8 only where answers hold
     license_summary = _license_summary(paths)
     if license_summary:
         meta["data_licenses"] = license_summary

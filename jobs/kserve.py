@@ -18,12 +18,9 @@ TorchServe 0.12 (tests/test_deploy.py):
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
-import yaml
-
-from jobs.archive import handler_dir, model_config
+from jobs.archive import handler_dir, model_config, packed_settings, tuning_settings
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, link_or_copy
@@ -43,16 +40,10 @@ HEADER = """\
 
 def archive_settings(mar: Path, cfg: Config) -> dict:
     """Name, version and batching of ``mar`` as packed by ``jobs archive`` (``cfg`` fills what a foreign .mar lacks)."""
-    try:
-        with zipfile.ZipFile(mar) as z:
-            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
-            packed = yaml.safe_load(z.read(manifest["configFile"])) if manifest.get("configFile") else {}
-    except (OSError, zipfile.BadZipFile, KeyError, ValueError, yaml.YAMLError) as e:
-        raise JobError(f"{mar} is not a readable model archive ({type(e).__name__}: {e}); "
-                       "re-run `python -m jobs archive`") from None
-    defaults = model_config(cfg)
+    manifest, packed = packed_settings(mar)
+    defaults = {**tuning_settings(cfg), **model_config(cfg)}
     return {"name": manifest["modelName"], "version": manifest.get("modelVersion", cfg.model_version),
-            **{key: (packed or {}).get(key, defaults[key]) for key in SNAPSHOT_KEYS}}
+            **{key: packed.get(key, defaults[key]) for key in SNAPSHOT_KEYS}}
 
 
 def model_snapshot(settings: dict, mar_name: str) -> dict:

@@ -11,6 +11,7 @@ The eval transform is defined by four numbers and a resampling mode, written int
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import torch
@@ -83,9 +84,21 @@ def decode_rgb(data: bytes, target_short_side: int = RESIZE_SIZE) -> torch.Tenso
                                 mode=ImageReadMode.RGB, apply_exif_orientation=True)
         return _pil_to_tensor(img)
     except Image.DecompressionBombError as e:
-        raise ValueError(f"image too large, refused as a decompression bomb ({e})") from None
-    except (OSError, RuntimeError, SyntaxError, Image.UnidentifiedImageError) as e:
-        raise ValueError(f"not a decodable image ({type(e).__name__}: {str(e)[:120]})") from None
+        raise ValueError(f"image too large, refused as a decompression bomb ({plain(str(e))})") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError("not a decodable image (unrecognised format; send JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
+    except (OSError, RuntimeError, SyntaxError) as e:
+        raise ValueError(f"not a decodable image ({type(e).__name__}: {plain(str(e))})") from None
+
+
+# Object reprs, memory addresses and file paths: what a library's error text may hold and a client must not see.
+_INTERNALS = re.compile(r"<[^<>]*>|0x[0-9a-fA-F]+|(?:[A-Za-z]:)?(?:[\\/][\w.+-]+){2,}(?::\d+)?")
+
+
+def plain(message: str, limit: int = 120) -> str:
+    """A library's error text fit for a client: first line, internals replaced by '...', at most ``limit`` chars."""
+    first = (message.strip().splitlines() or [""])[0]
+    return _INTERNALS.sub("...", first)[:limit]
 
 
 def _pil_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import requests
 
-from jobs.archive import handler_dir
+from jobs import contract
+from jobs.archive import handler_dir, packed_settings
 from jobs.config import Config
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir
@@ -37,13 +38,9 @@ class Ports:
     grpc_inference: int = 7070
     grpc_management: int = 7071
 
-    @classmethod
-    def free(cls, host: str = "127.0.0.1") -> Ports:
-        """Five currently unused ports on ``host`` (for tests and benchmarks)."""
-        return cls(*free_ports(5, host))
-
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` ports unused right now on ``host``."""
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(socket.socket()) for _ in range(count)]
         for s in socks:
@@ -51,10 +48,13 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
-def render_config(base: str, *, host: str, ports: Ports, model_store: Path, disable_token_auth: bool = False) -> str:
+def render_config(base: str, *, host: str, ports: Ports, model_store: Path, disable_token_auth: bool = False,
+                  models: dict | None = None, metrics_config: Path | None = None) -> str:
     """``handler/config.properties`` with addresses, ports and model store replaced.
 
     Management and gRPC stay on 127.0.0.1 whatever ``host`` is: only inference and metrics follow it.
+    ``models`` (TorchServe's per-model settings, see ``machine_models``) sets what the archives leave open;
+    ``metrics_config`` names the metrics Prometheus mode exposes (``handler/metrics.yaml``).
     """
     store = Path(model_store).resolve()
     values = {
@@ -68,6 +68,8 @@ def render_config(base: str, *, host: str, ports: Ports, model_store: Path, disa
         "model_store": str(store),
         "allowed_urls": "file://" + re.escape(str(store)).replace("\\", "\\\\") + "/.*\\\\.mar",
         **({"disable_token_authorization": "true"} if disable_token_auth else {}),
+        **({"models": json.dumps(models, separators=(",", ":"))} if models else {}),
+        **({"metrics_config": str(metrics_config)} if metrics_config else {}),
     }
     lines, seen = [], set()
     for line in base.splitlines():
@@ -77,6 +79,22 @@ def render_config(base: str, *, host: str, ports: Ports, model_store: Path, disa
         lines.append(line)
     lines += [f"{k}={v}" for k, v in values.items() if k not in seen]
     return "\n".join(lines) + "\n"
+
+
+def machine_models(model_store: Path, plan: contract.ServingPlan | None = None) -> dict:
+    """TorchServe's ``models`` setting for the archives in ``model_store`` that leave workers and batching
+    to the server (``serve_tuning: machine``): chosen for this machine (``contract.serving_plan``).
+    An archive that packs them keeps its own: TorchServe lets the packed value win."""
+    plan = plan or contract.serving_plan()
+    models = {}
+    for mar in sorted(Path(model_store).glob("*.mar")):
+        manifest, packed = packed_settings(mar)
+        if "batchSize" in packed:
+            continue
+        timeouts = {k: packed[k] for k in ("responseTimeout", "startupTimeout") if k in packed}
+        models[manifest["modelName"]] = {manifest.get("modelVersion", "1.0"): {
+            "defaultVersion": True, "marName": mar.name, **plan.model_settings(), **timeouts}}
+    return models
 
 
 def parse_properties(text: str) -> dict[str, str]:
@@ -186,11 +204,12 @@ def _torchserve_cmd(*args: str) -> list[str]:
 
 
 def start(model_store: Path, workdir: Path, *, host: str = "127.0.0.1", ports: Ports = Ports(),
-          disable_token_auth: bool = False) -> TorchServe:
+          disable_token_auth: bool = False, models: dict | None = None) -> TorchServe:
     """Start TorchServe on ``model_store`` with ``handler/config.properties`` adapted; returns at once.
 
+    ``models`` sets the workers/batching the archives leave open (``machine_models``); None: TorchServe's defaults.
     It runs in its own session (process group): ``TorchServe.stop`` ends frontend and workers together,
-    and a server started by ``serve(foreground=False)`` outlives this process until ``serve --stop``.
+    and a server not stopped outlives this process until ``serve --stop``.
     Its console output goes to ``workdir/torchserve.out``, its logs to ``workdir/logs/``.
     """
     model_store = Path(model_store).resolve()
@@ -203,7 +222,8 @@ def start(model_store: Path, workdir: Path, *, host: str = "127.0.0.1", ports: P
         _check_port_free(host if port in (ports.inference, ports.metrics) else "127.0.0.1", port)
     config = workdir / "config.properties"
     atomic_write_text(config, render_config((handler_dir() / "config.properties").read_text(), host=host, ports=ports,
-                                            model_store=model_store, disable_token_auth=disable_token_auth))
+                                            model_store=model_store, disable_token_auth=disable_token_auth,
+                                            models=models, metrics_config=handler_dir() / "metrics.yaml"))
     cmd = _torchserve_cmd("--start", "--foreground", "--ncs", "--model-store", str(model_store),
                           "--ts-config", str(config), "--models", "all")
     with open(workdir / "torchserve.out", "ab") as out:
@@ -237,25 +257,16 @@ def default_workdir(model_store: Path) -> Path:
     return Path(model_store).resolve().parent / "serve-state"
 
 
-def serve(cfg: Config, model_store: Path, *, stop: bool = False, foreground: bool = True,
-          workdir: Path | None = None, host: str = "127.0.0.1", port: int = 8080, management_port: int = 8081,
-          metrics_port: int = 8082, disable_token_auth: bool = False) -> int:
-    """Start TorchServe on ``model_store`` (foreground: until Ctrl-C) or stop it; returns an exit code."""
+def serve(cfg: Config, model_store: Path, *, stop: bool = False, workdir: Path | None = None,
+          host: str = "127.0.0.1", port: int = 8080, management_port: int = 8081, metrics_port: int = 8082,
+          disable_token_auth: bool = False) -> int:
+    """Run TorchServe on ``model_store`` until Ctrl-C/SIGTERM, or stop the one running; returns an exit code."""
     workdir = Path(workdir) if workdir else default_workdir(model_store)
     if stop:
         return _stop(workdir)
-    # gRPC is unused here but TorchServe always opens it: any two free loopback ports do.
-    ports = Ports(port, management_port, metrics_port, *free_ports(2))
-    server = start(model_store, workdir, host=host, ports=ports, disable_token_auth=disable_token_auth)
+    server = launch(cfg, model_store, workdir, host=host, port=port, management_port=management_port,
+                    metrics_port=metrics_port, disable_token_auth=disable_token_auth)
     try:
-        names = model_names(model_store)
-        server.wait_ready(names, cfg.startup_timeout + 60)  # + the JVM's own start
-        hint = curl_hint(server, cfg.model_name if cfg.model_name in names else names[0])
-        print(f"serving {', '.join(names)} from {Path(model_store).resolve()}\n"
-              f"logs and key_file.json: {server.workdir}\n{hint}", flush=True)
-        if not foreground:
-            print(f"stop it with: python -m jobs serve --model-store {model_store} --stop", flush=True)
-            return 0
         print("Ctrl-C stops it", flush=True)
         # `docker stop`/systemd send SIGTERM: leave through the cleanup below, not past it.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -265,6 +276,30 @@ def serve(cfg: Config, model_store: Path, *, stop: bool = False, foreground: boo
     except BaseException:
         server.stop()
         raise
+
+
+def launch(cfg: Config, model_store: Path, workdir: Path, *, host: str, port: int, management_port: int,
+           metrics_port: int, disable_token_auth: bool) -> TorchServe:
+    """Start TorchServe with workers and batching for this machine (where the archives leave them open);
+    returns once it is ready."""
+    # gRPC is unused here but TorchServe always opens it: any two free loopback ports do.
+    ports = Ports(port, management_port, metrics_port, *free_ports(2))
+    plan = contract.serving_plan()
+    models = machine_models(model_store, plan)
+    server = start(model_store, workdir, host=host, ports=ports, disable_token_auth=disable_token_auth, models=models)
+    try:
+        names = model_names(model_store)
+        server.wait_ready(names, cfg.startup_timeout + 60)  # + the JVM's own start
+    except BaseException:
+        server.stop()
+        raise
+    tuned = ", ".join(models) or "none (all archives carry their own)"
+    tuning = (f"{plan.workers} workers x {plan.threads} threads, batchSize {plan.batch_size}, maxBatchDelay "
+              f"{plan.max_batch_delay_ms} ms for this machine: {tuned}")
+    hint = curl_hint(server, cfg.model_name if cfg.model_name in names else names[0])
+    print(f"serving {', '.join(names)} from {Path(model_store).resolve()}, {tuning}\n"
+          f"logs and key_file.json: {server.workdir}\n{hint}", flush=True)
+    return server
 
 
 def _stop(workdir: Path) -> int:

@@ -26,7 +26,7 @@ import requests
 import yaml
 from conftest import FIXTURE_IMAGES
 from conftest import REPO as ROOT
-from torchserve_fixture import export_random_model
+from torchserve_fixture import export_random_model, unused_ports
 
 from jobs import serve
 from jobs.archive import archive
@@ -355,7 +355,7 @@ def archived(tmp_path_factory) -> tuple[Config, Path]:
     """A real .mar (random weights) archived with batch settings that differ from the defaults."""
     paths = export_random_model(tmp_path_factory.mktemp("run"), ["ants", "bees"])
     cfg = load_config(None, {"weights": "none", "serve_batch_size": 4, "max_batch_delay_ms": 300,
-                             "model_version": "2.1"})
+                             "serve_tuning": "archive", "model_version": "2.1"})
     archive(cfg, paths)
     return cfg, paths.out
 
@@ -392,7 +392,7 @@ def test_export_kserve_names_the_missing_archive(tmp_path):
 
 def _start_like_kserve(dest: Path, workdir: Path) -> serve.TorchServe:
     """TorchServe as KServe's runtime starts it (`--model-store`, `--ts-config`, nothing else), on free ports."""
-    ports = serve.Ports.free()
+    ports = unused_ports()
     workdir.mkdir(parents=True)
     config = workdir / "config.properties"
     config.write_text(serve.render_config((dest / "config" / "config.properties").read_text(), host="127.0.0.1",
@@ -445,7 +445,7 @@ def test_kserve_config_serves_concurrent_v1_and_v2_requests(archived, tmp_path):
 @needs_java
 def test_ping_probe_works_with_token_authorization_and_renews_an_expired_key(archived, tmp_path):
     _, out = archived
-    server = serve.start(out / "model-store", tmp_path / "ts", ports=serve.Ports.free())  # token auth on
+    server = serve.start(out / "model-store", tmp_path / "ts", ports=unused_ports())  # token auth on
     try:
         server.wait_ready(["classifier"])
         assert requests.get(f"{server.inference_url}/ping", timeout=10).status_code != 200  # the key is needed

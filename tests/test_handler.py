@@ -7,6 +7,8 @@ import base64
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -15,18 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import ts
 import yaml
 from conftest import FIXTURE_IMAGES
 from PIL import Image
-from torchserve_fixture import bad_images, export_random_model, png_header
+from torchserve_fixture import bad_images, export_random_model, handle_batch, handler_context, png_header
 from ts.context import Context, RequestProcessor
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
-from handler import resnet_handler
-from handler.resnet_handler import BadRequest, ResNetHandler, parse_request
+from handler import classifier_handler
+from handler.classifier_handler import BadRequest, TorchvisionClassifierHandler, parse_request
+from jobs import contract
 from jobs.archive import archive, handler_dir
 from jobs.config import RunPaths, load_config
 from jobs.errors import JobError
@@ -44,31 +45,19 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def make_context(model_dir: Path, handler_options: dict | None = None) -> Context:
-    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
-    manifest = {"model": {"modelName": "clf", "modelVersion": "1.0", "serializedFile": "model.pt"}}
     # torch_threads 0: keep torch's default, or the handler would change this pytest process's thread count.
-    return Context("clf", str(model_dir), manifest, 8, None, "0.12.0", metrics=metrics,
-                   model_yaml_config={"handler": {"torch_threads": 0, **(handler_options or {})}})
+    return handler_context(model_dir, {"torch_threads": 0, **(handler_options or {})})
 
 
-def load_handler(run_dir: Path, **options) -> tuple[ResNetHandler, Context]:
+def load_handler(run_dir: Path, **options) -> tuple[TorchvisionClassifierHandler, Context]:
     ctx = make_context(run_dir / "model", options)
-    h = ResNetHandler()
+    h = TorchvisionClassifierHandler()
     h.initialize(ctx)
     return h, ctx
 
 
-def call(h: ResNetHandler, ctx: Context, rows: list, headers: list[dict] | None = None) -> list:
-    """One batch, as TorchServe's Service.predict hands it over: rows + per-request header processors."""
-    headers = headers or [{} for _ in rows]
-    ctx.request_processor = [RequestProcessor(hd) for hd in headers]
-    ctx.request_ids = {i: f"req-{i}" for i in range(len(rows))}
-    ctx.metrics.request_ids = ctx.request_ids
-    return h.handle(rows, ctx)
-
-
 @pytest.fixture(scope="module")
-def loaded(run_dir: Path) -> tuple[ResNetHandler, Context]:
+def loaded(run_dir: Path) -> tuple[TorchvisionClassifierHandler, Context]:
     return load_handler(run_dir)
 
 
@@ -83,7 +72,7 @@ def probs_by_index(predictions: list[dict]) -> dict[int, float]:
 def test_predictions_equal_offline_predict_files(run_dir: Path, loaded):
     h, ctx = loaded
     files = PHOTOS[::5]
-    out = call(h, ctx, [{"body": bytearray(f.read_bytes())} for f in files])
+    out = handle_batch(h, ctx, [{"body": bytearray(f.read_bytes())} for f in files])
     offline = predict_files(run_dir / "model", files)
     assert len(out) == len(files)
     for got, ref in zip(out, offline, strict=True):
@@ -106,7 +95,7 @@ def test_every_body_shape_yields_the_same_answer(loaded):
         {"body": "data:image/jpeg;base64," + b64(img)},                   # text/plain data URL
         {"body": {"image_bytes": {"b64": b64(img)}}},                     # TF-serving style
     ]
-    out = call(h, ctx, rows)
+    out = handle_batch(h, ctx, rows)
     assert all(ctx.get_response_status(i)[0] == 200 for i in range(len(rows)))
     assert all(o == out[0] for o in out), out
 
@@ -116,8 +105,8 @@ def test_kserve_shapes_answer_per_instance(loaded):
     a, b = PHOTOS[0].read_bytes(), PHOTOS[-1].read_bytes()
     v1 = {"instances": [{"data": b64(a)}, {"data": b64(b)}]}
     v2 = {"id": "r1", "inputs": [{"name": "img", "shape": [2], "datatype": "BYTES", "data": [b64(a), b64(b)]}]}
-    single = call(h, ctx, [{"body": bytearray(a)}, {"body": bytearray(b)}])
-    got_v1, got_v2 = call(h, ctx, [{"body": v1}, {"body": v2}])
+    single = handle_batch(h, ctx, [{"body": bytearray(a)}, {"body": bytearray(b)}])
+    got_v1, got_v2 = handle_batch(h, ctx, [{"body": v1}, {"body": v2}])
     assert got_v1 == {"predictions": [single[0]["predictions"], single[1]["predictions"]]}
     assert got_v2["id"] == "r1" and got_v2["model_name"] == "clf"
     (output,) = got_v2["outputs"]
@@ -130,10 +119,10 @@ def test_torchserve_service_envelopes_unwrap_into_our_handler(loaded, envelope):
     """With ``service_envelope=kserve|kservev2`` TorchServe wraps the entry point in these classes."""
     h, ctx = loaded
     img = b64(PHOTOS[0].read_bytes())
-    expected = call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])[0]["predictions"]
+    expected = handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])[0]["predictions"]
     body = ({"instances": [{"data": img}]} if envelope is KServeEnvelope
             else {"inputs": [{"name": "img", "shape": [1], "datatype": "BYTES", "data": [img]}]})
-    wrapped = envelope(lambda data, context: call(h, context, data))
+    wrapped = envelope(lambda data, context: handle_batch(h, context, data))
     ctx.request_processor = [RequestProcessor({})]
     ctx.request_ids = {0: "req-0"}
     (response,) = wrapped.handle([{"body": body}], ctx)
@@ -146,26 +135,28 @@ def test_a_bad_request_fails_alone_in_its_batch(loaded):
     good = PHOTOS[3].read_bytes()
     bad = bad_images(good)
     rows = [{"body": bytearray(good)}] + [{"body": bytearray(v)} for v in bad.values()] + [{"data": bytearray(good)}]
-    out = call(h, ctx, rows)
-    statuses = [ctx.get_response_status(i)[0] for i in range(len(rows))]
-    assert statuses == [200] + [400] * len(bad) + [200]
+    out = handle_batch(h, ctx, rows)
+    statuses = dict(zip(["good", *bad, "good-again"], [ctx.get_response_status(i)[0] for i in range(len(rows))],
+                        strict=True))
+    assert statuses == {"good": 200, **{kind: 400 for kind in bad}, "bomb": 413, "good-again": 200}
     assert out[0] == out[-1] and len(out[0]["predictions"]) == len(CLASSES)
     for kind, answer in zip(bad, out[1:-1], strict=True):
         assert set(answer) == {"error"}, kind
     by_kind = dict(zip(bad, out[1:-1], strict=True))
     assert "empty" in by_kind["empty"]["error"]
-    assert "decompression bomb" in by_kind["bomb"]["error"]
+    assert "more than 89478485 pixels (max_image_pixels)" in by_kind["bomb"]["error"]
     assert "aspect ratio" in by_kind["too-thin"]["error"]
     phrase = ctx.get_response_status(1)[1]
     assert phrase and phrase.isprintable() and phrase.isascii()
 
 
-def test_image_pixel_limit_comes_from_the_model_config(run_dir: Path):
+def test_image_pixel_limit_comes_from_the_model_config(run_dir: Path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the handler sets it process-wide
     h, ctx = load_handler(run_dir, max_image_pixels=50_000)
     small = io.BytesIO()
     Image.new("RGB", (200, 200), "blue").save(small, format="PNG")
-    out = call(h, ctx, [{"body": bytearray(png_header(300, 300))}, {"body": bytearray(small.getvalue())}])
-    assert ctx.get_response_status(0)[0] == 400 and "more than 50000 pixels" in out[0]["error"]
+    out = handle_batch(h, ctx, [{"body": bytearray(png_header(300, 300))}, {"body": bytearray(small.getvalue())}])
+    assert ctx.get_response_status(0)[0] == 413 and "more than 50000 pixels" in out[0]["error"]
     assert ctx.get_response_status(1)[0] == 200
 
 
@@ -182,20 +173,20 @@ TOPK_REQUESTS = {
 def test_topk_sources_and_cap(loaded, case):
     h, ctx = loaded
     make_row, headers, expected = TOPK_REQUESTS[case]
-    (out,) = call(h, ctx, [make_row(PHOTOS[1].read_bytes())], [headers])
+    (out,) = handle_batch(h, ctx, [make_row(PHOTOS[1].read_bytes())], [headers])
     assert len(out["predictions"]) == expected
 
 
 def test_topk_option_in_model_config(run_dir: Path):
     h, ctx = load_handler(run_dir, topk=2)
-    (out,) = call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+    (out,) = handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
     assert len(out["predictions"]) == 2
 
 
 @pytest.mark.parametrize("topk", ["0", "-1", "many"])
 def test_invalid_topk_is_a_400(loaded, topk):
     h, ctx = loaded
-    (out,) = call(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}], [{"x-topk": topk}])
+    (out,) = handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}], [{"x-topk": topk}])
     assert ctx.get_response_status(0)[0] == 400 and "topk" in out["error"]
 
 
@@ -220,28 +211,27 @@ def test_malformed_bodies_are_named(row, message):
 def test_module_entry_point_initializes_once(run_dir: Path):
     """TorchServe calls handle(None, ctx) to load, then handle(batch, ctx); the module has one entry point."""
     ctx = make_context(run_dir / "model")
-    resnet_handler._service = ResNetHandler()
-    assert resnet_handler.handle(None, ctx) is None
-    model = resnet_handler._service.model
+    classifier_handler._service = TorchvisionClassifierHandler()
+    assert classifier_handler.handle(None, ctx) is None
+    model = classifier_handler._service.model
     ctx.request_processor, ctx.request_ids = [RequestProcessor({})], {0: "r"}
     ctx.metrics.request_ids = ctx.request_ids
-    (out,) = resnet_handler.handle([{"body": bytearray(PHOTOS[0].read_bytes())}], ctx)
-    assert resnet_handler._service.model is model and len(out["predictions"]) == 3
+    (out,) = classifier_handler.handle([{"body": bytearray(PHOTOS[0].read_bytes())}], ctx)
+    assert classifier_handler._service.model is model and len(out["predictions"]) == 3
 
 
-def test_cpu_threads_leave_a_core_to_the_frontend():
-    cores = len(os.sched_getaffinity(0))
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert resnet_handler._torch_threads("auto", {"maxWorkers": 1}, cpu) == max(1, cores - 1)
-    assert resnet_handler._torch_threads("auto", {"maxWorkers": 64}, cpu) == 1
-    assert resnet_handler._torch_threads("auto", {}, gpu) == 0  # torch's default
-    assert resnet_handler._torch_threads(3, {}, cpu) == 3
+def test_serving_plan_follows_the_machine():
+    assert contract.serving_plan(cores=2, gpus=0) == contract.ServingPlan(2, 1, 4, 1)
+    assert contract.serving_plan(cores=16, gpus=0) == contract.ServingPlan(4, 4, 4, 1)
+    assert contract.serving_plan(cores=64, gpus=0).threads == 4
+    assert contract.serving_plan(cores=16, gpus=2) == contract.ServingPlan(2, 8, 32, 5)
+    assert classifier_handler._torch_threads(3, torch.device("cpu")) == 3
 
 
 def test_handler_never_imports_captum():
-    code = "import sys, handler.resnet_handler; print('captum' in sys.modules)"
+    code = "import sys, handler.classifier_handler; print('captum' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
-    assert "captum" not in (handler_dir() / "resnet_handler.py").read_text()
+    assert "captum" not in (handler_dir() / "classifier_handler.py").read_text()
 
 
 def test_archive_packs_handler_presets_metadata_and_model_config(run_dir: Path, tmp_path: Path):
@@ -251,7 +241,8 @@ def test_archive_packs_handler_presets_metadata_and_model_config(run_dir: Path, 
     sentinel.parent.mkdir(parents=True)
     sentinel.write_text("x")
     try:
-        cfg = load_config(None, {"model_name": name, "serve_batch_size": 4, "max_batch_delay_ms": 50, "topk": 2})
+        cfg = load_config(None, {"model_name": name, "serve_batch_size": 4, "max_batch_delay_ms": 50, "topk": 2,
+                                 "serve_tuning": "archive"})
         mar = archive(cfg, RunPaths(run_dir, tmp_path / "store"))
         assert sentinel.exists()
     finally:
@@ -261,15 +252,20 @@ def test_archive_packs_handler_presets_metadata_and_model_config(run_dir: Path, 
     assert sorted(p.name for p in mar.parent.iterdir()) == [mar.name]  # no temp leftovers
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
-        assert {"model.pt", "metadata.json", "index_to_name.json", "presets.py", "resnet_handler.py",
+        assert {"model.pt", "metadata.json", "index_to_name.json", "presets.py", "contract.py", "classifier_handler.py",
                 "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
         model_config = yaml.safe_load(z.read("model-config.yaml"))
-        assert z.read("presets.py") == (Path(resnet_handler.presets.__file__)).read_bytes()
-    assert manifest["handler"] == "resnet_handler.py" and manifest["modelName"] == name
+        assert z.read("presets.py") == (Path(classifier_handler.presets.__file__)).read_bytes()
+        assert z.read("contract.py") == (Path(contract.__file__)).read_bytes()
+    assert manifest["handler"] == "classifier_handler.py" and manifest["modelName"] == name
     assert model_config["batchSize"] == 4 and model_config["maxBatchDelay"] == 50
     assert model_config["handler"]["topk"] == 2
     assert {"minWorkers", "maxWorkers", "responseTimeout", "startupTimeout"} <= set(model_config)
+    machine = archive(load_config(None, {"model_name": "m"}), RunPaths(run_dir, tmp_path / "store"))
+    with zipfile.ZipFile(machine) as z:  # by default the server chooses workers and batching
+        assert not {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay"} & set(yaml.safe_load(
+            z.read("model-config.yaml")))
 
 
 def test_archive_names_what_is_missing(tmp_path: Path):
@@ -297,3 +293,119 @@ def test_rendered_config_keeps_management_on_loopback(tmp_path: Path):
     assert rendered["allowed_urls"].startswith("file://")
     assert "disable_token_authorization=true" in render_config(base, host="127.0.0.1", ports=Ports(),
                                                                model_store=tmp_path, disable_token_auth=True)
+
+
+ABUSIVE_BODIES = {
+    "100k-deep {": (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
+    "100k-deep [": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    "topk Infinity": (b'{"data": "aGk=", "topk": Infinity}', "topk must be a positive integer, got inf"),
+    "topk true": (b'{"data": "aGk=", "topk": true}', "topk must be a positive integer"),
+    "topk 2.5": (b'{"data": "aGk=", "topk": 2.5}', "topk must be a positive integer, got 2.5"),
+    "topk object": (b'{"data": "aGk=", "topk": {"a": 1}}', "got a JSON dict"),
+    "instances not a list": (b'{"instances": 5}', "'instances' must be a list"),
+    "v2 id not a string": (b'{"id": {"x": 1}, "inputs": []}', "'id' must be a string"),
+    "text": (b"this is not an image", "unrecognised format"),
+    "garbage PNG": (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not a decodable image"),
+}
+
+
+@pytest.mark.parametrize("kind", ABUSIVE_BODIES)
+def test_abusive_bodies_are_400s_that_say_why_without_internals(loaded, kind):
+    """As TorchServe hands them over when its own JSON parse failed: raw bytes."""
+    h, ctx = loaded
+    body, reason = ABUSIVE_BODIES[kind]
+    (out,) = handle_batch(h, ctx, [{"body": bytearray(body)}])
+    assert ctx.get_response_status(0)[0] == 400, out
+    assert reason in out["error"]
+    assert not re.search(r"0x[0-9a-f]+|<[^>]*>|/\w+/", out["error"]), out["error"]
+
+
+def test_pixel_budget_is_checked_from_headers_before_decoding(run_dir: Path):
+    """32 PNGs each just under Pillow's limit: refused from their headers, with the limit named."""
+    h, ctx = load_handler(run_dir, max_batch_pixels=1_000_000)
+    huge = {"instances": [{"data": b64(png_header(9400, 9400))}] * 32}
+    (out,) = handle_batch(h, ctx, [{"body": huge}])
+    assert ctx.get_response_status(0)[0] == 413
+    assert "2827520000 pixels; the limit per request is 1000000 (max_batch_pixels)" in out["error"]
+
+
+def test_a_batch_over_its_pixel_budget_refuses_the_later_requests(run_dir: Path):
+    h, ctx = load_handler(run_dir, max_batch_pixels=300_000)
+    photo = PHOTOS[0].read_bytes()
+    w, h_ = Image.open(io.BytesIO(photo)).size
+    assert w * h_ <= 300_000 < 2 * w * h_
+    out = handle_batch(h, ctx, [{"body": bytearray(photo)}, {"body": bytearray(photo)}])
+    assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 503]
+    assert "server busy" in out[1]["error"] and "predictions" in out[0]
+
+
+def test_image_size_from_headers_matches_pillow():
+    for photo in PHOTOS[:5]:
+        assert contract.image_header(photo.read_bytes()) == ("JPEG", Image.open(photo).size)
+    buf = io.BytesIO()
+    Image.new("RGB", (123, 45)).save(buf, format="PNG")
+    assert contract.image_header(buf.getvalue()) == ("PNG", (123, 45))
+    assert contract.image_header(b"GIF89a") is None
+    preprocessor = contract.Preprocessor({"preprocess": {"resize_size": 256}})
+    assert preprocessor.decoded_pixels("PNG", (4000, 3000)) == 12_000_000
+    assert preprocessor.decoded_pixels("JPEG", (4000, 3000)) == 500 * 375  # decoded at 1/8 scale
+
+
+def test_an_unexpected_failure_is_a_500_pointing_at_the_log(run_dir: Path, caplog):
+    h, ctx = load_handler(run_dir)
+    h.model = None  # a bug: the forward pass raises TypeError
+    (out,) = handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+    assert ctx.get_response_status(0)[0] == 500 and "model_log.log" in out["error"]
+    assert "Traceback" in caplog.text and "TypeError" in caplog.text
+
+
+def test_preprocess_and_forward_time_are_metrics(loaded):
+    h, ctx = loaded
+    handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+    names = {name for by_name in ctx.metrics.cache.values() for name in by_name}
+    assert {"PreprocessTime", "ForwardTime", "HandlerTime"} <= names
+
+
+def test_forced_bf16_is_emulated_where_not_native_and_close_to_fp32(run_dir: Path, loaded):
+    h, ctx = loaded
+    bf16, bctx = load_handler(run_dir, precision="bf16")
+    assert bf16.amp_dtype is torch.bfloat16
+    rows = [{"body": bytearray(p.read_bytes())} for p in PHOTOS[:4]]
+    for ref, got in zip(handle_batch(h, ctx, rows), handle_batch(bf16, bctx, rows), strict=True):
+        for p, q in zip(ref["predictions"], got["predictions"], strict=True):
+            assert q["probability"] == pytest.approx(p["probability"], abs=0.05)
+
+
+def test_recorded_bf16_serves_bf16_only_where_native(monkeypatch, caplog):
+    meta = {"serve_precision": {"choice": "bf16"}}
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(contract, "native_bf16", lambda device: True)
+    assert contract.serve_dtype(meta, cpu) is torch.bfloat16
+    assert contract.serve_dtype({"serve_precision": {"choice": "fp32"}}, cpu) is None
+    assert contract.serve_dtype({}, cpu) is None  # exported before the parity check: fp32
+    monkeypatch.setattr(contract, "native_bf16", lambda device: False)
+    assert contract.serve_dtype(meta, cpu) is None
+    assert "no native bf16: serving fp32" in caplog.text
+
+
+def test_int8_model_serves_as_predict_does_and_near_fp32(run_dir: Path, loaded, tmp_path: Path):
+    """An export that offered int8: the handler and `jobs predict` load model-int8.pt alike."""
+    shutil.copytree(run_dir / "model", tmp_path / "model")
+    model_dir = tmp_path / "model"
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    preprocess = contract.Preprocessor(meta)
+    fp32 = contract.build_model(meta, model_dir / "model.pt", torch.device("cpu"))
+    calibration = [torch.stack([preprocess(p.read_bytes()) for p in PHOTOS[:16]])]
+    torch.save(contract.quantize_int8(meta, fp32, calibration).state_dict(), model_dir / contract.INT8_WEIGHTS)
+    meta["serve_precision"] = {"choice": "int8"}
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+    h, ctx = load_handler(tmp_path)
+    assert h.precision == "int8"
+    files = PHOTOS[::6]
+    got = handle_batch(h, ctx, [{"body": bytearray(f.read_bytes())} for f in files])
+    offline = predict_files(model_dir, files)
+    reference = handle_batch(*loaded, [{"body": bytearray(f.read_bytes())} for f in files])
+    for answer, ref, fp in zip(got, offline, reference, strict=True):
+        for i, p in probs_by_index(answer["predictions"]).items():
+            assert p == pytest.approx(ref["probabilities"][i], abs=1e-4)
+            assert p == pytest.approx(probs_by_index(fp["predictions"])[i], abs=0.1)

@@ -1,7 +1,8 @@
 """A real TorchServe serving real archives over real HTTP on loopback ports.
 
-One server for the module, two models: "two" (ants/bees, batchSize 8, maxBatchDelay 200 ms so
-concurrent requests share a batch) and "seven" (7 classes, more than the stock handler's top-5).
+One server for the module, two models: "two" (ants/bees, batchSize 8, maxBatchDelay 200 ms packed into
+the .mar so concurrent requests share a batch) and "seven" (7 classes, more than the stock handler's
+top-5; workers and batching chosen for this machine, as `jobs serve` does).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import base64
 import json
 import re
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,20 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import FIXTURE_IMAGES
-from torchserve_fixture import archive_as, bad_images, export_tiny_model, make_seven_class_data
+from torchserve_fixture import (
+    archive_as,
+    bad_images,
+    blank_png,
+    export_tiny_model,
+    make_seven_class_data,
+    serve_detached,
+    unused_ports,
+)
 
+from jobs import contract
 from jobs.config import load_config
 from jobs.predict import predict_files
-from jobs.serve import Ports, TorchServe, free_ports, serve, start
+from jobs.serve import TorchServe, machine_models, serve, start
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
 
@@ -52,10 +63,10 @@ def served(tmp_path_factory) -> Served:
     store = root / "model-store"
     two_cfg, two = export_tiny_model(root / "two", FIXTURE_IMAGES)
     seven_data = make_seven_class_data(FIXTURE_IMAGES, root / "seven-data")
-    seven_cfg, seven = export_tiny_model(root / "seven", seven_data)
-    archive_as(two_cfg, two, store, "two", max_batch_delay_ms=200)
+    seven_cfg, seven = export_tiny_model(root / "seven", seven_data, serve_precision="int8")
+    archive_as(two_cfg, two, store, "two", max_batch_delay_ms=200, serve_tuning="archive")
     archive_as(seven_cfg, seven, store, "seven")
-    server = start(store, root / "state", ports=Ports.free())
+    server = start(store, root / "state", ports=unused_ports(), models=machine_models(store))  # "seven" only
     try:
         server.wait_ready(["two", "seven"], timeout=240)
         yield Served(server, {"two": two.model, "seven": seven.model}, store)
@@ -216,21 +227,86 @@ def inference_count(served: Served, model: str) -> float:
 
 
 def test_serve_in_background_then_stop(served: Served, tmp_path: Path, capsys):
-    """`python -m jobs serve --model-store DIR` detached, then `--stop` through TorchServe's own pid file."""
+    """What `python -m jobs serve --model-store DIR` starts, tuned for this machine, then `--stop` through
+    TorchServe's own pid file."""
     store = tmp_path / "store"
     store.mkdir()
-    shutil.copy(served.store / "two.mar", store)
-    port, management, metrics = free_ports(3)
-    cfg = load_config(None, {"model_name": "two"})
-    assert serve(cfg, store, foreground=False, port=port, management_port=management, metrics_port=metrics) == 0
+    shutil.copy(served.store / "seven.mar", store)
+    cfg = load_config(None, {"model_name": "seven"})
+    server = serve_detached(cfg, store, tmp_path / "serve-state")
     out = capsys.readouterr().out
-    assert f"http://127.0.0.1:{port}/predictions/two" in out and "Authorization: Bearer" in out
-    state = tmp_path / "serve-state"
-    keys = json.loads((state / "key_file.json").read_text())
-    r = requests.post(f"http://127.0.0.1:{port}/predictions/two", data=PHOTOS[0].read_bytes(), timeout=60,
-                      headers={"Authorization": f"Bearer {keys['inference']['key']}"})
-    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+    assert f"{server.inference_url}/predictions/seven" in out and "Authorization: Bearer" in out
+    plan = contract.serving_plan()
+    assert f"{plan.workers} workers x {plan.threads} threads" in out
+    r = requests.get(f"{server.management_url}/models/seven", headers=server.auth("management"), timeout=10).json()[0]
+    assert (len(r["workers"]), r["batchSize"], r["maxBatchDelay"]) == (plan.workers, plan.batch_size,
+                                                                       plan.max_batch_delay_ms)
+    r = requests.post(f"{server.inference_url}/predictions/seven", data=PHOTOS[0].read_bytes(), timeout=60,
+                      headers=server.auth())
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 5
     assert serve(cfg, store, stop=True) == 0
-    assert not (state / "tmp" / ".model_server.pid").exists()
+    assert not (tmp_path / "serve-state" / "tmp" / ".model_server.pid").exists()
     with pytest.raises(requests.ConnectionError):
-        requests.get(f"http://127.0.0.1:{port}/ping", timeout=5)
+        requests.get(f"{server.inference_url}/ping", timeout=5)
+
+
+INTERNALS = re.compile(r"0x[0-9a-fA-F]{4,}|<[^>]*object[^>]*>|/(?:tmp|work|home|usr|opt)/")
+
+
+def abusive_requests() -> dict[str, dict]:
+    """The hostile probe of issue 13, as requests.post keyword arguments."""
+    huge = b64(blank_png(9400, 9400))  # decodable, just under Pillow's 89M-pixel limit
+    return {
+        "32 decodable 9400x9400 PNGs": {"json": {"instances": [{"data": huge}] * 32}},
+        "100k-deep {": {"data": b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+                        "headers": {"Content-Type": "application/json"}},
+        "100k-deep [": {"data": b"[" * 100_000 + b"]" * 100_000, "headers": {"Content-Type": "application/json"}},
+        "topk Infinity": {"data": b'{"data": "%s", "topk": Infinity}' % b64(PHOTOS[0].read_bytes()).encode(),
+                          "headers": {"Content-Type": "application/json"}},
+        "JSON with a refused field": {"data": b'{"instances": 5}'},
+        "text": {"data": b"not an image at all", "headers": {"Content-Type": "text/plain"}},
+    }
+
+
+def test_abuse_gets_4xx_while_the_same_worker_answers_good_requests(served: Served):
+    pids = served.worker_pids("seven")
+    cases = abusive_requests()
+    good = PHOTOS[2].read_bytes()
+    with ThreadPoolExecutor(12) as pool:
+        # 8 at once of the heaviest, as in the probe that once made TorchServe kill the worker
+        heavy = [pool.submit(served.predict, "seven", timeout=120, **cases["32 decodable 9400x9400 PNGs"])
+                 for _ in range(8)]
+        others = {kind: pool.submit(served.predict, "seven", timeout=120, **kw) for kind, kw in cases.items()}
+        t0 = time.monotonic()
+        meanwhile = served.predict("seven", data=good, timeout=60)
+        good_latency = time.monotonic() - t0
+        answers = {**{f"heavy {i}": f.result() for i, f in enumerate(heavy)},
+                   **{kind: f.result() for kind, f in others.items()}}
+    assert meanwhile.status_code == 200 and good_latency < 15, (meanwhile.status_code, good_latency)
+    for kind, r in answers.items():
+        assert 400 <= r.status_code < 500, (kind, r.status_code, r.text[:300])
+        assert set(r.json()) == {"error"} and not INTERNALS.search(r.text), (kind, r.text[:300])
+    assert "max_batch_pixels" in answers["heavy 0"].json()["error"] and answers["heavy 0"].status_code == 413
+    assert "nested too deeply" in answers["100k-deep {"].json()["error"]
+    assert "topk" in answers["topk Infinity"].json()["error"]
+    assert "'instances' must be a list" in answers["JSON with a refused field"].json()["error"]
+    assert served.worker_pids("seven") == pids
+
+
+def test_preprocess_and_forward_time_reach_prometheus(served: Served):
+    assert served.predict("seven", data=PHOTOS[1].read_bytes()).status_code == 200
+    text = requests.get(f"{served.server.metrics_url}/metrics", timeout=10).text
+    for name in ("PreprocessTime", "ForwardTime"):
+        assert re.search(rf'^{name}\{{.*ModelName="seven".*\}} \S+$', text, re.M), f"{name} missing:\n{text[:3000]}"
+
+
+def test_precision_checks_are_recorded_in_metadata(served: Served):
+    record = json.loads((served.model_dirs["two"] / "metadata.json").read_text())["serve_precision"]
+    assert record["choice"] in {"bf16", "fp32"} and record["val_images"] > 0 and "int8" not in record
+    assert 0 <= record["bf16_top1_agreement"] <= 1
+    assert record["choice"] == ("bf16" if record["bf16_top1_agreement"] >= 0.99 else "fp32")
+    seven = json.loads((served.model_dirs["seven"] / "metadata.json").read_text())["serve_precision"]
+    int8 = seven["int8"]  # serve_precision: int8 asked for the check; the numbers decide
+    assert set(int8["images_per_s"]) >= {"fp32", "int8"} and int8["calibration_images"] > 0
+    assert (seven["choice"] == "int8") == int8["offered"]
+    assert int8["offered"] == (served.model_dirs["seven"] / "model-int8.pt").is_file()

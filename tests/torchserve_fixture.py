@@ -4,21 +4,27 @@ a 7-class data set made from the fixture photos, archives, and the requests Torc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import ts
 from PIL import Image, ImageOps
 from torchvision import models
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from jobs.archive import archive
 from jobs.clean import clean
 from jobs.config import Config, RunPaths, load_config
 from jobs.export import build_metadata, export
 from jobs.runtime import setup
+from jobs.serve import Ports, TorchServe, free_ports, launch
 from jobs.split import split
 from jobs.train import train
 
@@ -81,6 +87,39 @@ def archive_as(cfg: Config, paths: RunPaths, store: Path, name: str, handler: Pa
     return archive(cfg, RunPaths(paths.out, store), handler, handler_options)
 
 
+def unused_ports(host: str = "127.0.0.1") -> Ports:
+    """Five ports unused right now on ``host``: servers in tests and benchmarks never collide."""
+    return Ports(*free_ports(5, host))
+
+
+def serve_detached(cfg: Config, model_store: Path, workdir: Path) -> TorchServe:
+    """What `python -m jobs serve` starts, on unused ports, left running: stop it with `jobs serve --stop`."""
+    ports = unused_ports()
+    return launch(cfg, model_store, workdir, host="127.0.0.1", port=ports.inference,
+                  management_port=ports.management, metrics_port=ports.metrics, disable_token_auth=False)
+
+
+def handler_context(model_dir: Path, handler_options: dict | None = None, gpu_id: int | None = None) -> Context:
+    """TorchServe's own Context as a worker builds it for a model in ``model_dir``."""
+    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    manifest = {"model": {"modelName": "clf", "modelVersion": "1.0", "serializedFile": "model.pt"}}
+    return Context("clf", str(model_dir), manifest, 8, gpu_id, "0.12.0", metrics=metrics,
+                   model_yaml_config={"handler": handler_options or {}})
+
+
+def batch_context(ctx: Context, headers: list[dict]) -> Context:
+    """``ctx`` set up as TorchServe's Service.predict does for a batch: per-request headers and ids."""
+    ctx.request_processor = [RequestProcessor(hd) for hd in headers]
+    ctx.request_ids = {i: f"req-{i}" for i in range(len(headers))}
+    ctx.metrics.request_ids = ctx.request_ids
+    return ctx
+
+
+def handle_batch(handler: Any, ctx: Context, rows: list, headers: list[dict] | None = None) -> list:
+    """One batch, as TorchServe's Service.predict hands it over: rows + per-request header processors."""
+    return handler.handle(rows, batch_context(ctx, headers or [{} for _ in rows]))
+
+
 def png_header(width: int, height: int) -> bytes:
     """A valid PNG signature + IHDR that claims ``width`` x ``height`` pixels, with almost no pixel data."""
     def chunk(kind: bytes, body: bytes) -> bytes:
@@ -88,6 +127,20 @@ def png_header(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+@functools.cache
+def blank_png(width: int, height: int) -> bytes:
+    """A real, decodable ``width`` x ``height`` black PNG, compressed row by row (no full-size buffer)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer, rows = zlib.compressobj(6), b"\0" * (1 + 3 * width) * 256  # filter byte + pixels, 256 rows a time
+    full, rest = divmod(height, 256)
+    data = b"".join(packer.compress(rows) for _ in range(full)) + packer.compress(rows[:rest * (1 + 3 * width)])
+    data += packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def bad_images(good_jpeg: bytes) -> dict[str, bytes]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from torchserve_fixture import unused_ports
 
 from jobs.serve import Ports, render_config
 
@@ -157,7 +158,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, base_image: str, pip_extra
         (root / mount).chmod(0o777)  # the containers write as uid 1000
     # The containers share the host's network: every listener moves to a free loopback port, since
     # 8080-8082 and the gRPC 7070/7071 could be taken by other TorchServe instances on this machine.
-    ports = Ports.free()
+    ports = unused_ports()
     (root / "ts-test.properties").write_text(render_config((root / "handler" / "config.properties").read_text(),
                                                            host="127.0.0.1", ports=ports,
                                                            model_store=Path("/model-store")))
