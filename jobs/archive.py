@@ -8,9 +8,12 @@ the finished archive is renamed into place: a reader of the store never sees hal
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +25,7 @@ import yaml
 from jobs import contract, presets
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
-from jobs.fileio import atomic_write_text, ensure_writable_dir, read_json
+from jobs.fileio import atomic_write_text, ensure_writable_dir, link_or_copy, read_json
 
 MODEL_FILES = ("model.pt", "index_to_name.json", "metadata.json")
 # TorchServe's rule for model names (they become URL path segments and file names).
@@ -80,22 +83,28 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
     int8 = [p for p in [paths.model / contract.INT8_WEIGHTS] if p.is_file()]  # when the export offered int8
     store = ensure_writable_dir(paths.model_store)
     target = store / f"{cfg.model_name}.mar"
+    _sweep_leftover_work(store)
     with tempfile.TemporaryDirectory(prefix=".archive-", dir=store) as tmp:
         work = Path(tmp)
         (work / "stage").mkdir()
         settings = model_config(cfg)
         settings["handler"].update(handler_options or {})
         config_file = atomic_write_text(work / "model-config.yaml", yaml.safe_dump(settings, sort_keys=False))
+        # --extra-files is split on commas: pass plain names, relative to a folder of links, so a
+        # comma anywhere in the user's paths cannot split one file in two.
+        extras = work / "extra"
+        extras.mkdir()
+        for src in (paths.model / "index_to_name.json", paths.model / "metadata.json", Path(contract.__file__),
+                    Path(presets.__file__), *int8):
+            link_or_copy(src, extras / src.name)
         cmd = [sys.executable, "-m", "model_archiver.model_packaging",
                "--model-name", cfg.model_name, "--version", cfg.model_version,
                "--handler", str(handler or handler_dir() / HANDLER_FILE),
                "--serialized-file", str(paths.model / "model.pt"),
-               "--extra-files", ",".join(str(p) for p in (paths.model / "index_to_name.json",
-                                                          paths.model / "metadata.json", Path(contract.__file__),
-                                                          Path(presets.__file__), *int8)),
+               "--extra-files", ",".join(sorted(p.name for p in extras.iterdir())),
                "--config-file", str(config_file), "--export-path", str(work), "--force"]
-        run = subprocess.run(cmd, env={**os.environ, "TMPDIR": str(work / "stage")}, capture_output=True, text=True,
-                             check=False)
+        run = subprocess.run(cmd, cwd=extras, env={**os.environ, "TMPDIR": str(work / "stage")}, capture_output=True,
+                             text=True, check=False, preexec_fn=_die_with_parent)
         built = work / f"{cfg.model_name}.mar"
         if run.returncode != 0 or not built.exists():
             last = (run.stderr.strip() or run.stdout.strip() or "no output").splitlines()[-1]
@@ -106,6 +115,19 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
               if cfg.serve_tuning == "archive" else "workers and batching chosen where it is served")
     print(f"archive: {target} ({size_mb:.1f} MB; {meta['arch']}, {meta['num_classes']} classes, {tuning})")
     return target
+
+
+def _die_with_parent() -> None:
+    """In the archiver's child process: the kernel kills it when the job dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _sweep_leftover_work(store: Path) -> None:
+    """A killed archive left its private ``.archive-*`` folder (40 MB and more) in the store."""
+    for leftover in store.glob(".archive-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def packed_settings(mar: Path) -> tuple[dict, dict]:

@@ -365,3 +365,43 @@ def test_a_non_finite_loss_stops_training_and_nothing_nan_is_exported(tmp_path: 
     checkpoints.write(paths, checkpoints.BEST, {k: v for k, v in state.items() if k != "format"})
     _one_line_error(run_job("export", "--out", str(out), check=False), "non-finite weights (fc.bias", "lower --lr")
     assert not (out / "model" / "model.pt").exists()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_archive_leaves_no_archiver_and_its_work_folder_is_swept(finished_run: Path):
+    store = finished_run / "model-store"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", "archive", "--out", str(finished_run)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (_children(proc.pid) and list(store.glob(".archive-*"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "the archiver never started"
+        time.sleep(0.05)
+    archiver = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # the job alone, not its process group
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in archiver):
+        assert time.monotonic() < deadline, f"torch-model-archiver {archiver} outlived the killed job"
+        time.sleep(0.1)
+    assert list(store.glob(".archive-*"))  # what the kill left behind ...
+    run_job("archive", "--out", str(finished_run))
+    assert not list(store.glob(".archive-*")) and (store / "classifier.mar").is_file()  # ... is swept next time
