@@ -11,7 +11,7 @@
 (c) Cost of what the audit adds beyond the backbone passes: per-image stats on real photos, and
     ``audit_document`` on 50k synthetic items (hashes + 512-d features), wall and CPU seconds.
 
-    python bench/audit.py [--copies 60] [--cache /tmp/audit-bench]
+    python -m bench.audit [--copies 60] [--cache /tmp/audit-bench]
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import (
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+
+from bench.common import (
     HYMENOPTERA,
     REPO,
     RESULTS,
@@ -37,8 +39,6 @@ from common import (
     machine,
     seeded_resnet18,
 )
-from PIL import Image, ImageDraw, ImageEnhance, ImageOps
-
 from jobs import audit
 from jobs.imagestats import image_stats, phash_array
 

@@ -1,6 +1,6 @@
 """Collect throughput: the whole ``jobs collect`` command on a URL list served from loopback.
 
-    .venv/bin/python bench/collect.py [--images 2000] [--sets small,fixture,full] [--workers 8]
+    .venv/bin/python -m bench.collect [--images 2000] [--sets small,fixture,full] [--workers 8]
                                       [--baseline REV,...]
 
 A server process serves real photos, each URL a distinct file: photo ``k % n`` with a JPEG comment
@@ -46,16 +46,15 @@ from typing import Any
 
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # `python bench/collect.py` from anywhere; not via common.py, which imports torch
 # (the verification processes re-import this file as their main module: torch there costs seconds each)
+from jobs.collect.download import Downloader, DownloadSettings, inspect_image
+from jobs.collect.netsafety import AddressPolicy
+from jobs.collect.stage import usable_cpus, verification_pool
+from jobs.collect.store import RawStore, write_image
+from jobs.config import Config
+from jobs.fileio import atomic_write_json
 
-from jobs.collect.download import Downloader, DownloadSettings, inspect_image  # noqa: E402
-from jobs.collect.netsafety import AddressPolicy  # noqa: E402
-from jobs.collect.stage import usable_cpus, verification_pool  # noqa: E402
-from jobs.collect.store import RawStore, write_image  # noqa: E402
-from jobs.config import Config  # noqa: E402
-from jobs.fileio import atomic_write_json  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 FIXTURE = REPO / "tests" / "fixtures" / "hymenoptera_small"
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -25,14 +24,12 @@ import torch
 from torch import nn
 from torchvision import models
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # `python bench/x.py` from anywhere
+from jobs.config import RunPaths
+from jobs.fileio import atomic_torch_save, atomic_write_json, read_json
+from jobs.presets import decode_rgb, eval_transform
+from jobs.split import splits_document
 
-from jobs.config import RunPaths  # noqa: E402
-from jobs.fileio import atomic_torch_save, atomic_write_json, read_json  # noqa: E402
-from jobs.presets import decode_rgb, eval_transform  # noqa: E402
-from jobs.split import splits_document  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
 RESULTS = REPO / "bench" / "results"

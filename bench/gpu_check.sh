@@ -38,10 +38,10 @@ grep -E "exit|resuming" "$OUT/resume.log"
 $PY -m pytest -q -p no:cacheprovider tests/test_pipeline.py -k models_device > "$OUT/resume_test.log" 2>&1
 tail -1 "$OUT/resume_test.log"
 
-timeout 240 $PY bench/train_finetune.py --device cuda --compile > "$OUT/bench_finetune.log" 2>&1
-timeout 240 $PY bench/train_frozen.py --device cuda --data "$DATA" > "$OUT/bench_frozen.log" 2>&1
-timeout 180 $PY bench/parity_sweep.py --device cuda --data "$DATA" --seeds 12 > "$OUT/bench_parity.log" 2>&1
+timeout 240 $PY -m bench.train_finetune --device cuda --compile > "$OUT/bench_finetune.log" 2>&1
+timeout 240 $PY -m bench.train_frozen --device cuda --data "$DATA" > "$OUT/bench_frozen.log" 2>&1
+timeout 180 $PY -m bench.parity_sweep --device cuda --data "$DATA" --seeds 12 > "$OUT/bench_parity.log" 2>&1
 # The serving handler's own path on the GPU (in-process, TorchServe's Context) against the bare forward pass.
-timeout 90 $PY bench/handler_gpu.py --images "$DATA/val" --batch 32 --duration 20 > "$OUT/bench_handler_gpu.log" 2>&1
+timeout 90 $PY -m bench.handler_gpu --images "$DATA/val" --batch 32 --duration 20 > "$OUT/bench_handler_gpu.log" 2>&1
 cp bench/results/*cuda*.json "$OUT/" 2>/dev/null
 tail -5 "$OUT"/*.log

@@ -1,6 +1,6 @@
 """The handler's own path on a GPU (no TorchServe: the GPU machine has no Java), against the bare model.
 
-    python bench/handler_gpu.py [--images DIR] [--batch 32] [--duration 20] [--device cuda]
+    python -m bench.handler_gpu [--images DIR] [--batch 32] [--duration 20] [--device cuda]
 
 ``TorchvisionClassifierHandler`` is driven in-process with TorchServe's real Context (gpu_id 0),
 batch after batch of real JPEG request bodies: parse, header checks, decode + preprocess on the
@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from handler.classifier_handler import TorchvisionClassifierHandler
+from jobs import contract
+from jobs.fileio import atomic_write_json
+from tests.torchserve_fixture import batch_context, export_random_model, handler_context
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the shared test helpers build models and contexts
-
-from torchserve_fixture import batch_context, export_random_model, handler_context  # noqa: E402
-
-from handler.classifier_handler import TorchvisionClassifierHandler  # noqa: E402
-from jobs import contract  # noqa: E402
-from jobs.fileio import atomic_write_json  # noqa: E402
 
 SHARED_VAL = REPO.parent / "shared" / "datasets" / "hymenoptera" / "val"
 FIXTURES = REPO / "tests" / "fixtures" / "hymenoptera_small"

@@ -8,8 +8,8 @@ both paths' augmentation and order. One run of each path is noisy on 77 images (
 differ by up to 5 images); the mean difference over seeds is what says whether caching costs
 accuracy. ``tests/test_training_parity.py`` runs one seed of this and imports these helpers.
 
-    python bench/parity_sweep.py                     # 6 seeds on the CPU (about 15 minutes)
-    python bench/parity_sweep.py --device cuda --seeds 16
+    python -m bench.parity_sweep                     # 6 seeds on the CPU (about 15 minutes)
+    python -m bench.parity_sweep --device cuda --seeds 16
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import HYMENOPTERA, REPO, bn_backbone, link_split_folders, resolve_device, save_result, splits_from_folders
-
+from bench.common import (
+    HYMENOPTERA,
+    REPO,
+    bn_backbone,
+    link_split_folders,
+    resolve_device,
+    save_result,
+    splits_from_folders,
+)
 from jobs.clean import clean
 from jobs.config import RunPaths, load_config
 from jobs.runtime import setup

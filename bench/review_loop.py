@@ -1,6 +1,6 @@
 """The review loop: a whole `jobs run`, then a person's decisions, then the same `jobs run` again.
 
-    .venv/bin/python bench/review_loop.py [--data DIR] [--weights none|PATH]
+    .venv/bin/python -m bench.review_loop [--data DIR] [--weights none|PATH]
 
 The first run audits, trains, evaluates and archives. The decisions exclude the three worst
 label issues and relabel the next one to its suggested class. The second run is the same command:
@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import HYMENOPTERA, REPO, RESULTS, machine
-
+from bench.common import HYMENOPTERA, REPO, RESULTS, machine
 from jobs.fileio import atomic_write_json
 
 FIXTURES = REPO / "tests" / "fixtures" / "hymenoptera_small"

@@ -1,7 +1,7 @@
 """Serving benchmark: served throughput against the machine's own in-process limit, and our handler
 against a stock-style handler, same model, same photos, one TorchServe, real HTTP.
 
-    .venv/bin/python bench/serve.py [--duration 30] [--concurrency 1,8] [--variants ours,stock]
+    .venv/bin/python -m bench.serve [--duration 30] [--concurrency 1,8] [--variants ours,stock]
                                     [--images DIR] [--model-dir RUN/model]
 
 **The limit** is measured in this process, before and after the served cells: the same model and
@@ -31,7 +31,6 @@ import itertools
 import json
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
@@ -45,15 +44,13 @@ import requests
 import torch
 import yaml
 
+from jobs import contract
+from jobs.config import RunPaths, load_config
+from jobs.fileio import atomic_write_json, read_json
+from jobs.serve import TorchServe, machine_models, start
+from tests.torchserve_fixture import archive_as, export_random_model, unused_ports
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the shared test helpers build models and archives
-
-from torchserve_fixture import archive_as, export_random_model, unused_ports  # noqa: E402
-
-from jobs import contract  # noqa: E402
-from jobs.config import RunPaths, load_config  # noqa: E402
-from jobs.fileio import atomic_write_json, read_json  # noqa: E402
-from jobs.serve import TorchServe, machine_models, start  # noqa: E402
 
 SHARED_VAL = REPO.parent / "shared" / "datasets" / "hymenoptera" / "val"
 FIXTURES = REPO / "tests" / "fixtures" / "hymenoptera_small"

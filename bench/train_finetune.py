@@ -9,8 +9,8 @@ images, so only the settings differ:
 - ours: all of them as the stage configures them (``precision: auto``, ``grad_clip: 1.0``);
 - ours + bf16 autocast forced, ours + ``torch.compile`` (``--compile``).
 
-    python bench/train_finetune.py                 # CPU
-    python bench/train_finetune.py --device cuda --compile
+    python -m bench.train_finetune                 # CPU
+    python -m bench.train_finetune --device cuda --compile
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import io
 import statistics
 
 import torch
-from common import resolve_device, save_result
 
+from bench.common import resolve_device, save_result
 from jobs.config import load_config
 from jobs.model import build_model
 from jobs.runtime import setup

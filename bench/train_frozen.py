@@ -11,9 +11,9 @@ train/val assignment, then ``jobs.train.train`` with every default except weight
 backbone features cached once (``feature_views`` views per training image), the head trained
 on them. Both report the best val accuracy over the epochs, on the same val images.
 
-    python bench/train_frozen.py                      # CPU: a few original epochs, extrapolated (printed)
-    python bench/train_frozen.py --original-epochs 25 # the original run in full (slow on CPU)
-    python bench/train_frozen.py --device cuda
+    python -m bench.train_frozen                      # CPU: a few original epochs, extrapolated (printed)
+    python -m bench.train_frozen --original-epochs 25 # the original run in full (slow on CPU)
+    python -m bench.train_frozen --device cuda
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import (
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, models, transforms
+
+from bench.common import (
     HYMENOPTERA,
     REPO,
     calibrated_random_backbone,
@@ -38,10 +42,6 @@ from common import (
     save_result,
     splits_from_folders,
 )
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import datasets, models, transforms
-
 from jobs.clean import clean
 from jobs.config import RunPaths, load_config
 from jobs.fileio import read_json

@@ -27,13 +27,14 @@ cached val 0.779 test 0.711; full loop val 0.766 test 0.645).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURE_IMAGES, REPO
+from conftest import FIXTURE_IMAGES
 
+from bench.common import bn_backbone, conv_fingerprint
+from bench.parity_sweep import BN_BACKBONE, COMMON, prepare, train_both
 from jobs import features
 from jobs.clean import clean
 from jobs.config import RunPaths, load_config
@@ -43,11 +44,6 @@ from jobs.presets import decode_rgb, eval_transform
 from jobs.runtime import setup
 from jobs.split import split
 from jobs.train import Stage, lr_factor
-
-if str(REPO / "bench") not in sys.path:
-    sys.path.insert(0, str(REPO / "bench"))  # the benchmarks import each other as top-level modules
-from common import bn_backbone, conv_fingerprint  # noqa: E402
-from parity_sweep import BN_BACKBONE, COMMON, prepare, train_both  # noqa: E402
 
 SEED = 42
 VAL_TOLERANCE = 5 / 77  # images of the 77-image val half (up to 4 seen)
