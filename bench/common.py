@@ -91,10 +91,20 @@ def splits_from_folders(paths: RunPaths, test_every: int = 0) -> dict:
 
 def machine(device: str) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+            "cpu": _cpu_name(), "cpu_flags": _cpu_flags(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def _cpu_flags() -> list[str]:
+    """The flags that decide CPU speed here: bf16/AMX (precision: auto) and the vector width."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return sorted(flags & {"amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni", "avx2"})
 
 
 def _cpu_name() -> str:
