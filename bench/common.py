@@ -25,7 +25,7 @@ from torch import nn
 from torchvision import models
 
 from jobs.config import RunPaths
-from jobs.fileio import atomic_torch_save, atomic_write_json, read_json
+from jobs.fileio import atomic_torch_save, atomic_write_json, link_or_copy, read_json
 from jobs.presets import decode_rgb, eval_transform
 from jobs.split import splits_document
 
@@ -60,13 +60,14 @@ def calibrated_random_backbone(images: list[Path], out: Path, seed: int = 0, bat
 
 
 def link_split_folders(source: Path, dest: Path, limit: int | None = None) -> Path:
-    """``source/{train,val}/<class>/f`` -> ``dest/<class>/<split>/f`` symlinks: one folder for `jobs clean`."""
+    """``source/{train,val}/<class>/f`` -> ``dest/<class>/<split>/f`` hard links (copies across file systems):
+    one folder for `jobs clean`, which does not read symbolic links that lead outside its --data."""
     for split_dir in sorted(p for p in source.iterdir() if p.is_dir()):
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             target = dest / class_dir.name / split_dir.name
             target.mkdir(parents=True, exist_ok=True)
             for f in sorted(class_dir.iterdir())[:limit]:
-                (target / f.name).symlink_to(f.resolve())
+                link_or_copy(f.resolve(), target / f.name)
     return dest
 
 
