@@ -137,7 +137,7 @@ def view_features(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module
     unique = list(dict.fromkeys(items))  # an image listed twice is computed once
     need_eval = {sha for _, sha in unique if _eval_key(sha) not in store.entries}
     need_aug = {sha for _, sha in unique if augmented and _augmented_key(sha, cfg.seed, augmented) not in store.entries}
-    passes = 0
+    passes, started = 0, time.perf_counter()
     new: dict[str, torch.Tensor] = {}
     folded = None
     for with_eval, count, wanted in ((True, augmented, need_eval & need_aug), (True, 0, need_eval - need_aug),
@@ -160,8 +160,8 @@ def view_features(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module
         else:
             store.entries.update(new)
         barrier(rt)
-    print(f"features: {what}: {len(items)} images x {views} views, {passes} backbone passes "
-          f"({len(need_eval | need_aug)} images not in the cache)")
+    print(f"features: {what}: {len(items)} images x {views} views, {passes} backbone passes in "
+          f"{time.perf_counter() - started:.1f} s ({len(need_eval | need_aug)} images not in the cache)")
     if not items:
         return torch.zeros(0, views, 0)
     rows = []

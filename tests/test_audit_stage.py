@@ -108,7 +108,8 @@ def test_no_near_duplicate_group_ever_straddles_splits(seed: int):
 
 
 def _passes(output: str, what: str) -> tuple[int, int]:
-    m = re.search(rf"features: {what}: \d+ images x \d+ views, (\d+) backbone passes \((\d+) images not", output)
+    m = re.search(rf"features: {what}: \d+ images x \d+ views, (\d+) backbone passes in [\d.]+ s "
+                  r"\((\d+) images not", output)
     assert m, output[-3000:]
     return int(m.group(1)), int(m.group(2))
 
