@@ -31,6 +31,7 @@ from bench.common import (
 )
 from jobs.clean import clean
 from jobs.config import RunPaths, load_config
+from jobs.evaluate import evaluate
 from jobs.runtime import setup
 from jobs.train import train
 
@@ -52,16 +53,18 @@ def prepare(data: Path, work: Path, device: str = "auto") -> tuple[dict, RunPath
 
 
 def train_both(overrides: dict, cached_paths: RunPaths, seed: int) -> dict[bool, dict]:
-    """metrics.json of the cached run and of the full-loop run (same data, split, backbone, seed)."""
+    """metrics.json of the cached run and of the full-loop run (same data, split, backbone, seed), each
+    with the test split scored by evaluate."""
     full_paths = RunPaths(cached_paths.out.parent / "full")
     full_paths.out.mkdir(exist_ok=True)
-    for name in ("dataset", "splits.json"):
+    for name in ("dataset", "splits.json", "clean_report.json"):
         (full_paths.out / name).unlink(missing_ok=True)
         (full_paths.out / name).symlink_to(cached_paths.out / name)
     results = {}
     for cache, paths in ((True, cached_paths), (False, full_paths)):
         cfg = load_config(overrides={**overrides, "seed": seed, "cache_features": cache})
         train(cfg, paths, setup(cfg), resume_mode="fresh")
+        evaluate(cfg, paths, setup(cfg))  # the one place the test split is scored
         results[cache] = json.loads(paths.metrics.read_text())
     return results
 
