@@ -156,20 +156,20 @@ class Interruptions:
         self.last = time.monotonic()
 
 
-def _all_max(rt: Runtime, *values: float) -> list[float]:
+def _all_reduce(rt: Runtime, values: tuple[float, ...], op: dist.ReduceOp.RedOpType) -> list[float]:
     if not rt.distributed:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def _all_max(rt: Runtime, *values: float) -> list[float]:
+    return _all_reduce(rt, values, dist.ReduceOp.MAX)
 
 
 def _all_sum(rt: Runtime, *values: float) -> list[float]:
-    if not rt.distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
-    return t.tolist()
+    return _all_reduce(rt, values, dist.ReduceOp.SUM)
 
 
 # ----------------------------------------------------------------------------------------------
