@@ -26,11 +26,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
+import hashlib
 import io
 import json
 import logging
 import math
+import os
+import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +102,55 @@ class Batch:
     probs: torch.Tensor | None = None
 
 
+class BusyBoard:
+    """Which workers of one model are running a batch right now, across their processes.
+
+    One small file per model folder in the temp directory, shared by the model's workers: each worker
+    claims a slot for its life (an fcntl lock on byte ``SLOTS + i``) and holds a lock on byte ``i``
+    while it runs a batch. A dead worker's locks vanish with it. A worker handed a lone image uses
+    the idle cores only when no other worker is busy, so two lone images never oversubscribe them.
+    """
+
+    SLOTS = 64
+
+    def __init__(self, model_dir: Path):
+        key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
+        self.fd = os.open(Path(tempfile.gettempdir()) / f".busy-{key}", os.O_RDWR | os.O_CREAT, 0o600)
+        self.slot = next((i for i in range(self.SLOTS) if self._try_lock(self.SLOTS + i)), None)
+
+    def _try_lock(self, byte: int) -> bool:
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
+            return True
+        except OSError:
+            return False
+
+    def others_busy(self) -> bool:
+        """True when another worker of this model is running a batch (or none could be told apart)."""
+        if self.slot is None:
+            return True
+        return any(i != self.slot and not self._is_free(self.SLOTS + i) and not self._is_free(i)
+                   for i in range(self.SLOTS))
+
+    def _is_free(self, byte: int) -> bool:
+        """No other process holds ``byte`` (fcntl locks are per process: this one's own never conflict)."""
+        if not self._try_lock(byte):
+            return False
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, byte)
+        return True
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        if self.slot is None:
+            yield
+            return
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.slot)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.slot)
+
+
 class TorchvisionClassifierHandler(BaseHandler):
     """Serves ``metadata.json["arch"]`` (any torchvision classifier) with ``model.pt``'s weights."""
 
@@ -116,11 +171,16 @@ class TorchvisionClassifierHandler(BaseHandler):
         Image.init()  # register every Pillow format now, not during the first request
         self.preprocessor = contract.Preprocessor(self.meta)
         self.device = _device(props.get("gpu_id"))
-        threads = _torch_threads(options.get("torch_threads", "auto"), self.device)
-        if threads and self.device.type == "cpu":
-            torch.set_num_threads(threads)
+        # 0 threads: leave torch's own number. On the CPU a batch of one image gets solo_threads, a
+        # bigger one threads (contract.serving_plan); inference switches between them.
+        self.threads, self.solo_threads = _torch_threads(options.get("torch_threads", "auto"), self.device)
+        if self.device.type != "cpu":
+            self.threads = self.solo_threads = 0
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.board = BusyBoard(model_dir) if self.solo_threads > self.threads else None
         # Decoding releases the GIL: a worker with several threads decodes its requests side by side.
-        self.decoders = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
+        self.decoders = ThreadPoolExecutor(self.threads, thread_name_prefix="decode") if self.threads > 1 else None
         self.model, self.amp_dtype, self.precision = contract.load_serving_model(
             self.meta, model_dir, model_dir / self.manifest["model"]["serializedFile"], self.device,
             str(options.get("precision", "auto")))
@@ -160,14 +220,23 @@ class TorchvisionClassifierHandler(BaseHandler):
                 else:
                     budget -= r.pixels
         work = [(i, r) for i, r in enumerate(requests) if isinstance(r, Request)]
-        run = self.decoders.map if self.decoders else map
+        # One image decodes in this thread: a hand-off to the pool costs a lone request more than it saves.
+        run = self.decoders.map if self.decoders and len(work) > 1 else map
         for (i, _), decoded in zip(work, run(lambda job: self._decode(*job), work), strict=True):
             requests[i] = decoded
         tensors = [t for r in requests if isinstance(r, Request) for t in r.tensors]
         return Batch(requests, torch.stack(tensors) if tensors else torch.empty(0))
 
     def inference(self, batch: Batch) -> Batch:
-        batch.probs = contract.probabilities(self.model, batch.inputs, self.device, self.amp_dtype)
+        if self.board is None:
+            batch.probs = contract.probabilities(self.model, batch.inputs, self.device, self.amp_dtype)
+            return batch
+        with self.board.busy():
+            alone = len(batch.inputs) == 1 and not self.board.others_busy()
+            threads = self.solo_threads if alone else self.threads
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            batch.probs = contract.probabilities(self.model, batch.inputs, self.device, self.amp_dtype)
         return batch
 
     def postprocess(self, batch: Batch) -> list[Any]:
@@ -428,11 +497,13 @@ def _status_phrase(message: str) -> str:
     return "".join(c if 32 <= ord(c) < 127 else "?" for c in message)[:200]
 
 
-def _torch_threads(option: Any, device: torch.device) -> int:
-    """Torch threads (and decode threads) per worker: "auto" follows contract.serving_plan for this machine."""
+def _torch_threads(option: Any, device: torch.device) -> tuple[int, int]:
+    """(torch and decode threads per worker, torch threads for a one-image batch): "auto" follows
+    contract.serving_plan for this machine; a number is used for both."""
     if option != "auto":
-        return max(0, int(option))
-    return contract.serving_plan(gpus=1 if device.type == "cuda" else 0).threads
+        return (max(0, int(option)),) * 2
+    plan = contract.serving_plan(gpus=1 if device.type == "cuda" else 0)
+    return plan.threads, plan.solo_threads
 
 
 def _device(gpu_id: Any) -> torch.device:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs import contract, presets
+from jobs import contract, cpus, presets
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir, link_or_copy, read_json
@@ -95,7 +95,7 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
         extras = work / "extra"
         extras.mkdir()
         for src in (paths.model / "index_to_name.json", paths.model / "metadata.json", Path(contract.__file__),
-                    Path(presets.__file__), *int8):
+                    Path(presets.__file__), Path(cpus.__file__), *int8):
             link_or_copy(src, extras / src.name)
         cmd = [sys.executable, "-m", "model_archiver.model_packaging",
                "--model-name", cfg.model_name, "--version", cfg.model_version,

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from jobs import decisions
 from jobs.config import Config, RunPaths
+from jobs.cpus import usable_cpus
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_bytes, atomic_write_json, link_or_copy, read_json, sha256_file, sweep_partials
 from jobs.imagestats import image_stats
@@ -208,7 +209,7 @@ def clean(cfg: Config, paths: RunPaths, data: Path) -> Path:
         f, label, rel, sha = job
         return _check_one(f, label, rel, sha, cfg, by_content.get(sha))
 
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(4, usable_cpus())) as pool:
         checked = list(pool.map(work, jobs))
     for result, _ in checked:  # what decoding found, before duplicates and decisions re-classify it
         by_content[result.sha256] = {k: v for k, v in asdict(result).items() if k not in {"source", "label"}}

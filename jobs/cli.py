@@ -26,6 +26,7 @@ from jobs.config import (
     record_keys,
     saved_yaml,
 )
+from jobs.cpus import CpusSettingError
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir, sweep_partials
 
@@ -285,6 +286,20 @@ def serve(model_store: Path, stop: bool, host: str, port: int, management_port: 
     sys.exit(code)
 
 
+@cli.command("serve-config")
+@click.option("--model-store", type=click.Path(path_type=Path), required=True, help="Folder of the .mar files.")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="The TorchServe config.properties to start from (default handler/config.properties).")
+@click.option("--dest", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
+def serve_config(model_store: Path, base: Path | None, dest: Path) -> None:
+    """Write a TorchServe config for THIS machine: BASE plus workers and batching (for the archives that leave
+    them open) and the handler's metrics. The serve container runs it at every start."""
+    from jobs.archive import handler_dir
+    from jobs.serve import write_machine_config
+
+    write_machine_config(base or handler_dir() / "config.properties", model_store, dest)
+
+
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True,
               help="The run folder whose report/review.html to serve.")
@@ -299,13 +314,17 @@ def review(out: Path, host: str, port: int) -> None:
 
 @cli.command("export-kserve")
 @click.option("--dest", type=click.Path(path_type=Path), default=None, help="Target folder (default OUT/kserve).")
+@click.option("--pod-cpus", type=click.IntRange(1), default=2, show_default=True,
+              help="CPUs each KServe pod requests (deploy/kserve/inferenceservice.yaml): sets workers and batching.")
+@click.option("--pod-gpus", type=click.IntRange(0), default=0, show_default=True, help="GPUs each KServe pod gets.")
 @config_options("export-kserve")
-def export_kserve(config_file: Path | None, out: Path, dest: Path | None, **overrides: Any) -> None:
+def export_kserve(config_file: Path | None, out: Path, dest: Path | None, pod_cpus: int, pod_gpus: int,
+                  **overrides: Any) -> None:
     """Lay out OUT/kserve/{config/config.properties, model-store/<name>.mar} for a KServe InferenceService."""
     from jobs.kserve import export_kserve as export_kserve_stage
 
     cfg, paths = _setup("export-kserve", config_file, out, overrides)
-    click.echo(export_kserve_stage(cfg, paths, dest))
+    click.echo(export_kserve_stage(cfg, paths, dest, pod_cpus, pod_gpus))
 
 
 @cli.command()
@@ -331,7 +350,7 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except JobError as e:
+    except (JobError, CpusSettingError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:

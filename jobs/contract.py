@@ -1,8 +1,8 @@
 """The serving contract: model from ``metadata.json``, preprocessing, precision, top-k, serving plan.
 
 The TorchServe handler and ``jobs predict`` both import this module, so what the server answers is
-what ``jobs predict`` prints. ``jobs archive`` packs this file into the .mar beside ``presets.py``;
-like it, it imports nothing from ``jobs`` (only torch, torchvision, Pillow and ``presets``).
+what ``jobs predict`` prints. ``jobs archive`` packs this file into the .mar beside ``presets.py`` and
+``cpus.py``; like them, it imports nothing else from ``jobs`` (only torch, torchvision and Pillow).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -23,9 +22,10 @@ from torch import nn
 from torchvision import models
 
 try:  # inside the .mar: TorchServe puts the extracted model folder on sys.path
+    import cpus
     import presets
 except ImportError:  # from the repository
-    from jobs import presets
+    from jobs import cpus, presets
 
 logger = logging.getLogger(__name__)
 
@@ -206,15 +206,12 @@ class ServingPlan:
     threads: int
     batch_size: int
     max_batch_delay_ms: int
+    solo_threads: int  # torch threads for a batch of one image (see serving_plan)
 
     def model_settings(self) -> dict[str, int]:
         """The per-model keys of TorchServe's ``models`` setting in config.properties."""
         return {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.batch_size,
                 "maxBatchDelay": self.max_batch_delay_ms}
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def serving_plan(cores: int | None = None, gpus: int | None = None) -> ServingPlan:
@@ -223,15 +220,20 @@ def serving_plan(cores: int | None = None, gpus: int | None = None) -> ServingPl
     GPU: one worker per GPU, big batches, a short batch delay (the GPU is idle while it waits).
     CPU: several single-digit-thread workers rather than one worker on every core. Intra-op threads
     wait on each other at every layer, so one thread preempted by the TorchServe frontend, the
-    load or a neighbour stalls the whole forward pass (bench/serve.py: 1 thread per worker beat 2 on
-    2 cores); separate workers also decode in parallel. Threads grow to 4 per worker on big machines,
-    where that many workers' model copies would cost more memory than they win. A 1 ms batch delay on
-    the CPU: a batch is whatever queued while the worker was busy, and a lone request waits at most
-    1 ms (0 would make TorchServe stop collecting after the second request).
+    load or a neighbour stalls the whole forward pass; separate workers also decode in parallel
+    (bench/serve.py on 2 cores: two 1-thread processes 34-36 img/s, one 2-thread process 24-27).
+    Threads grow to 4 per worker on big machines, where that many workers' model copies would cost
+    more memory than they win. But a lone request on one thread is slow (85 ms p50 over HTTP against
+    58 on both cores), so a batch of one image -- TorchServe found nothing else queued: low load --
+    runs on ``solo_threads`` (up to 4 cores), and batches of several go back to ``threads``. A 1 ms
+    batch delay on the CPU: a batch is whatever queued while the worker was busy, and a lone request
+    waits at most 1 ms (0 would make TorchServe stop collecting after the second request).
     """
-    cores = cores or cpu_cores()
+    cores = cores or cpus.usable_cpus()
     gpus = torch.cuda.device_count() if gpus is None else gpus
     if gpus:
-        return ServingPlan(workers=gpus, threads=max(1, cores // gpus), batch_size=32, max_batch_delay_ms=5)
+        threads = max(1, cores // gpus)
+        return ServingPlan(workers=gpus, threads=threads, batch_size=32, max_batch_delay_ms=5, solo_threads=threads)
     threads = max(1, min(4, cores // 4))
-    return ServingPlan(workers=max(1, cores // threads), threads=threads, batch_size=4, max_batch_delay_ms=1)
+    return ServingPlan(workers=max(1, cores // threads), threads=threads, batch_size=4, max_batch_delay_ms=1,
+                       solo_threads=min(cores, max(threads, 4)))

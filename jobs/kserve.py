@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jobs.archive import handler_dir, model_config, packed_settings, tuning_settings
+from jobs import contract
+from jobs.archive import handler_dir, model_config, packed_settings
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, link_or_copy
@@ -29,6 +30,7 @@ from jobs.serve import Ports, parse_properties, render_config
 MOUNT = Path("/mnt/models")  # where KServe puts storageUri
 PORTS = Ports(inference=8085, management=8081, metrics=8082, grpc_inference=7070, grpc_management=7071)
 # Per-model TorchServe settings copied from the archive's packed model-config.yaml into the snapshot.
+METRICS = handler_dir() / "metrics.yaml"
 SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout")
 HEADER = """\
 # TorchServe settings for KServe's TorchServe runtime, written by `python -m jobs export-kserve`
@@ -38,10 +40,11 @@ HEADER = """\
 # No service_envelope: the handler reads KServe v1/v2 bodies itself, server-side batching included."""
 
 
-def archive_settings(mar: Path, cfg: Config) -> dict:
-    """Name, version and batching of ``mar`` as packed by ``jobs archive`` (``cfg`` fills what a foreign .mar lacks)."""
+def archive_settings(mar: Path, cfg: Config, plan: contract.ServingPlan) -> dict:
+    """Name, version, workers and batching of ``mar``: what ``jobs archive`` packed; for what it left open,
+    ``plan`` (the serving plan of one KServe pod) for workers and batching, ``cfg`` for the rest."""
     manifest, packed = packed_settings(mar)
-    defaults = {**tuning_settings(cfg), **model_config(cfg)}
+    defaults = {**plan.model_settings(), **model_config(cfg)}
     return {"name": manifest["modelName"], "version": manifest.get("modelVersion", cfg.model_version),
             **{key: packed.get(key, defaults[key]) for key in SNAPSHOT_KEYS}}
 
@@ -60,21 +63,26 @@ def kserve_properties(snapshot: dict) -> str:
     settings = parse_properties(text)
     settings.update({"metrics_address": f"http://0.0.0.0:{PORTS.metrics}",  # Prometheus scrapes it
                      "enable_envvars_config": "false",
+                     "metrics_config": str(MOUNT / "config" / METRICS.name),  # the handler's own metrics too
                      "model_snapshot": json.dumps(snapshot, separators=(",", ":"))})
     return "\n".join([HEADER, *(f"{key}={value}" for key, value in settings.items())]) + "\n"
 
 
-def export_kserve(cfg: Config, paths: RunPaths, dest: Path | None = None) -> Path:
-    """Write ``<dest>/config/config.properties`` and ``<dest>/model-store/<model_name>.mar``; returns ``dest``."""
+def export_kserve(cfg: Config, paths: RunPaths, dest: Path | None = None, pod_cpus: int = 2, pod_gpus: int = 0) -> Path:
+    """Write ``<dest>/config/{config.properties,metrics.yaml}`` and ``<dest>/model-store/<model_name>.mar``;
+    returns ``dest``. KServe starts a stock TorchServe, which runs nothing of ours before loading the
+    model, so workers and batching are chosen here, for a pod of ``pod_cpus`` CPUs and ``pod_gpus`` GPUs
+    (deploy/kserve/inferenceservice.yaml requests 2 CPUs), unless the archive packed its own."""
     mar = paths.model_store / f"{cfg.model_name}.mar"
     if not mar.is_file():
         raise JobError(f"{mar} not found; run `python -m jobs archive --out {paths.out}` first "
                        "(or pass the --model-name / --model-store it was archived with)")
     dest = Path(dest) if dest is not None else paths.out / "kserve"
-    settings = archive_settings(mar, cfg)
+    settings = archive_settings(mar, cfg, contract.serving_plan(cores=pod_cpus, gpus=pod_gpus))
     link_or_copy(mar, dest / "model-store" / mar.name)
+    link_or_copy(METRICS, dest / "config" / METRICS.name)
     atomic_write_text(dest / "config" / "config.properties", kserve_properties(model_snapshot(settings, mar.name)))
-    print(f"export-kserve: {dest} (model {settings['name']} {settings['version']}, batchSize {settings['batchSize']}, "
-          f"maxBatchDelay {settings['maxBatchDelay']} ms); copy it to the volume behind the InferenceService's "
-          "storageUri")
+    print(f"export-kserve: {dest} (model {settings['name']} {settings['version']}, {settings['maxWorkers']} workers, "
+          f"batchSize {settings['batchSize']}, maxBatchDelay {settings['maxBatchDelay']} ms); copy it to the volume "
+          "behind the InferenceService's storageUri")
     return dest

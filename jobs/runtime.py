@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.config import Config
+from jobs.cpus import usable_cpus
 from jobs.errors import JobError
 
 
@@ -158,6 +159,5 @@ def default_num_workers(cfg: Config, rt: Runtime) -> int:
         return 0
     if cfg.num_workers >= 0:
         return cfg.num_workers
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
-    return max(1, min(8, cpus // ranks_here - 1))
+    return max(1, min(8, usable_cpus() // ranks_here - 1))

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import torch
 
-from jobs import contract
+from jobs import contract, cpus
 from jobs.archive import handler_dir, packed_settings
 from jobs.config import Config
 from jobs.errors import JobError
@@ -71,6 +72,12 @@ def render_config(base: str, *, host: str, ports: Ports, model_store: Path, disa
         **({"models": json.dumps(models, separators=(",", ":"))} if models else {}),
         **({"metrics_config": str(metrics_config)} if metrics_config else {}),
     }
+    return with_settings(base, values)
+
+
+def with_settings(base: str, values: dict[str, str]) -> str:
+    """``base`` (config.properties text) with each key of ``values`` set: in place where the key is,
+    appended where it is not; comments and the other lines stay as they are."""
     lines, seen = [], set()
     for line in base.splitlines():
         key = line.split("=", 1)[0].strip()
@@ -79,6 +86,40 @@ def render_config(base: str, *, host: str, ports: Ports, model_store: Path, disa
         lines.append(line)
     lines += [f"{k}={v}" for k, v in values.items() if k not in seen]
     return "\n".join(lines) + "\n"
+
+
+def machine_config(base: str, model_store: Path, plan: contract.ServingPlan) -> tuple[str, dict]:
+    """(``base`` with this machine's ``models`` and the handler's ``metrics_config``, those models).
+
+    For a TorchServe started by someone else (the serve container): ``base`` keeps every setting it
+    has, and a ``models`` or ``metrics_config`` it sets itself wins over the machine's.
+    """
+    settings = parse_properties(base)
+    models = {} if "models" in settings else machine_models(model_store, plan)
+    values = {**({"models": json.dumps(models, separators=(",", ":"))} if models else {}),
+              **({} if "metrics_config" in settings else {"metrics_config": str(handler_dir() / "metrics.yaml")})}
+    return with_settings(base, values), models
+
+
+def write_machine_config(base_file: Path, model_store: Path, dest: Path) -> Path:
+    """``jobs serve-config``: write ``machine_config`` of ``base_file`` to ``dest``; prints what it chose."""
+    try:
+        base = Path(base_file).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"cannot read the TorchServe config {base_file} ({type(e).__name__}); "
+                       "pass --base with a readable config.properties") from None
+    plan = contract.serving_plan()
+    text, models = machine_config(base, model_store, plan)
+    atomic_write_text(dest, text)
+    print(f"serve-config: {dest}: {tuning_line(plan, models)}", flush=True)
+    return dest
+
+
+def tuning_line(plan: contract.ServingPlan, models: dict) -> str:
+    tuned = ", ".join(models) or "none (the config or the archives set their own)"
+    return (f"{plan.workers} workers x {plan.threads} threads ({plan.solo_threads} for a lone image), batchSize "
+            f"{plan.batch_size}, maxBatchDelay {plan.max_batch_delay_ms} ms for this machine (CPUs "
+            f"{cpus.usable_cpus()}, GPUs {torch.cuda.device_count()}): {tuned}")
 
 
 def machine_models(model_store: Path, plan: contract.ServingPlan | None = None) -> dict:
@@ -293,11 +334,8 @@ def launch(cfg: Config, model_store: Path, workdir: Path, *, host: str, port: in
     except BaseException:
         server.stop()
         raise
-    tuned = ", ".join(models) or "none (all archives carry their own)"
-    tuning = (f"{plan.workers} workers x {plan.threads} threads, batchSize {plan.batch_size}, maxBatchDelay "
-              f"{plan.max_batch_delay_ms} ms for this machine: {tuned}")
     hint = curl_hint(server, cfg.model_name if cfg.model_name in names else names[0])
-    print(f"serving {', '.join(names)} from {Path(model_store).resolve()}, {tuning}\n"
+    print(f"serving {', '.join(names)} from {Path(model_store).resolve()}, {tuning_line(plan, models)}\n"
           f"logs and key_file.json: {server.workdir}\n{hint}", flush=True)
     return server
 

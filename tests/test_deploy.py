@@ -28,7 +28,7 @@ from conftest import FIXTURE_IMAGES
 from conftest import REPO as ROOT
 from torchserve_fixture import export_random_model, unused_ports
 
-from jobs import serve
+from jobs import contract, serve
 from jobs.archive import archive
 from jobs.config import Config, RunPaths, load_config
 from jobs.errors import JobError
@@ -369,7 +369,7 @@ def test_export_kserve_lays_out_config_and_model_store(archived, tmp_path):
     cfg = load_config(None, {})  # other batch settings than the archive's: the archive wins
     dest = export_kserve(cfg, RunPaths(out), tmp_path / "kserve")
     assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == \
-        ["config/config.properties", "model-store/classifier.mar"]
+        ["config/config.properties", "config/metrics.yaml", "model-store/classifier.mar"]
     mar = "model-store/classifier.mar"
     assert (dest / mar).read_bytes() == (out / mar).read_bytes()
     props = _properties(dest / "config" / "config.properties")
@@ -377,12 +377,31 @@ def test_export_kserve_lays_out_config_and_model_store(archived, tmp_path):
     assert props["model_store"] == str(MOUNT / "model-store")
     assert props["disable_token_authorization"] == "true" and props["enable_envvars_config"] == "false"
     assert "service_envelope" not in props
+    assert props["metrics_config"] == str(MOUNT / "config" / "metrics.yaml")
+    assert (dest / "config" / "metrics.yaml").read_bytes() == (ROOT / "handler" / "metrics.yaml").read_bytes()
     snapshot = json.loads(props["model_snapshot"])
     version = snapshot["models"]["classifier"]["2.1"]
     assert version["marName"] == "classifier.mar" and version["defaultVersion"] is True
     assert (version["batchSize"], version["maxBatchDelay"]) == (4, 300)
     # Exporting again replaces the files in place.
     assert export_kserve(cfg, RunPaths(out), dest) == dest
+
+
+def test_export_kserve_plans_workers_and_batching_for_the_pod(archived, tmp_path):
+    """An archive that leaves batching to the server gets the plan for the pod KServe runs it in."""
+    _, out = archived
+    cfg = load_config(None, {"model_store": str(tmp_path / "store")})  # serve_tuning: machine
+    paths = RunPaths.for_config(out, cfg)
+    archive(cfg, paths)
+    dest = export_kserve(cfg, paths, tmp_path / "kserve", pod_cpus=4, pod_gpus=0)
+    snapshot = json.loads(_properties(dest / "config" / "config.properties")["model_snapshot"])
+    version = snapshot["models"]["classifier"]["1.0"]
+    plan = contract.serving_plan(cores=4, gpus=0)
+    assert (version["minWorkers"], version["maxWorkers"], version["batchSize"], version["maxBatchDelay"]) == \
+        (plan.workers, plan.workers, plan.batch_size, plan.max_batch_delay_ms)
+    gpu = json.loads(_properties(export_kserve(cfg, paths, tmp_path / "gpu", pod_cpus=8, pod_gpus=1)
+                                 / "config" / "config.properties")["model_snapshot"])["models"]["classifier"]["1.0"]
+    assert (gpu["maxWorkers"], gpu["batchSize"]) == (1, contract.serving_plan(cores=8, gpus=1).batch_size)
 
 
 def test_export_kserve_names_the_missing_archive(tmp_path):
@@ -395,8 +414,10 @@ def _start_like_kserve(dest: Path, workdir: Path) -> serve.TorchServe:
     ports = unused_ports()
     workdir.mkdir(parents=True)
     config = workdir / "config.properties"
+    # Where KServe mounts dest (/mnt/models), moved to dest itself.
     config.write_text(serve.render_config((dest / "config" / "config.properties").read_text(), host="127.0.0.1",
-                                          ports=ports, model_store=dest / "model-store"))
+                                          ports=ports, model_store=dest / "model-store",
+                                          metrics_config=dest / "config" / "metrics.yaml"))
     tmp = workdir / "tmp"
     tmp.mkdir()
     with open(workdir / "torchserve.out", "wb") as log:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import FIXTURE_IMAGES
+from conftest import FIXTURE_IMAGES, REPO
 from PIL import Image
 from torchserve_fixture import bad_images, export_random_model, handle_batch, handler_context, png_header
 from ts.context import Context, RequestProcessor
@@ -221,11 +221,58 @@ def test_module_entry_point_initializes_once(run_dir: Path):
 
 
 def test_serving_plan_follows_the_machine():
-    assert contract.serving_plan(cores=2, gpus=0) == contract.ServingPlan(2, 1, 4, 1)
-    assert contract.serving_plan(cores=16, gpus=0) == contract.ServingPlan(4, 4, 4, 1)
+    assert contract.serving_plan(cores=2, gpus=0) == contract.ServingPlan(2, 1, 4, 1, solo_threads=2)
+    assert contract.serving_plan(cores=16, gpus=0) == contract.ServingPlan(4, 4, 4, 1, solo_threads=4)
+    assert contract.serving_plan(cores=8, gpus=0).solo_threads == 4
     assert contract.serving_plan(cores=64, gpus=0).threads == 4
-    assert contract.serving_plan(cores=16, gpus=2) == contract.ServingPlan(2, 8, 32, 5)
-    assert classifier_handler._torch_threads(3, torch.device("cpu")) == 3
+    assert contract.serving_plan(cores=16, gpus=2) == contract.ServingPlan(2, 8, 32, 5, solo_threads=8)
+    assert classifier_handler._torch_threads(3, torch.device("cpu")) == (3, 3)
+
+
+BUSY_WORKER = """
+import sys
+from pathlib import Path
+from handler.classifier_handler import BusyBoard
+board = BusyBoard(Path(sys.argv[1]))
+with board.busy():
+    print("busy", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_lone_image_runs_on_more_threads_than_a_batch(run_dir: Path, monkeypatch):
+    """A one-image batch while no other worker of the model is busy gets the idle cores; a bigger batch, or
+    one while another worker runs, the worker's share (JOBS_CPUS=4: 4 workers of 1 thread, a lone image on 4)."""
+    monkeypatch.setenv("JOBS_CPUS", "4")
+    before = torch.get_num_threads()
+    try:
+        ctx = handler_context(run_dir / "model")  # torch_threads: auto
+        handler = TorchvisionClassifierHandler()
+        handler.initialize(ctx)
+        plan = contract.serving_plan()
+        assert (handler.threads, handler.solo_threads) == (plan.threads, plan.solo_threads) == (1, 4)
+        photo = bytearray(PHOTOS[0].read_bytes())
+        (lone,) = handle_batch(handler, ctx, [{"body": photo}])
+        assert torch.get_num_threads() == 4
+        batch = handle_batch(handler, ctx, [{"body": photo}] * 3)
+        assert torch.get_num_threads() == 1
+        for b in batch:
+            assert [p["index"] for p in b["predictions"]] == [p["index"] for p in lone["predictions"]]
+            for p, q in zip(b["predictions"], lone["predictions"], strict=True):
+                assert p["probability"] == pytest.approx(q["probability"], abs=1e-5)
+        # Another worker of the model (another process) busy with a batch: a lone image keeps to its share.
+        other = subprocess.Popen([sys.executable, "-c", BUSY_WORKER, str(run_dir / "model")], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, cwd=REPO)
+        try:
+            assert other.stdout.readline() == "busy\n"
+            handle_batch(handler, ctx, [{"body": photo}])
+            assert torch.get_num_threads() == 1
+        finally:
+            other.communicate("", timeout=60)
+        handle_batch(handler, ctx, [{"body": photo}])
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_handler_never_imports_captum():

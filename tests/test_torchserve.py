@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,9 +33,10 @@ from torchserve_fixture import (
 )
 
 from jobs import contract
+from jobs.archive import handler_dir
 from jobs.config import load_config
 from jobs.predict import predict_files
-from jobs.serve import TorchServe, machine_models, serve, start
+from jobs.serve import TorchServe, machine_config, machine_models, parse_properties, render_config, serve, start
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
 
@@ -248,6 +252,61 @@ def test_serve_in_background_then_stop(served: Served, tmp_path: Path, capsys):
     assert not (tmp_path / "serve-state" / "tmp" / ".model_server.pid").exists()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{server.inference_url}/ping", timeout=5)
+
+
+ENTRY_POINT = handler_dir() / "start_torchserve.sh"
+
+
+def test_the_serve_images_entry_point_tunes_for_the_cpus_it_is_given(served: Served, tmp_path: Path):
+    """handler/start_torchserve.sh as Dockerfile.serve runs it, with a config of its own (TS_CONFIG_FILE) and
+    JOBS_CPUS=1, as a pod requesting one CPU would have: the archive that leaves batching open gets the
+    one-CPU plan, the one that packs its own keeps it, and the handler's metrics reach Prometheus."""
+    ports = unused_ports()
+    base = tmp_path / "mounted.properties"
+    base.write_text(render_config((handler_dir() / "config.properties").read_text(), host="127.0.0.1", ports=ports,
+                                  model_store=served.store))
+    mounted = base.read_text()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TS_CONFIG_FILE": str(base), "TEMP": str(tmp), "TMPDIR": str(tmp), "JOBS_CPUS": "1",
+           "MODEL_STORE": str(served.store), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with open(tmp_path / "console.out", "wb") as console:
+        proc = subprocess.Popen(["sh", str(ENTRY_POINT)], cwd=tmp_path, env=env, stdout=console,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    server = TorchServe(proc, tmp_path, "127.0.0.1", ports)
+    try:
+        server.wait_ready(["two", "seven"], timeout=240)
+        plan = contract.serving_plan(cores=1)
+
+        def settings(model: str) -> dict:
+            return requests.get(f"{server.management_url}/models/{model}", headers=server.auth("management"),
+                                timeout=10).json()[0]
+
+        seven, two = settings("seven"), settings("two")
+        assert (len(seven["workers"]), seven["batchSize"], seven["maxBatchDelay"]) == \
+            (plan.workers, plan.batch_size, plan.max_batch_delay_ms)
+        assert two["maxBatchDelay"] == 200  # packed into its archive (serve_tuning: archive)
+        r = requests.post(f"{server.inference_url}/predictions/seven", data=PHOTOS[0].read_bytes(),
+                          headers=server.auth(), timeout=60)
+        assert r.status_code == 200, r.text
+        text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+        assert re.search(r'^PreprocessTime\{.*ModelName="seven".*\} \S+$', text, re.M), text[:3000]
+        assert "serve-config:" in (tmp_path / "console.out").read_text()
+        assert base.read_text() == mounted  # the mounted config is only read
+        assert "seven" in json.loads(parse_properties((tmp / "config.properties").read_text())["models"])
+    finally:
+        server.stop()
+
+
+def test_a_models_line_of_the_operators_own_wins_over_the_machines(served: Served):
+    own = '{"seven":{"1.0":{"marName":"seven.mar","minWorkers":3,"maxWorkers":3,"batchSize":2}}}'
+    base = f"models={own}\nmetrics_config=/etc/ts/metrics.yaml\n"
+    text, models = machine_config(base, served.store, contract.serving_plan())
+    assert models == {} and parse_properties(text) == {"models": own, "metrics_config": "/etc/ts/metrics.yaml"}
+    text, models = machine_config("job_queue_size=7\n", served.store, contract.serving_plan(cores=4))
+    settings = parse_properties(text)
+    assert settings["job_queue_size"] == "7" and set(models) == {"seven"}
+    assert settings["metrics_config"] == str(handler_dir() / "metrics.yaml")
 
 
 INTERNALS = re.compile(r"0x[0-9a-fA-F]{4,}|<[^>]*object[^>]*>|/(?:tmp|work|home|usr|opt)/")

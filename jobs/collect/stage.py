@@ -19,7 +19,6 @@ is in flight at once.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import Counter
@@ -33,6 +32,7 @@ from typing import Any
 from tqdm import tqdm
 
 from jobs.config import Config, RunPaths
+from jobs.cpus import usable_cpus
 from jobs.fileio import atomic_write_json
 
 from .attribution import write_attribution
@@ -117,10 +117,6 @@ def verify_and_write(data: bytes, sha256: str, max_pixels: int, folder: Path) ->
     info = inspect_image(data, max_pixels)
     write_image(folder, sha256, info.ext, data)
     return info
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass

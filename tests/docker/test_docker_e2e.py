@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 from torchserve_fixture import unused_ports
 
+from jobs import contract
 from jobs.serve import Ports, render_config
 
 pytestmark = pytest.mark.docker
@@ -277,6 +278,27 @@ def test_serve_metrics_answer_in_prometheus_format(serving: Project) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{serving.ports.metrics}/metrics", timeout=30) as response:
         text = response.read().decode()
     assert "# TYPE" in text
+
+
+def test_serve_container_plans_for_its_cpu_limit_and_reports_handler_metrics(serving: Project) -> None:
+    """compose.test.yml gives the serve container one CPU, a cgroup quota on a bigger host: its entry point
+    (handler/start_torchserve.sh -> jobs serve-config) starts the one-CPU plan, and the handler's own
+    PreprocessTime reaches Prometheus through handler/metrics.yaml."""
+    keys = json.loads(serving.compose("exec", "-T", "serve", "cat", "key_file.json").stdout)
+    request = urllib.request.Request(f"http://127.0.0.1:{serving.ports.management}/models/{MODEL_NAME}",
+                                     headers={"Authorization": f"Bearer {keys['management']['key']}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        model = json.loads(response.read())[0]
+    plan = contract.serving_plan(cores=1, gpus=0)
+    assert (len(model["workers"]), model["batchSize"], model["maxBatchDelay"]) == \
+        (plan.workers, plan.batch_size, plan.max_batch_delay_ms), model
+    logs = serving.compose("logs", "--no-color", "serve").stdout
+    assert re.search(r"serve-config: .*\(CPUs 1, GPUs 0\): classifier", logs), logs[-3000:]
+    status, body = post_image(serving, a_photo(serving, "bees"), inference_key(serving))
+    assert status == 200, body
+    with urllib.request.urlopen(f"http://127.0.0.1:{serving.ports.metrics}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    assert re.search(rf'^PreprocessTime\{{.*ModelName="{MODEL_NAME}".*\}} \S+$', text, re.M), text[:3000]
 
 
 # Last: it recreates the serve container with the demo switch on.
