@@ -23,9 +23,10 @@ import torch.distributed as dist
 from torch import nn
 
 from jobs.config import FEATURE_CACHE_KEYS, Config, RunPaths
+from jobs.contract import fold_batchnorm
 from jobs.data import ImageFiles, ShardSampler, make_loader, split_items
 from jobs.fileio import atomic_torch_save, read_run_file
-from jobs.model import fold_batchnorm, weights_tag
+from jobs.model import weights_tag
 from jobs.presets import decode_rgb, eval_transform, preprocess_spec, train_transform
 from jobs.runtime import Runtime, barrier, default_num_workers
 

@@ -118,17 +118,3 @@ def split_backbone_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
         backbone = nn.Sequential(*(m for name, m in model.named_children() if name != "fc"), nn.Flatten(1))
         return backbone, model.fc
     return None
-
-
-def fold_batchnorm(module: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``module`` with every BatchNorm folded into the convolution before it.
-
-    The same function up to float rounding, minus one memory-bound op per convolution: frozen
-    feature extraction runs 10-15% faster on CPU (ResNet-18, 2 cores). Inference only -- the
-    folded copy has no BatchNorm statistics to train.
-    """
-    import copy
-
-    from torch.fx.experimental.optimization import fuse
-
-    return fuse(copy.deepcopy(module).eval(), inplace=True)
