@@ -115,7 +115,12 @@ class BusyBoard:
 
     def __init__(self, model_dir: Path):
         key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
-        self.fd = os.open(Path(tempfile.gettempdir()) / f".busy-{key}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.fd = os.open(Path(tempfile.gettempdir()) / f".busy-{key}", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:  # no writable temp dir: every batch keeps to the worker's share
+            logger.warning("no busy board (%s): lone images run on the worker's share of the cores", e.strerror)
+            self.fd, self.slot = None, None
+            return
         self.slot = next((i for i in range(self.SLOTS) if self._try_lock(self.SLOTS + i)), None)
 
     def _try_lock(self, byte: int) -> bool:

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 import zipfile
 from pathlib import Path
@@ -271,6 +272,20 @@ def test_a_lone_image_runs_on_more_threads_than_a_batch(run_dir: Path, monkeypat
             other.communicate("", timeout=60)
         handle_batch(handler, ctx, [{"body": photo}])
         assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_without_a_writable_temp_dir_a_lone_image_keeps_to_the_workers_share(run_dir: Path, monkeypatch, tmp_path):
+    monkeypatch.setenv("JOBS_CPUS", "4")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    before = torch.get_num_threads()
+    try:
+        ctx = handler_context(run_dir / "model")
+        handler = TorchvisionClassifierHandler()
+        handler.initialize(ctx)
+        (out,) = handle_batch(handler, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+        assert out["predictions"] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
