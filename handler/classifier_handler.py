@@ -179,11 +179,10 @@ class TorchvisionClassifierHandler(BaseHandler):
         # 0 threads: leave torch's own number. On the CPU a batch of one image gets solo_threads, a
         # bigger one threads (contract.serving_plan); inference switches between them.
         self.threads, self.solo_threads = _torch_threads(options.get("torch_threads", "auto"), self.device)
-        if self.device.type != "cpu":
-            self.threads = self.solo_threads = 0
-        if self.threads:
+        on_cpu = self.device.type == "cpu"
+        if self.threads and on_cpu:
             torch.set_num_threads(self.threads)
-        self.board = BusyBoard(model_dir) if self.solo_threads > self.threads else None
+        self.board = BusyBoard(model_dir) if on_cpu and self.solo_threads > self.threads else None
         # Decoding releases the GIL: a worker with several threads decodes its requests side by side.
         self.decoders = ThreadPoolExecutor(self.threads, thread_name_prefix="decode") if self.threads > 1 else None
         self.model, self.amp_dtype, self.precision = contract.load_serving_model(

@@ -294,10 +294,9 @@ def serve(model_store: Path, stop: bool, host: str, port: int, management_port: 
 def serve_config(model_store: Path, base: Path | None, dest: Path) -> None:
     """Write a TorchServe config for THIS machine: BASE plus workers and batching (for the archives that leave
     them open) and the handler's metrics. The serve container runs it at every start."""
-    from jobs.archive import handler_dir
     from jobs.serve import write_machine_config
 
-    write_machine_config(base or handler_dir() / "config.properties", model_store, dest)
+    write_machine_config(base, model_store, dest)
 
 
 @cli.command()
@@ -320,7 +319,7 @@ def review(out: Path, host: str, port: int) -> None:
 @config_options("export-kserve")
 def export_kserve(config_file: Path | None, out: Path, dest: Path | None, pod_cpus: int, pod_gpus: int,
                   **overrides: Any) -> None:
-    """Lay out OUT/kserve/{config/config.properties, model-store/<name>.mar} for a KServe InferenceService."""
+    """Lay out OUT/kserve/{config/{config.properties,metrics.yaml}, model-store/<name>.mar} for KServe."""
     from jobs.kserve import export_kserve as export_kserve_stage
 
     cfg, paths = _setup("export-kserve", config_file, out, overrides)

@@ -21,16 +21,15 @@ import json
 from pathlib import Path
 
 from jobs import contract
-from jobs.archive import handler_dir, model_config, packed_settings
+from jobs.archive import model_config, packed_settings
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, link_or_copy
-from jobs.serve import Ports, parse_properties, render_config
+from jobs.serve import HANDLER_METRICS, SERVER_CONFIG, Ports, parse_properties, render_config
 
 MOUNT = Path("/mnt/models")  # where KServe puts storageUri
 PORTS = Ports(inference=8085, management=8081, metrics=8082, grpc_inference=7070, grpc_management=7071)
 # Per-model TorchServe settings copied from the archive's packed model-config.yaml into the snapshot.
-METRICS = handler_dir() / "metrics.yaml"
 SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout")
 HEADER = """\
 # TorchServe settings for KServe's TorchServe runtime, written by `python -m jobs export-kserve`
@@ -57,13 +56,13 @@ def model_snapshot(settings: dict, mar_name: str) -> dict:
 
 def kserve_properties(snapshot: dict) -> str:
     """``handler/config.properties`` (the hardened server settings) adapted to the KServe container."""
-    text = render_config((handler_dir() / "config.properties").read_text(), host="127.0.0.1", ports=PORTS,
+    text = render_config(SERVER_CONFIG.read_text(), host="127.0.0.1", ports=PORTS,
                          model_store=MOUNT / "model-store", disable_token_auth=True)
     # The base file's comments describe the standalone server; here they would mislead.
     settings = parse_properties(text)
     settings.update({"metrics_address": f"http://0.0.0.0:{PORTS.metrics}",  # Prometheus scrapes it
                      "enable_envvars_config": "false",
-                     "metrics_config": str(MOUNT / "config" / METRICS.name),  # the handler's own metrics too
+                     "metrics_config": str(MOUNT / "config" / HANDLER_METRICS.name),  # the handler's own metrics too
                      "model_snapshot": json.dumps(snapshot, separators=(",", ":"))})
     return "\n".join([HEADER, *(f"{key}={value}" for key, value in settings.items())]) + "\n"
 
@@ -80,7 +79,7 @@ def export_kserve(cfg: Config, paths: RunPaths, dest: Path | None = None, pod_cp
     dest = Path(dest) if dest is not None else paths.out / "kserve"
     settings = archive_settings(mar, cfg, contract.serving_plan(cores=pod_cpus, gpus=pod_gpus))
     link_or_copy(mar, dest / "model-store" / mar.name)
-    link_or_copy(METRICS, dest / "config" / METRICS.name)
+    link_or_copy(HANDLER_METRICS, dest / "config" / HANDLER_METRICS.name)
     atomic_write_text(dest / "config" / "config.properties", kserve_properties(model_snapshot(settings, mar.name)))
     print(f"export-kserve: {dest} (model {settings['name']} {settings['version']}, {settings['maxWorkers']} workers, "
           f"batchSize {settings['batchSize']}, maxBatchDelay {settings['maxBatchDelay']} ms); copy it to the volume "

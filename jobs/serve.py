@@ -30,6 +30,10 @@ from jobs.config import Config
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir
 
+# The hardened server settings every TorchServe of ours starts from, and the handler's metrics they expose.
+SERVER_CONFIG = handler_dir() / "config.properties"
+HANDLER_METRICS = handler_dir() / "metrics.yaml"
+
 
 @dataclass(frozen=True)
 class Ports:
@@ -97,12 +101,14 @@ def machine_config(base: str, model_store: Path, plan: contract.ServingPlan) -> 
     settings = parse_properties(base)
     models = {} if "models" in settings else machine_models(model_store, plan)
     values = {**({"models": json.dumps(models, separators=(",", ":"))} if models else {}),
-              **({} if "metrics_config" in settings else {"metrics_config": str(handler_dir() / "metrics.yaml")})}
+              **({} if "metrics_config" in settings else {"metrics_config": str(HANDLER_METRICS)})}
     return with_settings(base, values), models
 
 
-def write_machine_config(base_file: Path, model_store: Path, dest: Path) -> Path:
-    """``jobs serve-config``: write ``machine_config`` of ``base_file`` to ``dest``; prints what it chose."""
+def write_machine_config(base_file: Path | None, model_store: Path, dest: Path) -> Path:
+    """``jobs serve-config``: write ``machine_config`` of ``base_file`` (default ``SERVER_CONFIG``) to ``dest``;
+    prints what it chose."""
+    base_file = base_file or SERVER_CONFIG
     try:
         base = Path(base_file).read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -262,9 +268,9 @@ def start(model_store: Path, workdir: Path, *, host: str = "127.0.0.1", ports: P
     for port in (ports.inference, ports.management, ports.metrics, ports.grpc_inference, ports.grpc_management):
         _check_port_free(host if port in (ports.inference, ports.metrics) else "127.0.0.1", port)
     config = workdir / "config.properties"
-    atomic_write_text(config, render_config((handler_dir() / "config.properties").read_text(), host=host, ports=ports,
+    atomic_write_text(config, render_config(SERVER_CONFIG.read_text(), host=host, ports=ports,
                                             model_store=model_store, disable_token_auth=disable_token_auth,
-                                            models=models, metrics_config=handler_dir() / "metrics.yaml"))
+                                            models=models, metrics_config=HANDLER_METRICS))
     cmd = _torchserve_cmd("--start", "--foreground", "--ncs", "--model-store", str(model_store),
                           "--ts-config", str(config), "--models", "all")
     with open(workdir / "torchserve.out", "ab") as out:
