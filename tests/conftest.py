@@ -46,3 +46,11 @@ def small_data(tmp_path: Path) -> Path:
 
 SMALL_RUN = ("--weights", "none", "--epochs", "2", "--batch-size", "8", "--min-images-per-class", "3",
              "--num-workers", "0")
+
+
+@pytest.fixture(scope="session")
+def real_weights() -> Path:
+    """Real ImageNet EfficientNet-Lite0 weights for ``--arch timm/tf_efficientnet_lite0`` (built offline once)."""
+    from scripts.offline_weights import build
+
+    return build(REPO / ".cache" / "weights" / "tf_efficientnet_lite0.pth")
