@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from torchvision import models
 
+from handler.model import preprocess_spec
+from handler.preprocess import Preprocessor
 from jobs.config import RunPaths
 from jobs.fileio import atomic_torch_save, atomic_write_json, link_or_copy, read_json
-from jobs.presets import decode_rgb, eval_transform
 from jobs.split import splits_document
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,9 +54,9 @@ def calibrated_random_backbone(images: list[Path], out: Path, seed: int = 0, bat
         m.reset_running_stats()
         m.momentum = None  # cumulative average over every batch, not an exponential one
     model.train()
-    transform = eval_transform()
+    preprocess = Preprocessor(preprocess_spec("resnet18"))
     for i in range(0, len(images), batch_size):
-        model(torch.stack([transform(decode_rgb(p.read_bytes())) for p in images[i:i + batch_size]]))
+        model(torch.stack([preprocess(p.read_bytes()) for p in images[i:i + batch_size]]))
     return atomic_torch_save(out, model.state_dict())
 
 
@@ -151,7 +152,6 @@ def train_batchnorm_only(items: list[tuple[Path, int]], out: Path, seed: int = 0
     from torch.utils.data import DataLoader
 
     from jobs.data import ImageFiles
-    from jobs.presets import train_transform
 
     model = seeded_resnet18(seed)
     model.fc = nn.Linear(model.fc.in_features, 1 + max(label for _, label in items))
@@ -161,7 +161,8 @@ def train_batchnorm_only(items: list[tuple[Path, int]], out: Path, seed: int = 0
     for p in trained:
         p.requires_grad_(True)
     model.to(device, memory_format=torch.channels_last)
-    loader = DataLoader(ImageFiles(Path("/"), [(str(p.resolve()), y) for p, y in items], train_transform()),
+    loader = DataLoader(ImageFiles(Path("/"), [(str(p.resolve()), y) for p, y in items],
+                                   Preprocessor(preprocess_spec("resnet18"), augment=True)),
                         batch_size=32, shuffle=True, num_workers=min(12, os.cpu_count() or 1), drop_last=True,
                         persistent_workers=True)
     optimizer = torch.optim.AdamW(trained, lr=1e-2, weight_decay=0.0)

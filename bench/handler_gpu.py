@@ -2,7 +2,7 @@
 
     python -m bench.handler_gpu [--images DIR] [--batch 32] [--duration 20] [--device cuda]
 
-``TorchvisionClassifierHandler`` is driven in-process with TorchServe's real Context (gpu_id 0),
+``ClassifierHandler`` is driven in-process with TorchServe's real Context (gpu_id 0),
 batch after batch of real JPEG request bodies: parse, header checks, decode + preprocess on the
 worker's thread pool, forward in the precision the handler picks, top-k. The bare-model limit is the
 forward pass alone on already preprocessed batches on the device, best of fp32 and bf16 autocast.
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from handler.classifier_handler import TorchvisionClassifierHandler
-from jobs import contract
+from handler import model as models
+from handler import precision
+from handler.classifier_handler import ClassifierHandler
 from jobs.fileio import atomic_write_json
 from tests.torchserve_fixture import batch_context, export_random_model, handler_context
 
@@ -51,9 +52,9 @@ def main() -> None:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_random_model(Path(tmp), ["ants", "bees"]).model
-        ctx = handler_context(model_dir, {"precision": "bf16" if contract.native_bf16(device) else "fp32"},
+        ctx = handler_context(model_dir, {"precision": "bf16" if precision.native_bf16(device) else "fp32"},
                               gpu_id=0 if device.type == "cuda" else None)
-        handler = TorchvisionClassifierHandler()
+        handler = ClassifierHandler()
         handler.initialize(ctx)
         batches = [photos[i:i + args.batch] for i in range(0, len(photos) - args.batch + 1, args.batch)]
         cursor = iter(range(10**9))
@@ -78,11 +79,11 @@ def main() -> None:
         inputs = torch.stack([handler.preprocessor(b) for b in batches[0]])
         limits = {}
         for name, dtype in {"fp32": None, "bf16": torch.bfloat16}.items():
-            if dtype is not None and not contract.native_bf16(device):
+            if dtype is not None and not precision.native_bf16(device):
                 continue
 
             def forward_step(dtype: torch.dtype | None = dtype) -> int:
-                contract.probabilities(handler.model, inputs, device, dtype)
+                models.forward(handler.classifier.model, inputs, device, dtype)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 return len(inputs)
@@ -92,7 +93,7 @@ def main() -> None:
     rate = round(served / served_s, 1)
     result = {"device": str(device), "name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "batch": args.batch, "photos": len(photos), "handler_images_per_s": rate,
-              "handler_precision": str(handler.amp_dtype or "fp32"), "bare_forward_images_per_s": limits,
+              "handler_precision": handler.classifier.precision, "bare_forward_images_per_s": limits,
               "preprocess_share_of_handler": round(split["preprocess_s"] / sum(split.values()), 3),
               "handler_over_limit": round(rate / max(limits.values()), 3)}
     print(json.dumps(result))

@@ -5,7 +5,7 @@ against a stock-style handler, same model, same photos, one TorchServe, real HTT
                                     [--images DIR] [--model-dir RUN/model]
 
 **The limit** is measured without TorchServe, before and after the served cells: the same model and
-photos, decode + preprocess + forward (jobs/contract.py, what the handler runs), batch 8, every core,
+photos, decode + preprocess + forward (handler/service.py, what the handler runs), batch 8, every core,
 in the best precision the machine has (fp32, and bf16 autocast where it is native), and the better
 of two layouts: one process with torch threads = cores, or one single-threaded process per core side
 by side. ``served/limit`` = served images/s over that.
@@ -15,7 +15,7 @@ model-config, all in one model store and one TorchServe (only the variant under 
 traffic). Each (variant, concurrency) cell sends real photos as raw request bodies from
 ``concurrency`` closed-loop client threads; its time is split into rounds that alternate the
 variants, so other load on the machine hits them alike. Variants:
-  * ours: workers and batching chosen by ``jobs serve`` for this machine (contract.serving_plan);
+  * ours: workers and batching chosen by ``jobs serve`` for this machine (handler.scheduler.serving_plan);
   * ours-archived: the archive's old fixed values (1 worker, batchSize 8, maxBatchDelay 20 ms);
   * ours-1worker-allthreads: one worker on every core (latency at c=1 against throughput at c=8);
   * stock: bench/stock_handler.py (PIL + torchvision.transforms per image, fp32, batchSize 1,
@@ -47,9 +47,11 @@ import requests
 import torch
 import yaml
 
-from jobs import contract
+from handler import model as models
+from handler import precision, scheduler
+from handler.cpus import usable_cpus
+from handler.preprocess import Preprocessor
 from jobs.config import RunPaths, load_config
-from jobs.cpus import usable_cpus
 from jobs.fileio import atomic_write_json, read_json
 from jobs.serve import TorchServe, machine_models, start
 from tests.torchserve_fixture import archive_as, export_random_model, unused_ports
@@ -151,16 +153,16 @@ def _limit_rates(model_dir: Path, photos: list[bytes], duration: float, threads:
     torch.set_num_threads(threads)
     meta = read_json(model_dir / "metadata.json")
     cpu = torch.device("cpu")
-    model = contract.build_model(meta, model_dir / "model.pt", cpu)
-    preprocess = contract.Preprocessor(meta)
+    model = models.build_model(meta, model_dir / "model.pt", cpu)
+    preprocess = Preprocessor(meta["preprocess"])
     calibration = [torch.stack([preprocess(b) for b in photos[:32]])]
-    variants = {"fp32": (model, None), **({"bf16": (model, torch.bfloat16)} if contract.native_bf16(cpu) else {}),
-                "int8": (contract.quantize_int8(meta, model, calibration), None)}
+    variants = {"fp32": (model, None), **({"bf16": (model, torch.bfloat16)} if precision.native_bf16(cpu) else {}),
+                "int8": (models.quantize_int8(meta, model, calibration), None)}
     rates = {}
     with ThreadPoolExecutor(threads) as decoders:
         for name, (net, dtype) in variants.items():
             batches = itertools.cycle(range(0, len(photos) - LIMIT_BATCH + 1, LIMIT_BATCH))
-            contract.probabilities(net, torch.stack(list(decoders.map(preprocess, photos[:LIMIT_BATCH]))), cpu,
+            models.forward(net, torch.stack(list(decoders.map(preprocess, photos[:LIMIT_BATCH]))), cpu,
                                    dtype)  # warm-up
             if start_together is not None:
                 start_together.wait()
@@ -168,7 +170,7 @@ def _limit_rates(model_dir: Path, photos: list[bytes], duration: float, threads:
             while time.perf_counter() - start_time < duration:
                 i = next(batches)
                 x = torch.stack(list(decoders.map(preprocess, photos[i:i + LIMIT_BATCH])))
-                contract.probabilities(net, x, cpu, dtype)
+                models.forward(net, x, cpu, dtype)
                 images += len(x)
             rates[name] = round(images / (time.perf_counter() - start_time), 2)
     return rates
@@ -245,7 +247,7 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "cpu_flags": cpu_flags(), "torch": torch.__version__,
                           "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
-              "serving_plan": contract.serving_plan().__dict__, "limit_images_per_s": limit, "limits": limits,
+              "serving_plan": scheduler.serving_plan().__dict__, "limit_images_per_s": limit, "limits": limits,
               "model_config": settings, "cells": cells, "vs_stock": ratios}
     atomic_write_json(args.out, result)
     print(f"limit {limit} img/s (fp32/bf16 best of 1 process x {usable_cpus()} threads and {usable_cpus()} "

@@ -1,5 +1,13 @@
-"""The TorchServe side: our image-classifier handler (``classifier_handler.py``), the server
-configuration (``config.properties``) and the metrics it exposes (``metrics.yaml``). ``jobs archive``
-packs the handler with ``jobs/contract.py`` and ``jobs/presets.py`` into the .mar; ``jobs serve``,
-the serve container and the tests read ``config.properties``.
+"""The serving package: everything needed to answer for an exported model, and nothing of training.
+
+``jobs archive`` packs this package whole into the .mar, and training imports the shared parts from
+here, so what the job evaluated is what the server runs. It never imports ``jobs`` (a test checks).
+
+- ``model``: models by name (torchvision or ``timm/<name>``), the served model built from ``metadata.json``
+- ``preprocess``: decoding and the transforms, from the spec ``metadata.json`` records
+- ``precision``: bf16 where the hardware has it and the export allowed it
+- ``service``: ``ImageClassifier``, bytes in, calibrated answers with the trust fields out
+- ``protocol``: request bodies and answer bodies (raw, multipart, JSON, KServe v1/v2)
+- ``scheduler`` and ``cpus``: workers, threads and batching for the machine that serves
+- ``classifier_handler``: TorchServe's entry point; ``config.properties`` and ``metrics.yaml`` its settings
 """

@@ -7,7 +7,7 @@ limit leaves every host core in the affinity mask and caps the time with a cgrou
 copies in a pod limited to 4 GiB). A pod with only a CPU *request* has no quota at all; it says what
 it was given through ``JOBS_CPUS`` (deploy/k8s/serve.yaml sets it from ``requests.cpu``).
 
-Standard library only: ``jobs archive`` packs this file into the .mar beside ``contract.py``.
+Standard library only, like the rest of the serving package it belongs to.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
-"""The one source of truth for image decoding and preprocessing.
+"""Image bytes -> the tensor a model was evaluated on: decoding and the transforms, from one spec.
 
-Training (``jobs.data``), offline prediction (``jobs predict``) and the TorchServe handler all
-use these functions. ``jobs archive`` packs this very file into the model archive, so it must
-import nothing from ``jobs`` -- only torch, torchvision and Pillow.
-
-The eval transform is defined by four numbers and a resampling mode, written into
-``metadata.json["preprocess"]`` by the export stage; the handler rebuilds it from there.
+Training (``jobs.data``, ``jobs.features``), offline prediction and every serving runtime use these
+functions; the archive carries this package whole. The eval transform is defined by a small spec --
+resize and crop sizes, resampling, mean and std, the model's own data config -- that the export stage
+writes into ``metadata.json["preprocess"]`` (``handler.model.preprocess_spec`` makes it); the server
+rebuilds the transform from there.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import re
+import struct
 from typing import Any
 
 import torch
@@ -21,47 +22,87 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_SIZE = 256
-CROP_SIZE = 224
+JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers carry the size
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
+                  "nearest": v2.InterpolationMode.NEAREST}
 
 
-def preprocess_spec(resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE) -> dict[str, Any]:
-    """What ``metadata.json`` records; ``eval_transform(**spec)`` rebuilds the transform."""
-    return {
-        "resize_size": resize_size,
-        "crop_size": crop_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "interpolation": "bilinear",
-        "antialias": True,
-        "decode": "jpeg_draft_then_rgb_uint8",
-    }
+def spec(resize_size: int = 256, crop_size: int = 224, mean: tuple[float, ...] | list[float] = IMAGENET_MEAN,
+         std: tuple[float, ...] | list[float] = IMAGENET_STD, interpolation: str = "bilinear") -> dict[str, Any]:
+    """What ``metadata.json["preprocess"]`` records; ``eval_transform(spec)`` rebuilds the transform."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+    return {"resize_size": int(resize_size), "crop_size": int(crop_size), "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std], "interpolation": interpolation, "antialias": True,
+            "decode": "jpeg_draft_then_rgb_uint8"}
 
 
-def eval_transform(resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE,
-                   mean: tuple[float, ...] | list[float] = IMAGENET_MEAN,
-                   std: tuple[float, ...] | list[float] = IMAGENET_STD, **_: Any) -> v2.Compose:
-    """uint8 CHW tensor -> normalized float CHW tensor (Resize(256) + CenterCrop(224))."""
-    return v2.Compose([
-        v2.Resize(resize_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-        v2.CenterCrop(crop_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
-    ])
+def _normalize(spec: dict[str, Any]) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(spec["mean"]), std=list(spec["std"]))]
 
 
-def train_transform(crop_size: int = CROP_SIZE, mean: tuple[float, ...] = IMAGENET_MEAN,
-                    std: tuple[float, ...] = IMAGENET_STD) -> v2.Compose:
-    """The original write-up's augmentation: RandomResizedCrop + horizontal flip."""
-    return v2.Compose([
-        v2.RandomResizedCrop(crop_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
-    ])
+def eval_transform(spec: dict[str, Any]) -> v2.Compose:
+    """uint8 CHW tensor -> normalized float CHW tensor: Resize(short side) + CenterCrop."""
+    mode = INTERPOLATIONS[spec.get("interpolation", "bilinear")]
+    return v2.Compose([v2.Resize(int(spec["resize_size"]), interpolation=mode, antialias=True),
+                       v2.CenterCrop(int(spec["crop_size"])), *_normalize(spec)])
 
 
-def decode_rgb(data: bytes, target_short_side: int = RESIZE_SIZE) -> torch.Tensor:
+def train_transform(spec: dict[str, Any]) -> v2.Compose:
+    """The training augmentation at the model's own crop size and resampling: RandomResizedCrop + flip."""
+    mode = INTERPOLATIONS[spec.get("interpolation", "bilinear")]
+    return v2.Compose([v2.RandomResizedCrop(int(spec["crop_size"]), interpolation=mode, antialias=True),
+                       v2.RandomHorizontalFlip(), *_normalize(spec)])
+
+
+class Preprocessor:
+    """Image bytes -> the normalized tensor the model was evaluated on (``spec``: ``metadata.json["preprocess"]``);
+    with ``augment``, the training augmentation instead, from the same decode."""
+
+    def __init__(self, spec: dict[str, Any], augment: bool = False):
+        self.spec = spec
+        self.resize_size = int(spec["resize_size"])
+        self.transform = train_transform(spec) if augment else eval_transform(spec)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.transform(decode_rgb(data, self.resize_size))
+
+    def decoded_pixels(self, fmt: str, size: tuple[int, int]) -> int:
+        """Pixels ``decode_rgb`` decodes for an image of ``size``: large JPEGs decode at a reduced DCT scale."""
+        w, h = size
+        scale = 1
+        while fmt == "JPEG" and scale < 8 and min(w, h) // (scale * 2) >= self.resize_size:
+            scale *= 2
+        return math.ceil(w / scale) * math.ceil(h / scale)
+
+
+def image_header(data: bytes) -> tuple[str, tuple[int, int]] | None:
+    """("PNG"|"JPEG", (width, height)) from a PNG's IHDR or a JPEG's frame header, without decoding;
+    None for other formats or a header cut short."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return "PNG", struct.unpack(">II", data[16:24])
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        if marker in JPEG_SOF_MARKERS and i + 9 <= len(data):
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return "JPEG", (w, h)
+        i += 2 + length
+    return None
+
+
+def decode_rgb(data: bytes, target_short_side: int = 256) -> torch.Tensor:
     """Image bytes -> upright RGB uint8 tensor (3, H, W).
 
     Large JPEGs are decoded by Pillow's ``draft`` at a reduced DCT scale that still keeps the

@@ -3,7 +3,7 @@
 # workers, threads and batching chosen for the machine (or pod) it starts on, not the build host's.
 #
 # `jobs serve-config` writes $TS_CONFIG_FILE plus TorchServe's per-model `models` setting (for the
-# archives that leave batching open; contract.serving_plan from the usable CPUs and GPUs) and the
+# archives that leave batching open; handler.scheduler.serving_plan from the usable CPUs and GPUs) and the
 # handler's metrics (handler/metrics.yaml) into $TEMP, which is writable even on a read-only root
 # filesystem. A `models` or `metrics_config` line in $TS_CONFIG_FILE itself wins. TorchServe reads
 # TS_CONFIG_FILE before --ts-config, so the variable is pointed at the result.

@@ -1,4 +1,4 @@
-"""Archive: ``model/`` + our handler + ``contract.py`` + ``presets.py`` -> ``<model-store>/<model_name>.mar``.
+"""Archive: ``model/`` + the serving package ``handler/`` -> ``<model-store>/<model_name>.mar``.
 
 torch-model-archiver stages its files in ``$TMPDIR/<model_name>`` and deletes that folder
 first, so with the default name it would wipe an unrelated ``/tmp/classifier``. It therefore
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs import contract, cpus, presets
+from handler.model import INT8_WEIGHTS
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir, link_or_copy, read_json
@@ -51,7 +51,7 @@ def model_config(cfg: Config) -> dict:
 
     Workers and batching are packed only with ``serve_tuning: archive``. TorchServe lets a packed
     value beat config.properties' ``models`` setting, so by default the .mar carries none, and the
-    server that loads it chooses them for its own machine (``jobs serve``: ``contract.serving_plan``).
+    server that loads it chooses them for its own machine (``jobs serve``: ``handler.scheduler.serving_plan``).
     """
     return {
         **(tuning_settings(cfg) if cfg.serve_tuning == "archive" else {}),
@@ -80,30 +80,31 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
         raise JobError(f"config key 'model_name' must match {MODEL_NAME.pattern} for TorchServe "
                        f"(got {cfg.model_name!r})")
     meta = read_json(paths.model / "metadata.json")
-    int8 = [p for p in [paths.model / contract.INT8_WEIGHTS] if p.is_file()]  # when the export offered int8
+    int8 = [p for p in [paths.model / INT8_WEIGHTS] if p.is_file()]  # when the export offered int8
     store = ensure_writable_dir(paths.model_store)
     target = store / f"{cfg.model_name}.mar"
     _sweep_leftover_work(store)
     with tempfile.TemporaryDirectory(prefix=".archive-", dir=store) as tmp:
-        work = Path(tmp)
+        work = Path(tmp).resolve()  # the archiver runs in another folder: every path it gets is absolute
         (work / "stage").mkdir()
         settings = model_config(cfg)
         settings["handler"].update(handler_options or {})
         config_file = atomic_write_text(work / "model-config.yaml", yaml.safe_dump(settings, sort_keys=False))
-        # --extra-files is split on commas: pass plain names, relative to a folder of links, so a
-        # comma anywhere in the user's paths cannot split one file in two.
+        # --extra-files is split on commas: pass one plain name, a folder of links the archiver copies
+        # entry by entry into the archive's root, so a comma in the user's paths cannot split a file.
         extras = work / "extra"
-        extras.mkdir()
-        for src in (paths.model / "index_to_name.json", paths.model / "metadata.json", Path(contract.__file__),
-                    Path(presets.__file__), Path(cpus.__file__), *int8):
+        (extras / "handler").mkdir(parents=True)
+        for src in (paths.model / "index_to_name.json", paths.model / "metadata.json", *int8):
             link_or_copy(src, extras / src.name)
+        for src in handler_dir().glob("*.py"):  # the serving package, whole
+            link_or_copy(src, extras / "handler" / src.name)
         cmd = [sys.executable, "-m", "model_archiver.model_packaging",
                "--model-name", cfg.model_name, "--version", cfg.model_version,
-               "--handler", str(handler or handler_dir() / HANDLER_FILE),
-               "--serialized-file", str(paths.model / "model.pt"),
-               "--extra-files", ",".join(sorted(p.name for p in extras.iterdir())),
+               "--handler", str(Path(handler or handler_dir() / HANDLER_FILE).resolve()),
+               "--serialized-file", str((paths.model / "model.pt").resolve()),
+               "--extra-files", extras.name,
                "--config-file", str(config_file), "--export-path", str(work), "--force"]
-        run = subprocess.run(cmd, cwd=extras, env={**os.environ, "TMPDIR": str(work / "stage")}, capture_output=True,
+        run = subprocess.run(cmd, cwd=work, env={**os.environ, "TMPDIR": str(work / "stage")}, capture_output=True,
                              text=True, check=False, preexec_fn=_die_with_parent)
         built = work / f"{cfg.model_name}.mar"
         if run.returncode != 0 or not built.exists():

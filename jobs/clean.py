@@ -19,13 +19,13 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from handler.cpus import usable_cpus
+from handler.preprocess import to_rgb
 from jobs import decisions
 from jobs.config import Config, RunPaths
-from jobs.cpus import usable_cpus
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_bytes, atomic_write_json, link_or_copy, read_json, sha256_file, sweep_partials
 from jobs.imagestats import image_stats
-from jobs.presets import to_rgb
 
 # Sidecar files other stages keep next to images (collect's manifest, partial downloads).
 IGNORED_NAMES = {"manifest.jsonl", "ATTRIBUTION.md", "attribution.json", "Thumbs.db", "desc.txt"}

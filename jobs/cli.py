@@ -6,7 +6,6 @@ Thin on purpose: each command loads the config, calls one stage function, and tu
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -15,6 +14,7 @@ from typing import Any
 
 import click
 
+from handler.cpus import CpusSettingError
 from jobs.config import (
     ARCHIVE,
     RUN_DEFINING,
@@ -26,7 +26,6 @@ from jobs.config import (
     record_keys,
     saved_yaml,
 )
-from jobs.cpus import CpusSettingError
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir, sweep_partials
 
@@ -328,15 +327,35 @@ def export_kserve(config_file: Path | None, out: Path, dest: Path | None, pod_cp
 
 @cli.command()
 @click.option("--model-dir", type=click.Path(path_type=Path), required=True, help="An exported model/ folder.")
-@click.option("--topk", type=int, default=None, help="Predictions per image (default from metadata.json).")
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-def predict(model_dir: Path, topk: int | None, images: tuple[Path, ...]) -> None:
-    """Classify image files offline with an exported model; one JSON object per line."""
-    from jobs.predict import predict_files
+@click.option("--topk", type=click.IntRange(1), default=None, help="Predictions per image (default: metadata.json).")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Write the results to a .csv (file, label, probability, top-k, trust fields) or .jsonl file "
+                   "instead of JSON lines on stdout.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.argument("inputs", nargs=-1, required=True)
+def predict(model_dir: Path, topk: int | None, output: Path | None, batch_size: int, device: str,
+            inputs: tuple[str, ...]) -> None:
+    """Classify image files, folders (recursively) and glob patterns offline, as the server would answer.
 
-    for result in predict_files(model_dir, list(images), topk):
-        result.pop("probabilities", None)
-        click.echo(json.dumps(result))
+    Exits 1 when any input could not be classified (each is named in the output, with the reason).
+    """
+    from handler.cpus import usable_cpus
+    from jobs import predict as predicting
+    from jobs.runtime import pick_device
+
+    predicting.check_output(output)
+    results = predicting.predict(model_dir, inputs, topk, batch_size, max(0, min(4, usable_cpus() - 1)),
+                                 pick_device(device, 0), progress=sys.stderr.isatty())
+    summary = predicting.write_results(results, output)
+    where = f"; results in {output}" if output else ""
+    first = summary.first_error
+    failed = f", {summary.failed} failed (first: {first['file']}: {first['error']})" if first else ""
+    rate = summary.classified / summary.seconds if summary.seconds else 0.0
+    click.echo(f"predict: {summary.classified} images classified in {summary.seconds:.1f} s ({rate:.1f} img/s)"
+               f"{failed}{where}", err=True)
+    if summary.failed:
+        sys.exit(1)
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from jobs.config import RunPaths
 from jobs.errors import JobError
 from jobs.fileio import read_run_file
-from jobs.presets import decode_rgb
 
 
 class SplitDataError(JobError):
@@ -32,17 +31,17 @@ def split_items(splits: dict, split: str) -> list[tuple[str, int]]:
 
 
 class ImageFiles(Dataset):
-    """Decodes files with ``presets.decode_rgb`` (the same path the server uses) then transforms."""
+    """Image files through ``to_tensor``: a ``handler.preprocess.Preprocessor``, the path the server decodes by."""
 
-    def __init__(self, root: Path, items: Sequence[tuple[str, int]], transform: Callable[[torch.Tensor], torch.Tensor]):
-        self.root, self.items, self.transform = Path(root), list(items), transform
+    def __init__(self, root: Path, items: Sequence[tuple[str, int]], to_tensor: Callable[[bytes], torch.Tensor]):
+        self.root, self.items, self.to_tensor = Path(root), list(items), to_tensor
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
-        return self.transform(decode_rgb((self.root / path).read_bytes())), label
+        return self.to_tensor((self.root / path).read_bytes()), label
 
 
 class SeededAugment(Dataset):

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from handler.model import preprocess_spec
+from handler.preprocess import Preprocessor
 from jobs import checkpoints, report
 from jobs.config import Config, RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_json, read_run_file, sweep_partials
 from jobs.model import build_model
-from jobs.presets import eval_transform
 from jobs.runtime import Runtime, default_num_workers
 from jobs.train import predict_logits
 
@@ -46,11 +47,11 @@ def load_trained_model(paths: RunPaths, classes: list[str]) -> tuple[torch.nn.Mo
                    "best_epoch": progress.get("best_epoch")}
 
 
-def predict_split(model: torch.nn.Module, paths: RunPaths, items: list[tuple[str, int]], cfg: Config,
+def predict_split(model: torch.nn.Module, arch: str, paths: RunPaths, items: list[tuple[str, int]], cfg: Config,
                   rt: Runtime) -> np.ndarray:
     """Softmax probabilities (N, C) for ``items``, in their order (train's validation loop)."""
     model.to(rt.device, memory_format=rt.memory_format())
-    loader = make_loader(ImageFiles(paths.out, items, eval_transform()), cfg.batch_size,
+    loader = make_loader(ImageFiles(paths.out, items, Preprocessor(preprocess_spec(arch))), cfg.batch_size,
                          default_num_workers(cfg, rt), pin_memory=rt.device.type == "cuda")
     logits, _ = predict_logits(model, loader, rt)
     return logits.softmax(1).numpy()
@@ -132,7 +133,7 @@ def evaluate(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     classes = splits["classes"]
     items = split_items(splits, "test")
     model, checkpoint = load_trained_model(paths, classes)
-    probs = predict_split(model, paths, items, cfg, rt)
+    probs = predict_split(model, checkpoint["arch"], paths, items, cfg, rt)
     metrics = compute_metrics(np.array([label for _, label in items], dtype=np.int64), probs, classes,
                               [path for path, _ in items])
     metrics["classes"] = classes

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from handler.model import is_timm, preprocess_spec
 from jobs import __version__, checkpoints
 from jobs.config import Config, RunPaths
 from jobs.data import load_splits
@@ -23,7 +24,6 @@ from jobs.errors import JobError
 from jobs.fileio import atomic_torch_save, atomic_write_json, read_json, read_run_file, sweep_partials
 from jobs.model import build_model
 from jobs.parity import precision_record
-from jobs.presets import preprocess_spec
 
 
 def _license_summary(paths: RunPaths) -> dict | None:
@@ -37,7 +37,7 @@ def _license_summary(paths: RunPaths) -> dict | None:
 
 
 def build_metadata(cfg: Config, splits: dict, metrics: dict) -> dict:
-    spec = preprocess_spec()
+    spec = preprocess_spec(cfg.arch)
     return {
         "format_version": 1,
         "model_name": cfg.model_name,
@@ -51,13 +51,21 @@ def build_metadata(cfg: Config, splits: dict, metrics: dict) -> dict:
         "weights": cfg.weights if cfg.weights in {"imagenet", "none"} else "file",
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
+        **({"timm_version": _timm_version()} if is_timm(cfg.arch) else {}),
         "jobs_version": __version__,
         "data_hash": splits["data_hash"],
         "split_hash": splits["split_hash"],
         "test_accuracy": metrics.get("test_accuracy"),
         "best_epoch": metrics.get("best"),
+        "best_epoch_rule": metrics.get("selection"),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__
 
 
 def export(cfg: Config, paths: RunPaths) -> Path:

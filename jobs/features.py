@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from handler.model import fold_batchnorm, preprocess_spec
+from handler.preprocess import Preprocessor, decode_rgb, eval_transform, train_transform
 from jobs.config import FEATURE_CACHE_KEYS, Config, RunPaths
-from jobs.contract import fold_batchnorm
 from jobs.data import ImageFiles, ShardSampler, make_loader, split_items
 from jobs.fileio import atomic_torch_save, read_run_file
 from jobs.model import weights_tag
-from jobs.presets import decode_rgb, eval_transform, preprocess_spec, train_transform
 from jobs.runtime import Runtime, barrier, default_num_workers
 
 
@@ -38,7 +38,7 @@ def backbone_key(cfg: Config, rt: Runtime, num_classes: int) -> str:
     the RNG the head's initialisation drew before the convolutions were initialised.
     """
     parts = {k: getattr(cfg, k) for k in FEATURE_CACHE_KEYS if k not in {"seed", "feature_views"}}
-    parts.update(weights=weights_tag(cfg.weights), preprocess=preprocess_spec(), amp=str(rt.amp_dtype),
+    parts.update(weights=weights_tag(cfg.weights), preprocess=preprocess_spec(cfg.arch), amp=str(rt.amp_dtype),
                  channels_last=rt.channels_last, num_classes=num_classes)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -82,18 +82,20 @@ class ViewsDataset(ImageFiles):
     workers, on the split, or on how much random state earlier code used.
     """
 
-    def __init__(self, root: Path, items: list[tuple[str, str]], with_eval: bool, augmented: int, seed: int):
-        super().__init__(root, [(path, 0) for path, _ in items], eval_transform())
+    def __init__(self, root: Path, items: list[tuple[str, str]], spec: dict, with_eval: bool, augmented: int,
+                 seed: int):
+        super().__init__(root, [(path, 0) for path, _ in items], Preprocessor(spec))
         self.shas, self.with_eval, self.augmented, self.seed = [sha for _, sha in items], with_eval, augmented, seed
-        self.augment = train_transform()
+        self.eval, self.augment = eval_transform(spec), train_transform(spec)
+        self.resize_size = spec["resize_size"]
         self.views = int(with_eval) + augmented
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, _ = self.items[i]
-        image = decode_rgb((self.root / path).read_bytes())
+        image = decode_rgb((self.root / path).read_bytes(), self.resize_size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + int(self.shas[i][:15], 16))
-            views = [self.transform(image)] if self.with_eval else []
+            views = [self.eval(image)] if self.with_eval else []
             views += [self.augment(image) for _ in range(self.augmented)]
         return torch.stack(views), 0
 
@@ -148,7 +150,8 @@ def view_features(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module
             continue
         if folded is None:
             folded = fold_batchnorm(backbone).to(rt.device, memory_format=rt.memory_format())
-        computed = _extract(folded, ViewsDataset(paths.out, todo, with_eval, count, cfg.seed), cfg, rt)
+        views_of = ViewsDataset(paths.out, todo, preprocess_spec(cfg.arch), with_eval, count, cfg.seed)
+        computed = _extract(folded, views_of, cfg, rt)
         for i, (_, sha) in enumerate(todo):
             if with_eval:
                 new[_eval_key(sha)] = computed[i, 0].clone()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jobs import contract
+from handler import scheduler
 from jobs.archive import model_config, packed_settings
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
@@ -39,7 +39,7 @@ HEADER = """\
 # No service_envelope: the handler reads KServe v1/v2 bodies itself, server-side batching included."""
 
 
-def archive_settings(mar: Path, cfg: Config, plan: contract.ServingPlan) -> dict:
+def archive_settings(mar: Path, cfg: Config, plan: scheduler.ServingPlan) -> dict:
     """Name, version, workers and batching of ``mar``: what ``jobs archive`` packed; for what it left open,
     ``plan`` (the serving plan of one KServe pod) for workers and batching, ``cfg`` for the rest."""
     manifest, packed = packed_settings(mar)
@@ -77,7 +77,7 @@ def export_kserve(cfg: Config, paths: RunPaths, dest: Path | None = None, pod_cp
         raise JobError(f"{mar} not found; run `python -m jobs archive --out {paths.out}` first "
                        "(or pass the --model-name / --model-store it was archived with)")
     dest = Path(dest) if dest is not None else paths.out / "kserve"
-    settings = archive_settings(mar, cfg, contract.serving_plan(cores=pod_cpus, gpus=pod_gpus))
+    settings = archive_settings(mar, cfg, scheduler.serving_plan(cores=pod_cpus, gpus=pod_gpus))
     link_or_copy(mar, dest / "model-store" / mar.name)
     link_or_copy(HANDLER_METRICS, dest / "config" / HANDLER_METRICS.name)
     atomic_write_text(dest / "config" / "config.properties", kserve_properties(model_snapshot(settings, mar.name)))

@@ -1,7 +1,7 @@
-"""A small model factory behind a name: any torchvision classifier, a new head for N classes.
+"""The model training starts from: an architecture by name with a new head, and its starting weights.
 
-``build_model`` is also what the TorchServe handler relies on implicitly: the exported
-state_dict loads into ``torchvision.models.get_model(arch, num_classes=N)`` with strict=True.
+Architectures are created by ``handler.model.create`` (torchvision names, or ``timm/<name>``), the
+function the server builds its model with, so the exported ``state_dict`` loads there with strict=True.
 """
 
 from __future__ import annotations
@@ -10,38 +10,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models
 
+from handler import model as models
+from handler.model import head_module, head_path
 from jobs.errors import JobError
+
+__all__ = ["ModelError", "build_model", "freeze_backbone", "head_module", "head_path", "split_backbone_head",
+           "weights_tag"]
 
 
 class ModelError(JobError):
     """An architecture or weights setting the user must fix."""
-
-
-def head_path(model: nn.Module) -> str:
-    """Dotted name of the final Linear layer that maps features to classes."""
-    for name in ("fc", "head", "classifier"):
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Linear):
-            return name
-        if isinstance(module, nn.Sequential):
-            last = [i for i, m in enumerate(module) if isinstance(m, nn.Linear)]
-            if last:
-                return f"{name}.{last[-1]}"
-    raise ModelError(f"cannot find a classifier head in {type(model).__name__}; use a torchvision classifier")
-
-
-def head_module(model: nn.Module) -> nn.Linear:
-    return model.get_submodule(head_path(model))
-
-
-def _replace_head(model: nn.Module, num_classes: int) -> None:
-    path = head_path(model)
-    old = model.get_submodule(path)
-    parent_name, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, nn.Linear(old.in_features, num_classes))
 
 
 def weights_tag(weights: str) -> str:
@@ -56,21 +35,21 @@ def weights_tag(weights: str) -> str:
 
 
 def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> nn.Module:
-    """``arch`` from torchvision; ``weights`` = 'imagenet', 'none' or a path to a state_dict.
+    """``arch`` (torchvision, or ``timm/<name>``) with a new head for ``num_classes``.
 
-    A local state_dict may hold the 1000-class ImageNet head (a torchvision download saved
-    elsewhere) or already a head for ``num_classes``; the head is replaced either way.
+    ``weights``: 'imagenet' (the library's pretrained weights: torchvision's DEFAULT, timm's default
+    pretrained tag, downloaded once into their caches), 'none' (random), or a path to a state_dict. A local
+    state_dict may hold the 1000-class ImageNet head or already a head for ``num_classes``; the head is
+    replaced either way.
     """
-    if arch not in models.list_models(module=models):
-        raise ModelError(f"unknown arch '{arch}'; pick a torchvision classifier such as resnet18, resnet50, "
-                         "efficientnet_b0, mobilenet_v3_large or convnext_tiny")
-    if weights == "imagenet":
-        # DEFAULT = the best ImageNet weights torchvision has for this arch; cached in TORCH_HOME.
-        model = models.get_model(arch, weights="DEFAULT")
-    elif weights == "none":
-        model = models.get_model(arch, weights=None)
-    else:
-        model = models.get_model(arch, weights=None)
+    try:
+        if weights == "imagenet":
+            model = models.create(arch, pretrained=True)
+        else:
+            model = models.create(arch)
+    except models.UnknownArch as e:
+        raise ModelError(str(e)) from None
+    if weights not in {"imagenet", "none"}:
         state = _load_local_weights(Path(weights))
         head = head_path(model)
         state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
@@ -78,7 +57,7 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> nn.Mo
         if unexpected or any(not k.startswith(head + ".") for k in missing):
             raise ModelError(f"weights file {weights} does not match arch '{arch}' "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}); pass a {arch} state_dict")
-    _replace_head(model, num_classes)
+    models.replace_head(model, num_classes)
     return model
 
 
@@ -107,14 +86,13 @@ def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
     return list(head.parameters())
 
 
-def split_backbone_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """(feature extractor, head) when the model is exactly ``head(backbone(x))``.
+def split_backbone_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """(feature extractor, head): the frozen backbone's pooled features, and the model's own head module.
 
-    This holds for the ResNet family (``fc`` after a flatten); for models with dropout or
-    extra layers before the head the cached-feature stage is not exact, so we return None and
-    training falls back to the full loop.
+    In eval mode ``head(backbone(x))`` is the model's output exactly, so the head stage can train on
+    cached features. The backbone is a copy; the head is shared, so training it trains ``model``. A
+    dropout right before the head (torchvision's EfficientNet, MobileNet) is not applied to cached
+    features; the augmented views regularise the head instead.
     """
-    if isinstance(model, models.ResNet):
-        backbone = nn.Sequential(*(m for name, m in model.named_children() if name != "fc"), nn.Flatten(1))
-        return backbone, model.fc
-    return None
+    parts = models.split(model)
+    return parts.backbone, parts.head

@@ -3,8 +3,8 @@
 bf16 autocast roughly triples a CPU's throughput where the CPU has AMX/AVX512-BF16, but it rounds
 every activation. The export stage runs the val split through the model twice, fp32 and bf16
 autocast, and records in ``metadata.json["serve_precision"]`` whether their top-1 answers agree on
-at least ``contract.BF16_MIN_AGREEMENT`` of the images. The handler and ``jobs predict`` serve bf16
-only where it is recorded here *and* native on the machine (``contract.serve_dtype``).
+at least ``handler.precision.BF16_MIN_AGREEMENT`` of the images. The handler and ``jobs predict`` serve bf16
+only where it is recorded here *and* native on the machine (``handler.precision.serve_dtype``).
 
 With ``serve_precision: int8`` the export also quantizes the model (FX static quantization, x86
 kernels, calibrated on training images) and offers it -- writes ``model-int8.pt`` and records
@@ -18,7 +18,9 @@ import time
 
 import torch
 
-from jobs import contract
+from handler import model as models
+from handler import precision
+from handler.preprocess import Preprocessor
 from jobs.config import Config, RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
 from jobs.fileio import atomic_torch_save
@@ -30,7 +32,7 @@ CPU = torch.device("cpu")
 def precision_record(cfg: Config, paths: RunPaths, meta: dict, state: dict[str, torch.Tensor]) -> dict:
     """``metadata.json["serve_precision"]``: the bf16 check, and the int8 one when ``serve_precision: int8``."""
     record = bf16_parity(paths, meta, state)
-    int8_file = paths.model / contract.INT8_WEIGHTS
+    int8_file = paths.model / models.INT8_WEIGHTS
     int8_file.unlink(missing_ok=True)  # a previous export's int8 model no longer matches model.pt
     if cfg.serve_precision == "int8":
         record["int8"] = int8_check(paths, meta, state, record["choice"])
@@ -46,19 +48,19 @@ def bf16_parity(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], bat
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     items = split_items(load_splits(paths), "val")
-    record = {"checked_on": device.type, "native_bf16": contract.native_bf16(device), "val_images": len(items),
-              "min_agreement": contract.BF16_MIN_AGREEMENT}
+    record = {"checked_on": device.type, "native_bf16": precision.native_bf16(device), "val_images": len(items),
+              "min_agreement": precision.BF16_MIN_AGREEMENT}
     if not items:
         return {"choice": "fp32", "bf16_top1_agreement": None, **record}
-    model = contract.build_model(meta, state, device)
-    loader = make_loader(ImageFiles(paths.out, items, contract.Preprocessor(meta).transform), batch_size, 0)
+    model = models.build_model(meta, state, device)
+    loader = make_loader(ImageFiles(paths.out, items, Preprocessor(meta["preprocess"])), batch_size, 0)
     start, agree = time.perf_counter(), 0
     for x, _ in loader:
-        fp32 = contract.probabilities(model, x, device, None).argmax(1)
-        bf16 = contract.probabilities(model, x, device, torch.bfloat16).argmax(1)
+        fp32 = _logits(model, x, device, None).argmax(1)
+        bf16 = _logits(model, x, device, torch.bfloat16).argmax(1)
         agree += int((fp32 == bf16).sum())
     rate = agree / len(items)
-    choice = "bf16" if rate >= contract.BF16_MIN_AGREEMENT else "fp32"
+    choice = "bf16" if rate >= precision.BF16_MIN_AGREEMENT else "fp32"
     print(f"export: bf16 top-1 agreement with fp32 {rate:.4f} on {len(items)} val images -> serve {choice} "
           f"({time.perf_counter() - start:.1f}s on {device.type}{'' if record['native_bf16'] else ', emulated bf16'})")
     return {"choice": choice, "bf16_top1_agreement": round(rate, 4), **record}
@@ -68,26 +70,31 @@ def int8_check(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], othe
     """Quantize, compare val accuracy and forward speed with fp32 (and ``other`` = bf16 where chosen and native);
     writes ``model-int8.pt`` when int8 is offered."""
     splits = load_splits(paths)
-    transform = contract.Preprocessor(meta).transform
-    fp32 = contract.build_model(meta, state, CPU)
+    preprocess = Preprocessor(meta["preprocess"])
+    fp32 = models.build_model(meta, state, CPU)
     train = split_items(splits, "train")[:INT8_CALIBRATION_IMAGES]
-    calibration = [x for x, _ in make_loader(ImageFiles(paths.out, train, transform), 16, 0)]
-    int8 = contract.quantize_int8(meta, fp32, calibration)
-    val = list(make_loader(ImageFiles(paths.out, split_items(splits, "val"), transform), 32, 0))
+    calibration = [x for x, _ in make_loader(ImageFiles(paths.out, train, preprocess), 16, 0)]
+    try:
+        int8 = models.quantize_int8(meta, fp32, calibration)
+    except Exception as e:  # torch.fx cannot trace every architecture (timm's TF-'same' padding, say)
+        print(f"export: int8 not offered for {meta['arch']}: it cannot be quantized ({type(e).__name__})")
+        return {"offered": False, "reason": f"cannot be quantized ({type(e).__name__})",
+                "calibration_images": len(train)}
+    val = list(make_loader(ImageFiles(paths.out, split_items(splits, "val"), preprocess), 32, 0))
     n = sum(len(y) for _, y in val) or 1
 
     def accuracy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> float:
-        return sum(int((contract.probabilities(model, x, CPU, dtype).argmax(1) == y).sum()) for x, y in val) / n
+        return sum(int((_logits(model, x, CPU, dtype).argmax(1) == y).sum()) for x, y in val) / n
 
     batch = torch.cat([x for x, _ in val] or calibration)[:8]
     speeds = {"fp32": _images_per_s(fp32, batch, None), "int8": _images_per_s(int8, batch, None)}
-    if other == "bf16" and contract.native_bf16(CPU):
+    if other == "bf16" and precision.native_bf16(CPU):
         speeds["bf16"] = _images_per_s(fp32, batch, torch.bfloat16)
     loss = accuracy(fp32) - accuracy(int8)
-    offered = loss <= contract.INT8_MAX_ACCURACY_LOSS and speeds["int8"] > max(v for k, v in speeds.items()
+    offered = loss <= models.INT8_MAX_ACCURACY_LOSS and speeds["int8"] > max(v for k, v in speeds.items()
                                                                                  if k != "int8")
     if offered:
-        atomic_torch_save(paths.model / contract.INT8_WEIGHTS, int8.state_dict())
+        atomic_torch_save(paths.model / models.INT8_WEIGHTS, int8.state_dict())
     print(f"export: int8 loses {loss * 100:.2f} points of val accuracy; img/s {speeds} -> "
           f"{'offered' if offered else 'not offered'}")
     return {"offered": offered, "val_accuracy_loss": round(loss, 4), "images_per_s": speeds,
@@ -96,10 +103,14 @@ def int8_check(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], othe
 
 def _images_per_s(model: torch.nn.Module, batch: torch.Tensor, dtype: torch.dtype | None, repeats: int = 3) -> float:
     """Best of ``repeats`` timed forward passes after a warm-up (the best is the least disturbed by other load)."""
-    contract.probabilities(model, batch, CPU, dtype)
+    _logits(model, batch, CPU, dtype)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        contract.probabilities(model, batch, CPU, dtype)
+        _logits(model, batch, CPU, dtype)
         best = min(best, time.perf_counter() - start)
     return round(len(batch) / best, 1)
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    return models.forward(model, x, device, dtype)[1]

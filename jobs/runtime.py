@@ -11,15 +11,14 @@ import datetime
 import os
 import random
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from handler.cpus import usable_cpus
+from handler.precision import native_bf16
 from jobs.config import Config
-from jobs.cpus import usable_cpus
 from jobs.errors import JobError
 
 
@@ -54,17 +53,7 @@ class Runtime:
         return f"device={self.device} precision={amp} channels_last={self.channels_last}{where}"
 
 
-@cache
-def cpu_has_native_bf16() -> bool:
-    """bf16 autocast only pays on CPUs with bf16 instructions; elsewhere it is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _pick_device(name: str, local_rank: int) -> torch.device:
+def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -81,7 +70,8 @@ def _pick_amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
         return torch.bfloat16 if precision == "bf16" else torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else None
+    # bf16 autocast only pays on CPUs with bf16 instructions; elsewhere it is emulated and slower.
+    return torch.bfloat16 if native_bf16(device) else None
 
 
 def setup(cfg: Config) -> Runtime:
@@ -92,7 +82,7 @@ def setup(cfg: Config) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
     rank = int(os.environ.get("RANK", "0")) if launched else 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _pick_device(cfg.device, local_rank)
+    device = pick_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not cfg.deterministic

@@ -24,7 +24,7 @@ from pathlib import Path
 import requests
 import torch
 
-from jobs import contract, cpus
+from handler import cpus, scheduler
 from jobs.archive import handler_dir, packed_settings
 from jobs.config import Config
 from jobs.errors import JobError
@@ -92,7 +92,7 @@ def with_settings(base: str, values: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_config(base: str, model_store: Path, plan: contract.ServingPlan) -> tuple[str, dict]:
+def machine_config(base: str, model_store: Path, plan: scheduler.ServingPlan) -> tuple[str, dict]:
     """(``base`` with this machine's ``models`` and the handler's ``metrics_config``, those models).
 
     For a TorchServe started by someone else (the serve container): ``base`` keeps every setting it
@@ -114,25 +114,25 @@ def write_machine_config(base_file: Path | None, model_store: Path, dest: Path) 
     except (OSError, UnicodeDecodeError) as e:
         raise JobError(f"cannot read the TorchServe config {base_file} ({type(e).__name__}); "
                        "pass --base with a readable config.properties") from None
-    plan = contract.serving_plan()
+    plan = scheduler.serving_plan()
     text, models = machine_config(base, model_store, plan)
     atomic_write_text(dest, text)
     print(f"serve-config: {dest}: {tuning_line(plan, models)}", flush=True)
     return dest
 
 
-def tuning_line(plan: contract.ServingPlan, models: dict) -> str:
+def tuning_line(plan: scheduler.ServingPlan, models: dict) -> str:
     tuned = ", ".join(models) or "none (the config or the archives set their own)"
     return (f"{plan.workers} workers x {plan.threads} threads ({plan.solo_threads} for a lone image), batchSize "
             f"{plan.batch_size}, maxBatchDelay {plan.max_batch_delay_ms} ms for this machine (CPUs "
             f"{cpus.usable_cpus()}, GPUs {torch.cuda.device_count()}): {tuned}")
 
 
-def machine_models(model_store: Path, plan: contract.ServingPlan | None = None) -> dict:
+def machine_models(model_store: Path, plan: scheduler.ServingPlan | None = None) -> dict:
     """TorchServe's ``models`` setting for the archives in ``model_store`` that leave workers and batching
-    to the server (``serve_tuning: machine``): chosen for this machine (``contract.serving_plan``).
+    to the server (``serve_tuning: machine``): chosen for this machine (``scheduler.serving_plan``).
     An archive that packs them keeps its own: TorchServe lets the packed value win."""
-    plan = plan or contract.serving_plan()
+    plan = plan or scheduler.serving_plan()
     models = {}
     for mar in sorted(Path(model_store).glob("*.mar")):
         manifest, packed = packed_settings(mar)
@@ -331,7 +331,7 @@ def launch(cfg: Config, model_store: Path, workdir: Path, *, host: str, port: in
     returns once it is ready."""
     # gRPC is unused here but TorchServe always opens it: any two free loopback ports do.
     ports = Ports(port, management_port, metrics_port, *free_ports(2))
-    plan = contract.serving_plan()
+    plan = scheduler.serving_plan()
     models = machine_models(model_store, plan)
     server = start(model_store, workdir, host=host, ports=ports, disable_token_auth=disable_token_auth, models=models)
     try:

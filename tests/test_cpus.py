@@ -1,4 +1,4 @@
-"""jobs/cpus.py: the CPUs a process may use, from JOBS_CPUS, the affinity mask and the cgroup's CPU quota."""
+"""handler/cpus.py: the CPUs a process may use, from JOBS_CPUS, the affinity mask and the cgroup's CPU quota."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cpus import ENV, CpusSettingError, cgroup_cpu_quota, usable_cpus
+from handler.cpus import ENV, CpusSettingError, cgroup_cpu_quota, usable_cpus
 
 AFFINITY = len(os.sched_getaffinity(0))
 

@@ -26,13 +26,15 @@ from ts.context import Context, RequestProcessor
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
-from handler import classifier_handler
-from handler.classifier_handler import BadRequest, TorchvisionClassifierHandler, parse_request
-from jobs import contract
+from handler import classifier_handler, precision, scheduler
+from handler import model as models
+from handler.classifier_handler import ClassifierHandler
+from handler.preprocess import Preprocessor, image_header
+from handler.protocol import BadRequest, parse_request
 from jobs.archive import archive, handler_dir
 from jobs.config import RunPaths, load_config
 from jobs.errors import JobError
-from jobs.predict import predict_files
+from jobs.predict import predict
 from jobs.serve import Ports, parse_properties, render_config
 
 CLASSES = ["ants", "bees", "wasps"]
@@ -50,15 +52,15 @@ def make_context(model_dir: Path, handler_options: dict | None = None) -> Contex
     return handler_context(model_dir, {"torch_threads": 0, **(handler_options or {})})
 
 
-def load_handler(run_dir: Path, **options) -> tuple[TorchvisionClassifierHandler, Context]:
+def load_handler(run_dir: Path, **options) -> tuple[ClassifierHandler, Context]:
     ctx = make_context(run_dir / "model", options)
-    h = TorchvisionClassifierHandler()
+    h = ClassifierHandler()
     h.initialize(ctx)
     return h, ctx
 
 
 @pytest.fixture(scope="module")
-def loaded(run_dir: Path) -> tuple[TorchvisionClassifierHandler, Context]:
+def loaded(run_dir: Path) -> tuple[ClassifierHandler, Context]:
     return load_handler(run_dir)
 
 
@@ -70,11 +72,11 @@ def probs_by_index(predictions: list[dict]) -> dict[int, float]:
     return {p["index"]: p["probability"] for p in predictions}
 
 
-def test_predictions_equal_offline_predict_files(run_dir: Path, loaded):
+def test_predictions_equal_offline_predict(run_dir: Path, loaded):
     h, ctx = loaded
     files = PHOTOS[::5]
     out = handle_batch(h, ctx, [{"body": bytearray(f.read_bytes())} for f in files])
-    offline = predict_files(run_dir / "model", files)
+    offline = list(predict(run_dir / "model", files))
     assert len(out) == len(files)
     for got, ref in zip(out, offline, strict=True):
         assert [p["label"] for p in got["predictions"]] == [p["label"] for p in ref["predictions"]]
@@ -212,28 +214,28 @@ def test_malformed_bodies_are_named(row, message):
 def test_module_entry_point_initializes_once(run_dir: Path):
     """TorchServe calls handle(None, ctx) to load, then handle(batch, ctx); the module has one entry point."""
     ctx = make_context(run_dir / "model")
-    classifier_handler._service = TorchvisionClassifierHandler()
+    classifier_handler._service = ClassifierHandler()
     assert classifier_handler.handle(None, ctx) is None
-    model = classifier_handler._service.model
+    model = classifier_handler._service.classifier.model
     ctx.request_processor, ctx.request_ids = [RequestProcessor({})], {0: "r"}
     ctx.metrics.request_ids = ctx.request_ids
     (out,) = classifier_handler.handle([{"body": bytearray(PHOTOS[0].read_bytes())}], ctx)
-    assert classifier_handler._service.model is model and len(out["predictions"]) == 3
+    assert classifier_handler._service.classifier.model is model and len(out["predictions"]) == 3
 
 
 def test_serving_plan_follows_the_machine():
-    assert contract.serving_plan(cores=2, gpus=0) == contract.ServingPlan(2, 1, 4, 1, solo_threads=2)
-    assert contract.serving_plan(cores=16, gpus=0) == contract.ServingPlan(4, 4, 4, 1, solo_threads=4)
-    assert contract.serving_plan(cores=8, gpus=0).solo_threads == 4
-    assert contract.serving_plan(cores=64, gpus=0).threads == 4
-    assert contract.serving_plan(cores=16, gpus=2) == contract.ServingPlan(2, 8, 32, 5, solo_threads=8)
-    assert classifier_handler._torch_threads(3, torch.device("cpu")) == (3, 3)
+    assert scheduler.serving_plan(cores=2, gpus=0) == scheduler.ServingPlan(2, 1, 4, 1, solo_threads=2)
+    assert scheduler.serving_plan(cores=16, gpus=0) == scheduler.ServingPlan(4, 4, 4, 1, solo_threads=4)
+    assert scheduler.serving_plan(cores=8, gpus=0).solo_threads == 4
+    assert scheduler.serving_plan(cores=64, gpus=0).threads == 4
+    assert scheduler.serving_plan(cores=16, gpus=2) == scheduler.ServingPlan(2, 8, 32, 5, solo_threads=8)
+    assert scheduler.torch_threads(3, torch.device("cpu")) == (3, 3)
 
 
 BUSY_WORKER = """
 import sys
 from pathlib import Path
-from handler.classifier_handler import BusyBoard
+from handler.scheduler import BusyBoard
 board = BusyBoard(Path(sys.argv[1]))
 with board.busy():
     print("busy", flush=True)
@@ -248,9 +250,9 @@ def test_a_lone_image_runs_on_more_threads_than_a_batch(run_dir: Path, monkeypat
     before = torch.get_num_threads()
     try:
         ctx = handler_context(run_dir / "model")  # torch_threads: auto
-        handler = TorchvisionClassifierHandler()
+        handler = ClassifierHandler()
         handler.initialize(ctx)
-        plan = contract.serving_plan()
+        plan = scheduler.serving_plan()
         assert (handler.threads, handler.solo_threads) == (plan.threads, plan.solo_threads) == (1, 4)
         photo = bytearray(PHOTOS[0].read_bytes())
         (lone,) = handle_batch(handler, ctx, [{"body": photo}])
@@ -282,7 +284,7 @@ def test_without_a_writable_temp_dir_a_lone_image_keeps_to_the_workers_share(run
     before = torch.get_num_threads()
     try:
         ctx = handler_context(run_dir / "model")
-        handler = TorchvisionClassifierHandler()
+        handler = ClassifierHandler()
         handler.initialize(ctx)
         (out,) = handle_batch(handler, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
         assert out["predictions"] and torch.get_num_threads() == 1
@@ -296,7 +298,7 @@ def test_handler_never_imports_captum():
     assert "captum" not in (handler_dir() / "classifier_handler.py").read_text()
 
 
-def test_archive_packs_handler_presets_metadata_and_model_config(run_dir: Path, tmp_path: Path):
+def test_archive_packs_the_serving_package_metadata_and_model_config(run_dir: Path, tmp_path: Path):
     # torch-model-archiver wipes $TMPDIR/<model_name>; prove ours runs in a private TMPDIR.
     name = f"unit-{uuid.uuid4().hex[:8]}"
     sentinel = Path(os.environ.get("TMPDIR", "/tmp")) / name / "keep"
@@ -314,12 +316,14 @@ def test_archive_packs_handler_presets_metadata_and_model_config(run_dir: Path, 
     assert sorted(p.name for p in mar.parent.iterdir()) == [mar.name]  # no temp leftovers
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
-        assert {"model.pt", "metadata.json", "index_to_name.json", "presets.py", "contract.py", "classifier_handler.py",
-                "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
+        assert {"model.pt", "metadata.json", "index_to_name.json", "classifier_handler.py", "model-config.yaml",
+                "MAR-INF/MANIFEST.json"} <= names
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
         model_config = yaml.safe_load(z.read("model-config.yaml"))
-        assert z.read("presets.py") == (Path(classifier_handler.presets.__file__)).read_bytes()
-        assert z.read("contract.py") == (Path(contract.__file__)).read_bytes()
+        package = sorted(handler_dir().glob("*.py"))
+        assert {f"handler/{f.name}" for f in package} <= names  # the serving package, whole
+        for f in package:
+            assert z.read(f"handler/{f.name}") == f.read_bytes()
     assert manifest["handler"] == "classifier_handler.py" and manifest["modelName"] == name
     assert model_config["batchSize"] == 4 and model_config["maxBatchDelay"] == 50
     assert model_config["handler"]["topk"] == 2
@@ -403,19 +407,19 @@ def test_a_batch_over_its_pixel_budget_refuses_the_later_requests(run_dir: Path)
 
 def test_image_size_from_headers_matches_pillow():
     for photo in PHOTOS[:5]:
-        assert contract.image_header(photo.read_bytes()) == ("JPEG", Image.open(photo).size)
+        assert image_header(photo.read_bytes()) == ("JPEG", Image.open(photo).size)
     buf = io.BytesIO()
     Image.new("RGB", (123, 45)).save(buf, format="PNG")
-    assert contract.image_header(buf.getvalue()) == ("PNG", (123, 45))
-    assert contract.image_header(b"GIF89a") is None
-    preprocessor = contract.Preprocessor({"preprocess": {"resize_size": 256}})
+    assert image_header(buf.getvalue()) == ("PNG", (123, 45))
+    assert image_header(b"GIF89a") is None
+    preprocessor = Preprocessor(models.preprocess_spec("resnet18"))
     assert preprocessor.decoded_pixels("PNG", (4000, 3000)) == 12_000_000
     assert preprocessor.decoded_pixels("JPEG", (4000, 3000)) == 500 * 375  # decoded at 1/8 scale
 
 
 def test_an_unexpected_failure_is_a_500_pointing_at_the_log(run_dir: Path, caplog):
     h, ctx = load_handler(run_dir)
-    h.model = None  # a bug: the forward pass raises TypeError
+    h.classifier.model = None  # a bug: the forward pass raises TypeError
     (out,) = handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
     assert ctx.get_response_status(0)[0] == 500 and "model_log.log" in out["error"]
     assert "Traceback" in caplog.text and "TypeError" in caplog.text
@@ -431,7 +435,7 @@ def test_preprocess_and_forward_time_are_metrics(loaded):
 def test_forced_bf16_is_emulated_where_not_native_and_close_to_fp32(run_dir: Path, loaded):
     h, ctx = loaded
     bf16, bctx = load_handler(run_dir, precision="bf16")
-    assert bf16.amp_dtype is torch.bfloat16
+    assert bf16.classifier.amp_dtype is torch.bfloat16
     rows = [{"body": bytearray(p.read_bytes())} for p in PHOTOS[:4]]
     for ref, got in zip(handle_batch(h, ctx, rows), handle_batch(bf16, bctx, rows), strict=True):
         for p, q in zip(ref["predictions"], got["predictions"], strict=True):
@@ -441,12 +445,12 @@ def test_forced_bf16_is_emulated_where_not_native_and_close_to_fp32(run_dir: Pat
 def test_recorded_bf16_serves_bf16_only_where_native(monkeypatch, caplog):
     meta = {"serve_precision": {"choice": "bf16"}}
     cpu = torch.device("cpu")
-    monkeypatch.setattr(contract, "native_bf16", lambda device: True)
-    assert contract.serve_dtype(meta, cpu) is torch.bfloat16
-    assert contract.serve_dtype({"serve_precision": {"choice": "fp32"}}, cpu) is None
-    assert contract.serve_dtype({}, cpu) is None  # exported before the parity check: fp32
-    monkeypatch.setattr(contract, "native_bf16", lambda device: False)
-    assert contract.serve_dtype(meta, cpu) is None
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.serve_dtype(meta, cpu) is torch.bfloat16
+    assert precision.serve_dtype({"serve_precision": {"choice": "fp32"}}, cpu) is None
+    assert precision.serve_dtype({}, cpu) is None  # exported before the parity check: fp32
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.serve_dtype(meta, cpu) is None
     assert "no native bf16: serving fp32" in caplog.text
 
 
@@ -455,19 +459,34 @@ def test_int8_model_serves_as_predict_does_and_near_fp32(run_dir: Path, loaded, 
     shutil.copytree(run_dir / "model", tmp_path / "model")
     model_dir = tmp_path / "model"
     meta = json.loads((model_dir / "metadata.json").read_text())
-    preprocess = contract.Preprocessor(meta)
-    fp32 = contract.build_model(meta, model_dir / "model.pt", torch.device("cpu"))
+    preprocess = Preprocessor(meta["preprocess"])
+    fp32 = models.build_model(meta, model_dir / "model.pt", torch.device("cpu"))
     calibration = [torch.stack([preprocess(p.read_bytes()) for p in PHOTOS[:16]])]
-    torch.save(contract.quantize_int8(meta, fp32, calibration).state_dict(), model_dir / contract.INT8_WEIGHTS)
+    torch.save(models.quantize_int8(meta, fp32, calibration).state_dict(), model_dir / models.INT8_WEIGHTS)
     meta["serve_precision"] = {"choice": "int8"}
     (model_dir / "metadata.json").write_text(json.dumps(meta))
     h, ctx = load_handler(tmp_path)
-    assert h.precision == "int8"
+    assert h.classifier.precision == "int8"
     files = PHOTOS[::6]
     got = handle_batch(h, ctx, [{"body": bytearray(f.read_bytes())} for f in files])
-    offline = predict_files(model_dir, files)
+    offline = list(predict(model_dir, files))
     reference = handle_batch(*loaded, [{"body": bytearray(f.read_bytes())} for f in files])
     for answer, ref, fp in zip(got, offline, reference, strict=True):
         for i, p in probs_by_index(answer["predictions"]).items():
             assert p == pytest.approx(ref["probabilities"][i], abs=1e-4)
             assert p == pytest.approx(probs_by_index(fp["predictions"])[i], abs=0.1)
+
+
+def test_the_serving_package_never_imports_jobs():
+    """Statically (no `jobs` import anywhere in handler/) and at run time (importing every module loads no `jobs`)."""
+    import ast
+
+    for source in sorted(handler_dir().glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n == "jobs" or n.startswith("jobs.")], f"{source.name} imports {names}"
+    modules = ", ".join(f"handler.{p.stem}" for p in sorted(handler_dir().glob("*.py")) if p.stem != "__init__")
+    code = f"import sys, {modules}; print(sorted(m for m in sys.modules if m == 'jobs' or m.startswith('jobs.')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=REPO).stdout == "[]\n"

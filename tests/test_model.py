@@ -6,9 +6,11 @@ import pytest
 import torch
 from torchvision import models
 
+from handler import model as served
 from jobs.model import ModelError, build_model, freeze_backbone, head_module, split_backbone_head
 
-ARCHS = ["resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny"]
+ARCHS = ["resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny",
+         "timm/tf_efficientnet_lite0", "timm/resnet18", "timm/convnext_nano"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -21,17 +23,40 @@ def test_every_supported_arch_builds_trains_its_head_and_loads_where_the_server_
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
-    # The handler rebuilds the model from metadata.json alone: the state_dict must fit exactly.
-    models.get_model(arch, weights=None, num_classes=3).load_state_dict(model.state_dict())
+    # The server rebuilds the model from metadata.json alone: the state_dict must fit exactly.
+    served.create(arch, num_classes=3).load_state_dict(model.state_dict())
 
 
-def test_only_plain_feature_extractors_use_the_feature_cache():
-    resnet = build_model("resnet18", 2, "none").eval()
-    backbone, head = split_backbone_head(resnet)
-    x = torch.randn(2, 3, 64, 64)
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0", "mobilenet_v3_large", "timm/tf_efficientnet_lite0",
+                                  "timm/convnext_nano"])
+def test_backbone_and_head_are_the_model_and_the_served_model_folds_batchnorm_exactly(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 2, "none")
+    for m in model.modules():  # BatchNorm statistics unlike the identity, so folding has work to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    backbone, head = split_backbone_head(model)
+    assert head is head_module(model)  # training the head trains the model
+    meta = {"arch": arch, "num_classes": 2}
+    server = served.build_model(meta, model.state_dict(), torch.device("cpu"))
+    x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
-        assert torch.allclose(head(backbone(x)), resnet(x), atol=1e-5)
-    assert split_backbone_head(build_model("efficientnet_b0", 2, "none")) is None
+        assert torch.allclose(head(backbone(x)), model(x), atol=1e-5)
+        features, logits = server(x)
+        assert torch.allclose(logits, model(x), atol=1e-4) and torch.allclose(features, backbone(x), atol=1e-4)
+    assert not [m for m in server.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # all folded
+
+
+def test_timm_weights_from_a_local_file_load_and_set_the_preprocessing(real_weights: Path):
+    model = build_model("timm/tf_efficientnet_lite0", 2, str(real_weights))
+    saved = torch.load(real_weights, weights_only=True)
+    assert torch.equal(model.conv_stem.weight, saved["conv_stem.weight"]) and model.classifier.out_features == 2
+    spec = served.preprocess_spec("timm/tf_efficientnet_lite0")
+    assert (spec["interpolation"], spec["mean"], spec["crop_size"], spec["resize_size"]) == (
+        "bicubic", [0.5, 0.5, 0.5], 224, 256)
+    assert served.preprocess_spec("resnet18")["interpolation"] == "bilinear"
 
 
 def test_local_weights_file_with_an_imagenet_head_is_accepted(tmp_path: Path):
@@ -61,3 +86,5 @@ def test_bad_weights_name_the_file_and_the_fix(tmp_path: Path, weights, message)
 def test_unknown_arch_is_named():
     with pytest.raises(ModelError, match="unknown arch 'resnet19'"):
         build_model("resnet19", 2, "none")
+    with pytest.raises(ModelError, match="timm has no model 'resnet19'"):
+        build_model("timm/resnet19", 2, "none")

@@ -32,10 +32,10 @@ from torchserve_fixture import (
     unused_ports,
 )
 
-from jobs import contract
+from handler import scheduler
 from jobs.archive import handler_dir
 from jobs.config import load_config
-from jobs.predict import predict_files
+from jobs.predict import predict
 from jobs.serve import TorchServe, machine_config, machine_models, parse_properties, render_config, serve, start
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
@@ -92,7 +92,7 @@ def assert_matches_offline(predictions: list[dict], reference: dict, k: int) -> 
 @pytest.mark.parametrize("model, k", [("two", 2), ("seven", 5)])
 def test_http_probabilities_equal_offline_predict(served: Served, model: str, k: int):
     files = PHOTOS[::4]
-    offline = predict_files(served.model_dirs[model], files)
+    offline = list(predict(served.model_dirs[model], files))
     for f, ref in zip(files, offline, strict=True):
         r = served.predict(model, data=f.read_bytes())
         assert r.status_code == 200, r.text
@@ -103,7 +103,7 @@ def test_http_probabilities_equal_offline_predict(served: Served, model: str, k:
 def test_every_input_form_over_http(served: Served):
     photo = PHOTOS[5]
     img = photo.read_bytes()
-    ref = predict_files(served.model_dirs["seven"], [photo])[0]
+    ref = list(predict(served.model_dirs["seven"], [photo]))[0]
     single = [
         served.predict("seven", data=img),                                                    # curl -T
         served.predict("seven", files={"data": (photo.name, img, "image/jpeg")}),              # curl -F data=@
@@ -240,7 +240,7 @@ def test_serve_in_background_then_stop(served: Served, tmp_path: Path, capsys):
     server = serve_detached(cfg, store, tmp_path / "serve-state")
     out = capsys.readouterr().out
     assert f"{server.inference_url}/predictions/seven" in out and "Authorization: Bearer" in out
-    plan = contract.serving_plan()
+    plan = scheduler.serving_plan()
     assert f"{plan.workers} workers x {plan.threads} threads" in out
     r = requests.get(f"{server.management_url}/models/seven", headers=server.auth("management"), timeout=10).json()[0]
     assert (len(r["workers"]), r["batchSize"], r["maxBatchDelay"]) == (plan.workers, plan.batch_size,
@@ -276,7 +276,7 @@ def test_the_serve_images_entry_point_tunes_for_the_cpus_it_is_given(served: Ser
     server = TorchServe(proc, tmp_path, "127.0.0.1", ports)
     try:
         server.wait_ready(["two", "seven"], timeout=240)
-        plan = contract.serving_plan(cores=1)
+        plan = scheduler.serving_plan(cores=1)
 
         def settings(model: str) -> dict:
             return requests.get(f"{server.management_url}/models/{model}", headers=server.auth("management"),
@@ -301,9 +301,9 @@ def test_the_serve_images_entry_point_tunes_for_the_cpus_it_is_given(served: Ser
 def test_a_models_line_of_the_operators_own_wins_over_the_machines(served: Served):
     own = '{"seven":{"1.0":{"marName":"seven.mar","minWorkers":3,"maxWorkers":3,"batchSize":2}}}'
     base = f"models={own}\nmetrics_config=/etc/ts/metrics.yaml\n"
-    text, models = machine_config(base, served.store, contract.serving_plan())
+    text, models = machine_config(base, served.store, scheduler.serving_plan())
     assert models == {} and parse_properties(text) == {"models": own, "metrics_config": "/etc/ts/metrics.yaml"}
-    text, models = machine_config("job_queue_size=7\n", served.store, contract.serving_plan(cores=4))
+    text, models = machine_config("job_queue_size=7\n", served.store, scheduler.serving_plan(cores=4))
     settings = parse_properties(text)
     assert settings["job_queue_size"] == "7" and set(models) == {"seven"}
     assert settings["metrics_config"] == str(handler_dir() / "metrics.yaml")

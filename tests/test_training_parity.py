@@ -35,12 +35,13 @@ from conftest import FIXTURE_IMAGES
 
 from bench.common import bn_backbone, conv_fingerprint
 from bench.parity_sweep import BN_BACKBONE, COMMON, prepare, train_both
+from handler.model import preprocess_spec
+from handler.preprocess import Preprocessor
 from jobs import features
 from jobs.clean import clean
 from jobs.config import RunPaths, load_config
 from jobs.data import split_items
 from jobs.model import build_model, split_backbone_head
-from jobs.presets import decode_rgb, eval_transform
 from jobs.runtime import setup
 from jobs.split import split
 from jobs.train import Stage, lr_factor
@@ -65,12 +66,13 @@ def test_bn_fixture_fits_this_torch():
 TOLERANCES = {"fp32": {"rtol": 1e-4, "atol": 1e-4}, "bf16": {"rtol": 5e-2, "atol": 1e-1}}
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cached_features_are_the_full_models_features(tmp_path: Path, precision: str):
+@pytest.mark.parametrize("arch,precision", [("resnet18", "fp32"), ("resnet18", "bf16"),
+                                            ("timm/tf_efficientnet_lite0", "fp32")])
+def test_cached_features_are_the_full_models_features(tmp_path: Path, arch: str, precision: str, real_weights: Path):
     """Both precisions run on every machine: bf16 autocast is emulated where the CPU lacks it."""
-    cfg = load_config(overrides={"weights": str(bn_backbone(BN_BACKBONE, tmp_path / "backbone.pt")),
-                                 "min_images_per_class": 3, "feature_views": 2, "num_workers": 0, "seed": SEED,
-                                 "precision": precision})
+    weights = real_weights if arch.startswith("timm/") else bn_backbone(BN_BACKBONE, tmp_path / "backbone.pt")
+    cfg = load_config(overrides={"arch": arch, "weights": str(weights), "min_images_per_class": 3,
+                                 "feature_views": 2, "num_workers": 0, "seed": SEED, "precision": precision})
     paths = RunPaths(tmp_path / "run")
     clean(cfg, paths, FIXTURE_IMAGES)
     splits = json.loads(split(cfg, paths).read_text())
@@ -80,9 +82,10 @@ def test_cached_features_are_the_full_models_features(tmp_path: Path, precision:
     backbone, head = split_backbone_head(model)
     feats, labels = features.load_or_extract(cfg, paths, rt, backbone, splits, "train")
     items = split_items(splits, "train")
-    assert feats.shape == (len(items), 2, 512) and labels.tolist() == [label for _, label in items]
+    assert feats.shape == (len(items), 2, head.in_features) and labels.tolist() == [label for _, label in items]
+    preprocess = Preprocessor(preprocess_spec(arch))
     with torch.no_grad():
-        images = torch.stack([eval_transform()(decode_rgb((paths.out / p).read_bytes())) for p, _ in items])
+        images = torch.stack([preprocess((paths.out / p).read_bytes()) for p, _ in items])
         images = images.to(memory_format=rt.memory_format())
         reference = backbone(images)
         print(f"{precision}: max |cached - fp32| = {(feats[:, 0] - reference).abs().max():.4g}, "

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 import ts
 from PIL import Image, ImageOps
-from torchvision import models
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
+from handler.model import create
 from jobs.archive import archive
 from jobs.clean import clean
 from jobs.config import Config, RunPaths, load_config
@@ -61,7 +61,7 @@ def export_random_model(out: Path, classes: list[str], arch: str = "resnet18", s
     torch.manual_seed(seed)
     model_dir = Path(out) / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(models.get_model(arch, weights=None, num_classes=len(classes)).state_dict(), model_dir / "model.pt")
+    torch.save(create(arch, len(classes)).state_dict(), model_dir / "model.pt")
     cfg = load_config(None, {"weights": "none", "arch": arch})
     meta = build_metadata(cfg, {"classes": classes, "data_hash": "random", "split_hash": "random"}, {})
     (model_dir / "metadata.json").write_text(json.dumps(meta, indent=2))

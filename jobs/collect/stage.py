@@ -31,8 +31,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from handler.cpus import usable_cpus
 from jobs.config import Config, RunPaths
-from jobs.cpus import usable_cpus
 from jobs.fileio import atomic_write_json
 
 from .attribution import write_attribution

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 from torchserve_fixture import unused_ports
 
-from jobs import contract
+from handler import scheduler
 from jobs.serve import Ports, render_config
 
 pytestmark = pytest.mark.docker
@@ -289,7 +289,7 @@ def test_serve_container_plans_for_its_cpu_limit_and_reports_handler_metrics(ser
                                      headers={"Authorization": f"Bearer {keys['management']['key']}"})
     with urllib.request.urlopen(request, timeout=30) as response:
         model = json.loads(response.read())[0]
-    plan = contract.serving_plan(cores=1, gpus=0)
+    plan = scheduler.serving_plan(cores=1, gpus=0)
     assert (len(model["workers"]), model["batchSize"], model["maxBatchDelay"]) == \
         (plan.workers, plan.batch_size, plan.max_batch_delay_ms), model
     logs = serving.compose("logs", "--no-color", "serve").stdout

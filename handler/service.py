@@ -1,0 +1,149 @@
+"""One exported model ready to answer, whatever serves it: TorchServe's handler, another runtime, or
+``jobs predict``. It knows nothing of any server: bytes in, per-image answers out.
+
+``ImageClassifier`` reads ``metadata.json`` (the contract with training), builds the model in the
+precision the export chose for this kind of machine, refuses images over the pixel limits from their
+headers alone, decodes, and turns logits into calibrated top-k answers with the trust fields.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from handler import model as models
+from handler.preprocess import Preprocessor, image_header
+from handler.protocol import BadRequest, parse_topk, where
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOPK = 5
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default
+# Pixels decoded per batch: bounds a batch's decode time far below a server's timeout on a slow CPU.
+DEFAULT_MAX_BATCH_PIXELS = 200_000_000
+MAX_ASPECT_RATIO = 16  # beyond this, Resize(short side) would blow a thin strip up into a huge tensor
+
+
+@dataclass
+class Outputs:
+    """A batch's model outputs, fp32 on the CPU: calibrated probabilities and the penultimate features."""
+
+    probs: torch.Tensor
+    features: torch.Tensor
+    logits: torch.Tensor
+
+
+class Calibration:
+    """Calibrated probabilities: softmax(logits / T), T fit by the export on the val split (1 = none recorded)."""
+
+    def __init__(self, meta: dict):
+        self.temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits / self.temperature, dim=1)
+
+    def fields(self, features: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor) -> list[dict[str, Any]]:
+        return []
+
+
+class ImageClassifier:
+    """``model_dir`` holds ``metadata.json``, the weights file and what the trust fields need.
+
+    ``options`` (all optional): topk, max_image_pixels, max_batch_pixels, precision (auto, fp32, bf16,
+    fp16), min_confidence -- the archive's model-config ``handler`` section, or a runtime's settings.
+    """
+
+    def __init__(self, model_dir: Path, device: torch.device, weights: Path | None = None,
+                 options: dict[str, Any] | None = None):
+        options = options or {}
+        self.model_dir = Path(model_dir)
+        self.meta: dict = json.loads((self.model_dir / "metadata.json").read_text())
+        self.classes: list[str] = list(self.meta["classes"])
+        self.default_topk = int(options.get("topk") or self.meta.get("topk") or DEFAULT_TOPK)
+        self.max_image_pixels = int(options.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS)
+        self.max_batch_pixels = int(options.get("max_batch_pixels") or DEFAULT_MAX_BATCH_PIXELS)
+        # Pillow's own bomb check is the backstop for formats whose size only Pillow can read: it raises
+        # at twice this, and the header check refuses everything above it first.
+        Image.MAX_IMAGE_PIXELS = self.max_image_pixels
+        Image.init()  # register every Pillow format now, not during the first request
+        self.preprocessor = Preprocessor(self.meta["preprocess"])
+        self.device = device
+        self.model, self.amp_dtype, self.precision = models.load_serving_model(
+            self.meta, self.model_dir, weights or self.model_dir / "model.pt", device,
+            str(options.get("precision", "auto")))
+        self.trust = Calibration(self.meta)
+
+    # -- admission and decoding -------------------------------------------------------------------
+
+    def pixels(self, data: bytes, n: int = 0, total: int = 1) -> int:
+        """Pixels image ``n`` of ``total`` will decode to, from its header alone; refuses bombs and thin strips."""
+        at = where(n, total)
+        if not data:
+            raise BadRequest(f"{at}empty body (0 bytes)")
+        header = image_header(data)
+        if header is not None:
+            size = header[1]
+            decoded = self.preprocessor.decoded_pixels(*header)
+        else:  # not PNG/JPEG: Pillow parses the header (and itself refuses twice the pixel limit)
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    size = img.size
+            except Image.DecompressionBombError:
+                raise BadRequest(f"{at}image too large: more than {self.max_image_pixels} pixels "
+                                 "(max_image_pixels)", 413) from None
+            except Exception:  # noqa: BLE001 -- whatever Pillow cannot parse is the client's broken file
+                raise BadRequest(f"{at}not a decodable image (unrecognised format or corrupt header; "
+                                 "send JPEG, PNG, WebP, GIF, BMP or TIFF)") from None
+            decoded = size[0] * size[1]
+        w, h = size
+        if w * h > self.max_image_pixels:
+            raise BadRequest(f"{at}image too large: {w}x{h} is more than {self.max_image_pixels} pixels "
+                             "(max_image_pixels)", 413)
+        if min(w, h) == 0 or max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+            raise BadRequest(f"{at}aspect ratio of {w}x{h} is beyond {MAX_ASPECT_RATIO}:1")
+        return decoded
+
+    def admit(self, images: list[bytes]) -> int:
+        """The pixels a request's images decode to; 413 when one request alone exceeds a batch's budget."""
+        total = sum(self.pixels(data, n, len(images)) for n, data in enumerate(images))
+        if total > self.max_batch_pixels:
+            raise BadRequest(f"the request's images decode to {total} pixels; the limit per request is "
+                             f"{self.max_batch_pixels} (max_batch_pixels)", 413)
+        return total
+
+    def decode(self, images: list[bytes]) -> list[torch.Tensor]:
+        """The model's input tensors; a 400 naming the image that is not one."""
+        tensors = []
+        for n, data in enumerate(images):
+            try:
+                tensors.append(self.preprocessor(data))
+            except ValueError as e:
+                raise BadRequest(f"{where(n, len(images))}{e}") from None
+        return tensors
+
+    # -- the model --------------------------------------------------------------------------------
+
+    def forward(self, batch: torch.Tensor) -> Outputs:
+        features, logits = models.forward(self.model, batch, self.device, self.amp_dtype)
+        return Outputs(self.trust.probabilities(logits), features, logits)
+
+    def answers(self, outputs: Outputs, topk: list[int]) -> list[dict[str, Any]]:
+        """Per image: ``predictions`` (top ``topk[i]``, most likely first) and the trust fields."""
+        fields = self.trust.fields(outputs.features, outputs.logits, outputs.probs)
+        out = []
+        for i, k in enumerate(topk):
+            top = torch.topk(outputs.probs[i], min(k, len(self.classes)))
+            predictions = [{"label": self.classes[c], "index": c, "probability": p}
+                           for p, c in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+            out.append({"predictions": predictions, **(fields[i] if fields else {})})
+        return out
+
+    def topk(self, requested: Any) -> int:
+        return parse_topk(requested, self.default_topk, len(self.classes))
