@@ -47,7 +47,7 @@ def config_options(command: str) -> Callable:
                 fn = click.option(f"--{dashed}", f.name, default=None, metavar=_metavar(f.name),
                                   help=help_text)(fn)
         fn = click.option("--wait", is_flag=True,
-                          help="If another job is writing OUT, wait for it to end instead of exiting (exit 2).")(fn)
+                          help="If another job is writing OUT, wait for it to end (default: exit 2 at once).")(fn)
         fn = click.option("--out", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True,
                           help="Run folder: every stage reads and writes here.")(fn)
         return click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
