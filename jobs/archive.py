@@ -126,7 +126,12 @@ def _die_with_parent() -> None:
 
 
 def _sweep_leftover_work(store: Path) -> None:
-    """A killed archive left its private ``.archive-*`` folder (40 MB and more) in the store."""
+    """A killed archive left its private ``.archive-*`` folder (40 MB and more) in the store.
+
+    No live archive's folder is among them: the job holds the run folder's lock (jobs/runlock.py),
+    so no other job archives from it now; a store outside the run folder that several runs archive
+    into is the exception (docs/run-folder.md).
+    """
     for leftover in store.glob(".archive-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from handler.cpus import CpusSettingError
+from jobs import runlock
 from jobs.config import (
     ARCHIVE,
     RUN_DEFINING,
@@ -27,7 +28,7 @@ from jobs.config import (
     saved_yaml,
 )
 from jobs.errors import JobError
-from jobs.fileio import atomic_write_text, ensure_writable_dir, sweep_partials
+from jobs.fileio import atomic_write_text, sweep_partials
 
 
 def config_options(command: str) -> Callable:
@@ -44,6 +45,8 @@ def config_options(command: str) -> Callable:
             else:
                 fn = click.option(f"--{dashed}", f.name, default=None, metavar=_metavar(f.name),
                                   help=help_text)(fn)
+        fn = click.option("--wait", is_flag=True,
+                          help="If another job is writing OUT, wait for it to end (default: exit 2 at once).")(fn)
         fn = click.option("--out", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True,
                           help="Run folder: every stage reads and writes here.")(fn)
         return click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
@@ -64,16 +67,21 @@ def _setup(command: str, config_file: Path | None, out: Path, overrides: dict[st
     the commands that define a run save it; archive and export-kserve record their own keys (later
     commands look for the archive they made); every other command leaves config.yaml as it is, so
     an option given to one command applies to that command alone.
+
+    Every command that gets here writes the run folder, so first it takes the folder's lock
+    (jobs/runlock.py; ``--wait`` from ``overrides``), held until the command ends; the config is
+    read after that, as the job before may have changed it. Under torchrun only rank 0 locks and
+    writes config.yaml.
     """
+    wait = overrides.pop("wait", False)
+    writer = click.get_current_context().with_resource(runlock.job_lock(out, wait))
     cfg = load_config(config_file, overrides, saved=RunPaths(Path(out)).config)
     paths = RunPaths.for_config(out, cfg)
-    if command in RUN_DEFINING + ARCHIVE:
+    if writer and command in RUN_DEFINING + ARCHIVE:
         sweep_partials(paths.config)
-    if command in RUN_DEFINING:
-        ensure_writable_dir(out)
+    if writer and command in RUN_DEFINING:
         atomic_write_text(paths.config, saved_yaml(cfg.to_dict()))
-    elif command in ARCHIVE:
-        ensure_writable_dir(out)
+    elif writer and command in ARCHIVE:
         atomic_write_text(paths.config, saved_yaml(record_keys(paths, cfg, keys_for(command))))
     return cfg, paths
 

@@ -12,8 +12,8 @@ file: a file shown in several sections (a label issue that is also an outlier) s
 choice everywhere.
 
 ``serve_review`` serves the run's report folder on loopback and saves the page's choices straight
-into ``<run>/decisions.json`` (``POST /decisions``); the page shows a "Save to run" button only
-when this server answers ``GET /decisions``.
+into ``<run>/decisions.json`` (``POST /decisions``; 409 while a job holds the run folder's lock); the
+page shows a "Save to run" button only when this server answers ``GET /decisions``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image, ImageOps
 
+from jobs import runlock
 from jobs.decisions import DecisionsError
 from jobs.decisions import parse as parse_decisions
 from jobs.errors import JobError
@@ -310,8 +311,12 @@ class _ReviewHandler(BaseHTTPRequestHandler):
             self._reply(500, str(e))
             return
         target = self.server.run_folder / "decisions.json"
-        try:
-            atomic_write_json(target, decisions)
+        try:  # briefly, as a job does: a running clean never sees decisions.json change under it
+            with runlock.hold(self.server.run_folder, busy_hint="save again when it has ended"):
+                atomic_write_json(target, decisions)
+        except runlock.FolderBusy as e:
+            self._reply(409, str(e))
+            return
         except (OSError, JobError) as e:
             self._reply(500, f"cannot write {target}: {e}")
             return
