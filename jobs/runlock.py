@@ -56,7 +56,7 @@ def lock_path(folder: str | os.PathLike) -> Path:
 
 
 def torchrun_rank() -> int:
-    """The global rank torchrun gave this process, else 0. As ``runtime.setup`` reads it: only with
+    """The global rank torchrun gave this process, else 0 (``runtime.setup`` reads it here too): only with
     LOCAL_RANK set, so a pod-wide RANK (the Kubeflow operator's) does not count."""
     return int(os.environ.get("RANK", "0")) if "LOCAL_RANK" in os.environ else 0
 

@@ -20,6 +20,7 @@ from handler.cpus import usable_cpus
 from handler.precision import native_bf16
 from jobs.config import Config
 from jobs.errors import JobError
+from jobs.runlock import torchrun_rank
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def setup(cfg: Config) -> Runtime:
     # does not make a plain `python -m jobs evaluate` wait for peers that never come.
     launched = "LOCAL_RANK" in os.environ
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
-    rank = int(os.environ.get("RANK", "0")) if launched else 0
+    rank = torchrun_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg.device, local_rank)
     if device.type == "cuda":
