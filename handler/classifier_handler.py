@@ -31,6 +31,7 @@ if (_ARCHIVE / "handler" / "__init__.py").is_file() and str(_ARCHIVE) not in sys
 import torch  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
+import handler  # noqa: E402
 from handler import scheduler  # noqa: E402
 from handler.protocol import BadRequest, Refused, Request, answer_body, parse_request, status_phrase  # noqa: E402
 from handler.service import ImageClassifier, Outputs  # noqa: E402
@@ -73,8 +74,9 @@ class ClassifierHandler(BaseHandler):
         self.inference(Batch([], torch.zeros(1, *self.classifier.meta["input_size"])))  # warm up the kernels
         self.initialized = True
         meta = self.classifier.meta
-        logger.info("loaded %s with %d classes on %s (%s, %d torch threads)", meta["arch"], len(meta["classes"]),
-                    device, self.classifier.precision, torch.get_num_threads())
+        logger.info("loaded %s with %d classes on %s (%s, %d torch threads; serving package %s)", meta["arch"],
+                    len(meta["classes"]), device, self.classifier.precision, torch.get_num_threads(),
+                    Path(handler.__file__).parent)
 
     def handle(self, data: list[Any], context: Any) -> list[Any]:
         """preprocess -> inference -> postprocess, with per-request errors and per-stage time metrics."""

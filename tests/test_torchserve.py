@@ -1,8 +1,9 @@
 """A real TorchServe serving real archives over real HTTP on loopback ports.
 
-One server for the module, two models: "two" (ants/bees, batchSize 8, maxBatchDelay 200 ms packed into
-the .mar so concurrent requests share a batch) and "seven" (7 classes, more than the stock handler's
-top-5; workers and batching chosen for this machine, as `jobs serve` does).
+One server for the module, two models: "two" (ants/bees on the real EfficientNet-Lite0 backbone from timm,
+batchSize 8, maxBatchDelay 200 ms packed into the .mar so concurrent requests share a batch) and "seven"
+(7 classes, more than the stock handler's top-5; workers and batching chosen for this machine, as
+`jobs serve` does).
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> Served:
+def served(tmp_path_factory, real_weights: Path) -> Served:
     root = tmp_path_factory.mktemp("torchserve")
     store = root / "model-store"
-    two_cfg, two = export_tiny_model(root / "two", FIXTURE_IMAGES)
+    two_cfg, two = export_tiny_model(root / "two", FIXTURE_IMAGES, arch="timm/tf_efficientnet_lite0",
+                                     weights=str(real_weights))
     seven_data = make_seven_class_data(FIXTURE_IMAGES, root / "seven-data")
     seven_cfg, seven = export_tiny_model(root / "seven", seven_data, serve_precision="int8")
     archive_as(two_cfg, two, store, "two", max_batch_delay_ms=200, serve_tuning="archive")
@@ -369,3 +371,11 @@ def test_precision_checks_are_recorded_in_metadata(served: Served):
     assert set(int8["images_per_s"]) >= {"fp32", "int8"} and int8["calibration_images"] > 0
     assert (seven["choice"] == "int8") == int8["offered"]
     assert int8["offered"] == (served.model_dirs["seven"] / "model-int8.pt").is_file()
+
+
+def test_workers_run_the_serving_package_their_archive_carries(served: Served):
+    """Not a `handler` package installed beside TorchServe: the archive is the whole contract."""
+    served.predict("two", data=PHOTOS[0].read_bytes()).raise_for_status()
+    log = (served.server.workdir / "logs" / "model_log.log").read_text()
+    packages = set(re.findall(r"serving package (\S+)", log))
+    assert packages and all(Path(p).parent != handler_dir().parent for p in packages), packages
