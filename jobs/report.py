@@ -25,7 +25,7 @@ from jobs.collect.preview import contact_sheet
 from jobs.collect.stage import REPORT as COLLECT_REPORT
 from jobs.config import COLLECT, Config, RunPaths
 from jobs.data import split_items
-from jobs.fileio import atomic_write_bytes, atomic_write_text, read_json
+from jobs.fileio import atomic_write_bytes, atomic_write_text, read_json, read_run_file
 from jobs.review import data_quality_html
 
 MAX_PREDICTIONS_SHOWN = 24
@@ -173,10 +173,13 @@ def run_source(paths: RunPaths) -> dict:
     raw/ folder that collect filled; ``{"kind": "folder", "folder"}`` for a --data folder
     (``folder`` None when clean_report.json is missing).
     """
-    folder = read_json(paths.clean_report).get("data") if paths.clean_report.exists() else None
+    clean = f"re-run `python -m jobs clean --out {paths.out}` with the same --data"
+    folder = read_run_file(paths.clean_report, clean, ("data",))["data"] if paths.clean_report.exists() else None
     collect_report = paths.raw / COLLECT_REPORT
     if folder is not None and Path(folder).resolve() == paths.raw.resolve() and collect_report.exists():
-        return {"kind": "collected", "folder": folder, "collect": read_json(collect_report)}
+        collected = read_run_file(collect_report, f"re-run `python -m jobs collect --out {paths.out}`",
+                                  ("source", "kept"))
+        return {"kind": "collected", "folder": folder, "collect": collected}
     return {"kind": "folder", "folder": folder}
 
 
@@ -270,9 +273,9 @@ def _source_html(source: dict) -> str:
     if source["kind"] == "folder":
         return f'Images from the folder <code id="data-folder">{html.escape(folder)}</code> (<code>--data</code>).'
     collected = source["collect"]
-    kept = ", ".join(f"{html.escape(t)} {n}" for t, n in collected.get("kept", {}).items())
-    return (f'Images collected from <b id="collect-source">{html.escape(str(collected.get("source")))}</b> for the '
-            f'terms <span id="terms">{html.escape(", ".join(collected.get("kept", {})))}</span> (kept: {kept}) into '
+    kept = ", ".join(f"{html.escape(t)} {n}" for t, n in collected["kept"].items())
+    return (f'Images collected from <b id="collect-source">{html.escape(str(collected["source"]))}</b> for the '
+            f'terms <span id="terms">{html.escape(", ".join(collected["kept"]))}</span> (kept: {kept}) into '
             f"<code>{html.escape(folder)}</code>; licenses and creators in its ATTRIBUTION.md.")
 
 
