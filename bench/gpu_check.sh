@@ -30,7 +30,7 @@ cp $RUN/metrics.json "$OUT/job_metrics.json" 2>/dev/null
 RESUME="$PY -m jobs train --out $RUN --weights none --epochs 25 --finetune-epochs 4 --batch-size 64 --fresh"
 {
   $RESUME & pid=$!
-  for _ in $(seq 600); do grep -q "finetune epoch 1/4" "$OUT/resume.log" 2>/dev/null && break; sleep 0.5; done
+  for _ in $(seq 600); do grep -q "train finetune: epoch 1/4: train loss" "$OUT/resume.log" 2>/dev/null && break; sleep 0.5; done
   sleep 2; kill -TERM $pid; wait $pid; echo "sigterm exit $?"
   ${RESUME% --fresh}; echo "resume exit $?"
 } > "$OUT/resume.log" 2>&1

@@ -26,6 +26,7 @@ from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_bytes, atomic_write_json, link_or_copy, read_json, sha256_file, sweep_partials
 from jobs.imagestats import image_stats
+from jobs.progress import track
 
 # Sidecar files other stages keep next to images (collect's manifest, partial downloads).
 IGNORED_NAMES = {"manifest.jsonl", "ATTRIBUTION.md", "attribution.json", "Thumbs.db", "desc.txt"}
@@ -210,7 +211,7 @@ def clean(cfg: Config, paths: RunPaths, data: Path) -> Path:
         return _check_one(f, label, rel, sha, cfg, by_content.get(sha))
 
     with ThreadPoolExecutor(max_workers=min(4, usable_cpus())) as pool:
-        checked = list(pool.map(work, jobs))
+        checked = list(track(pool.map(work, jobs), len(jobs), "clean: decoding", unit="img"))
     for result, _ in checked:  # what decoding found, before duplicates and decisions re-classify it
         by_content[result.sha256] = {k: v for k, v in asdict(result).items() if k not in {"source", "label"}}
 

@@ -154,25 +154,38 @@ def run(config_file: Path | None, out: Path, data: Path | None, resume: str | No
         retry_all: bool, **overrides: Any) -> None:
     """The whole job: [collect] -> clean -> audit -> split -> train -> evaluate -> export -> archive."""
     from jobs import archive, clean, evaluate, export, split, train
+    from jobs.progress import Stages
     from jobs.runtime import barrier, setup, teardown
 
     cfg, paths = _setup("run", config_file, out, overrides)
     rt = setup(cfg)
+    # The stage counter: [3/9] split ... train begins its own stages (head, finetune) in it.
+    stages = Stages([*(["collect"] if data is None else []), "clean", "audit", "split", *train.stage_titles(cfg),
+                     "evaluate", "export", "archive"])
     try:
+        with stages:
+            if rt.is_main:
+                _print_config(cfg, paths)
+                _copy_decisions(decisions_file, paths)
+                if data is None:
+                    stages.begin("collect")
+                    _collect(cfg, paths, retry_all)
+                stages.begin("clean")
+                clean.clean(cfg, paths, data or paths.raw)
+                stages.begin("audit")
+                _audit(cfg, paths, rt)
+                stages.begin("split")
+                split.split(cfg, paths)
+            barrier(rt)
+            train.train(cfg, paths, rt, resume or "auto")
+            if rt.is_main:
+                stages.begin("evaluate")
+                evaluate.evaluate(cfg, paths, rt)
+                stages.begin("export")
+                export.export(cfg, paths)
+                stages.begin("archive")
+                mar = archive.archive(cfg, paths)
         if rt.is_main:
-            _print_config(cfg, paths)
-            _copy_decisions(decisions_file, paths)
-            if data is None:
-                _collect(cfg, paths, retry_all)
-            clean.clean(cfg, paths, data or paths.raw)
-            _audit(cfg, paths, rt)
-            split.split(cfg, paths)
-        barrier(rt)
-        train.train(cfg, paths, rt, resume or "auto")
-        if rt.is_main:
-            evaluate.evaluate(cfg, paths, rt)
-            export.export(cfg, paths)
-            mar = archive.archive(cfg, paths)
             click.echo(f"done: {mar}\nserve it: python -m jobs serve --model-store {mar.parent}")
     finally:
         teardown()

@@ -8,6 +8,7 @@ one self-contained ``index.html``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,12 @@ from jobs.errors import JobError
 from jobs.fileio import atomic_write_json, read_run_file, sweep_partials
 from jobs.model import build_model
 from jobs.runtime import Runtime, default_num_workers
-from jobs.train import predict_logits
+from jobs.train import SELECTION_RULE, predict_logits
 
 ECE_BINS = 15
 TOP_CONFUSED = 5
+MIN_TEST_IMAGES = 50  # below this the 95 % interval of the accuracy is wider than about +-14 points
+Z_95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
 
 class EvaluateError(JobError):
@@ -44,7 +47,7 @@ def load_trained_model(paths: RunPaths, classes: list[str]) -> tuple[torch.nn.Mo
     model.load_state_dict(state["model"])
     progress = state["progress"]
     return model, {"file": path.name, "arch": arch, "stage": progress.get("stage"),
-                   "best_epoch": progress.get("best_epoch")}
+                   "best_epoch": progress.get("best_epoch"), "selection": SELECTION_RULE}
 
 
 def predict_split(model: torch.nn.Module, arch: str, paths: RunPaths, items: list[tuple[str, int]], cfg: Config,
@@ -100,6 +103,30 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BIN
     return {"ece": float(ece) if len(confidence) else None, "bins": bins, "table": table}
 
 
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion (95 % by default); None for n = 0.
+
+    Unlike the normal approximation p +- z*sqrt(p(1-p)/n) it stays inside [0, 1] and does not
+    collapse to a single point at 0 or n successes: 4 of 4 right gives [0.51, 1], not [1, 1].
+    """
+    if n == 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def small_test_note(count: int, interval: tuple[float, float] | None, splits_file: Path) -> str | None:
+    """The warning for a test split too small to judge by, or None."""
+    if not count or count >= MIN_TEST_IMAGES:
+        return None
+    lo, hi = interval
+    return (f"the test split has only {count} images (under {MIN_TEST_IMAGES}): the test accuracy could be "
+            f"anywhere from {100 * lo:.1f}% to {100 * hi:.1f}% (95% Wilson interval); add images or raise "
+            f"--test-fraction and re-run split for a number to rely on ({splits_file})")
+
+
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], files: list[str]) -> dict:
     y_pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
     confidence = probs.max(1) if len(probs) else np.zeros(0)
@@ -107,9 +134,11 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], f
     cm = confusion_matrix(y_true, y_pred, labels=list(range(n))) if len(y_true) else np.zeros((n, n), dtype=np.int64)
     scores = per_class_scores(y_true, y_pred, classes)
     correct = y_pred == y_true
+    interval = wilson_interval(int(np.trace(cm)), int(cm.sum()))
     return {
         "count": len(y_true),
         "accuracy": float(np.trace(cm) / cm.sum()) if cm.sum() else None,
+        "accuracy_ci95": list(interval) if interval else None,
         "macro_f1": macro_f1(cm, scores),
         "per_class": scores,
         "confusion_matrix": {"labels": classes, "rows": "true", "columns": "predicted", "counts": cm.tolist()},
@@ -138,16 +167,18 @@ def evaluate(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
                               [path for path, _ in items])
     metrics["classes"] = classes
     metrics["checkpoint"] = checkpoint
-    if not items:
-        metrics["note"] = (f"the test split in {paths.splits} is empty: no accuracy to report; "
-                           "collect more images or raise --test-fraction and re-run split")
-        print(f"evaluate: WARNING {metrics['note']}")
+    note = (small_test_note(len(items), metrics["accuracy_ci95"], paths.splits) if items else
+            f"the test split in {paths.splits} is empty: no accuracy to report; "
+            "collect more images or raise --test-fraction and re-run split")
+    if note:
+        metrics["note"] = note
+        print(f"evaluate: WARNING {note}")
     atomic_write_json(paths.report / "metrics.json", metrics)
     _record_test_score(paths, metrics, probs, items)
     index = report.write_report(paths, metrics)
-    acc = metrics["accuracy"]
-    print(f"evaluate: test accuracy {'n/a' if acc is None else f'{acc:.4f}'} on {len(items)} images "
-          f"({checkpoint['file']}); report: {index}")
+    acc, ci = metrics["accuracy"], metrics["accuracy_ci95"]
+    shown = "n/a" if acc is None else f"{100 * acc:.1f}% (95% interval {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%)"
+    print(f"evaluate: test accuracy {shown} on {len(items)} images ({checkpoint['file']}); report: {index}")
     return index
 
 
@@ -157,5 +188,6 @@ def _record_test_score(paths: RunPaths, metrics: dict, probs: np.ndarray, items:
         if paths.metrics.exists() else {}
     true_p = probs[np.arange(len(items)), [label for _, label in items]] if items else np.zeros(0)
     loss = float(-np.log(np.clip(true_p, 1e-12, 1)).mean()) if items else None
-    atomic_write_json(paths.metrics, {**training, "test_accuracy": metrics["accuracy"], "test_loss": loss,
+    atomic_write_json(paths.metrics, {**training, "test_accuracy": metrics["accuracy"],
+                                      "test_accuracy_ci95": metrics["accuracy_ci95"], "test_loss": loss,
                                       "test_count": metrics["count"], "classes": metrics["classes"]})

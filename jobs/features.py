@@ -28,6 +28,7 @@ from jobs.config import FEATURE_CACHE_KEYS, Config, RunPaths
 from jobs.data import ImageFiles, ShardSampler, make_loader, split_items
 from jobs.fileio import atomic_torch_save, read_run_file
 from jobs.model import weights_tag
+from jobs.progress import Bar
 from jobs.runtime import Runtime, barrier, default_num_workers
 
 
@@ -101,7 +102,7 @@ class ViewsDataset(ImageFiles):
 
 
 @torch.no_grad()
-def _extract(backbone: nn.Module, dataset: ViewsDataset, cfg: Config, rt: Runtime) -> torch.Tensor:
+def _extract(backbone: nn.Module, dataset: ViewsDataset, cfg: Config, rt: Runtime, what: str) -> torch.Tensor:
     """This rank's share of the dataset through the backbone -> full (N, V, D) tensor on every rank."""
     sampler = ShardSampler(len(dataset), rt.rank, rt.world_size)
     # About batch_size images per forward pass in all: on CPUs a batch of 32 x 5 views runs at
@@ -110,11 +111,13 @@ def _extract(backbone: nn.Module, dataset: ViewsDataset, cfg: Config, rt: Runtim
     loader = make_loader(dataset, images_per_batch, default_num_workers(cfg, rt), sampler=sampler,
                          pin_memory=rt.device.type == "cuda")
     chunks = []
-    for images, _ in loader:
-        n, v = images.shape[:2]
-        images = images.flatten(0, 1).to(rt.device, non_blocking=True, memory_format=rt.memory_format())
-        with rt.autocast():
-            chunks.append(backbone(images).float().cpu().unflatten(0, (n, v)))
+    with Bar(len(sampler), f"features: {what}", unit="img", disable=not rt.is_main) as bar:
+        for images, _ in loader:
+            n, v = images.shape[:2]
+            images = images.flatten(0, 1).to(rt.device, non_blocking=True, memory_format=rt.memory_format())
+            with rt.autocast():
+                chunks.append(backbone(images).float().cpu().unflatten(0, (n, v)))
+            bar.update(n)
     mine = torch.cat(chunks) if chunks else torch.zeros(0)
     if not rt.distributed:
         return mine
@@ -151,7 +154,7 @@ def view_features(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module
         if folded is None:
             folded = fold_batchnorm(backbone).to(rt.device, memory_format=rt.memory_format())
         views_of = ViewsDataset(paths.out, todo, preprocess_spec(cfg.arch), with_eval, count, cfg.seed)
-        computed = _extract(folded, views_of, cfg, rt)
+        computed = _extract(folded, views_of, cfg, rt, what)
         for i, (_, sha) in enumerate(todo):
             if with_eval:
                 new[_eval_key(sha)] = computed[i, 0].clone()
@@ -164,8 +167,10 @@ def view_features(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module
         else:
             store.entries.update(new)
         barrier(rt)
+    seconds = time.perf_counter() - started
+    rate = f"; {passes / seconds:.1f} img/s through the backbone" if passes else ""
     print(f"features: {what}: {len(items)} images x {views} views, {passes} backbone passes in "
-          f"{time.perf_counter() - started:.1f} s ({len(need_eval | need_aug)} images not in the cache)")
+          f"{seconds:.1f} s ({len(need_eval | need_aug)} images not in the cache{rate})")
     if not items:
         return torch.zeros(0, views, 0)
     rows = []

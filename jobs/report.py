@@ -10,24 +10,30 @@ from __future__ import annotations
 import base64
 import html
 import io
+from dataclasses import fields
 from pathlib import Path
 
 import matplotlib
 import numpy as np
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageOps
 
 from jobs.collect.preview import contact_sheet
-from jobs.config import RunPaths
+from jobs.collect.stage import REPORT as COLLECT_REPORT
+from jobs.config import COLLECT, Config, RunPaths
 from jobs.data import split_items
-from jobs.fileio import atomic_write_bytes, atomic_write_text, read_json
+from jobs.fileio import atomic_write_bytes, atomic_write_text, read_json, read_run_file
 from jobs.review import data_quality_html
 
 MAX_PREDICTIONS_SHOWN = 24
 GRID_COLUMNS = 6
 THUMB = 224
+SAMPLE_PER_CLASS = 16  # training images per class on the sheet
+# Keys that only collect reads: a run on a --data folder shows none of them.
+COLLECT_ONLY_KEYS = frozenset(f.name for f in fields(Config) if f.metadata["commands"] == COLLECT)
 WRONG, RIGHT = "#d62728", "#2ca02c"
 FINETUNE_SHADE = "#fff2cc"
 
@@ -142,12 +148,39 @@ def plot_predictions(run_dir: Path, predictions: list[dict], out_png: Path) -> P
     return _save(fig, out_png)
 
 
-def training_images_by_class(paths: RunPaths, splits: dict, per_class: int = 16) -> dict[str, list[Path]]:
-    """``per_class`` training images per class, spread evenly over the (sorted) split."""
+def training_images_by_class(paths: RunPaths, splits: dict) -> dict[str, list[Path]]:
+    """Every training image of each class (splits.json, sorted); the sheet shows a spread of them and
+    counts them all."""
     by_class: dict[str, list[Path]] = {name: [] for name in splits["classes"]}
     for path, label in split_items(splits, "train"):
         by_class[splits["classes"][label]].append(paths.out / path)
-    return {name: files[:: max(1, len(files) // per_class)][:per_class] for name, files in by_class.items()}
+    return by_class
+
+
+def split_counts(splits: dict) -> dict[str, dict[str, int]]:
+    """Class -> images in train, val and test, from splits.json: the one account of what was trained on."""
+    counts = {name: {"train": 0, "val": 0, "test": 0} for name in splits["classes"]}
+    for split in ("train", "val", "test"):
+        for _, label in split_items(splits, split):
+            counts[splits["classes"][label]][split] += 1
+    return counts
+
+
+def run_source(paths: RunPaths) -> dict:
+    """Where the run's images came from, as clean last read them.
+
+    ``{"kind": "collected", "folder", "collect": collect_report.json}`` when clean read this run's
+    raw/ folder that collect filled; ``{"kind": "folder", "folder"}`` for a --data folder
+    (``folder`` None when clean_report.json is missing).
+    """
+    clean = f"re-run `python -m jobs clean --out {paths.out}` with the same --data"
+    folder = read_run_file(paths.clean_report, clean, ("data",))["data"] if paths.clean_report.exists() else None
+    collect_report = paths.raw / COLLECT_REPORT
+    if folder is not None and Path(folder).resolve() == paths.raw.resolve() and collect_report.exists():
+        collected = read_run_file(collect_report, f"re-run `python -m jobs collect --out {paths.out}`",
+                                  ("source", "kept"))
+        return {"kind": "collected", "folder": folder, "collect": collected}
+    return {"kind": "folder", "folder": folder}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,15 +193,17 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px;
 .headline {{ display: flex; gap: 2em; align-items: baseline; flex-wrap: wrap; }}
 #accuracy {{ font-size: 4em; font-weight: bold; color: #1f5fa8; }}
 .warn {{ background: #fff3cd; border: 1px solid #e0c36a; padding: 0.6em 1em; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; max-width: 100%; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; overflow-wrap: anywhere; }}
 th:first-child, td:first-child {{ text-align: left; }}
 img {{ max-width: 100%; border: 1px solid #eee; }}
 pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }}
 </style></head>
 <body>
 <h1>Evaluation report: {title}</h1>
-<div class="headline"><div><div id="accuracy">{accuracy}</div><div>test accuracy on {count} images</div></div>
+<p id="source">{source}</p>
+<div class="headline"><div><div id="accuracy">{accuracy}</div><div>test accuracy on <b id="test-count">{count}</b>
+images{interval}</div></div>
 <div>macro F1 <b id="macro-f1">{macro_f1}</b><br>calibration error (ECE, {bins} bins) <b id="ece">{ece}</b><br>
 weights from <code>checkpoints/{checkpoint}</code>{best}</div></div>
 {notes}
@@ -230,10 +265,39 @@ def _results_sections(metrics: dict, figures: dict[str, Path]) -> list[str]:
     return sections
 
 
-def _data_section(paths: RunPaths, splits: dict, figures: dict[str, Path]) -> str:
-    counts = {name: {"train": 0, "val": 0, "test": 0} for name in splits["classes"]}
-    for path, split in splits["files"].items():
-        counts[Path(path).parts[1]][split] += 1
+def _source_html(source: dict) -> str:
+    """One sentence: the --data folder, or what collect searched for where."""
+    folder = source["folder"]
+    if folder is None:
+        return "Images: unknown (clean_report.json not found)."
+    if source["kind"] == "folder":
+        return f'Images from the folder <code id="data-folder">{html.escape(folder)}</code> (<code>--data</code>).'
+    collected = source["collect"]
+    kept = ", ".join(f"{html.escape(t)} {n}" for t, n in collected["kept"].items())
+    return (f'Images collected from <b id="collect-source">{html.escape(str(collected["source"]))}</b> for the '
+            f'terms <span id="terms">{html.escape(", ".join(collected["kept"]))}</span> (kept: {kept}) into '
+            f"<code>{html.escape(folder)}</code>; licenses and creators in its ATTRIBUTION.md.")
+
+
+def _config_html(paths: RunPaths, source: dict) -> str:
+    """config.yaml as saved; for a run on a --data folder without the keys only collect reads."""
+    if not paths.config.exists():
+        return f"({html.escape(str(paths.config))} not found)"
+    text = paths.config.read_text()
+    if source["kind"] == "folder":
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError:
+            values = None
+        if isinstance(values, dict):
+            text = (f"# images from --data {source['folder']}; the collect keys ({len(COLLECT_ONLY_KEYS)}) do not "
+                    "apply and are left out\n" + yaml.safe_dump({k: v for k, v in values.items()
+                                                                if k not in COLLECT_ONLY_KEYS}, sort_keys=False))
+    return html.escape(text)
+
+
+def _data_section(paths: RunPaths, splits: dict, figures: dict[str, Path], source: dict) -> str:
+    counts = split_counts(splits)
     clean = read_json(paths.clean_report)["classes"] if paths.clean_report.exists() else {}
     rows = []
     for name in splits["classes"]:
@@ -245,8 +309,16 @@ def _data_section(paths: RunPaths, splits: dict, figures: dict[str, Path]) -> st
     body = _table(["class", "kept", "converted", "excluded", "train", "val", "test"], rows + [totals], "data")
     if not clean:
         body += f"<p>{html.escape(str(paths.clean_report))} not found: clean counts unknown.</p>"
-    if "preview" in figures:
-        body += "<h3>Training images per class</h3>" + _img(figures["preview"], "training images per class")
+    if "training_images" in figures:
+        sample = ", ".join(f'{html.escape(name)} <span class="sampled" data-class="{html.escape(name)}">'
+                           f'{min(c["train"], SAMPLE_PER_CLASS)} of {c["train"]}</span>' for name, c in counts.items())
+        body += ("<h3>Training images per class</h3>" + _img(figures["training_images"], "training images per class")
+                 + f'<p id="training-sample">Shown: {sample} training images (spread over each class of '
+                 "splits.json).</p>")
+    preview = paths.raw / "collect_preview.png"
+    if source["kind"] == "collected" and preview.exists():
+        body += ("<h3>Collected images, before cleaning</h3>"
+                 + _img(preview, "collected images per search term (raw/collect_preview.png)"))
     return _section("Data", body)
 
 
@@ -265,23 +337,28 @@ def _quality_section(paths: RunPaths, splits: dict) -> list[str]:
 
 
 def render_html(paths: RunPaths, metrics: dict, splits: dict, figures: dict[str, Path], notes: list[str]) -> str:
-    config = paths.config.read_text() if paths.config.exists() else f"({paths.config} not found)"
     checkpoint = metrics["checkpoint"]
     best = checkpoint.get("best_epoch") or {}
+    source = run_source(paths)
     sections = _results_sections(metrics, figures) + _quality_section(paths, splits) + [
-        _data_section(paths, splits, figures),
-        _section("Run configuration", f"<pre id=\"config\">{html.escape(config)}</pre>"),
+        _data_section(paths, splits, figures, source),
+        _section("Run configuration", f"<pre id=\"config\">{_config_html(paths, source)}</pre>"),
     ]
+    interval = metrics.get("accuracy_ci95")
     return PAGE.format(
         title=html.escape(paths.out.resolve().name),
+        source=_source_html(source),
         accuracy=_pct(metrics["accuracy"]),
         count=metrics["count"],
+        interval=(f'<br>95% interval <b id="accuracy-ci">{_pct(interval[0])} to {_pct(interval[1])}</b> (Wilson)'
+                  if interval else ""),
         macro_f1="n/a" if metrics["macro_f1"] is None else f"{metrics['macro_f1']:.3f}",
         bins=metrics["calibration"]["bins"],
         ece="n/a" if metrics["calibration"]["ece"] is None else f"{metrics['calibration']['ece']:.3f}",
         checkpoint=html.escape(checkpoint["file"]),
-        best=f" ({html.escape(str(best.get('stage')))} epoch {best.get('epoch')}, val accuracy "
-             f"{_pct(best.get('val_accuracy'))})" if best else "",
+        best=f" ({html.escape(str(best.get('stage')))} epoch {best.get('epoch')}, val loss {best.get('val_loss'):.4f}, "
+             f"val accuracy {_pct(best.get('val_accuracy'))}; chosen by {html.escape(checkpoint.get('selection', ''))})"
+             if best else "",
         notes="".join(f'<p class="warn">{html.escape(n)}</p>' for n in notes),
         sections="\n".join(sections),
     )
@@ -311,5 +388,7 @@ def _write_report(paths: RunPaths, metrics: dict) -> Path:
     else:
         for stale in ("confusion_matrix.png", "predictions.png"):  # from an earlier run with test images
             (report / stale).unlink(missing_ok=True)
-    figures["preview"] = contact_sheet(training_images_by_class(paths, splits), report / "collect_preview.png")
+    (report / "collect_preview.png").unlink(missing_ok=True)  # earlier versions' name for training_images.png
+    figures["training_images"] = contact_sheet(training_images_by_class(paths, splits),
+                                               report / "training_images.png", SAMPLE_PER_CLASS)
     return atomic_write_text(report / "index.html", render_html(paths, metrics, splits, figures, notes))

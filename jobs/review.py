@@ -106,18 +106,23 @@ def render_review(audit: dict, image_file: Callable[[str], Path | None], class_n
     parts = []
     for section in sections:
         shown = section["items"][:max_per_kind]
-        cards_html = []
+        items_html = []
         for item in shown:
             cards = []
             for card in item["cards"]:
                 if card["file"] not in thumbs:
                     thumbs[card["file"]] = thumbnail_uri(image_file(card["file"]))
                 cards.append(_card_html(card, thumbs[card["file"]], class_names))
-            note = f'<p class="note">{html.escape(item["note"])}</p>' if "note" in item else ""
-            cards_html.append(f'<div class="item">{note}<div class="cards">{"".join(cards)}</div></div>')
+            if "note" in item:  # a group: its cards together, under what they share
+                items_html.append(f'<div class="item"><p class="note">{html.escape(item["note"])}</p>'
+                                  f'<div class="cards">{"".join(cards)}</div></div>')
+            else:
+                items_html += cards
         more = len(section["items"]) - len(shown)
         tail = f'<p class="note">{more} more not shown; see audit.json.</p>' if more > 0 else ""
-        body = "".join(cards_html) or '<p class="note">None found.</p>'
+        # Single images fill a grid of equal columns; groups (of any size) wrap side by side.
+        layout = "groups" if any("note" in item for item in shown) else "grid"
+        body = f'<div class="{layout}">{"".join(items_html)}</div>' if items_html else '<p class="note">None found.</p>'
         parts.append(f'<section id="{section["kind"]}"><h2>{html.escape(section["title"])} '
                      f'({len(section["items"])})</h2>{body}{tail}</section>')
     noise = audit.get("estimated_noise", {})
@@ -346,16 +351,23 @@ class _ReviewHandler(BaseHTTPRequestHandler):
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Review flagged images</title>
 <style>
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+body{font-family:system-ui,sans-serif;margin:0 auto;padding:0 1.5em 2em;max-width:1800px;color:#222}
 header{position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ccc;z-index:1}
 section{margin-top:1.5em} h2{font-size:1.1em}
-.item{border-left:3px solid #ccc;padding-left:.6em;margin:.6em 0}
-.cards{display:flex;flex-wrap:wrap;gap:.6em}
-.card{width:190px;border:1px solid #ccc;border-radius:6px;padding:.4em;font-size:.8em}
-.card img{display:block;max-width:160px;max-height:160px;margin:0 auto .3em}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:.8em}
+.groups{display:flex;flex-wrap:wrap;gap:.8em;align-items:flex-start}
+.item{border:1px solid #ddd;border-left:4px solid #999;border-radius:6px;padding:.4em .5em;max-width:100%;
+  box-sizing:border-box}
+.item .cards{display:flex;flex-wrap:wrap;gap:.6em}
+.item .card{width:220px}
+.card{border:1px solid #ccc;border-radius:6px;padding:.5em;font-size:.8em;box-sizing:border-box;min-width:0;
+  display:flex;flex-direction:column}
+.card img{display:block;width:100%;height:160px;object-fit:contain;margin:0 0 .3em}
 .file{word-break:break-all;font-family:monospace}
+.facts{margin:.2em 0 .4em}
 .note{color:#555;font-size:.85em;margin:.2em 0}
-.controls button{margin:.15em .1em;font-size:.95em}
+.controls{margin-top:auto;display:flex;flex-wrap:wrap;gap:.25em;align-items:center}
+.controls button{font-size:.95em} .controls select{max-width:100%;min-width:0}
 .card.keep{border-color:#2a2;background:#efe} .card.exclude{border-color:#c22;background:#fee}
 .card.relabel{border-color:#27c;background:#eef6ff}
 button.on{font-weight:bold;outline:2px solid #333}

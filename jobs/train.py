@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from handler.model import preprocess_spec
 from handler.preprocess import Preprocessor
@@ -44,6 +43,7 @@ from jobs.data import EpochSampler, ImageFiles, SeededAugment, ShardSampler, loa
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_json, sweep_partials
 from jobs.model import build_model, freeze_backbone, head_module, head_path, split_backbone_head, weights_tag
+from jobs.progress import Bar, begin_stage
 from jobs.runtime import Runtime, barrier, default_num_workers, rng_state, seed_everything, set_rng_state
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what Kubernetes and Docker expect of a process that stopped on SIGTERM
@@ -65,6 +65,11 @@ class Stage:
     warmup_epochs: float = 0.0
     grad_clip: float = 0.0  # 0 = off
     patience: int | None = None  # early stopping on val loss
+
+
+def stage_titles(cfg: Config) -> list[str]:
+    """The names ``plan`` gives its stages in the run's stage counter (``jobs.progress``)."""
+    return ["train head"] + (["train finetune"] if cfg.finetune_epochs > 0 else [])
 
 
 def plan(cfg: Config) -> list[Stage]:
@@ -245,18 +250,18 @@ class ImageBatches:
 
 def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer, stage: Stage, epoch: int,
                     progress: Progress, rt: Runtime, interruptions: Interruptions | None = None,
-                    save=None, scaler: torch.amp.GradScaler | None = None) -> dict:
-    """One pass over ``batches`` (epoch 0-based), resuming ``progress.samples`` into it."""
+                    save=None, scaler: torch.amp.GradScaler | None = None, label: str = "") -> dict:
+    """One pass over ``batches`` (epoch 0-based), resuming ``progress.samples`` into it; ``label`` names
+    the stage in progress lines."""
     loss_fn = nn.CrossEntropyLoss()
     # A mid-epoch checkpoint holds the epoch's sums reduced over ranks: rank 0 carries them on.
     sums = {"loss": 0.0, "correct": 0.0, "seen": 0.0, **(progress.partial if rt.is_main else {})}
     first_step = progress.samples // batches.samples_per_step
     seen_here, start = 0, time.perf_counter()
-    bar = tqdm(batches.epoch(epoch, progress.samples), desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
-               total=batches.steps_per_epoch, initial=first_step, leave=False, disable=not rt.is_main,
-               dynamic_ncols=True)
+    bar = Bar(batches.steps_per_epoch, f"{label or stage.name}: epoch {epoch + 1}/{stage.epochs}", unit="batch",
+              initial=first_step, disable=not rt.is_main)
     lr = optimizer.param_groups[0]["lr"]
-    for step, (x, y) in enumerate(bar, start=first_step):
+    for step, (x, y) in enumerate(batches.epoch(epoch, progress.samples), start=first_step):
         factor = lr_factor(stage, epoch, step, batches.steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
@@ -285,7 +290,8 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
         sums["correct"] += (logits.argmax(1) == y).sum().item()
         sums["seen"] += n
         seen_here += n
-        bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}")
+        bar.set_postfix(f"loss={sums['loss'] / sums['seen']:.4f}")
+        bar.update()
         if interruptions is not None and step + 1 < batches.steps_per_epoch:
             checkpoint_now, stop = interruptions.check()
             if checkpoint_now:
@@ -298,6 +304,7 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
                     print(f"train: SIGTERM: checkpointed {stage.name} epoch {epoch + 1} after step {step + 1}; "
                           "re-run the same command to resume")
                     raise SystemExit(PREEMPTED_EXIT)
+    bar.close()
     loss_sum, correct, seen = _all_sum(rt, sums["loss"], sums["correct"], sums["seen"])
     seen_here = _all_sum(rt, seen_here)[0]
     progress.samples, progress.partial = 0, {}
@@ -370,6 +377,7 @@ def make_optimizer(model: nn.Module, cfg: Config, backbone_lr_div: float) -> tor
 
 def train(cfg: Config, paths: RunPaths, rt: Runtime, resume_mode: str = "auto") -> Path:
     """Train (or resume) and write checkpoints + ``metrics.json``; returns the metrics path."""
+    begin_stage(stage_titles(cfg)[0])  # the setup below is the first stage's time
     weights_tag(cfg.weights)  # a --weights file that is not there fails before any work
     if rt.is_main:
         sweep_partials(paths.checkpoints, paths.cache, paths.metrics)
@@ -410,7 +418,7 @@ def train(cfg: Config, paths: RunPaths, rt: Runtime, resume_mode: str = "auto") 
             resume = None
     if rt.is_main:
         write_metrics(paths, progress)
-    print(f"train: best {progress.best_epoch}")
+    print(f"train: {_best_sentence(progress.best_epoch, paths)}")
     barrier(rt)
     return paths.metrics
 
@@ -418,6 +426,7 @@ def train(cfg: Config, paths: RunPaths, rt: Runtime, resume_mode: str = "auto") 
 def run_stage(stage: Stage, cfg: Config, paths: RunPaths, rt: Runtime, model: nn.Module, splits: dict,
               progress: Progress, resume: dict | None, fp: str, interruptions: Interruptions) -> None:
     """The epoch loop of one stage: train, validate, log, select on val accuracy, checkpoint."""
+    clock = begin_stage(f"train {stage.name}")  # [5/9] train head, when a run counts its stages
     if stage.train_all:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -446,12 +455,13 @@ def run_stage(stage: Stage, cfg: Config, paths: RunPaths, rt: Runtime, model: nn
     def save(is_best: bool, head_only: bool = stage.on_features) -> None:
         save_checkpoint(paths, rt, fp, cfg, splits["classes"], model, optimizer, progress, is_best, head_only)
 
+    loop_started, first_epoch = time.monotonic(), progress.epoch
     while progress.epoch < stage.epochs and not progress.stopped_early:
         started = time.perf_counter()
         set_train_modes(model, stage.train_all, cfg.freeze_bn)
         interruptions.in_loop = True
         record = train_one_epoch(trained, batches, optimizer, stage, progress.epoch, progress, rt,
-                                 interruptions, save, scaler)
+                                 interruptions, save, scaler, clock.label)
         interruptions.in_loop = False
         val = validate(scored, val_batches, rt, batches.on_images)
         progress.epoch += 1
@@ -468,10 +478,9 @@ def run_stage(stage: Stage, cfg: Config, paths: RunPaths, rt: Runtime, model: nn
             else:
                 progress.bad_epochs += 1
                 progress.stopped_early = progress.bad_epochs >= stage.patience
-        print(f"{stage.name} epoch {progress.epoch}/{stage.epochs}: train_loss={record['train_loss']:.4f} "
-              f"val_loss={_fmt(record['val_loss'])} val_acc={_fmt(record['val_accuracy'])} "
-              f"({record['images_per_s']:.1f} img/s, {record['seconds']:.1f}s){' *best*' if is_best else ''}"
-              f"{' early stop' if progress.stopped_early else ''}")
+        print(f"{clock.label}: epoch {progress.epoch}/{stage.epochs}: {_epoch_summary(stage, record, is_best)}; "
+              f"{clock.timing(progress.epoch, stage.epochs, since=loop_started, done_before=first_epoch)}"
+              f"{f'; early stop: val loss not better for {stage.patience} epochs' if progress.stopped_early else ''}")
         save(is_best)
         interruptions.saved()
     if stage.on_features:
@@ -495,6 +504,31 @@ def _wrap(model: nn.Module, stage: Stage, cfg: Config, rt: Runtime) -> nn.Module
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def _best_sentence(best: dict, paths: RunPaths) -> str:
+    if not best:
+        return (f"no epoch had a val score (no val images), so none was chosen; evaluate and export use the last "
+                f"weights ({paths.checkpoints / checkpoints.LAST})")
+    accuracy = "n/a" if best["val_accuracy"] is None else f"{100 * best['val_accuracy']:.1f}%"
+    return (f"kept epoch {best['epoch']} of the {best['stage']} stage, chosen by {SELECTION_RULE} (val loss "
+            f"{_fmt(best['val_loss'])}, val accuracy {accuracy}); its weights are "
+            f"{paths.checkpoints / checkpoints.BEST}, which evaluate and export use")
+
+
+def _epoch_summary(stage: Stage, record: dict, is_best: bool) -> str:
+    """Losses, val accuracy, and a speed that says what it counts.
+
+    A cached-feature epoch pushes feature rows through the head alone, thousands a second; an
+    image epoch pushes images through the backbone too: one "img/s" for both swung 40x between
+    epochs and measured nothing a person could compare (the backbone's speed on the cached stage
+    is on the ``features:`` line).
+    """
+    accuracy = "n/a" if record["val_accuracy"] is None else f"{100 * record['val_accuracy']:.1f}%"
+    speed = (f"{record['images_per_s']:,.0f} feature rows/s through the head alone" if stage.on_features
+             else f"{record['images_per_s']:,.1f} img/s through backbone and head")
+    return (f"train loss {record['train_loss']:.4f}, val loss {_fmt(record['val_loss'])}, val accuracy {accuracy}"
+            f"{' (best so far)' if is_best else ''}; {speed}")
 
 
 # ----------------------------------------------------------------------------------------------

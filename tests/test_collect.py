@@ -13,6 +13,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -331,6 +332,7 @@ def test_default_policy_refuses_loopback_image_urls_without_requesting_them(serv
     assert server.requests_to("/img/") == []
     entry = next(iter(latest(tmp_path / "raw", "ants").values()))
     assert "loopback" in entry["error"] and "allow_private_addresses" in entry["error"]
+    assert summary["preview"] is None and not (tmp_path / "raw" / "collect_preview.png").exists()  # nothing to show
 
 
 @pytest.mark.parametrize("url", [
@@ -578,8 +580,12 @@ def test_a_kept_image_whose_bytes_were_lost_is_fetched_again(server, tmp_path):
 
 def test_run_end_to_end_from_fake_openverse(server, tmp_path):
     out = tmp_path / "run"
-    run_job("run", "--terms", "ants,bees", "--endpoint", server.url, "--allow-private-addresses",
-            "--weights", "none", "--epochs", "1", "--images-per-term", "12", "--min-images-per-class", "3",
-            "--num-workers", "0", "--requests-per-minute", "600", "--out", str(out))
+    log = run_job("run", "--terms", "ants,bees", "--endpoint", server.url, "--allow-private-addresses",
+                  "--weights", "none", "--epochs", "1", "--images-per-term", "12", "--min-images-per-class", "3",
+                  "--num-workers", "0", "--requests-per-minute", "600", "--out", str(out)).stdout
     assert (out / "model" / "model.pt").is_file()
     assert len(json.loads((out / "raw" / "attribution.json").read_text())) == 24
+    assert re.findall(r"^\[(\d)/8\] ([a-z ]+)$", log, re.M)[:2] == [("1", "collect"), ("2", "clean")]
+    page = (out / "report" / "index.html").read_text()  # the report names the search, and shows what it found
+    assert '<b id="collect-source">openverse</b>' in page and '<span id="terms">ants, bees</span>' in page
+    assert 'alt="collected images per search term (raw/collect_preview.png)"' in page

@@ -206,9 +206,9 @@ def _exported_model(out: Path) -> bytes:
 PREEMPTIBLE = {
     # Fine-tune: 6 steps per epoch, a checkpoint after every step (checkpoint_minutes ~ 6 ms).
     "finetune": (["--epochs", "1", "--feature-views", "1", "--finetune-epochs", "2", "--checkpoint-minutes", "0.0001"],
-                 b"finetune 2/2", "finetune"),
+                 b"train finetune: epoch 2/2:", "finetune"),
     # The full loop (the head stage without cached features): only SIGTERM checkpoints inside an epoch.
-    "full loop": (["--epochs", "2", "--no-cache-features"], b"head 2/2", "head"),
+    "full loop": (["--epochs", "2", "--no-cache-features"], b"train head: epoch 2/2:", "head"),
 }
 
 
@@ -219,7 +219,7 @@ def test_preempted_mid_epoch_then_resume_is_byte_identical(tmp_path: Path, small
     A SIGKILL loses at most the steps since the last (mid-epoch) checkpoint. Either way the same
     command then gives the model.pt an uninterrupted run gives, byte for byte, and the epoch lines
     reach the pipe as they happen."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "JOBS_PROGRESS_INTERVAL_S": "0"}  # a log line per step here
     env.pop("PYTHONUNBUFFERED", None)  # the job itself must flush its progress lines
     extra, marker, stage = PREEMPTIBLE[kind]
 
@@ -232,7 +232,7 @@ def test_preempted_mid_epoch_then_resume_is_byte_identical(tmp_path: Path, small
 
     stopped = _prepared_run(tmp_path, "stopped", small_data)
     proc, seen = _run_until(command(stopped), env, marker, steps_after=4)
-    assert f"{stage} epoch 1/2:".encode() in seen  # the first epoch's line arrived while the job ran
+    assert f"train {stage}: epoch 1/2: train loss".encode() in seen  # the first epoch's line arrived while it ran
     sent = time.monotonic()
     os.killpg(proc.pid, sig)
     rest = proc.communicate(timeout=120)[0]

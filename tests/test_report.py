@@ -11,20 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import FIXTURE_IMAGES
+from pages import split_counts_from_file
 from PIL import Image
 
 from jobs import report
 from jobs.clean import clean
 from jobs.config import RunPaths, load_config
 from jobs.errors import JobError
-from jobs.evaluate import calibration, compute_metrics, evaluate
+from jobs.evaluate import MIN_TEST_IMAGES, calibration, compute_metrics, evaluate, wilson_interval
 from jobs.fileio import atomic_write_text
 from jobs.runtime import setup
 from jobs.split import split
 from jobs.train import train
 
 CHROMIUM = Path("/usr/bin/chromium")
-PNGS = ("curves.png", "confusion_matrix.png", "predictions.png", "collect_preview.png")
+PNGS = ("curves.png", "confusion_matrix.png", "predictions.png", "training_images.png")
 SMALL = {"weights": "none", "epochs": 2, "finetune_epochs": 1, "feature_views": 2, "batch_size": 8,
          "min_images_per_class": 3, "num_workers": 0}
 
@@ -87,6 +88,19 @@ def test_metrics_agree_with_each_other_and_with_training(run):
         assert p["correct"] == (p["true"] == p["predicted"])
     assert 0.0 <= m["calibration"]["ece"] <= 1.0 and sum(b["count"] for b in m["calibration"]["table"]) == 4
     assert m["checkpoint"]["file"] == "best.pt" and m["checkpoint"]["best_epoch"] == training["best"]
+    right = int(np.trace(cm))
+    assert m["accuracy_ci95"] == pytest.approx(list(wilson_interval(right, 4))) == training["test_accuracy_ci95"]
+    assert m["accuracy_ci95"][0] < m["accuracy"] < m["accuracy_ci95"][1] or m["accuracy"] in (0.0, 1.0)
+    assert f"only 4 images (under {MIN_TEST_IMAGES})" in m["note"]  # 4 test images: a warning, not a verdict
+
+
+@pytest.mark.parametrize("right, n", [(0, 10), (2, 4), (4, 4), (45, 50), (81, 263), (999, 1000)])
+def test_wilson_interval_matches_scipy(right, n):
+    from scipy.stats import binomtest
+
+    expected = binomtest(right, n).proportion_ci(0.95, method="wilson")
+    assert wilson_interval(right, n) == pytest.approx((expected.low, expected.high), abs=1e-9)
+    assert wilson_interval(0, 0) is None
 
 
 def test_metric_functions_on_a_worked_example():
@@ -167,7 +181,7 @@ def test_empty_test_split_is_reported_not_fatal(run, tmp_path):
     m = _metrics(empty)
     assert m["count"] == 0 and m["accuracy"] is None and "test split" in m["note"]
     assert not (empty.report / "predictions.png").exists()
-    assert (empty.report / "curves.png").exists() and (empty.report / "collect_preview.png").exists()
+    assert (empty.report / "curves.png").exists() and (empty.report / "training_images.png").exists()
     page = index.read_text()
     assert 'id="accuracy">n/a<' in page and "test split" in page
 
@@ -181,3 +195,48 @@ def test_falls_back_to_last_checkpoint_and_names_a_missing_one(run, tmp_path):
     (copy.checkpoints / "last.pt").unlink()
     with pytest.raises(JobError, match="no checkpoint in .*run `python -m jobs train"):
         evaluate(cfg, copy, rt)
+
+
+def test_training_image_counts_come_from_splits_json(run, tmp_path):
+    """More training images than the sheet shows: the page says '16 of 42', not '16 of 16'."""
+    _, paths, _, _ = run
+    copy = _copy_run(paths, tmp_path / "run")
+    splits = json.loads(copy.splits.read_text())
+    for i in range(30):  # files the sheet cannot read show as crossed cells; they still count
+        splits["files"][f"dataset/ants/extra_{i:02d}.jpg"] = "train"
+    copy.splits.write_text(json.dumps(splits))
+    page = report.write_report(copy, _metrics(paths)).read_text()
+    counts = split_counts_from_file(copy.splits)
+    data_table = re.search(r'<table id="data">.*?</table>', page).group(0)
+    assert counts["ants"]["train"] == 42
+    for name, c in counts.items():
+        assert f'<span class="sampled" data-class="{name}">{min(16, c["train"])} of {c["train"]}</span>' in page
+        row = re.search(rf"<tr><td>{name}</td>((?:<td>[^<]*</td>)+)</tr>", data_table).group(1)
+        assert re.findall(r"<td>([^<]*)</td>", row)[-3:] == [str(c["train"]), str(c["val"]), str(c["test"])]
+    assert not (copy.report / "collect_preview.png").exists()
+
+
+def test_a_data_folder_run_shows_its_folder_and_no_collect_keys(run):
+    _, paths, _, index = run
+    page = index.read_text()
+    assert f'<code id="data-folder">{FIXTURE_IMAGES.resolve()}</code>' in page
+    config = re.search(r'<pre id="config">(.*?)</pre>', page, re.S).group(1)
+    assert not re.search(r"^(terms|source|images_per_term|licenses|endpoint):", config, re.M)
+    assert re.search(r"^epochs: 2$", config, re.M) and 'id="terms"' not in page
+    assert "collect_preview" not in page and not (paths.report / "collect_preview.png").exists()
+
+
+def test_a_collected_run_shows_its_terms_source_and_preview(run, tmp_path):
+    _, paths, _, _ = run
+    copy = _copy_run(paths, tmp_path / "run")
+    raw = copy.raw
+    shutil.copytree(FIXTURE_IMAGES, raw)
+    report.contact_sheet({c: sorted((raw / c).iterdir()) for c in ("ants", "bees")}, raw / "collect_preview.png")
+    (raw / "collect_report.json").write_text(json.dumps({"source": "openverse", "kept": {"ants": 16, "bees": 16}}))
+    clean_report = json.loads(copy.clean_report.read_text())
+    copy.clean_report.write_text(json.dumps({**clean_report, "data": str(raw.resolve())}))
+    page = report.write_report(copy, _metrics(paths)).read_text()
+    assert '<b id="collect-source">openverse</b>' in page and '<span id="terms">ants, bees</span>' in page
+    assert 'alt="collected images per search term (raw/collect_preview.png)"' in page
+    config = re.search(r'<pre id="config">(.*?)</pre>', page, re.S).group(1)
+    assert re.search(r"^terms:$", config, re.M)  # a collected run keeps its collect keys

@@ -6,22 +6,20 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from pages import horizontal_overflow, launch, needs_chromium, open_page, per_row, sync_api
 
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_json
 from jobs.review import ReviewServer, data_quality_html, render_review, review_server
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hymenoptera_small"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the system Chromium is used)")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Chromium: apt-get install -y chromium")
+pytestmark = needs_chromium
 
 
 def _files() -> tuple[list[str], list[str]]:
@@ -53,7 +51,7 @@ def test_review_page_persists_choices_and_exports_decisions(tmp_path):
     assert "http://" not in page_text and "https://" not in page_text and "<script src" not in page_text
 
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        browser = launch(p)
         try:
             page = browser.new_page(accept_downloads=True)
             page.goto(out.as_uri())
@@ -101,6 +99,34 @@ def test_review_page_persists_choices_and_exports_decisions(tmp_path):
     assert json.loads(saved.read_text()) == {"exclude": [ants[0]], "relabel": {bees[1]: "ants"}, "keep": [bees[0]]}
 
 
+def test_review_page_is_a_grid_that_uses_the_width(tmp_path):
+    ants, bees = _files()
+    long_name = "ants/" + "a-very-long-file-name-" * 8 + ".jpg"  # no image: a placeholder, and a name to wrap
+    audit = {
+        "near_duplicates": [{"files": ants[:2], "classes": ["ants"], "cross_class": False, "similarity": 0.99},
+                            {"files": ants[2:5], "classes": ["ants"], "cross_class": False, "similarity": 0.98},
+                            {"files": bees[:2], "classes": ["bees"], "cross_class": False, "similarity": 0.98}],
+        "label_issues": [{"file": f, "given": f.split("/")[0], "suggested": "bees" if f.startswith("ants") else "ants",
+                          "score": 0.99 - i / 100} for i, f in enumerate(ants[5:11] + bees[5:11])],
+        "outliers": [], "image_issues": [{"file": long_name, "issues": ["dark"]}], "estimated_noise": {},
+    }
+    out = render_review(audit, lambda f: (FIXTURE / f) if (FIXTURE / f).exists() else None, ["ants", "bees"],
+                        tmp_path / "review.html", storage_key=str(tmp_path))
+    with sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = open_page(browser, out.as_uri())
+            rows = per_row(page, "#label_issues .card")
+            assert sum(rows) == 12 and rows[0] >= 4, rows  # several cards a row at 1280 px, not one column
+            assert per_row(page, "#near_duplicates .item")[0] >= 2  # groups side by side
+            assert horizontal_overflow(page) == 0
+            page.screenshot(path=str(tmp_path / "review-1280.png"), full_page=True)
+            narrow = open_page(browser, out.as_uri(), width=420)  # a phone: one column, still no sideways scroll
+            assert max(per_row(narrow, "#label_issues .card")) == 1 and horizontal_overflow(narrow) == 0
+        finally:
+            browser.close()
+
+
 def _run_folder(tmp_path: Path) -> Path:
     run = tmp_path / "run"
     render_review(_audit(), lambda f: FIXTURE / f, ["ants", "bees"], run / "report" / "review.html",
@@ -126,7 +152,7 @@ def served(tmp_path: Path) -> Iterator[ReviewServer]:
 def test_save_to_run_writes_decisions_json_from_the_browser(served):
     ants, bees = _files()
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        browser = launch(p)
         try:
             page = browser.new_page()
             page.goto(served.url)

@@ -41,13 +41,19 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+def spread(paths: list[Path], count: int) -> list[Path]:
+    """Up to ``count`` of ``paths``, evenly spaced over the whole list (the first ``count`` of a sorted
+    folder would all be from one corner of it)."""
+    return paths[:: max(1, len(paths) // count)][:count]
+
+
 def _panel(name: str, paths: list[Path], per_class: int) -> Image.Image:
     cols = max(1, math.ceil(math.sqrt(per_class)))
     rows = max(1, math.ceil(per_class / cols))
     width, height = cols * (CELL + GAP) + GAP, TITLE_H + rows * (CELL + GAP) + GAP
     panel = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(panel)
-    shown = paths[:per_class]
+    shown = spread(paths, per_class)
     draw.text((GAP, 4), f"{name} ({len(shown)} of {len(paths)})" if paths else f"{name}: no images",
               fill=(0, 0, 0), font=_font(14))
     for i in range(cols * rows):
@@ -65,7 +71,8 @@ def _panel(name: str, paths: list[Path], per_class: int) -> Image.Image:
 
 
 def contact_sheet(images_by_class: dict[str, list[Path]], out_png: Path, per_class: int = 16) -> Path:
-    """Write a PNG with one panel per class: a near-square grid of the first ``per_class`` images."""
+    """Write a PNG with one panel per class: a near-square grid of ``per_class`` of its images, spread evenly
+    over the list, titled with how many of how many it shows."""
     panels = [_panel(name, [Path(p) for p in paths], per_class) for name, paths in images_by_class.items()]
     if not panels:
         panels = [_panel("no classes", [], per_class)]

@@ -29,11 +29,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from handler.cpus import usable_cpus
 from jobs.config import Config, RunPaths
 from jobs.fileio import atomic_write_json
+from jobs.progress import Bar
 
 from .attribution import write_attribution
 from .download import Body, Downloader, DownloadError, DownloadSettings, ImageInfo, Unfinished, inspect_image
@@ -146,10 +145,10 @@ class TermCollector:
         if summary.already_had < wanted and not self.deadline_passed():
             results = source.search(term, max(wanted * SEARCH_FACTOR, wanted + MIN_SEARCH_SLACK))
             candidates = self._candidates(term, results, summary)
-            with tqdm(total=wanted, initial=summary.already_had, desc=term, unit="img", file=sys.stderr) as bar:
+            with Bar(wanted, f"collect: {term}", unit="img", initial=summary.already_had) as bar:
                 self._download_until(term, wanted, candidates, summary, bar)
             if summary.search_error:
-                tqdm.write(f"search for {term!r} on {source.name} failed: {summary.search_error}", file=sys.stderr)
+                print(f"search for {term!r} on {source.name} failed: {summary.search_error}", file=sys.stderr)
         summary.kept = len(self.store.kept_entries(term))
         return summary
 
@@ -174,7 +173,7 @@ class TermCollector:
             yield _Job(term, result, retry=result.url in failed_before)
 
     def _download_until(self, term: str, wanted: int, candidates: Iterator[_Job], summary: TermSummary,
-                        bar: tqdm) -> None:
+                        bar: Bar) -> None:
         """Keep at most ``window`` candidates in flight, and never more than are still missing."""
         have, exhausted = summary.already_had, False
         pending: dict[Future, _Job] = {}
@@ -236,7 +235,7 @@ class TermCollector:
             (self.store.raw / job.term / name).unlink(missing_ok=True)
         return _entry(job.result, "duplicate", job.body, info, file=f"../{existing}")
 
-    def _count(self, job: _Job, entry: dict[str, Any], summary: TermSummary, bar: tqdm) -> int:
+    def _count(self, job: _Job, entry: dict[str, Any], summary: TermSummary, bar: Bar) -> int:
         """Tally one manifest entry; 1 when it kept an image."""
         source = self.sources.setdefault(job.result.source, SourceSummary())
         source.tried += 1
@@ -254,7 +253,7 @@ class TermCollector:
             reason = entry["error"].split(":", 1)[0]
             summary.failed[reason] += 1
             source.failed[reason] += 1
-            tqdm.write(f"  skip {entry['url']}: {entry['error']}", file=sys.stderr)
+            bar.write(f"  skip {entry['url']}: {entry['error']}", file=sys.stderr)
         return 0
 
 
@@ -299,8 +298,13 @@ def collect(cfg: Config, paths: RunPaths, *, retry_all: bool = False, settings: 
         store.close()
     kept = {term: store.kept_entries(term) for term in terms}
     attribution_md, attribution_json = write_attribution(paths.raw, kept)
-    preview = contact_sheet({t: [paths.raw / t / e["file"] for e in sorted(es, key=lambda e: e["file"])]
-                             for t, es in kept.items()}, paths.raw / "collect_preview.png")
+    preview: Path | None = paths.raw / "collect_preview.png"
+    if any(kept.values()):
+        contact_sheet({t: [paths.raw / t / e["file"] for e in sorted(es, key=lambda e: e["file"])]
+                       for t, es in kept.items()}, preview)
+    else:  # a sheet of empty panels previews nothing (and an old one shows images no longer here)
+        preview.unlink(missing_ok=True)
+        preview = None
     failed = sum((s.failed for s in summaries.values()), Counter())
     tried = sum(s.tried for s in collector.sources.values())
     lines = ["collect summary:", *(s.line(t) for t, s in summaries.items())]
@@ -328,7 +332,7 @@ def collect(cfg: Config, paths: RunPaths, *, retry_all: bool = False, settings: 
         "manifests": [str(store.manifests[t].path) for t in terms],
         "attribution_md": str(attribution_md),
         "attribution_json": str(attribution_json),
-        "preview": str(preview),
+        "preview": str(preview) if preview else None,
         "seconds": round(time.monotonic() - started, 1),
     }
     summary["report"] = str(atomic_write_json(paths.raw / REPORT, summary))
