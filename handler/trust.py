@@ -372,8 +372,12 @@ class Trust:
                    entry.get("min_confidence"))
 
     def assess(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-        """(calibrated probabilities (B, C), per image ``{"ood_score", "abstain", "abstain_reason"}``)."""
-        calibrated = calibrated_logits(logits, self.temperature)
+        """(calibrated probabilities (B, C), per image ``{"ood_score", "abstain", "abstain_reason"}``).
+
+        On the CPU whatever the model ran on (the score's state lives there; B x D floats move).
+        """
+        calibrated = calibrated_logits(logits.detach().cpu(), self.temperature)
+        features = features.detach().cpu()
         probabilities = calibrated.softmax(1)
         scores = self.score(features, calibrated)
         reasons = abstain_reasons(scores, probabilities.max(1).values, self.threshold, self.min_confidence)
