@@ -236,7 +236,7 @@ def _batches(items: list[Item], transform: Callable, seed: int, size: int) -> It
 @torch.inference_mode()
 def pooled_features(backbone: nn.Module, items: list[Item], seed: int, batch_size: int = 16,
                     autocast: torch.dtype | None = None) -> torch.Tensor:
-    """(N, D) float32 penultimate features: the head's input, as the served model's ``trust.HeadInput`` sees it.
+    """(N, D) float32 penultimate features: the head's input, as ``handler.model.Classifier`` gives it.
 
     ``autocast``: run the backbone under CPU autocast in this dtype (how a bf16 server computes them).
     """
@@ -252,18 +252,19 @@ def pooled_features(backbone: nn.Module, items: list[Item], seed: int, batch_siz
 @torch.inference_mode()
 def bn_fixture_features(items: list[Item]) -> torch.Tensor:
     """(N, 512) features of the tests' fixture backbone (random ResNet-18 convolutions, BatchNorm layers
-    trained on hymenoptera train/ alone), preprocessed as the job does (jobs/presets.py)."""
+    trained on hymenoptera train/ alone), preprocessed as the job does (handler/preprocess.py)."""
     from torchvision import models
     from torchvision.transforms import v2
 
     from bench.common import bn_backbone
-    from jobs.presets import eval_transform as job_eval_transform
+    from handler.model import preprocess_spec
+    from handler.preprocess import eval_transform as job_eval_transform
 
     model = models.resnet18()
     model.load_state_dict(torch.load(bn_backbone(BN_FIXTURE, CACHE / "resnet18_bn.pt"), weights_only=True))
     model.fc = nn.Identity()
     model.eval()
-    transform = v2.Compose([v2.PILToTensor(), job_eval_transform()])
+    transform = v2.Compose([v2.PILToTensor(), job_eval_transform(preprocess_spec("resnet18"))])
     return torch.cat([model(x) for x in _batches(items, transform, 0, 16)])
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 from handler import model as models
 from handler.preprocess import Preprocessor, image_header
 from handler.protocol import BadRequest, parse_topk, where
+from handler.trust import Trust
 
 logger = logging.getLogger(__name__)
 
@@ -33,31 +34,21 @@ MAX_ASPECT_RATIO = 16  # beyond this, Resize(short side) would blow a thin strip
 
 @dataclass
 class Outputs:
-    """A batch's model outputs, fp32 on the CPU: calibrated probabilities and the penultimate features."""
+    """A batch's answers before top-k, fp32 on the CPU: the calibrated probabilities, the raw logits, and per
+    image the trust fields (``ood_score``, ``abstain``, ``abstain_reason``; empty dicts for a model exported
+    without them)."""
 
     probs: torch.Tensor
-    features: torch.Tensor
     logits: torch.Tensor
-
-
-class Calibration:
-    """Calibrated probabilities: softmax(logits / T), T fit by the export on the val split (1 = none recorded)."""
-
-    def __init__(self, meta: dict):
-        self.temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits / self.temperature, dim=1)
-
-    def fields(self, features: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor) -> list[dict[str, Any]]:
-        return []
+    trust: list[dict[str, Any]]
 
 
 class ImageClassifier:
     """``model_dir`` holds ``metadata.json``, the weights file and what the trust fields need.
 
     ``options`` (all optional): topk, max_image_pixels, max_batch_pixels, precision (auto, fp32, bf16,
-    fp16), min_confidence -- the archive's model-config ``handler`` section, or a runtime's settings.
+    fp16), min_confidence (abstain below this calibrated top probability; overrides the export's) -- the
+    archive's model-config ``handler`` section, or a runtime's settings.
     """
 
     def __init__(self, model_dir: Path, device: torch.device, weights: Path | None = None,
@@ -78,7 +69,10 @@ class ImageClassifier:
         self.model, self.amp_dtype, self.precision = models.load_serving_model(
             self.meta, self.model_dir, weights or self.model_dir / "model.pt", device,
             str(options.get("precision", "auto")))
-        self.trust = Calibration(self.meta)
+        # Calibration and "none of these", as the export fit them; an archive from before them answers without.
+        self.trust = Trust.from_metadata(self.model_dir, self.meta["trust"]) if self.meta.get("trust") else None
+        if self.trust is not None and options.get("min_confidence") is not None:
+            self.trust.min_confidence = float(options["min_confidence"]) or None
 
     # -- admission and decoding -------------------------------------------------------------------
 
@@ -132,17 +126,19 @@ class ImageClassifier:
 
     def forward(self, batch: torch.Tensor) -> Outputs:
         features, logits = models.forward(self.model, batch, self.device, self.amp_dtype)
-        return Outputs(self.trust.probabilities(logits), features, logits)
+        if self.trust is None:
+            return Outputs(logits.softmax(1), logits, [{} for _ in range(len(logits))])
+        probs, fields = self.trust.assess(features, logits)
+        return Outputs(probs, logits, fields)
 
     def answers(self, outputs: Outputs, topk: list[int]) -> list[dict[str, Any]]:
         """Per image: ``predictions`` (top ``topk[i]``, most likely first) and the trust fields."""
-        fields = self.trust.fields(outputs.features, outputs.logits, outputs.probs)
         out = []
         for i, k in enumerate(topk):
             top = torch.topk(outputs.probs[i], min(k, len(self.classes)))
             predictions = [{"label": self.classes[c], "index": c, "probability": p}
                            for p, c in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
-            out.append({"predictions": predictions, **(fields[i] if fields else {})})
+            out.append({"predictions": predictions, **outputs.trust[i]})
         return out
 
     def topk(self, requested: Any) -> int:

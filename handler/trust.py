@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 FORMAT = 1
@@ -83,30 +82,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, prior_sigma: flo
 def calibrated_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``logits / T`` in float32; their softmax is the calibrated probabilities."""
     return logits.float() / temperature
-
-
-# ----------------------------------------------------------------------------------------------
-# penultimate features
-
-
-class HeadInput:
-    """Keeps the input of the classifier head (the penultimate features) of the latest forward pass.
-
-    A forward pre-hook on the head module: works on eager models and on torch.fx GraphModules (the
-    folded-BatchNorm serving model), where the head stays a called submodule. A quantized (int8)
-    head sees a quantized tensor; it is dequantized here.
-    """
-
-    def __init__(self, head: nn.Module):
-        self.features: torch.Tensor | None = None
-        self._handle = head.register_forward_pre_hook(self._keep)
-
-    def _keep(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0]
-        self.features = (x.dequantize() if x.is_quantized else x).detach().flatten(1)
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,6 +227,7 @@ def fit_score(name: str, features: torch.Tensor, labels: torch.Tensor, **options
 def save_score(path: Path, score: Score) -> Path:
     """Write ``score``'s state (plain tensors and a small dict) to ``path`` with torch.save, atomically."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     try:

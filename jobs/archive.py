@@ -80,7 +80,10 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
         raise JobError(f"config key 'model_name' must match {MODEL_NAME.pattern} for TorchServe "
                        f"(got {cfg.model_name!r})")
     meta = read_json(paths.model / "metadata.json")
-    int8 = [p for p in [paths.model / INT8_WEIGHTS] if p.is_file()]  # when the export offered int8
+    optional = [paths.model / INT8_WEIGHTS]  # when the export offered int8
+    if meta.get("trust"):
+        optional.append(paths.model / meta["trust"]["file"])  # the OOD score's state
+    optional = [p for p in optional if p.is_file()]
     store = ensure_writable_dir(paths.model_store)
     target = store / f"{cfg.model_name}.mar"
     _sweep_leftover_work(store)
@@ -94,7 +97,7 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
         # entry by entry into the archive's root, so a comma in the user's paths cannot split a file.
         extras = work / "extra"
         (extras / "handler").mkdir(parents=True)
-        for src in (paths.model / "index_to_name.json", paths.model / "metadata.json", *int8):
+        for src in (paths.model / "index_to_name.json", paths.model / "metadata.json", *optional):
             link_or_copy(src, extras / src.name)
         for src in handler_dir().glob("*.py"):  # the serving package, whole
             link_or_copy(src, extras / "handler" / src.name)

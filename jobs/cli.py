@@ -152,7 +152,7 @@ RETRY_ALL = click.option("--retry-all", is_flag=True,
 @config_options("run")
 def run(config_file: Path | None, out: Path, data: Path | None, resume: str | None, decisions_file: Path | None,
         retry_all: bool, **overrides: Any) -> None:
-    """The whole job: [collect] -> clean -> audit -> split -> train -> evaluate -> export -> archive."""
+    """The whole job: [collect] -> clean -> audit -> split -> train -> export -> evaluate -> archive."""
     from jobs import archive, clean, evaluate, export, split, train
     from jobs.progress import Stages
     from jobs.runtime import barrier, setup, teardown
@@ -161,7 +161,7 @@ def run(config_file: Path | None, out: Path, data: Path | None, resume: str | No
     rt = setup(cfg)
     # The stage counter: [3/9] split ... train begins its own stages (head, finetune) in it.
     stages = Stages([*(["collect"] if data is None else []), "clean", "audit", "split", *train.stage_titles(cfg),
-                     "evaluate", "export", "archive"])
+                     "export", "evaluate", "archive"])
     try:
         with stages:
             if rt.is_main:
@@ -179,10 +179,10 @@ def run(config_file: Path | None, out: Path, data: Path | None, resume: str | No
             barrier(rt)
             train.train(cfg, paths, rt, resume or "auto")
             if rt.is_main:
+                stages.begin("export")  # before evaluate: the report measures the answers as served
+                export.export(cfg, paths)
                 stages.begin("evaluate")
                 evaluate.evaluate(cfg, paths, rt)
-                stages.begin("export")
-                export.export(cfg, paths)
                 stages.begin("archive")
                 mar = archive.archive(cfg, paths)
         if rt.is_main:
@@ -255,7 +255,7 @@ def train(config_file: Path | None, out: Path, resume: str | None, **overrides: 
 @cli.command()
 @config_options("evaluate")
 def evaluate(config_file: Path | None, out: Path, **overrides: Any) -> None:
-    """Score the best checkpoint on the test split and write the report/ folder."""
+    """Score the best checkpoint on the test split (and the exported model's answers as served) into report/."""
     from jobs.evaluate import evaluate as evaluate_stage
     from jobs.runtime import setup
 

@@ -128,6 +128,10 @@ class Config:
     max_batch_pixels: int = _key(200_000_000, "Pixels one served batch may decode (a request above it gets 413).", commands=ARCHIVE, lo=1, hi=10**12)
     serve_precision: str = _key("auto", "auto: bf16 where native and the export check allows, else fp32; int8: also offer int8 when it is faster at <= 0.5 points of val accuracy lost.", commands=EXPORT, choices=("auto", "int8"))
     serve_tuning: str = _key("machine", "machine: the server picks workers/batching for its machine; archive: pack serve_batch_size, max_batch_delay_ms, min/max_workers into the .mar.", commands=ARCHIVE, choices=("machine", "archive"))
+    # -- trust ---------------------------------------------------------------------------------
+    ood_keep: float = _key(0.95, "Export: the share of in-distribution val images the \"unlike the training images\" threshold keeps (the rest of such images are abstained on).", commands=EXPORT, lo=0, lo_open=True, hi=1)
+    min_confidence: float = _key(0.0, "Export: also abstain (\"low confidence\") when the calibrated top probability is below this (0 = off).", commands=EXPORT, lo=0, hi=1)
+    ood_data: str | None = _key(None, "Evaluate: a folder of images of none of the classes; the report measures how well the model tells them apart (AUROC, abstain rate).", commands=EVALUATE)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,31 +2,37 @@
 
 Per-image probabilities are collected once; every number in ``report/metrics.json`` (accuracy,
 per-class precision/recall/F1, confusion matrix, calibration) is derived from them, so the
-numbers agree with each other by construction. ``jobs.report`` turns them into pictures and
-one self-contained ``index.html``.
+numbers agree with each other by construction. When the model is exported, the served answers
+(calibrated probabilities, ``ood_score``, ``abstain``) are measured too, on the test split and on
+images of none of the classes (``ood_data``). ``jobs.report`` turns them into pictures and one
+self-contained ``index.html``.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from handler import trust
 from handler.model import preprocess_spec
 from handler.preprocess import Preprocessor
 from jobs import checkpoints, report
 from jobs.config import Config, RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
 from jobs.errors import JobError
-from jobs.fileio import atomic_write_json, read_run_file, sweep_partials
+from jobs.fileio import atomic_write_json, read_json, read_run_file, sweep_partials
 from jobs.model import build_model
+from jobs.predict import predict
 from jobs.runtime import Runtime, default_num_workers
 from jobs.train import SELECTION_RULE, predict_logits
 
 ECE_BINS = 15
+MAX_EXAMPLES = 12  # images shown per kind in the report's "Unknown inputs"
 TOP_CONFUSED = 5
 MIN_TEST_IMAGES = 50  # below this the 95 % interval of the accuracy is wider than about +-14 points
 Z_95 = 1.959963984540054  # the standard normal's 97.5 % quantile
@@ -167,6 +173,7 @@ def evaluate(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
                               [path for path, _ in items])
     metrics["classes"] = classes
     metrics["checkpoint"] = checkpoint
+    metrics["trust"] = served_trust(cfg, paths, splits, checkpoint, items, rt)
     note = (small_test_note(len(items), metrics["accuracy_ci95"], paths.splits) if items else
             f"the test split in {paths.splits} is empty: no accuracy to report; "
             "collect more images or raise --test-fraction and re-run split")
@@ -180,6 +187,66 @@ def evaluate(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     shown = "n/a" if acc is None else f"{100 * acc:.1f}% (95% interval {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%)"
     print(f"evaluate: test accuracy {shown} on {len(items)} images ({checkpoint['file']}); report: {index}")
     return index
+
+
+def served_trust(cfg: Config, paths: RunPaths, splits: dict, checkpoint: dict, items: list[tuple[str, int]],
+                 rt: Runtime) -> dict:
+    """What the exported model answers, as served (``jobs.predict``: calibration and the OOD threshold the
+    export fit): on the test split, and on ``cfg.ood_data`` (images of none of the classes) when given.
+
+    ``{"note": why not}`` when model/ is missing, was exported from other weights, or fit no trust fields.
+    """
+    meta_file = paths.model / "metadata.json"
+    meta = read_json(meta_file) if meta_file.exists() else {}
+    if not meta:
+        return {"note": f"{paths.model} not exported yet: run `python -m jobs export --out {paths.out}`, then "
+                        "evaluate, to see calibrated probabilities and how the model treats unknown inputs"}
+    if (meta.get("split_hash"), meta.get("best_epoch")) != (splits["split_hash"], checkpoint["best_epoch"]):
+        return {"note": f"{paths.model} was exported from other weights than {checkpoint['file']}; re-run export"}
+    if not meta.get("trust"):
+        return {"note": "the export fit no calibration or OOD threshold (no val images)"}
+    entry = meta["trust"]
+    test = list(predict(paths.model, [paths.out / p for p, _ in items], batch_size=cfg.batch_size, device=rt.device))
+    y_true = np.array([label for _, label in items], dtype=np.int64)
+    probs = np.array([r["probabilities"] for r in test]).reshape(len(test), len(splits["classes"]))
+    correct = probs.argmax(1) == y_true if len(test) else np.zeros(0, bool)
+    abstained = np.array([r["abstain"] for r in test], dtype=bool)
+    doc = {"score": entry["score"], "threshold": entry["threshold"], "keep": entry["keep"],
+           "temperature": entry["temperature"], "min_confidence": entry.get("min_confidence"),
+           "calibration": calibration(probs.max(1) if len(test) else np.zeros(0), correct),
+           "test": {"images": len(test), "abstained": int(abstained.sum()),
+                    "abstain_rate": float(abstained.mean()) if len(test) else None,
+                    "answered_accuracy": float(correct[~abstained].mean()) if (~abstained).any() else None,
+                    "reasons": dict(Counter(r["abstain_reason"] for r in test if r["abstain"])),
+                    "abstained_examples": [_example(r, paths.out) for r in test if r["abstain"]][:MAX_EXAMPLES]}}
+    if cfg.ood_data:
+        doc["ood_data"] = _ood_data(Path(cfg.ood_data), paths, rt, cfg.batch_size, [r["ood_score"] for r in test])
+    return doc
+
+
+def _ood_data(folder: Path, paths: RunPaths, rt: Runtime, batch_size: int, test_scores: list[float]) -> dict:
+    """How the served model treats images of none of the classes: separation from the test split, abstain rate."""
+    if not folder.is_dir():
+        raise EvaluateError(f"ood_data {folder} is not a folder; pass a folder of images of none of the classes")
+    answers = list(predict(paths.model, [folder], batch_size=batch_size, device=rt.device))
+    good = [r for r in answers if "error" not in r]
+    scores = torch.tensor([r["ood_score"] for r in good], dtype=torch.float64)
+    in_scores = torch.tensor(test_scores, dtype=torch.float64)
+    separable = len(good) > 0 and len(test_scores) > 0
+    passed = sorted((r for r in good if not r["abstain"]), key=lambda r: r["ood_score"])
+    return {"folder": str(folder), "images": len(good), "unreadable": len(answers) - len(good),
+            "abstain_rate": float(np.mean([r["abstain"] for r in good])) if good else None,
+            "auroc": trust.auroc(in_scores, scores) if separable else None,
+            "fpr_at_tpr": trust.fpr_at_tpr(in_scores, scores) if separable else None,
+            "passed_examples": [_example(r, folder) for r in passed][:MAX_EXAMPLES],
+            "abstained_examples": [_example(r, folder) for r in good if r["abstain"]][:MAX_EXAMPLES]}
+
+
+def _example(answer: dict, root: Path) -> dict:
+    top = answer["predictions"][0]
+    return {"file": str(Path(answer["file"]).relative_to(root)), "predicted": top["label"],
+            "probability": top["probability"], "ood_score": answer["ood_score"], "abstain": answer["abstain"],
+            "abstain_reason": answer["abstain_reason"]}
 
 
 def _record_test_score(paths: RunPaths, metrics: dict, probs: np.ndarray, items: list[tuple[str, int]]) -> None:

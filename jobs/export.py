@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 import torchvision
 
+from handler import trust
 from handler.model import is_timm, preprocess_spec
 from jobs import __version__, checkpoints
+from jobs.calibrate import fit_trust
 from jobs.config import Config, RunPaths
 from jobs.data import load_splits
 from jobs.errors import JobError
@@ -55,7 +57,6 @@ def build_metadata(cfg: Config, splits: dict, metrics: dict) -> dict:
         "jobs_version": __version__,
         "data_hash": splits["data_hash"],
         "split_hash": splits["split_hash"],
-        "test_accuracy": metrics.get("test_accuracy"),
         "best_epoch": metrics.get("best"),
         "best_epoch_rule": metrics.get("selection"),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -69,7 +70,8 @@ def _timm_version() -> str:
 
 
 def export(cfg: Config, paths: RunPaths) -> Path:
-    """Write ``model/{model.pt,index_to_name.json,metadata.json}``; returns the model folder.
+    """Write ``model/{model.pt,index_to_name.json,metadata.json}`` and the trust fields' score file; returns the
+    model folder.
 
     The architecture, weights and label order come from the checkpoint, never from this command's
     options: ``cfg`` only names and versions the model.
@@ -92,6 +94,10 @@ def export(cfg: Config, paths: RunPaths) -> Path:
     build_model(trained.arch, len(splits["classes"]), "none").load_state_dict(state)
     meta = build_metadata(trained, splits, metrics)
     meta["serve_precision"] = precision_record(trained, paths, meta, state)  # bf16/int8 only where answers hold
+    (paths.model / trust.SCORE_FILE).unlink(missing_ok=True)  # a previous export's bank belongs to other weights
+    entry = fit_trust(trained, paths, meta, state)  # calibration and "none of these", in the serving precision
+    if entry is not None:
+        meta["trust"] = entry
     license_summary = _license_summary(paths)
     if license_summary:
         meta["data_licenses"] = license_summary

@@ -118,17 +118,16 @@ def worst_first(predictions: list[dict], limit: int = MAX_PREDICTIONS_SHOWN) -> 
     return (wrong + right)[:limit]
 
 
-def plot_predictions(run_dir: Path, predictions: list[dict], out_png: Path) -> Path:
-    """The human sanity test: each image titled 'true -> predicted (p)', mistakes framed in red."""
-    shown = worst_first(predictions)
-    cols = min(GRID_COLUMNS, len(shown))
-    rows = -(-len(shown) // cols)
+def plot_grid(entries: list[tuple[Path, str, bool]], title: str, out_png: Path) -> Path:
+    """Thumbnails titled ``(image, caption, good)``: a bad one in bold with a thick red frame."""
+    cols = min(GRID_COLUMNS, len(entries))
+    rows = -(-len(entries) // cols)
     fig = Figure(figsize=(2.6 * cols, 2.9 * rows))
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax in axes:
         ax.set_axis_off()
-    for ax, p in zip(axes, shown):
-        pixels = _thumbnail(run_dir / p["file"])
+    for ax, (image, caption, good) in zip(axes, entries):
+        pixels = _thumbnail(image)
         ax.set_axis_on()
         ax.set_xticks([])
         ax.set_yticks([])
@@ -136,15 +135,48 @@ def plot_predictions(run_dir: Path, predictions: list[dict], out_png: Path) -> P
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
         else:
             ax.imshow(pixels)
-        color = RIGHT if p["correct"] else WRONG
-        ax.set_title(f"{p['true']} -> {p['predicted']} ({p['probability']:.2f})", fontsize=9, color=color,
-                     fontweight="normal" if p["correct"] else "bold")
+        color = RIGHT if good else WRONG
+        ax.set_title(caption, fontsize=9, color=color, fontweight="normal" if good else "bold")
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
-            spine.set_linewidth(1 if p["correct"] else 5)
+            spine.set_linewidth(1 if good else 5)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, out_png)
+
+
+def plot_predictions(run_dir: Path, predictions: list[dict], out_png: Path) -> Path:
+    """The human sanity test: each image titled 'true -> predicted (p)', mistakes framed in red."""
+    shown = worst_first(predictions)
     wrong = sum(not p["correct"] for p in predictions)
-    fig.suptitle(f"test images: {wrong} of {len(predictions)} misclassified (red frame); "
-                 f"showing {len(shown)}, most confidently wrong first", fontsize=11)
+    return plot_grid([(run_dir / p["file"], f"{p['true']} -> {p['predicted']} ({p['probability']:.2f})",
+                       p["correct"]) for p in shown],
+                     f"test images: {wrong} of {len(predictions)} misclassified (red frame); "
+                     f"showing {len(shown)}, most confidently wrong first", out_png)
+
+
+def plot_unknown(root: Path, examples: list[dict], title: str, out_png: Path) -> Path:
+    """Images the served model answered on: the predicted class and its OOD score; answered ones framed red
+    (for images of none of the classes an answer is a mistake), abstained ones green."""
+    return plot_grid([(root / e["file"], f"{e['predicted']} {e['probability']:.2f}, ood {e['ood_score']:.2f}"
+                       + (" (abstained)" if e["abstain"] else ""), e["abstain"]) for e in examples], title, out_png)
+
+
+def plot_reliability(before: dict, after: dict, out_png: Path) -> Path:
+    """Accuracy against confidence per bin, before and after temperature scaling; the diagonal is perfect."""
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
+    for curve, style, name in ((before, "o-", "softmax"), (after, "s-", "calibrated (served)")):
+        bins = [b for b in curve["table"] if b["count"]]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style,
+                label=f"{name}: ECE {curve['ece']:.3f}" if curve["ece"] is not None else name)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("reliability on the test split")
     return _save(fig, out_png)
 
 
@@ -221,6 +253,14 @@ window.addEventListener("load", function () {{
 """
 
 
+def _ece_html(metrics: dict) -> str:
+    """The softmax's ECE, and the served (temperature-scaled) one where the export fit a temperature."""
+    before = metrics["calibration"]["ece"]
+    after = ((metrics.get("trust") or {}).get("calibration") or {}).get("ece")
+    shown = "n/a" if before is None else f"{before:.3f}"
+    return shown if after is None else f"{shown}</b>, served (calibrated) <b id=\"ece-served\">{after:.3f}"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -263,6 +303,36 @@ def _results_sections(metrics: dict, figures: dict[str, Path]) -> list[str]:
         sections.append(_section(f"All misclassified test images ({len(wrong)})",
                                  _table(["file", "true", "predicted", "probability"], rows, "misclassified")))
     return sections
+
+
+def _unknown_section(metrics: dict, figures: dict[str, Path]) -> str:
+    """How the served model answers images unlike its training images: abstain rates, separation, examples."""
+    served = metrics.get("trust") or {}
+    if "note" in served or not served:
+        return _section("Unknown inputs", f"<p>{html.escape(served.get('note', 'not measured'))}</p>")
+    test, ood = served["test"], served.get("ood_data")
+    reasons = ", ".join(f"{n} {html.escape(r)}" for r, n in test["reasons"].items()) or "none"
+    rows = [["test split (the classes)", test["images"], f'{test["abstained"]} ({_pct(test["abstain_rate"])})',
+             reasons, _pct(test["answered_accuracy"]), ""]]
+    if ood:
+        rows.append([f"--ood-data {html.escape(ood['folder'])}", ood["images"], _pct(ood["abstain_rate"]),
+                     "", "", "n/a" if ood["auroc"] is None else f"{ood['auroc']:.3f}"])
+    body = (f"<p>Every answer carries <code>ood_score</code> ({html.escape(served['score'])} distance to the "
+            f"training images' features; higher = less like them) and <code>abstain</code>: true above "
+            f"{served['threshold']:.4f}, the score that keeps {_pct(served['keep'])} of the val images"
+            + (f", or below a calibrated top probability of {served['min_confidence']}" if served["min_confidence"]
+               else "")
+            + f". Probabilities are calibrated by temperature {served['temperature']:.3f} (fit on the val split).</p>"
+            + _table(["images", "count", "abstained", "why", "accuracy of the answers given",
+                      "AUROC (test split vs these)"], rows, "unknown-inputs"))
+    if not ood:
+        body += ("<p>Pass <code>--ood-data DIR</code> (images of none of the classes) to evaluate to measure how "
+                 "well the model tells them apart.</p>")
+    for key, alt in (("reliability", "reliability diagram"), ("ood_passed", "unknown images answered as a class"),
+                     ("ood_abstained", "unknown images abstained on"), ("test_abstained", "test images abstained on")):
+        if key in figures:
+            body += _img(figures[key], alt)
+    return _section("Unknown inputs", body)
 
 
 def _source_html(source: dict) -> str:
@@ -340,7 +410,8 @@ def render_html(paths: RunPaths, metrics: dict, splits: dict, figures: dict[str,
     checkpoint = metrics["checkpoint"]
     best = checkpoint.get("best_epoch") or {}
     source = run_source(paths)
-    sections = _results_sections(metrics, figures) + _quality_section(paths, splits) + [
+    sections = _results_sections(metrics, figures) + [_unknown_section(metrics, figures)] + \
+        _quality_section(paths, splits) + [
         _data_section(paths, splits, figures, source),
         _section("Run configuration", f"<pre id=\"config\">{_config_html(paths, source)}</pre>"),
     ]
@@ -354,7 +425,7 @@ def render_html(paths: RunPaths, metrics: dict, splits: dict, figures: dict[str,
                   if interval else ""),
         macro_f1="n/a" if metrics["macro_f1"] is None else f"{metrics['macro_f1']:.3f}",
         bins=metrics["calibration"]["bins"],
-        ece="n/a" if metrics["calibration"]["ece"] is None else f"{metrics['calibration']['ece']:.3f}",
+        ece=_ece_html(metrics),
         checkpoint=html.escape(checkpoint["file"]),
         best=f" ({html.escape(str(best.get('stage')))} epoch {best.get('epoch')}, val loss {best.get('val_loss'):.4f}, "
              f"val accuracy {_pct(best.get('val_accuracy'))}; chosen by {html.escape(checkpoint.get('selection', ''))})"
@@ -388,7 +459,33 @@ def _write_report(paths: RunPaths, metrics: dict) -> Path:
     else:
         for stale in ("confusion_matrix.png", "predictions.png"):  # from an earlier run with test images
             (report / stale).unlink(missing_ok=True)
+    figures.update(_unknown_figures(paths, metrics))
     (report / "collect_preview.png").unlink(missing_ok=True)  # earlier versions' name for training_images.png
     figures["training_images"] = contact_sheet(training_images_by_class(paths, splits),
                                                report / "training_images.png", SAMPLE_PER_CLASS)
     return atomic_write_text(report / "index.html", render_html(paths, metrics, splits, figures, notes))
+
+
+def _unknown_figures(paths: RunPaths, metrics: dict) -> dict[str, Path]:
+    """The reliability diagram and example grids of "Unknown inputs"; stale ones from an earlier run removed."""
+    report, served = paths.report, metrics.get("trust") or {}
+    wanted: dict[str, tuple] = {}
+    if served.get("test", {}).get("images"):
+        wanted["reliability"] = (plot_reliability, metrics["calibration"], served["calibration"])
+        examples = served["test"]["abstained_examples"]
+        if examples:
+            wanted["test_abstained"] = (plot_unknown, paths.out, examples, "test images the model abstained on")
+    ood = served.get("ood_data") or {}
+    for key, what in (("passed", "answered as one of the classes (red: a mistake)"), ("abstained", "abstained on")):
+        if ood.get(f"{key}_examples"):
+            wanted[f"ood_{key}"] = (plot_unknown, Path(ood["folder"]), ood[f"{key}_examples"],
+                                    f"images of none of the classes {what}")
+    figures = {}
+    for key in ("reliability", "test_abstained", "ood_passed", "ood_abstained"):
+        png = report / f"unknown_{key}.png" if key != "reliability" else report / "reliability.png"
+        if key in wanted:
+            plot, *args = wanted[key]
+            figures[key] = plot(*args, png)
+        else:
+            png.unlink(missing_ok=True)
+    return figures

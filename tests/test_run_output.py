@@ -14,7 +14,7 @@ from pages import horizontal_overflow, launch, needs_chromium, open_page, split_
 
 from jobs.evaluate import wilson_interval
 
-STAGES = ["clean", "audit", "split", "train head", "train finetune", "evaluate", "export", "archive"]
+STAGES = ["clean", "audit", "split", "train head", "train finetune", "export", "evaluate", "archive"]
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from torchserve_fixture import (
     unused_ports,
 )
 
+from bench.trust import generated_image
 from handler import scheduler
 from jobs.archive import handler_dir
 from jobs.config import load_config
@@ -91,6 +92,12 @@ def assert_matches_offline(predictions: list[dict], reference: dict, k: int) -> 
         assert p["probability"] == pytest.approx(reference["probabilities"][p["index"]], abs=1e-4)
 
 
+def assert_same_trust(answer: dict, reference: dict) -> None:
+    """ood_score, abstain and abstain_reason as `jobs predict` gives them."""
+    assert answer["ood_score"] == pytest.approx(reference["ood_score"], abs=1e-4)
+    assert (answer["abstain"], answer["abstain_reason"]) == (reference["abstain"], reference["abstain_reason"])
+
+
 @pytest.mark.parametrize("model, k", [("two", 2), ("seven", 5)])
 def test_http_probabilities_equal_offline_predict(served: Served, model: str, k: int):
     files = PHOTOS[::4]
@@ -100,6 +107,26 @@ def test_http_probabilities_equal_offline_predict(served: Served, model: str, k:
         assert r.status_code == 200, r.text
         assert r.headers["content-type"].startswith("application/json")
         assert_matches_offline(r.json()["predictions"], ref, k)
+        assert_same_trust(r.json(), ref)
+
+
+def test_an_image_of_none_of_the_classes_is_abstained_on_in_every_body_shape(served: Served, tmp_path: Path):
+    """Calibrated probabilities, ood_score and abstain come back from TorchServe as from `jobs predict`."""
+    image = tmp_path / "stripes.png"
+    generated_image(5)[1].save(image)
+    (ref,) = predict(served.model_dirs["two"], [image])
+    assert ref["abstain"] and ref["abstain_reason"] == "unlike the training images"
+    single = served.predict("two", data=image.read_bytes()).json()
+    assert_matches_offline(single["predictions"], ref, 2)
+    assert_same_trust(single, ref)
+    v1 = served.predict("two", json={"instances": [{"data": b64(image.read_bytes())}] * 2}).json()
+    assert v1["abstain"] == [True, True] and v1["abstain_reason"] == ["unlike the training images"] * 2
+    assert v1["ood_score"] == pytest.approx([ref["ood_score"]] * 2, abs=1e-4)
+    v2 = served.predict("two", json={"inputs": [{"name": "img", "shape": [1], "datatype": "BYTES",
+                                                  "data": [b64(image.read_bytes())]}]}).json()
+    outputs = {o["name"]: o for o in v2["outputs"]}
+    assert outputs["abstain"]["datatype"] == "BOOL" and outputs["abstain"]["data"] == [True]
+    assert outputs["ood_score"]["data"] == pytest.approx([ref["ood_score"]], abs=1e-4)
 
 
 def test_every_input_form_over_http(served: Served):
