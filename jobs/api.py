@@ -100,7 +100,7 @@ def summary(cfg: Config, paths: RunPaths, data: PathLike | None) -> str:
     """What ``run`` is about to do, in two lines (every setting is in ``OUT/config.yaml``)."""
     source = (f"images from {data}" if data is not None else
               f"up to {cfg.images_per_term} images each of {', '.join(cfg.terms)} from {cfg.source}")
-    weights = {"imagenet": "ImageNet weights", "none": "random weights"}.get(cfg.weights, f"weights {cfg.weights}")
+    weights = {"imagenet": "ImageNet weights", "none": "random weights"}.get(cfg.weights, f"weights from {cfg.weights}")
     finetune = f" + {cfg.finetune_epochs} fine-tune epochs" if cfg.finetune_epochs else ""
     stages = PIPELINE[1:] if data is not None else PIPELINE
     return (f"run: {' -> '.join(stages)}: {source} into {paths.out} (all settings: {paths.config})\n"

@@ -23,7 +23,6 @@ from jobs.config import Config, RunPaths, keys_for
 from jobs.errors import JobError, shown_program
 
 CONNECT_TIMEOUT_S = 3.0
-TIMM_PREFIX = "timm/"  # --arch timm/<name>: a timm backbone
 OFFLINE_WEIGHTS_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "offline_weights.py"
 OFFLINE_ARCH = "timm/tf_efficientnet_lite0"
 OFFLINE_WEIGHTS_FILE = "weights/tf_efficientnet_lite0.pth"
@@ -45,14 +44,13 @@ def check(command: str, cfg: Config, paths: RunPaths, data: str | os.PathLike | 
 
 
 def check_weights(arch: str, weights: str) -> None:
-    if weights == "none":
-        return
+    from handler.model import TIMM_PREFIX, is_timm
+    from jobs.model import weights_tag
+
     if weights != "imagenet":
-        if not Path(weights).is_file():
-            raise JobError(f"weights file {weights} not found; use --weights imagenet, none, or a state_dict path")
+        weights_tag(weights)  # a weights file that is not there is named now, not after clean
         return
-    timm_name = arch.removeprefix(TIMM_PREFIX)
-    where = _timm_weights(timm_name) if arch.startswith(TIMM_PREFIX) else _torchvision_weights(arch)
+    where = _timm_weights(arch.removeprefix(TIMM_PREFIX)) if is_timm(arch) else _torchvision_weights(arch)
     if where is None:
         return  # an arch without known ImageNet weights: building the model names the problem
     url, cached, cache_place = where
@@ -104,7 +102,7 @@ def _timm_weights(name: str) -> tuple[str, bool, str] | None:
         cached = any(isinstance(huggingface_hub.try_to_load_from_cache(repo, n, revision=revision or None), str)
                      for n in names)
         if not cached and constants.HF_HUB_OFFLINE:
-            raise OfflineError(f"HF_HUB_OFFLINE is set and the ImageNet weights for {TIMM_PREFIX}{name} "
+            raise OfflineError(f"HF_HUB_OFFLINE is set and the ImageNet weights for timm/{name} "
                                f"({repo}) are not in the Hugging Face cache {constants.HF_HUB_CACHE}; use --weights "
                                f"none, a local state_dict (--weights FILE), or the offline real backbone: "
                                f"{offline_backbone_hint()}")

@@ -347,8 +347,8 @@ def launch(cfg: Config, model_store: Path, workdir: Path, *, host: str, port: in
         server.stop()
         raise
     hint = curl_hint(server, cfg.model_name if cfg.model_name in names else names[0])
-    print(f"serving {', '.join(names)} from {Path(model_store).resolve()}, {tuning_line(plan, models)}\n"
-          f"logs and key_file.json: {server.workdir}\n{hint}", flush=True)
+    print(f"serving {', '.join(names)} from {shown_path(Path(model_store).resolve())}, {tuning_line(plan, models)}\n"
+          f"logs and key_file.json: {shown_path(server.workdir)}\n{hint}", flush=True)
     return server
 
 

@@ -82,6 +82,17 @@ def quick_start_script(readme: str) -> str:
     return block.group(1)
 
 
+def json_documents(text: str) -> list:
+    """The JSON objects that start a line of ``text`` (TorchServe indents its answers over several lines)."""
+    found = []
+    for start in re.finditer(r"^\{", text, re.M):
+        try:
+            found.append(json.JSONDecoder().raw_decode(text, start.start())[0])
+        except ValueError:
+            continue
+    return found
+
+
 def _port_busy(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -123,8 +134,7 @@ def test_the_offline_quick_start_works_as_written(tmp_path: Path):
         subprocess.run([sys.executable, "-m", "jobs", "serve", "--model-store", "runs/bees/model-store", "--stop"],
                        cwd=repo, env=env, capture_output=True, timeout=120)
     assert done.returncode == 0, f"quick start exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    answer = next(line for line in done.stdout.splitlines() if line.startswith('{"predictions"'))
-    predictions = json.loads(answer)["predictions"]
+    predictions = next(answer["predictions"] for answer in json_documents(done.stdout) if "predictions" in answer)
     assert {p["label"] for p in predictions} == {"ants", "bees"}
     assert predictions[0]["label"] == "bees", predictions
     assert "serve: stopped the TorchServe serving runs/bees/model-store" in done.stdout
