@@ -4,9 +4,11 @@ pasted as printed, relative paths that work from any directory."""
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, run_job
 from torchserve_fixture import export_random_model
 
@@ -86,3 +88,17 @@ def test_serve_stop_says_what_it_did(tmp_path: Path):
     (tmp_path / "serve-state" / "tmp").mkdir(parents=True)
     proc = run_job("serve", "--model-store", "store", "--stop", cwd=tmp_path)
     assert proc.stdout.strip() == "serve: store: TorchServe is not currently running."
+
+
+def test_one_name_for_the_package_the_script_and_the_docs():
+    """The distribution, its console script and the module are all `jobs`; the names it had before
+    (a distribution, an unused console script, container and cluster names) appear nowhere."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "jobs" and project["scripts"] == {"jobs": "jobs.cli:main"}
+    retired = ("image-" + "classifier", "image-" + "job")  # spelled apart: this file must not match itself
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    found = [f"{path}: {name}" for path in tracked if (REPO / path).suffix not in {".jpg", ".png", ".statedict"}
+             and (REPO / path).is_file() for name in retired
+             if name in (REPO / path).read_text(errors="replace").lower()]
+    assert not found, found
