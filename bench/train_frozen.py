@@ -139,7 +139,7 @@ def ours(data: Path, weights: Path, epochs: int, device: str, limit: int | None,
 
 
 def whole_job(data: Path, weights: Path, epochs: int, device: str, limit: int | None, work: Path) -> dict:
-    """`python -m jobs run` as a user runs it (start-up, clean, audit, split, train, evaluate, export,
+    """`python -m jobs run` as a user runs it (start-up, clean, audit, split, train, export, evaluate,
     archive), against the time its backbone passes took (the job's own "features:" lines)."""
     linked = link_split_folders(data, work / "data", limit)
     flat = work / "flat"

@@ -4,8 +4,8 @@ Every field is a config key *and* a CLI option of the same name (``epochs`` <-> 
 Each key's definition is the one source of truth for: its type (the field's type hint), its
 default, its allowed range, the commands that take it (``commands``), and whether it changes the
 training trajectory (``trajectory``: a checkpoint made with another value is not resumed) or a
-cache key (``cache``). The CLI options, ``TRAJECTORY_KEYS``, the cache keys and the README's key
-table are all derived from here.
+cache key (``cache``). The CLI options, ``TRAJECTORY_KEYS``, the cache keys and the key table of
+docs/configuration.md are all derived from here.
 
 The precedence is: dataclass default < the run folder's saved ``config.yaml`` < ``--config`` YAML
 file < explicit CLI option.
@@ -63,7 +63,7 @@ class Config:
     licenses: str = _key("commercial,modification", "Openverse license filter: a license_type list (e.g. 'commercial,modification') or license codes ('by,by-sa,cc0'); empty = any.", commands=COLLECT)
     urls_file: str | None = _key(None, "For source 'urls': a text/CSV file of 'class,url' lines, or a folder of <class>.txt files.", commands=COLLECT)
     user_agent: str = _key(
-        "image-classifier-pipeline/0.1 (+https://github.com/; batch image collection for model training)",
+        "jobs/0.1 (+https://github.com/; batch image collection for model training)",
         "HTTP User-Agent; Wikimedia requires a descriptive one with a contact.", commands=COLLECT,
     )
     api_key_env: str = _key("IMAGE_SEARCH_API_KEY", "Environment variable holding the source's API key/token (Bing key, Openverse bearer token).", commands=COLLECT)
@@ -269,7 +269,7 @@ def _validate(cfg: Config) -> None:
 
 
 def key_table_markdown() -> str:
-    """The README's key table, generated from the definitions (a test keeps the README in step)."""
+    """The key table of docs/configuration.md, generated from the definitions (a test keeps the page in step)."""
     defaults = Config()
     rows = ["| key | type | default | range | commands | changes | meaning |", "|---|---|---|---|---|---|---|"]
     for f in fields(Config):

@@ -382,7 +382,7 @@ page is served by <code>python -m jobs review --out RUN</code>, Save to run), th
 __SECTIONS__
 <script>
 "use strict";
-const KEY = "image-job-review:" + __KEY__;
+const KEY = "jobs-review:" + __KEY__;
 let state = {};
 try { state = JSON.parse(localStorage.getItem(KEY) || "{}") || {}; } catch (e) { state = {}; }
 const cards = Array.from(document.querySelectorAll(".card"));

@@ -27,7 +27,7 @@ import torch
 from handler import cpus, scheduler
 from jobs.archive import handler_dir, packed_settings
 from jobs.config import Config
-from jobs.errors import JobError
+from jobs.errors import JobError, jobs_command, shown_path, shown_program
 from jobs.fileio import atomic_write_text, ensure_writable_dir
 
 # The hardened server settings every TorchServe of ours starts from, and the handler's metrics they expose.
@@ -296,7 +296,8 @@ def curl_hint(server: TorchServe, model_name: str) -> str:
     url = f"{server.inference_url}/predictions/{model_name}"
     if not server.key_file.exists():
         return f"curl -T image.jpg {url}"
-    token = f"python -c \"import json; print(json.load(open('{server.key_file}'))['inference']['key'])\""
+    read_key = f"import json; print(json.load(open('{shown_path(server.key_file)}'))['inference']['key'])"
+    token = f'{shown_program(sys.executable)} -c "{read_key}"'
     return f'TOKEN=$({token})\ncurl -H "Authorization: Bearer $TOKEN" -T image.jpg {url}'
 
 
@@ -304,15 +305,20 @@ def default_workdir(model_store: Path) -> Path:
     return Path(model_store).resolve().parent / "serve-state"
 
 
-def serve(cfg: Config, model_store: Path, *, stop: bool = False, workdir: Path | None = None,
+def serve(cfg: Config, model_store: Path, *, stop: bool = False, detach: bool = False, workdir: Path | None = None,
           host: str = "127.0.0.1", port: int = 8080, management_port: int = 8081, metrics_port: int = 8082,
           disable_token_auth: bool = False) -> int:
-    """Run TorchServe on ``model_store`` until Ctrl-C/SIGTERM, or stop the one running; returns an exit code."""
+    """Run TorchServe on ``model_store`` until Ctrl-C/SIGTERM (``detach``: leave it running once it answers),
+    or stop the one running; returns an exit code."""
     workdir = Path(workdir) if workdir else default_workdir(model_store)
     if stop:
-        return _stop(workdir)
+        return _stop(workdir, model_store)
     server = launch(cfg, model_store, workdir, host=host, port=port, management_port=management_port,
                     metrics_port=metrics_port, disable_token_auth=disable_token_auth)
+    if detach:  # TorchServe runs in its own session: it outlives this process
+        print(f"serve: running in the background (pid {server.process.pid}); stop it with "
+              f"`{jobs_command()} serve --model-store {model_store} --stop`", flush=True)
+        return 0
     try:
         print("Ctrl-C stops it", flush=True)
         # `docker stop`/systemd send SIGTERM: leave through the cleanup below, not past it.
@@ -341,14 +347,21 @@ def launch(cfg: Config, model_store: Path, workdir: Path, *, host: str, port: in
         server.stop()
         raise
     hint = curl_hint(server, cfg.model_name if cfg.model_name in names else names[0])
-    print(f"serving {', '.join(names)} from {Path(model_store).resolve()}, {tuning_line(plan, models)}\n"
-          f"logs and key_file.json: {server.workdir}\n{hint}", flush=True)
+    print(f"serving {', '.join(names)} from {shown_path(Path(model_store).resolve())}, {tuning_line(plan, models)}\n"
+          f"logs and key_file.json: {shown_path(server.workdir)}\n{hint}", flush=True)
     return server
 
 
-def _stop(workdir: Path) -> int:
+def _stop(workdir: Path, model_store: Path) -> int:
+    """``torchserve --stop`` in the server's state folder (where its pid file is); says what happened."""
     if not (workdir / "tmp").exists():
-        print(f"no TorchServe state in {workdir}; nothing to stop")
+        print(f"serve: no TorchServe state in {shown_path(workdir)}; nothing to stop")
         return 0
-    return subprocess.run(_torchserve_cmd("--stop", "--foreground"), cwd=workdir, env=_state_env(workdir),
-                          check=False).returncode
+    done = subprocess.run(_torchserve_cmd("--stop", "--foreground"), cwd=workdir, env=_state_env(workdir),
+                          capture_output=True, text=True, check=False)
+    said = " ".join((done.stdout + done.stderr).split())  # TorchServe is silent when it stopped one
+    if done.returncode == 0 and not said:
+        print(f"serve: stopped the TorchServe serving {model_store} (logs stay in {shown_path(workdir)})")
+    else:
+        print(f"serve: {model_store}: {said or f'torchserve --stop exited with {done.returncode}'}")
+    return done.returncode

@@ -63,7 +63,7 @@ OPT_OUT = {
     "/h/robots/two-lines.jpg": ("nofollow", "noimageai"),
     "/h/robots/noindex-nofollow.jpg": ("noindex, nofollow",),
     "/h/robots/other-bot.jpg": ("otherbot: noai",),
-    "/h/robots/our-bot.jpg": ("image-classifier-pipeline: noai, noindex",),
+    "/h/robots/our-bot.jpg": ("jobs: noai, noindex",),
     "/h/robots/harmless.jpg": ("nofollow, unavailable_after: 25 Jun 2030 15:00:00 PST",),
 }
 

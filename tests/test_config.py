@@ -101,11 +101,11 @@ def test_a_saved_config_cut_at_a_line_boundary_is_refused(tmp_path: Path):
 
 
 def test_the_key_table_is_the_one_source():
-    """CLI options, trajectory keys and the README's table all come from the key definitions."""
+    """CLI options, trajectory keys and the key table in docs/configuration.md all come from the key definitions."""
     assert "lr" in TRAJECTORY_KEYS and "epochs" not in TRAJECTORY_KEYS and "device" not in TRAJECTORY_KEYS
     assert "batch_size" in keys_for("evaluate") and "lr" not in keys_for("evaluate")
     assert set(keys_for("run")) == set(key_names())
     evaluate_help = run_job("evaluate", "--help").stdout
     assert "--batch-size" in evaluate_help and "--lr" not in evaluate_help
-    assert key_table_markdown() in (REPO / "README.md").read_text(), \
-        "README's key table is stale: paste jobs.config.key_table_markdown() into it"
+    assert key_table_markdown() in (REPO / "docs" / "configuration.md").read_text(), \
+        "docs/configuration.md's key table is stale: paste jobs.config.key_table_markdown() into it"

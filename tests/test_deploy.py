@@ -42,7 +42,7 @@ PHOTO = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))[0]
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 CUSTOM_KINDS = {"PyTorchJob", "InferenceService"}
 KUSTOMIZATIONS = [K8S, DEPLOY / "overlays" / "gpu-serve"]
-TRAIN_IMAGE, SERVE_IMAGE = "image-classifier-train:latest", "image-classifier-serve:latest"
+TRAIN_IMAGE, SERVE_IMAGE = "jobs-train:latest", "jobs-serve:latest"
 
 
 def _load(path: Path) -> list[dict]:
@@ -254,7 +254,7 @@ def test_torchrun_flags_exist():
 
 def test_pytorchjob_config_map_is_a_valid_job_config(tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text(_one("ConfigMap", "image-classifier-ddp-config")["data"]["config.yaml"])
+    config.write_text(_one("ConfigMap", "jobs-ddp-config")["data"]["config.yaml"])
     cfg = load_config(config)  # unknown keys and bad values raise ConfigError
     assert cfg.model_store and cfg.model_store.startswith("/workspace/")
 

@@ -50,7 +50,7 @@ INDEX_PORT = 41753
 PROJECT_FILES = ("Dockerfile.train", "Dockerfile.serve", "docker-compose.yml", "docker-compose.gpu.yml",
                  ".dockerignore", "pyproject.toml", "README.md", "jobs", "handler")
 IMAGES_PER_CLASS = 10
-IMAGE_TITLES = ("image-classifier-train", "image-classifier-serve")  # LABELs of the two Dockerfiles
+IMAGE_TITLES = ("jobs-train", "jobs-serve")  # LABELs of the two Dockerfiles
 MODEL_NAME = "classifier"
 
 
