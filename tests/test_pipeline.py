@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def _epochs(metrics: Path) -> list[dict]:
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, small_data: Path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "JOBS_PROGRESS_INTERVAL_S": "0"}
     reference = _prepared_run(tmp_path, "reference", small_data)
     subprocess.run(_train_cmd(reference), cwd=REPO, env=env, check=True, capture_output=True)
 
@@ -110,7 +111,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, sma
                             stderr=subprocess.STDOUT, start_new_session=True)
     seen = b""
     deadline = time.monotonic() + 300
-    while b"head 2/3" not in seen:  # tqdm's bar for epoch 2 has started: we are inside epoch 2
+    while not re.search(rb"epoch 2/3: \d+% ", seen):  # a step line of epoch 2: we are inside epoch 2
         chunk = proc.stdout.read1(4096)
         assert chunk and time.monotonic() < deadline, seen.decode(errors="replace")[-2000:]
         seen += chunk
