@@ -181,18 +181,18 @@ def train(config_file: Path | None, out: Path, resume: str | None, **overrides: 
     api.train(out, config=config_file, resume=resume or "auto", **overrides)
 
 
-@stage_command(short_help="Score the test split, and the answers as served: report/.")
-@config_options("evaluate")
-def evaluate(config_file: Path | None, out: Path, **overrides: Any) -> None:
-    """Score the best checkpoint on the test split (and the exported model's answers as served) into report/."""
-    api.evaluate(out, config=config_file, **overrides)
-
-
 @stage_command(short_help="Write model/: state_dict, labels, metadata.")
 @config_options("export")
 def export(config_file: Path | None, out: Path, **overrides: Any) -> None:
     """Write model/model.pt (a bare state_dict), index_to_name.json and metadata.json."""
     api.export(out, config=config_file, **overrides)
+
+
+@stage_command(short_help="Score the test split, and the answers as served: report/.")
+@config_options("evaluate")
+def evaluate(config_file: Path | None, out: Path, **overrides: Any) -> None:
+    """Score the best checkpoint on the test split (and the exported model's answers as served) into report/."""
+    api.evaluate(out, config=config_file, **overrides)
 
 
 @stage_command(short_help="Pack model/ into MODEL_STORE/<model_name>.mar.")

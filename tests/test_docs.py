@@ -134,9 +134,11 @@ def test_the_offline_quick_start_works_as_written(tmp_path: Path):
         subprocess.run([sys.executable, "-m", "jobs", "serve", "--model-store", "runs/bees/model-store", "--stop"],
                        cwd=repo, env=env, capture_output=True, timeout=120)
     assert done.returncode == 0, f"quick start exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    predictions = next(answer["predictions"] for answer in json_documents(done.stdout) if "predictions" in answer)
+    answer = next(answer for answer in json_documents(done.stdout) if "predictions" in answer)
+    predictions = answer["predictions"]
     assert {p["label"] for p in predictions} == {"ants", "bees"}
     assert predictions[0]["label"] == "bees", predictions
+    assert answer["abstain"] is False and answer["ood_score"] >= 0  # a bee photo is like the training images
     assert "serve: stopped the TorchServe serving runs/bees/model-store" in done.stdout
     # The hints it printed name the interpreter the user typed, relative to where they stand.
     assert ".venv/bin/python -m jobs serve --model-store runs/bees/model-store" in done.stdout

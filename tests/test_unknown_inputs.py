@@ -5,6 +5,7 @@ EfficientNet-Lite0 features: ant/bee fixture photos as the classes, generated pi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -19,7 +20,7 @@ ARCH = "timm/tf_efficientnet_lite0"
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, fixture_images: Path, real_weights: Path) -> dict[str, Path]:
+def finished(tmp_path_factory, fixture_images: Path, real_weights: Path) -> dict:
     root = tmp_path_factory.mktemp("unknown")
     shutil.copytree(fixture_images, root / "data")
     ood = root / "none-of-these"
@@ -29,10 +30,18 @@ def finished(tmp_path_factory, fixture_images: Path, real_weights: Path) -> dict
         image.save(ood / f"{i:02d}-{kind}.png")
     (ood / "broken.jpg").write_bytes(b"not an image")
     overrides = dict(zip(SMALL_RUN[::2], SMALL_RUN[1::2]))
-    overrides.update({"--weights": str(real_weights), "--epochs": "4"})
-    run_job("run", "--data", str(root / "data"), "--out", str(root / "run"), "--arch", ARCH, "--ood-data", str(ood),
-            *[x for kv in overrides.items() for x in kv], timeout=1800)
-    return {"run": root / "run", "ood": ood}
+    # A fine-tune epoch and int8 too: every stage takes a timm model, or says in one line why not.
+    overrides.update({"--weights": str(real_weights), "--epochs": "4", "--finetune-epochs": "1",
+                      "--serve-precision": "int8"})
+    proc = run_job("run", "--data", str(root / "data"), "--out", str(root / "run"), "--arch", ARCH,
+                   "--ood-data", str(ood), *[x for kv in overrides.items() for x in kv], timeout=1800)
+    return {"run": root / "run", "ood": ood, "stdout": proc.stdout}
+
+
+def test_a_timm_model_fine_tunes_and_int8_says_in_one_line_whether_it_is_offered(finished):
+    epochs = json.loads((finished["run"] / "metrics.json").read_text())["epochs"]
+    assert [e["stage"] for e in epochs] == ["head"] * 4 + ["finetune"]
+    assert re.search(r"^export: int8 (not offered for timm/tf_efficientnet_lite0: |loses )", finished["stdout"], re.M)
 
 
 def test_export_records_the_temperature_the_bank_and_the_threshold_and_the_archive_carries_them(finished):
