@@ -81,9 +81,13 @@ class Config:
     follow_symlinks: bool = _key(False, "Clean: follow symbolic links that lead outside --data (by default they are excluded as outside_data).", commands=CLEAN)
     # -- audit ---------------------------------------------------------------------------------
     label_issues: str = _key("flag", "Audit: what to do with likely wrong labels: flag (list them for review) or exclude (also leave them out of every split).", commands=AUDIT + SPLIT, choices=("flag", "exclude"))
-    audit_hash_radius: int = _key(10, "Audit: perceptual-hash Hamming radius for near-duplicates (bits of 64).", commands=AUDIT, lo=0, hi=32)
-    audit_cosine_threshold: float = _key(0.97, "Audit: backbone-feature cosine similarity above which two images are near-duplicates.", commands=AUDIT, lo=0, hi=1)
+    # TODO-TUNE: what the defaults were chosen on (bench/audit.py)
+    audit_hash_radius: int = _key(8, "Audit: photos whose perceptual hashes differ in at most this many of 64 bits are near-duplicates.", commands=AUDIT, lo=0, hi=32)
+    audit_feature_ratio: float = _key(0.4, "Audit: photos whose feature distance is at most this fraction of their distance to their k-th nearest neighbours are near-duplicates, when their pHashes agree within audit_agree_radius.", commands=AUDIT, lo=0, hi=1)
+    audit_agree_radius: int = _key(24, "Audit: pHash bits (of 64) two photos may differ in and still be near-duplicates by their features.", commands=AUDIT, lo=0, hi=64)
+    audit_mutual_radius: int = _key(16, "Audit: pHash bits (of 64) two photos that are each other's nearest neighbour in features may differ in and still be near-duplicates.", commands=AUDIT, lo=0, hi=64)
     audit_folds: int = _key(5, "Audit: folds of the out-of-fold head whose predictions find label issues.", commands=AUDIT, lo=2, hi=100)
+    audit_label_min_skill: float = _key(0.5, "Audit: judge labels only when the out-of-fold head's balanced accuracy is this far from chance (0) towards perfect (1); below it no label issue is flagged.", commands=AUDIT, lo=0, hi=1)
     # -- split ---------------------------------------------------------------------------------
     val_fraction: float = _key(0.1, "Fraction of each class held out for validation.", commands=SPLIT, lo=0, hi=0.99)
     test_fraction: float = _key(0.1, "Fraction of each class held out for the final test.", commands=SPLIT, lo=0, hi=0.99)
