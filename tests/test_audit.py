@@ -97,6 +97,18 @@ def test_weak_features_flag_no_label_issues_and_say_why():
     # the same features with the gate off flag plenty: the gate is what keeps those out
     flagged, *_ = audit.label_review(files, labels, ["a", "b"], features, min_label_skill=0.0)
     assert len(flagged) > 0.1 * n
+    # nor do such features make near-duplicates: two photos as close in features as copies are, but
+    # whose pHashes differ by more than hash_radius, stay apart; pHash-close ones are still found
+    features[1] = features[0] + 0.01
+    hashes = np.random.default_rng(1).integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
+    hashes[1] = hashes[0] ^ np.uint64(0xFFF)  # 12 bits: a copy by its features, not by its pHash
+    hashes[3] = hashes[2] ^ np.uint64(0xF)
+    doc = audit.audit_document(files, labels, ["a", "b"], hashes, features, [{"issues": []}] * n)
+    assert not doc["settings"]["near_duplicates_by_features"]
+    assert [g["files"] for g in doc["near_duplicates"]] == [[files[2], files[3]]]
+    strong = audit.audit_document(files, labels, ["a", "b"], hashes, features, [{"issues": []}] * n,
+                                  min_label_skill=0.0)
+    assert [files[0], files[1]] in [g["files"] for g in strong["near_duplicates"]]
 
 
 def _chain(steps: int, bits: int, seed: int = 0) -> dict:
