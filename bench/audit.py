@@ -1,17 +1,30 @@
-"""The data audit measured on real photos, and its cost at 50k items.
+"""The audit measured on real features, on a class-specialized backbone, and on 5,000 distinct photos.
 
-(a) Near-duplicates: copies of hymenoptera photos (resized to 0.5-0.7, JPEG q40-60, cropped to
-    90%, brightened +-20%, a small text overlay) must group with their original (recall), and
-    distinct photos must not (false pairs among the 397 originals). Per signal over a grid of
-    thresholds, for both stand-in backbones (bench/common.py), and the chosen thresholds
-    combined, against CleanVision-style exact pHash equality and clean's pixel-hash dedupe.
-(b) Label issues: 10% of the labels flipped; precision and recall at k = number of flips for
-    out-of-fold confident learning (ours), fastai-style in-sample loss ranking, and random; on
-    the real photos' features (random-weight backbones: weak) and on features that separate.
-(c) Cost of what the audit adds beyond the backbone passes: per-image stats on real photos, and
-    ``audit_document`` on 50k synthetic items (hashes + 512-d features), wall and CPU seconds.
+(a) Near-duplicates. Photos of hymenoptera and of the pets sample get injected copies: 5 kinds
+    (resized to half, JPEG q50, 10 % cropped off (5 % per edge), brightness +-20 %, rotated +-5
+    degrees), each kind applied once to its own originals, plus groups of 4 (an original, a
+    resized JPEG, a crop and a rotation). Found = the copy is in its original's group; a false
+    pair = two photos of different originals in one group, per 10,000 pairs of different
+    originals. Side by side: the audit's rule (jobs.audit), CleanVision-style exact pHash
+    equality, and the rule this audit had before (connected components of pHash <= 10 or
+    cosine >= 0.97). On real features (timm's tf_efficientnet_lite0 with the offline ImageNet
+    weights, timm's data config) and on a class-specialized backbone (``--specialized-arch``,
+    ``--specialized-weights``; by default a resnet18 fine-tuned on hymenoptera by the job's own
+    fine-tune stage, built once into the cache), plus a grid around each default threshold.
+(b) Label issues at 0 %, 5 % and 10 % flipped labels (3 seeds): the audit (out-of-fold head +
+    cleanlab, judged only above the skill gate) against a plain out-of-fold logistic probe
+    ranking photos by the probability of their given label. precision@k: of the k = flips first
+    photos in the list, the share that were flipped (the audit's list is what it flags).
+(c) 5,000 distinct photos through the job's clean, audit and split stages with random weights
+    (``--weights none``): procedurally drawn 180 px images (a smooth random colour field, value
+    noise, 3-11 random ellipses, rectangles, polygons and lines, each parameter drawn from its own
+    seed, so no two coincide), the class a small marker (a ring or a triangle) that random
+    features barely see; 25 copies injected under the other class (conflicts) and 25 within the
+    class. Pass: every group's pairs within the thresholds, split excludes exactly the injected
+    conflicts, no label issue flagged.
+(d) Cost of what the audit adds beyond the backbone pass: ``audit_document`` on synthetic items.
 
-    python -m bench.audit [--copies 60] [--cache /tmp/audit-bench]
+    python -m bench.audit [--cache /tmp/audit-bench] [--specialized-arch resnet18 --specialized-weights FILE]
 """
 
 from __future__ import annotations
@@ -20,31 +33,27 @@ import argparse
 import hashlib
 import io
 import math
+import os
+import re
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from bench.common import (
-    HYMENOPTERA,
-    REPO,
-    RESULTS,
-    atomic_write_json,
-    bn_backbone,
-    calibrated_random_backbone,
-    decode_rgb,
-    eval_transform,
-    machine,
-    seeded_resnet18,
-)
+from bench.common import HYMENOPTERA, REPO, RESULTS, atomic_write_json, bn_backbone, link_split_folders, machine
 from jobs import audit
 from jobs.imagestats import image_stats, phash_array
 
+PETS = REPO.parent / "shared" / "datasets" / "pets-sample"
 BN_FILE = REPO / "tests" / "fixtures" / "resnet18_bn_hymenoptera.statedict"
-RADII = list(range(0, 17))
-COSINES = [0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99]
+REAL_ARCH = "timm/tf_efficientnet_lite0"
+DEFAULT_RULE = audit.DuplicateRule()
+FLIP_RATES = (0.0, 0.05, 0.10)
 
 
 def _jpeg(img: Image.Image, quality: int) -> bytes:
@@ -59,229 +68,396 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _overlay(img: Image.Image) -> Image.Image:
-    out = img.copy()
-    draw = ImageDraw.Draw(out)
-    size = max(10, img.height // 18)
-    draw.text((img.width // 30, img.height - 2 * size), "(c) stock-photos.example 2026", fill=(255, 255, 255),
-              font_size=size)
-    return out
+def _resized(img: Image.Image, f: float) -> Image.Image:
+    return img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.LANCZOS)
 
 
-def _crop90(img: Image.Image) -> Image.Image:
+def _crop10(img: Image.Image) -> Image.Image:
     w, h = img.size
     dw, dh = round(w * 0.05), round(h * 0.05)
     return img.crop((dw, dh, w - dw, h - dh))
 
 
-def _resized(img: Image.Image, f: float) -> Image.Image:
-    return img.resize((round(img.width * f), round(img.height * f)), Image.Resampling.LANCZOS)
+def _rotated(img: Image.Image, degrees: float) -> Image.Image:
+    return img.rotate(degrees, resample=Image.Resampling.BICUBIC)
 
 
-COPIES = {
-    "resize_0.5": lambda im: _png(_resized(im, 0.5)),
-    "resize_0.6": lambda im: _png(_resized(im, 0.6)),
-    "resize_0.7": lambda im: _png(_resized(im, 0.7)),
-    "jpeg_q40": lambda im: _jpeg(im, 40),
-    "jpeg_q50": lambda im: _jpeg(im, 50),
-    "jpeg_q60": lambda im: _jpeg(im, 60),
-    "crop_90": lambda im: _png(_crop90(im)),
-    "bright_+20": lambda im: _png(ImageEnhance.Brightness(im).enhance(1.2)),
-    "bright_-20": lambda im: _png(ImageEnhance.Brightness(im).enhance(0.8)),
-    "text_overlay": lambda im: _png(_overlay(im)),
+# name -> (image, index of the copy) -> bytes; the sign of brightness and rotation alternates
+COPIES: dict[str, Callable[[Image.Image, int], bytes]] = {
+    "resize_0.5": lambda im, i: _png(_resized(im, 0.5)),
+    "jpeg_q50": lambda im, i: _jpeg(im, 50),
+    "crop_10pct": lambda im, i: _png(_crop10(im)),
+    "brightness_20": lambda im, i: _png(ImageEnhance.Brightness(im).enhance(1.2 if i % 2 else 0.8)),
+    "rotate_5": lambda im, i: _png(_rotated(im, 5 if i % 2 else -5)),
+}
+GROUP_OF_FOUR = {  # one original, three copies: every two of the four are near-duplicates
+    "group_resized_jpeg": lambda im, i: _jpeg(_resized(im, 0.6), 60),
+    "group_crop": lambda im, i: _png(_crop10(im)),
+    "group_rotate": lambda im, i: _png(_rotated(im, 3)),
 }
 
 
-def _decode_for_clean(data: bytes) -> Image.Image:
+def decode_upright(data: bytes) -> Image.Image:
     """What clean holds after its one decode: upright RGB."""
     with Image.open(io.BytesIO(data)) as img:
         return ImageOps.exif_transpose(img).convert("RGB")
 
 
-def _pixel_hash(rgb: Image.Image) -> str:
-    return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+def build_corpus(root: Path, per_kind: int, groups: int, seed: int = 0) -> dict:
+    """Originals + copies (each original gets one kind of copy, or three for a group of four)."""
+    originals = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg"})
+    class_names = sorted({p.parent.name for p in originals})
+    labels = [class_names.index(p.parent.name) for p in originals]
+    blobs = [p.read_bytes() for p in originals]
+    source, kind = list(range(len(originals))), ["original"] * len(originals)
+    picked = np.random.default_rng(seed).choice(len(originals), per_kind * len(COPIES) + groups, replace=False)
+    plan = [(int(i), {name: make}) for (name, make), chunk in zip(COPIES.items(), np.split(
+        picked[:per_kind * len(COPIES)], len(COPIES))) for i in chunk] + [(int(i), GROUP_OF_FOUR)
+                                                                           for i in picked[per_kind * len(COPIES):]]
+    for n, (i, makers) in enumerate(plan):
+        img = decode_upright(blobs[i])
+        for name, make in makers.items():
+            blobs.append(make(img, n))
+            source.append(i)
+            kind.append(name)
+            labels.append(labels[i])
+    stats = [image_stats(decode_upright(b)) for b in blobs]
+    return {"root": root, "originals": originals, "class_names": class_names, "labels": np.array(labels),
+            "blobs": blobs, "source": np.array(source), "kind": np.array(kind),
+            "hashes": phash_array([s["phash"] for s in stats])}
+
+
+def backbone(arch: str, weights: Path) -> tuple[torch.nn.Module, Callable[[bytes], torch.Tensor]]:
+    """Pooled features and the preprocessing that goes with them, as the audit stage computes them: the
+    job's own model (torchvision or ``timm/<name>``) and the architecture's own data config."""
+    from handler.model import preprocess_spec
+    from handler.preprocess import Preprocessor
+    from jobs.model import build_model, split_backbone_head
+
+    features, _ = split_backbone_head(build_model(arch, 2, str(weights)))
+    return features.eval(), Preprocessor(preprocess_spec(arch))
 
 
 @torch.no_grad()
-def _features(state_file: Path, blobs: list[bytes], batch: int = 32) -> np.ndarray:
-    model = seeded_resnet18(0)
-    model.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
-    model.fc = torch.nn.Identity()
-    model.eval()
-    transform = eval_transform()
-    out = []
-    for i in range(0, len(blobs), batch):
-        out.append(model(torch.stack([transform(decode_rgb(b)) for b in blobs[i:i + batch]])).numpy())
-    return np.concatenate(out)
+def features(arch: str, weights: Path, blobs: list[bytes], cache: Path, batch: int = 32) -> np.ndarray:
+    """(n, d) pooled features, cached by the images' and the weights' bytes."""
+    key = hashlib.sha256(arch.encode() + hashlib.sha256(weights.read_bytes()).digest()
+                         + b"".join(hashlib.sha256(b).digest() for b in blobs)).hexdigest()[:16]
+    path = cache / f"features-{arch.replace('/', '_')}-{key}.npy"
+    if not path.exists():
+        model, transform = backbone(arch, weights)
+        t = time.perf_counter()
+        out = [model(torch.stack([transform(b) for b in blobs[i:i + batch]])).float().numpy()
+               for i in range(0, len(blobs), batch)]
+        np.save(path, np.concatenate(out))
+        print(f"  {arch}: features of {len(blobs)} images in {time.perf_counter() - t:.0f} s")
+    return np.load(path)
 
 
-def build_corpus(copies_per_kind: int, cache: Path) -> dict:
-    """Originals + copies: bytes-derived hashes, pixel hashes, features from both stand-ins (cached)."""
-    cache.mkdir(parents=True, exist_ok=True)
-    originals = sorted(p for p in HYMENOPTERA.rglob("*.jpg"))
-    labels = np.array([0 if p.parent.name == "ants" else 1 for p in originals])
-    rng = np.random.default_rng(0)
-    chosen = np.sort(rng.choice(len(originals), copies_per_kind, replace=False))
-    blobs = [p.read_bytes() for p in originals]
-    source, kind = list(range(len(originals))), ["original"] * len(originals)
-    for i in chosen:
-        img = _decode_for_clean(blobs[i])
-        for name, make in COPIES.items():
-            blobs.append(make(img))
-            source.append(int(i))
-            kind.append(name)
-    decoded = [_decode_for_clean(b) for b in blobs]
-    t = time.perf_counter()
-    stats = [image_stats(im) for im in decoded]
-    stats_ms = (time.perf_counter() - t) / len(decoded) * 1000
-    corpus = {"originals": originals, "labels": labels, "source": np.array(source), "kind": np.array(kind),
-              "hashes": phash_array([s["phash"] for s in stats]), "stats": stats, "stats_ms": stats_ms,
-              "pixel_hash": [_pixel_hash(im) for im in decoded]}
-    key = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in blobs)).hexdigest()[:16]
-    for name, make_backbone in (("bn_backbone", lambda out: bn_backbone(BN_FILE, out)),
-                                ("calibrated_random", lambda out: calibrated_random_backbone(originals, out))):
-        feature_file = cache / f"features-{name}-{key}.npy"
-        if not feature_file.exists():
-            state = make_backbone(cache / f"{name}.statedict")
-            t = time.perf_counter()
-            np.save(feature_file, _features(state, blobs))
-            print(f"{name}: {len(blobs)} images in {time.perf_counter() - t:.0f} s")
-        corpus[name] = np.load(feature_file)
-    return corpus
+# ----------------------------------------------------------------------------------------------
+# (a) near-duplicates
 
 
-def _pair_values(corpus: dict, unit: np.ndarray) -> dict:
-    """For each copy: its Hamming distance and cosine to its original; all pairs of distinct originals."""
-    n_orig = len(corpus["originals"])
-    copy_idx = np.flatnonzero(corpus["kind"] != "original")
-    orig = corpus["source"][copy_idx]
-    h = corpus["hashes"]
-    iu, ju = np.triu_indices(n_orig, 1)
-    cos_orig = unit[:n_orig] @ unit[:n_orig].T
-    return {"copy_kind": corpus["kind"][copy_idx],
-            "copy_ham": np.bitwise_count(h[copy_idx] ^ h[orig]),
-            "copy_cos": np.einsum("ij,ij->i", unit[copy_idx], unit[orig]),
-            "orig_ham": np.bitwise_count(h[iu] ^ h[ju]),
-            "orig_cos": cos_orig[iu, ju], "orig_pairs": (iu, ju)}
+def audit_groups(hashes: np.ndarray, feats: np.ndarray, rule: audit.DuplicateRule) -> list[np.ndarray]:
+    unit = audit.unit_features(feats)
+    neighbours = audit.nearest_neighbours(unit)
+    geometry = audit.Geometry.of(hashes, unit, neighbours)
+    return audit.clique_groups(audit.duplicate_pairs(geometry, neighbours, rule), geometry, rule)
 
 
-def _recall(hit: np.ndarray, kinds: np.ndarray) -> dict:
-    out = {k: round(float(hit[kinds == k].mean()), 3) for k in COPIES}
-    out["all"] = round(float(hit.mean()), 3)
+def exact_phash_groups(hashes: np.ndarray) -> list[np.ndarray]:
+    """CleanVision's near-duplicate issue: photos with identical pHashes."""
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    return [np.flatnonzero(inverse == g) for g in np.flatnonzero(counts >= 2)]
+
+
+def previous_rule_groups(hashes: np.ndarray, feats: np.ndarray, radius: int = 10, cosine: float = 0.97) -> list:
+    """This audit before: connected components of the union of pHash <= 10 and cosine >= 0.97 pairs."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    unit = audit.unit_features(feats)
+    sims = unit @ unit.T
+    close = np.triu((sims >= cosine) | (np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= radius), 1)
+    i, j = np.nonzero(close)
+    _, component = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=close.shape), directed=False)
+    return [m for m in (np.flatnonzero(component == c) for c in np.unique(component)) if len(m) >= 2]
+
+
+def group_figures(groups: list[np.ndarray], corpus: dict, feats: np.ndarray) -> dict:
+    """Recall of the injected copies, false pairs, and how far apart the photos of one group may be."""
+    source, kind = corpus["source"], corpus["kind"]
+    group_of = np.full(len(source), -1)
+    for g, members in enumerate(groups):
+        group_of[members] = g
+    copies = np.flatnonzero(kind != "original")
+    found = (group_of[copies] >= 0) & (group_of[copies] == group_of[source[copies]])
+    per_source = np.bincount(source)
+    distinct_pairs = math.comb(len(source), 2) - int((per_source * (per_source - 1) // 2).sum())
+    unit = audit.unit_features(feats)
+    false_pairs, worst_cos, worst_ham, far = 0, 1.0, 0, 0
+    for members in groups:
+        different = source[members][:, None] != source[members][None, :]
+        false_pairs += int(different.sum()) // 2
+        sims = unit[members] @ unit[members].T
+        ham = np.bitwise_count(corpus["hashes"][members][:, None] ^ corpus["hashes"][members][None, :])
+        worst_cos, worst_ham = min(worst_cos, float(sims.min())), max(worst_ham, int(ham.max()))
+        far += bool(different.any())
+    kinds = kind[copies]
+    return {"recall": round(float(found.mean()), 4),
+            "recall_by_kind": {k: round(float(found[kinds == k].mean()), 3) for k in dict.fromkeys(kinds)},
+            "false_pairs": false_pairs, "distinct_pairs": distinct_pairs,
+            "false_pairs_per_10k": round(false_pairs / distinct_pairs * 1e4, 3),
+            "groups": len(groups), "largest_group": max((len(m) for m in groups), default=0),
+            "groups_mixing_originals": far, "lowest_cosine_in_a_group": round(worst_cos, 4),
+            "largest_hamming_in_a_group": worst_ham}
+
+
+GRID = {"hash_radius": [6, 8, 10, 12], "feature_ratio": [0.3, 0.4, 0.5, 0.6], "agree_radius": [16, 20, 24],
+        "mutual_radius": [0, 14, 16, 18, 20], "group_ratio": [0.6, 0.8, 1.0, 1.2, 1.5]}
+
+
+def separations(corpus: dict, feats: np.ndarray) -> dict:
+    """What the thresholds must separate: how close different photos come, how far copies go (pHash bits, ratio)."""
+    unit = audit.unit_features(feats)
+    neighbours = audit.nearest_neighbours(unit)
+    geometry = audit.Geometry.of(corpus["hashes"], unit, neighbours)
+    source, kind = corpus["source"], corpus["kind"]
+    i, j = np.triu_indices(len(source), 1)
+    different = source[i] != source[j]
+    hamming, cosine, ratio = geometry.measure(i[different], j[different])
+    a, b = np.arange(len(source)), neighbours.index[:, 0]
+    mutual = (neighbours.index[b, 0] == a) & (a < b) & (source[a] != source[b])
+    copies = np.flatnonzero(kind != "original")
+    copy_h, copy_c, copy_r = geometry.measure(copies, source[copies])
+    return {"different_photos": {
+                "closest_hamming": int(hamming.min()), "highest_cosine": round(float(cosine.max()), 3),
+                "lowest_ratio": round(float(ratio.min()), 3),
+                "lowest_ratio_within_24_bits": round(float(ratio[hamming <= 24].min()), 3),
+                "mutual_nearest_pairs": int(mutual.sum()),
+                "closest_hamming_of_a_mutual_pair": int(np.bitwise_count(
+                    corpus["hashes"][a[mutual]] ^ corpus["hashes"][b[mutual]]).min()) if mutual.any() else None},
+            "copies_to_their_original": {k: {"largest_hamming": int(copy_h[kind[copies] == k].max()),
+                                             "lowest_cosine": round(float(copy_c[kind[copies] == k].min()), 3),
+                                             "largest_ratio": round(float(copy_r[kind[copies] == k].max()), 3)}
+                                         for k in dict.fromkeys(kind[copies])}}
+
+
+def near_duplicate_figures(corpus: dict, feats: np.ndarray, grid: bool = True) -> dict:
+    out = {"images": len(corpus["source"]), "originals": len(corpus["originals"]),
+           "copies": int((corpus["kind"] != "original").sum()), "separations": separations(corpus, feats),
+           "audit": group_figures(audit_groups(corpus["hashes"], feats, DEFAULT_RULE), corpus, feats),
+           "cleanvision_exact_phash": group_figures(exact_phash_groups(corpus["hashes"]), corpus, feats),
+           "previous_rule": group_figures(previous_rule_groups(corpus["hashes"], feats), corpus, feats)}
+    if grid:  # one threshold at a time around the defaults
+        out["grid"] = {f"{key}={value}": {k: v for k, v in group_figures(
+            audit_groups(corpus["hashes"], feats, audit.DuplicateRule(**{**DEFAULT_RULE.__dict__, key: value})),
+            corpus, feats).items() if k in {"recall", "false_pairs", "false_pairs_per_10k"}}
+            for key, values in GRID.items() for value in values}
     return out
 
 
-def near_duplicates(corpus: dict, radius: int, cosine: float) -> dict:
-    result: dict = {"copies": int((corpus["kind"] != "original").sum()), "originals": len(corpus["originals"]),
-                    "original_pairs": math.comb(len(corpus["originals"]), 2)}
-    kinds = corpus["kind"][corpus["kind"] != "original"]
-    v0 = None
-    for name in ("bn_backbone", "calibrated_random"):
-        v = _pair_values(corpus, audit.unit_features(corpus[name]))
-        v0 = v
-        unit_originals = audit.unit_features(corpus[name][:len(corpus["originals"])])
-        originals_only, (iu, ju) = unit_originals @ unit_originals.T, v["orig_pairs"]
-        result[name] = {
-            "cosine_grid": {f"{t:.2f}": {"recall": _recall(v["copy_cos"] >= t, kinds)["all"],
-                                         "false_pairs": int((v["orig_cos"] >= t).sum())} for t in COSINES},
-            "chosen_cosine": {"threshold": cosine, "recall": _recall(v["copy_cos"] >= cosine, kinds),
-                              "false_pairs": int((v["orig_cos"] >= cosine).sum()),
-                              # the audit centres on the data it is given: without the copies, too
-                              "false_pairs_centred_on_originals": int((originals_only[iu, ju] >= cosine).sum())},
-            "combined": {"recall": _recall((v["copy_cos"] >= cosine) | (v["copy_ham"] <= radius), kinds),
-                         "false_pairs": int(((v["orig_cos"] >= cosine) | (v["orig_ham"] <= radius)).sum())},
-            "copy_cosine_percentiles": np.percentile(v["copy_cos"], [0, 5, 50]).round(4).tolist(),
-            "original_cosine_max": round(float(v["orig_cos"].max()), 4),
-            "original_cosine_max_centred_on_originals": round(float(originals_only[iu, ju].max()), 4),
-        }
-    v = v0
-    result["phash_grid"] = {str(r): {"recall": _recall(v["copy_ham"] <= r, kinds)["all"],
-                                     "false_pairs": int((v["orig_ham"] <= r).sum())} for r in RADII}
-    result["phash_chosen"] = {"radius": radius, "recall": _recall(v["copy_ham"] <= radius, kinds),
-                              "false_pairs": int((v["orig_ham"] <= radius).sum())}
-    result["cleanvision_exact_phash"] = {"recall": _recall(v["copy_ham"] == 0, kinds),
-                                         "false_pairs": int((v["orig_ham"] == 0).sum())}
-    px = np.array(corpus["pixel_hash"])
-    copy_idx = np.flatnonzero(corpus["kind"] != "original")
-    result["pixel_hash_dedupe"] = {"recall": _recall(px[copy_idx] == px[corpus["source"][copy_idx]], kinds),
-                                   "false_pairs": int(len(px[:len(corpus["originals"])])
-                                                      - len(set(px[:len(corpus["originals"])])))}
-    iu, ju = v["orig_pairs"]
-    closest = np.argsort(v["orig_ham"])[:3]
-    result["closest_distinct_by_phash"] = [
-        {"a": str(corpus["originals"][iu[c]].relative_to(HYMENOPTERA)),
-         "b": str(corpus["originals"][ju[c]].relative_to(HYMENOPTERA)), "hamming": int(v["orig_ham"][c])}
-        for c in closest]
-    return result
+# ----------------------------------------------------------------------------------------------
+# (b) label issues
 
 
-def _precision_at_k(ranking: np.ndarray, flipped: np.ndarray) -> float:
-    k = len(flipped)
-    return len(set(ranking[:k].tolist()) & set(flipped.tolist())) / k
-
-
-def _in_sample_loss_ranking(features: np.ndarray, labels: np.ndarray, c: float) -> np.ndarray:
-    """fastai's ImageClassifierCleaner order: the model trained on everything, highest loss first."""
+def plain_probe_ranking(feats: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """Out-of-fold logistic regression (sklearn defaults, standardised): lowest P(given label) first."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=500, tol=1e-3)).fit(features, labels)
-    given = model.predict_proba(features)[np.arange(len(labels)), labels]
-    return np.argsort(given, kind="stable")  # lowest probability of the given label = highest loss
+    cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    probs = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)), feats, labels,
+                              cv=cv, method="predict_proba")
+    return np.argsort(probs[np.arange(len(labels)), labels], kind="stable")
 
 
-def label_issue_ranking(features: np.ndarray, labels: np.ndarray, seeds: int = 5, rate: float = 0.10) -> dict:
-    classes = int(labels.max()) + 1
-    scores: dict[str, list] = {"oof_confident_learning": [], "in_sample_loss": [], "in_sample_loss_fitted": [],
-                               "random": [],
-                               "cleanlab_flagged_precision": [], "cleanlab_flagged_recall": []}
-    for seed in range(seeds):
-        rng = np.random.default_rng(100 + seed)
-        flipped = np.sort(rng.choice(len(labels), round(rate * len(labels)), replace=False))
-        noisy = labels.copy()
-        noisy[flipped] = (labels[flipped] + rng.integers(1, classes, len(flipped))) % classes
-        probs = audit.out_of_fold_probabilities(features, noisy, seed=seed)
-        found = audit.label_issues(noisy, probs)
-        scores["oof_confident_learning"].append(_precision_at_k(np.argsort(found.quality, kind="stable"), flipped))
-        # the same head as ours (C=0.1), and one trained to fit its labels (C=100), as a fine-tuned net is
-        scores["in_sample_loss"].append(_precision_at_k(_in_sample_loss_ranking(features, noisy, 0.1), flipped))
-        scores["in_sample_loss_fitted"].append(_precision_at_k(_in_sample_loss_ranking(features, noisy, 100.0),
-                                                               flipped))
-        scores["random"].append(_precision_at_k(rng.permutation(len(labels)), flipped))
-        hits = len(set(found.ranked.tolist()) & set(flipped.tolist()))
-        scores["cleanlab_flagged_precision"].append(hits / max(1, len(found.ranked)))
-        scores["cleanlab_flagged_recall"].append(hits / len(flipped))
-    return {"images": len(labels), "flips": round(rate * len(labels)), "seeds": seeds,
-            "precision_at_k_equals_recall_at_k": {k: round(float(np.mean(v)), 3) for k, v in scores.items()
-                                                  if not k.startswith("cleanlab_")},
-            "cleanlab_flagged_set": {"precision": round(float(np.mean(scores["cleanlab_flagged_precision"])), 3),
-                                     "recall": round(float(np.mean(scores["cleanlab_flagged_recall"])), 3)}}
+def label_figures(feats: np.ndarray, labels: np.ndarray, class_names: list[str], seeds: int = 3) -> dict:
+    out = {}
+    classes = len(class_names)
+    files = [str(i) for i in range(len(labels))]
+    for rate in FLIP_RATES:
+        rows: dict[str, list] = {}
+        for seed in range(seeds):
+            rng = np.random.default_rng(100 + seed)
+            flipped = rng.choice(len(labels), round(rate * len(labels)), replace=False)
+            noisy = labels.copy()
+            noisy[flipped] = (labels[flipped] + rng.integers(1, classes, len(flipped))) % classes
+            issues, _, check = audit.label_review(files, noisy, class_names, feats, seed=seed)
+            flagged = np.array([int(e["file"]) for e in issues], dtype=np.int64)
+            hits = np.isin(flagged, flipped)
+            rows.setdefault("judged", []).append(check["judged"])
+            rows.setdefault("skill", []).append(check["skill"])
+            rows.setdefault("flagged_share", []).append(len(flagged) / len(labels))
+            if len(flipped):
+                k = len(flipped)
+                rows.setdefault("flagged_precision", []).append(float(hits.mean()) if len(flagged) else 0.0)
+                rows.setdefault("audit_precision_at_k", []).append(float(hits[:k].sum()) / k)
+                plain = plain_probe_ranking(feats, noisy, seed)
+                rows.setdefault("plain_probe_precision_at_k", []).append(float(np.isin(plain[:k], flipped).mean()))
+        out[f"{rate:.0%}"] = {k: round(float(np.mean(v)), 3) for k, v in rows.items()}
+    return out
 
 
-def separating_features(n: int = 600, classes: int = 5, dim: int = 256, seed: int = 0) -> tuple:
-    """Gaussian class clusters a linear head separates (~98% held out), few images per dimension."""
+# ----------------------------------------------------------------------------------------------
+# (c) 5,000 distinct photos, random weights, the job's own stages
+
+
+def procedural(seed: int, marker: int, size: int = 180) -> Image.Image:
+    """One distinct image: every parameter drawn from ``seed``; ``marker`` 0 = ring, 1 = triangle (the class)."""
     rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, n)
-    centres = rng.normal(size=(classes, dim)) * 0.5
-    return (centres[labels] + rng.normal(size=(n, dim))).astype(np.float32), labels
+    cells = int(rng.integers(2, 6))
+    field = Image.fromarray(rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8)).resize(
+        (size, size), Image.Resampling.BICUBIC)
+    noise = np.zeros((size, size), np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        grid = int(rng.integers(4, 40))
+        layer = Image.fromarray((rng.random((grid, grid)) * 255).astype(np.uint8)).resize(
+            (size, size), Image.Resampling.BILINEAR)
+        noise += np.asarray(layer, np.float32) / 255 * rng.uniform(0.2, 1.0)
+    tint = rng.uniform(-60, 60, 3)
+    pixels = np.asarray(field, np.float32) + (noise / max(float(noise.max()), 1e-6) - 0.5)[..., None] * tint
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 12))):
+        shape, colour = int(rng.integers(0, 4)), tuple(int(c) for c in rng.integers(0, 256, 3))
+        x0, y0 = rng.uniform(-20, size, 2)
+        w, h = rng.uniform(10, size * 0.7, 2)
+        if shape == 0:
+            draw.ellipse((x0, y0, x0 + w, y0 + h), fill=colour)
+        elif shape == 1:
+            draw.rectangle((x0, y0, x0 + w, y0 + h), fill=colour)
+        elif shape == 2:
+            draw.polygon([tuple(p) for p in rng.uniform(-20, size + 20, (int(rng.integers(3, 8)), 2))], fill=colour)
+        else:
+            draw.line([tuple(p) for p in rng.uniform(0, size, (int(rng.integers(2, 5)), 2))], fill=colour,
+                      width=int(rng.integers(2, 12)))
+    cx, cy = rng.uniform(20, size - 20, 2)
+    r = rng.uniform(6, 12)
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    if marker == 0:
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=colour, width=3)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=colour)
+    return img
+
+
+SYNTHETIC_CLASSES = ("rings", "triangles")
+
+
+def synthetic_dataset(root: Path, n: int, injected: int = 25) -> dict:
+    """``n`` distinct images in two classes, ``injected`` copies under the other class and as many within."""
+    copies = list(COPIES.values())
+    picks = np.random.default_rng(7).choice(n, 2 * injected, replace=False)
+    conflicts = set()
+    for s in range(n):
+        target = root / SYNTHETIC_CLASSES[s % 2] / f"p{s:05d}.jpg"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(_jpeg(procedural(1000 + s, s % 2), 92))
+    for c, s in enumerate(picks):
+        own = SYNTHETIC_CLASSES[s % 2]
+        where = SYNTHETIC_CLASSES[1 - s % 2] if c < injected else own
+        target = root / where / f"copy{c:02d}_of_p{s:05d}.{'jpg' if c % len(copies) == 1 else 'png'}"
+        if not target.exists():
+            target.write_bytes(copies[c % len(copies)](decode_upright((root / own / f"p{s:05d}.jpg").read_bytes()), c))
+        if c < injected:
+            conflicts |= {f"{own}/p{s:05d}.jpg", f"{where}/{target.name}"}
+    return {"images": n + 2 * injected, "conflict_files": sorted(conflicts)}
+
+
+def _job(*args: str) -> tuple[str, float]:
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "jobs", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode:
+        raise RuntimeError(f"jobs {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc.stdout, round(time.perf_counter() - t, 1)
+
+
+def synthetic_run(root: Path, n: int) -> dict:
+    import json
+
+    data = synthetic_dataset(root / f"data-{n}", n)
+    out = root / f"run-{n}"
+    _, clean_s = _job("clean", "--data", str(root / f"data-{n}"), "--out", str(out))
+    audit_out, audit_s = _job("audit", "--out", str(out), "--weights", "none")
+    split_out, split_s = _job("split", "--out", str(out))
+    doc = json.loads((out / "audit.json").read_text())
+    splits = json.loads((out / "splits.json").read_text())
+    report = json.loads((out / "clean_report.json").read_text())
+    source_of = {f["output"]: f["source"] for f in report["files"] if f["output"]}
+    excluded = sorted(source_of[p] for p in splits["excluded"])
+    hashes = {f["source"]: f["stats"]["phash"] for f in report["files"] if f.get("stats")}
+    drawn = [s for s in hashes if "copy" not in s]  # the distinct photos, without the injected copies
+    near = audit.hash_pairs(phash_array([hashes[s] for s in drawn]), 16)
+    settings = doc["settings"]
+    rule = audit.DuplicateRule(settings["hash_radius"], settings["feature_ratio"], settings["agree_radius"],
+                               settings["mutual_radius"], settings["group_ratio"],
+                               settings["near_duplicates_by_features"])
+    outside, pairs_checked, largest_hamming, largest_ratio = 0, 0, 0, 0.0
+    for g in doc["near_duplicates"]:
+        size = len(g["files"])
+        outside += len(g["pairs"]) != size * (size - 1) // 2  # every two photos must be listed
+        for p in g["pairs"]:
+            h, r = np.array([p["hamming"]]), np.array([p["ratio"]])
+            tests = dict(zip(audit.EVIDENCE, rule.evidence(h, r, np.array(["mutual" in p["by"]]))[0]))
+            # the pair is within the group bound, and passes every test it is said to pass
+            outside += not rule.within_group_bound(h, r)[0] or not all(tests.get(b, b in {"pixels", audit.GROUP_BOUND})
+                                                                       for b in p["by"])
+            pairs_checked += 1
+            largest_hamming, largest_ratio = max(largest_hamming, p["hamming"]), max(largest_ratio, p["ratio"])
+    conflicts = {tuple(sorted(g["files"])) for g in doc["near_duplicates"] if g["cross_class"]}
+    sizes = [len(g["files"]) for g in doc["near_duplicates"]]
+    return {"images": data["images"], "weights": "none (seeded random resnet18, the job's default arch)",
+            "groups": len(sizes), "largest_group": max(sizes, default=0),
+            "closest_hamming_between_distinct_photos": int(near.value.min()) if len(near.value) else None,
+            "pairs_in_groups": pairs_checked, "pairs_missing_or_outside_the_thresholds": int(outside),
+            "largest_hamming_in_a_group": largest_hamming, "largest_ratio_in_a_group": round(largest_ratio, 4),
+            "near_duplicates_by_features": settings["near_duplicates_by_features"],
+            "injected_conflicts": len(data["conflict_files"]) // 2, "injected_conflicts_found": len(conflicts),
+            "excluded": len(excluded), "excluded_not_injected": sorted(set(excluded) - set(data["conflict_files"])),
+            "split_excludes_only_injected_conflicts": set(excluded) <= set(data["conflict_files"]),
+            "label_issues": len(doc["label_issues"]), "label_check": doc["label_check"],
+            "estimated_noise": doc["estimated_noise"],
+            "stage_seconds": {"clean": clean_s, "audit": audit_s, "split": split_s},
+            "audit_says": [line for line in audit_out.splitlines() if line.startswith("audit:")],
+            "split_says": [line for line in split_out.splitlines() if re.match(r"split: \d+ near-dup", line)]}
+
+
+# ----------------------------------------------------------------------------------------------
+# the specialized backbone, (d) cost, main
+
+
+def specialized_weights(cache: Path, epochs: int = 10) -> Path:
+    """A resnet18 fine-tuned on hymenoptera by the job's own fine-tune stage (built once, cached):
+    the BN-calibrated fixture's backbone, 5 head epochs, then ``epochs`` unfrozen."""
+    model = cache / "specialized-hymenoptera" / "model" / "model.pt"
+    if not model.exists():
+        data = link_split_folders(HYMENOPTERA, cache / "hymenoptera-by-class")
+        start = bn_backbone(BN_FILE, cache / "resnet18_bn_full.statedict")
+        print(f"  fine-tuning resnet18 on hymenoptera with the job ({epochs} epochs; once, into {model.parent})")
+        _job("run", "--data", str(data), "--out", str(model.parents[1]), "--weights", str(start), "--epochs", "5",
+             "--finetune-epochs", str(epochs), "--patience", str(epochs), "--feature-views", "1")
+    return model
 
 
 def synthetic_items(n: int, dim: int = 512, classes: int = 10, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, n)
-    features = (rng.normal(size=(classes, dim))[labels] * 0.5 + rng.normal(size=(n, dim))).astype(np.float32)
+    feats = (rng.normal(size=(classes, dim))[labels] * 0.5 + rng.normal(size=(n, dim))).astype(np.float32)
     hashes = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
     copies, targets = rng.choice(n, 2 * (n // 100), replace=False).reshape(2, -1)  # 1%: a near-copy of another
-    flips = np.uint64(1) << rng.integers(0, 64, len(copies)).astype(np.uint64)
-    hashes[targets] = hashes[copies] ^ flips
-    features[targets] = features[copies] + 0.05 * rng.normal(size=(len(copies), dim)).astype(np.float32)
-    stats = [{"issues": [], "width": 640, "height": 480}] * n
-    return {"files": [f"c{labels[i]}/{i}.jpg" for i in range(n)], "labels": labels, "features": features,
-            "hashes": hashes, "stats": stats, "class_names": [f"c{c}" for c in range(classes)]}
+    hashes[targets] = hashes[copies] ^ (np.uint64(1) << rng.integers(0, 64, len(copies)).astype(np.uint64))
+    feats[targets] = feats[copies] + 0.05 * rng.normal(size=(len(copies), dim)).astype(np.float32)
+    return {"files": [f"c{labels[i]}/{i}.jpg" for i in range(n)], "labels": labels, "features": feats,
+            "hashes": hashes, "stats": [{"issues": [], "width": 640, "height": 480}] * n,
+            "class_names": [f"c{c}" for c in range(classes)]}
 
 
-def _timed(fn, *args, **kwargs) -> tuple:
+def _timed(fn: Callable, *args, **kwargs) -> tuple:
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn(*args, **kwargs)
     return out, round(time.perf_counter() - wall, 2), round(time.process_time() - cpu, 2)
@@ -289,66 +465,93 @@ def _timed(fn, *args, **kwargs) -> tuple:
 
 def audit_cost(n: int) -> dict:
     items = synthetic_items(n)
-    unit, w_unit, c_unit = _timed(audit.unit_features, items["features"])
     parts = {}
-    hp, parts["hash_pairs_wall_s"], parts["hash_pairs_cpu_s"] = _timed(audit.hash_pairs, items["hashes"],
-                                                                         audit.DEFAULT_HASH_RADIUS)
-    cp, parts["cosine_pairs_wall_s"], parts["cosine_pairs_cpu_s"] = _timed(audit.cosine_pairs, unit,
-                                                                           audit.DEFAULT_COSINE_THRESHOLD)
-    groups, parts["groups_wall_s"], parts["groups_cpu_s"] = _timed(audit.near_duplicate_groups, n, [hp, cp], unit,
-                                                                   items["hashes"])
-    knn, parts["knn_wall_s"], parts["knn_cpu_s"] = _timed(audit.knn_cosines, unit)
+    unit, *_ = _timed(audit.unit_features, items["features"])
+    neighbours, parts["neighbours_wall_s"], parts["neighbours_cpu_s"] = _timed(audit.nearest_neighbours, unit)
+    geometry = audit.Geometry.of(items["hashes"], unit, neighbours)
+    pairs, parts["pairs_wall_s"], parts["pairs_cpu_s"] = _timed(audit.duplicate_pairs, geometry, neighbours,
+                                                                DEFAULT_RULE)
+    _, parts["groups_wall_s"], parts["groups_cpu_s"] = _timed(audit.clique_groups, pairs, geometry, DEFAULT_RULE)
     probs, parts["oof_folds_wall_s"], parts["oof_folds_cpu_s"] = _timed(audit.out_of_fold_probabilities,
                                                                         items["features"], items["labels"])
     _, parts["cleanlab_wall_s"], parts["cleanlab_cpu_s"] = _timed(audit.label_issues, items["labels"], probs)
     doc, wall, cpu = _timed(audit.audit_document, items["files"], items["labels"], items["class_names"],
                             items["hashes"], items["features"], items["stats"])
-    chance = math.comb(n, 2) * sum(math.comb(64, k) for k in range(audit.DEFAULT_HASH_RADIUS + 1)) / 2**64
     return {"items": n, "dim": items["features"].shape[1], "injected_copies": n // 100,
-            "groups_found": len(doc["near_duplicates"]),
-            "expected_chance_hash_pairs": round(chance, 1),  # uniformly random 64-bit hashes within the radius
-            "parts": parts,
+            "groups_found": len(doc["near_duplicates"]), "parts": parts,
             "audit_document_wall_s": wall, "audit_document_cpu_s": cpu}
+
+
+def _line(name: str, f: dict) -> str:
+    return (f"    {name:<24} recall {f['recall']:.3f}  false pairs {f['false_pairs']:>5} "
+            f"({f['false_pairs_per_10k']:.2f} per 10k)  groups {f['groups']:>4}, largest {f['largest_group']:>4}, "
+            f"mixing originals {f['groups_mixing_originals']}")
+
+
+def _print_near_duplicates(title: str, figures: dict) -> None:
+    print(f"  {title}: {figures['originals']} originals + {figures['copies']} copies")
+    for name in ("audit", "cleanvision_exact_phash", "previous_rule"):
+        print(_line(name, figures[name]))
+    print(f"    audit recall by kind: {figures['audit']['recall_by_kind']}")
+
+
+def _print_labels(title: str, figures: dict) -> None:
+    print(f"  {title}:")
+    for rate, f in figures.items():
+        print(f"    {rate:>4} flipped: " + ", ".join(f"{k} {v}" for k, v in f.items()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--copies", type=int, default=60, help="photos that get each kind of copy")
-    parser.add_argument("--items", type=int, default=50_000, help="synthetic items for the cost run")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/audit-bench"), help="feature cache folder")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/audit-bench"), help="features, runs, datasets")
+    parser.add_argument("--real-weights", type=Path, default=REPO / ".cache" / "weights" / "tf_efficientnet_lite0.pth",
+                        help="tf_efficientnet_lite0 state_dict (built by scripts/offline_weights.py if missing)")
+    parser.add_argument("--specialized-arch", default="resnet18", help="arch of the class-specialized backbone "
+                        "(a torchvision name or timm/<name>)")
+    parser.add_argument("--specialized-weights", type=Path, help="its state_dict (default: fine-tune one with the "
+                        "job on hymenoptera, cached)")
+    parser.add_argument("--specialized-on", choices=("hymenoptera", "pets"), default="hymenoptera",
+                        help="the data set whose classes the specialized backbone was fine-tuned on")
+    parser.add_argument("--synthetic", type=int, default=5000, help="distinct photos for the random-weights run")
+    parser.add_argument("--items", type=int, default=50_000, help="synthetic items for the cost run (0 = skip)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    args.cache.mkdir(parents=True, exist_ok=True)
+    if not args.real_weights.exists():
+        from scripts.offline_weights import build
 
-    corpus = build_corpus(args.copies, args.cache)
-    dup = near_duplicates(corpus, audit.DEFAULT_HASH_RADIUS, audit.DEFAULT_COSINE_THRESHOLD)
-    print("near-duplicates:", {k: dup[k] for k in ("phash_chosen", "cleanvision_exact_phash", "pixel_hash_dedupe")})
-    for name in ("bn_backbone", "calibrated_random"):
-        print(f"  {name}: cosine {dup[name]['chosen_cosine']}, combined {dup[name]['combined']}")
+        build(args.real_weights)
+    specialized = args.specialized_weights or specialized_weights(args.cache)
+    result: dict = {"rule": DEFAULT_RULE.__dict__, "min_label_skill": audit.DEFAULT_MIN_LABEL_SKILL,
+                    "near_duplicates": {}, "label_issues": {}}
 
-    n_orig = len(corpus["originals"])
-    labels = {"bn_backbone_real_photos": label_issue_ranking(corpus["bn_backbone"][:n_orig], corpus["labels"]),
-              "calibrated_random_real_photos": label_issue_ranking(corpus["calibrated_random"][:n_orig],
-                                                                   corpus["labels"]),
-              "separating_synthetic": label_issue_ranking(*separating_features())}
-    for name, r in labels.items():
-        print(f"label issues, {name}: {r['precision_at_k_equals_recall_at_k']} flagged {r['cleanlab_flagged_set']}")
+    corpora = {"hymenoptera": build_corpus(HYMENOPTERA, 48, 10), "pets": build_corpus(PETS, 25, 10)}
+    backbones = {"real": (REAL_ARCH, args.real_weights), "specialized": (args.specialized_arch, specialized)}
+    print("(a) near-duplicates, (b) label issues")
+    for (data, corpus), (which, (arch, weights)) in ((c, b) for c in corpora.items() for b in backbones.items()):
+        if which == "specialized" and data != args.specialized_on:
+            continue  # specialized means fine-tuned on these very classes
+        feats = features(arch, weights, corpus["blobs"], args.cache)
+        name = f"{data}/{which}:{arch}"
+        result["near_duplicates"][name] = near_duplicate_figures(corpus, feats)
+        _print_near_duplicates(name, result["near_duplicates"][name])
+        originals = corpus["kind"] == "original"
+        result["label_issues"][name] = label_figures(feats[originals], corpus["labels"][originals],
+                                                     corpus["class_names"])
+        _print_labels(name, result["label_issues"][name])
 
-    originals = corpus["originals"]
-    real_stats = corpus["stats"][:n_orig]
-    real_doc, real_wall, real_cpu = _timed(audit.audit_document, [str(p.relative_to(HYMENOPTERA)) for p in originals],
-                                    corpus["labels"], ["ants", "bees"], corpus["hashes"][:n_orig],
-                                    corpus["bn_backbone"][:n_orig], real_stats)
-    cost = {"image_stats_ms_per_image": round(corpus["stats_ms"], 2),
-            "real_photos": {"images": n_orig, "audit_document_wall_s": real_wall, "audit_document_cpu_s": real_cpu,
-                            "found": {k: len(v) for k, v in real_doc.items() if isinstance(v, list)},
-                            "near_duplicates": real_doc["near_duplicates"],
-                            "estimated_noise": real_doc["estimated_noise"]},
-            "synthetic": audit_cost(args.items)}
-    print("cost:", cost)
+    if args.synthetic:
+        print(f"(c) {args.synthetic} distinct photos, random weights, clean + audit + split")
+        result["synthetic_random_weights"] = synthetic_run(args.cache / "synthetic", args.synthetic)
+        print("  ", {k: v for k, v in result["synthetic_random_weights"].items() if k not in {"label_check"}})
+    if args.items:
+        print(f"(d) audit_document on {args.items} synthetic items")
+        result["cost"] = audit_cost(args.items)
+        print("  ", result["cost"])
     out = atomic_write_json(RESULTS / "audit.json", {
         "benchmark": "audit", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine("cpu"),
-        "note": "2 cores shared with other engineers' jobs: wall times are under load; CPU seconds are steadier",
-        "near_duplicates": dup, "label_issues": labels, "cost": cost})
+        "note": "a shared machine (2 cores, other engineers' jobs running): wall times are under load; "
+                "CPU seconds are steadier", **result})
     print(f"saved {out.relative_to(REPO)}")
 
 

@@ -3,51 +3,54 @@
 Inputs are what clean and the shared feature cache already hold, one row per cleaned image:
 ``hashes`` (uint64 pHashes from ``jobs.imagestats``), ``features`` (view-0 backbone features,
 (n, d) float), ``labels`` (class indices). ``audit_document`` turns them into the dict written
-as ``<out>/audit.json``; the other functions are its parts.
+as ``<out>/audit.json``; the other functions are its parts. docs/audit.md explains the decisions.
 
-- Near-duplicates: two signals, each giving pairs; groups are the connected components of
-  their union (scipy.sparse.csgraph).
-  * pHash within a Hamming radius, found by multi-index hashing: the 64 bits are cut into
+- Near-duplicates: a pair of photos is a near-duplicate when their pHash and their backbone
+  features agree (``DuplicateRule``); feature distances are measured against each photo's own
+  neighbourhood (the distance to its k-th nearest neighbour), never against one absolute cosine,
+  because how close two different photos come depends on the backbone. Groups are cliques of
+  such pairs (``clique_groups``): every two photos in a group are near-duplicates themselves.
+  * pHash pairs within a Hamming radius, found by multi-index hashing: the 64 bits are cut into
     radius + 1 chunks; two hashes within the radius agree exactly on at least one chunk
     (pigeonhole), so only items sharing a chunk value are compared.
-  * cosine similarity of centred, L2-normalised features over a threshold, by a blocked
-    matrix product over the upper triangle.
+  * exact k nearest neighbours of centred, L2-normalised features, by a blocked matrix product.
 - Label issues: out-of-fold predicted probabilities from a K-fold logistic-regression head on
   the features, handed to ``cleanlab.filter.find_label_issues`` and
   ``cleanlab.rank.get_label_quality_scores``; per-class noise from cleanlab's confident joint.
+  Only when that head separates the classes (``label_skill``): on weak features every
+  disagreement is the head's own error, and the audit says so instead of flagging.
 - Outliers: mean cosine distance to the k nearest neighbours, scored as cleanlab's
   ``OutOfDistribution`` does (``1 - exp(-d / median(d))``, here "higher = more outlying").
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-from torch import nn
 
 from jobs import features
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_json, read_run_file
 from jobs.imagestats import phash_array
-from jobs.model import build_model, head_path, split_backbone_head
+from jobs.model import build_model, split_backbone_head
 from jobs.review import render_review
 from jobs.runtime import Runtime, seed_everything
 
-# Chosen by bench/audit.py on the 396 hymenoptera .jpg photos and 600 copies of 60 of them.
-# pHash distances are even (32 of 64 bits lie above the median) and the closest two distinct
-# photos are 14 apart: radius 10 keeps 0 false pairs among the 78,210 distinct pairs and finds
-# 95% of the copies (every resized, re-encoded, brightened and overlaid one; 52% of 90% crops).
-# Cosine: the two distinct photos closest in feature space reach 0.964 on the random-weight
-# stand-in backbones, so 0.97; both signals together: 95-96% recall, 0 false pairs.
-DEFAULT_HASH_RADIUS = 10
-DEFAULT_COSINE_THRESHOLD = 0.97
-DEFAULT_FOLDS = 5
+# The config keys' defaults (jobs/config.py says what they were chosen on) are the functions' defaults.
+DEFAULT_HASH_RADIUS: int = Config.audit_hash_radius
+DEFAULT_AGREE_RADIUS: int = Config.audit_agree_radius
+DEFAULT_FEATURE_RATIO: float = Config.audit_feature_ratio
+DEFAULT_MIN_LABEL_SKILL: float = Config.audit_label_min_skill
+DEFAULT_FOLDS: int = Config.audit_folds
+DEFAULT_MUTUAL_RADIUS: int = Config.audit_mutual_radius
+# The group bound's ratio: 1 is "closer than the photos around them". On the fine-tuned resnet18 0.6
+# and 0.8 kept fewer copies with their original (recall 0.91, 0.94 against 0.95); 1.2 and 1.5 no more.
+DEFAULT_GROUP_RATIO = 1.0
 DEFAULT_KNN = 10
 HASH_BITS = 64
 
@@ -117,106 +120,175 @@ def unit_features(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def cosine_pairs(unit: np.ndarray, threshold: float, block: int = 1024, dims: int = 128) -> Pairs:
-    """Every pair of rows of ``unit`` (unit vectors) whose cosine is >= ``threshold`` (value = the cosine).
+@dataclass(frozen=True)
+class Neighbours:
+    """Each row's ``k`` nearest other rows, nearest first: ``index`` (n, k) and ``cosine`` (n, k)."""
 
-    Two exact steps. Candidates: the rows are projected on their top ``dims`` principal axes;
-    a projection never lengthens a difference, so a pair with |x - y|^2 = 2 - 2 cos <= 2 - 2t
-    also has |Px - Py|^2 <= 2 - 2t. That is tested by a blocked product over the upper
-    triangle (block rows [b0, b1) x columns [b0, n): each product once, memory block x n) at
-    dims/d of the full cost. Rows with a candidate then get their true cosines.
-    """
-    n, d = unit.shape
-    if n < 2:
-        return Pairs.empty(np.float32)
-    projected = unit
-    if d > dims:
-        _, axes = np.linalg.eigh(unit.T @ unit)  # ascending eigenvalues: the last columns are the top axes
-        projected = np.ascontiguousarray(unit @ axes[:, -dims:])
-    half_sq = 0.5 * np.einsum("ij,ij->i", projected, projected)
-    slack = 2.0 - 2.0 * threshold
-    # |Px - Py|^2 <= slack  <=>  Px.Py - |Py|^2/2 >= |Px|^2/2 - slack/2; the left side is one
-    # product of [Px, 1] and [Py, -|Py|^2/2], so the block needs no elementwise pass but its max.
-    left = np.ascontiguousarray(np.c_[projected, np.ones(n, np.float32)])
-    right = np.ascontiguousarray(np.c_[projected, -half_sq].T)
-    bar_all = half_sq - 0.5 * slack - 1e-5  # float32 rounding must not lose a pair on the boundary
-    found_i, found_j, found_s = [], [], []
-    for b0 in range(0, n, block):
-        b1 = min(n, b0 + block)
-        score = left[b0:b1] @ right[:, b0:]
-        np.fill_diagonal(score[:, :b1 - b0], -np.inf)  # never one's own duplicate
-        rows = np.flatnonzero(score.max(axis=1) >= bar_all[b0:b1])
-        if not len(rows):
-            continue
-        exact = unit[b0 + rows] @ unit[b0:].T  # the true cosines, for the few rows with a candidate
-        exact[np.arange(len(rows)), rows] = -np.inf
-        hit_r, hit_c = np.nonzero(exact >= threshold)
-        upper = hit_c > rows[hit_r]  # the block's diagonal square holds each pair twice
-        found_i.append(rows[hit_r[upper]] + b0)
-        found_j.append(hit_c[upper] + b0)
-        found_s.append(exact[hit_r[upper], hit_c[upper]])
-    if not found_i:
-        return Pairs.empty(np.float32)
-    return Pairs(np.concatenate(found_i).astype(np.int64), np.concatenate(found_j).astype(np.int64),
-                 np.concatenate(found_s))
+    index: np.ndarray
+    cosine: np.ndarray
+
+    def scale(self) -> np.ndarray:
+        """(n,) cosine distance to the k-th nearest neighbour: how far apart photos are around each one."""
+        if not self.cosine.shape[1]:
+            return np.ones(len(self.cosine))
+        return np.maximum(1.0 - self.cosine[:, -1].astype(np.float64), 0.0)
 
 
-def knn_cosines(unit: np.ndarray, k: int = DEFAULT_KNN, reference_size: int = 5000, seed: int = 0,
-                block: int = 1024) -> np.ndarray:
-    """(n, k) cosines of each row's k nearest neighbours (unordered), itself excluded.
+def nearest_neighbours(unit: np.ndarray, k: int = DEFAULT_KNN, block: int = 1024) -> Neighbours:
+    """Exact k nearest neighbours by cosine among all rows of ``unit`` (unit vectors), itself excluded.
 
-    Neighbours are searched among all rows up to ``reference_size`` of them, else among a
-    seeded random sample of that many: an outlier score needs the density around an image,
-    which a 5000-image sample measures well, at a fraction of the n x n product.
+    A blocked product (block x n at a time); each block keeps its top k by ``argpartition``.
     """
     n = len(unit)
-    reference = np.arange(n) if n <= reference_size else np.sort(
-        np.random.default_rng(seed).choice(n, reference_size, replace=False))
-    k = max(0, min(k, len(reference) - 1))
-    position = np.full(n, -1)
-    position[reference] = np.arange(len(reference))
-    ref_t = np.ascontiguousarray(unit[reference].T)
-    best = np.empty((n, k), dtype=np.float32)
+    k = max(0, min(k, n - 1))
+    index = np.zeros((n, k), np.int64)
+    cosine = np.zeros((n, k), np.float32)
+    if not k:
+        return Neighbours(index, cosine)
+    unit_t = np.ascontiguousarray(unit.T)
     for b0 in range(0, n, block):
         b1 = min(n, b0 + block)
-        sims = unit[b0:b1] @ ref_t
-        own = np.flatnonzero(position[b0:b1] >= 0)
-        sims[own, position[b0:b1][own]] = -np.inf
-        best[b0:b1] = np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:] if k else sims[:, :0]
-    return best
+        sims = unit[b0:b1] @ unit_t
+        sims[np.arange(b1 - b0), np.arange(b0, b1)] = -np.inf  # never one's own neighbour
+        top = np.argpartition(sims, n - k, axis=1)[:, n - k:]
+        top_sims = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-top_sims, axis=1, kind="stable")
+        index[b0:b1] = np.take_along_axis(top, order, axis=1)
+        cosine[b0:b1] = np.take_along_axis(top_sims, order, axis=1)
+    return Neighbours(index, cosine)
 
 
-def near_duplicate_groups(n: int, pair_sets: Sequence[Pairs], unit: np.ndarray | None = None,
-                          hashes: np.ndarray | None = None) -> list[dict]:
-    """Connected components (size >= 2) of the union of ``pair_sets`` over items 0..n-1.
+EVIDENCE = ("phash", "features", "mutual")
+GROUP_BOUND = "group_bound"  # a pair of one group that is no near-duplicate pair itself, yet within the group bound
 
-    Each group: ``members`` (sorted indices), ``similarity`` (the lowest cosine between any two
-    members, when ``unit`` is given; pairs joined only through a chain count too) and
-    ``max_hamming`` (the largest pHash distance between any two members, when ``hashes`` is
-    given). Sorted by the first member.
+
+@dataclass(frozen=True)
+class DuplicateRule:
+    """When two photos are near-duplicates: their pixels (pHash) and their features agree.
+
+    ``ratio`` is a pair's feature distance (1 - cosine) over its local scale, the geometric mean
+    of the two photos' distances to their k-th nearest neighbour: it means the same on any
+    backbone, whereas how close two different photos come in cosine depends on the backbone
+    (a fine-tuned one puts a whole class above any fixed cosine). A near-duplicate pair passes
+    any one of:
+
+    - ``phash``: Hamming distance <= ``hash_radius``. Near enough to stand alone: different
+      photos almost never come this close, whereas features may not notice a brightness change.
+    - ``features``: ratio <= ``feature_ratio`` and Hamming distance <= ``agree_radius``.
+    - ``mutual``: each is the other's nearest neighbour in features and Hamming distance <=
+      ``mutual_radius`` (crops and rotations on a backbone too weak for the ratio alone).
+
+    A group is joined through near-duplicate pairs, and every two photos in it must be within the
+    group bound, that is close in one signal or fairly close in both: Hamming distance <=
+    ``hash_radius``, or ratio <= ``feature_ratio``, or Hamming distance <= ``agree_radius`` with
+    ratio <= ``group_ratio`` (closer than the photos around them). Two copies of one photo (a
+    crop and a rotation) may be no near-duplicate pair themselves, yet they belong together; two
+    photos outside the bound never share a group, however many pairs lead from one to the other.
     """
-    rows = np.concatenate([p.i for p in pair_sets]) if pair_sets else np.zeros(0, np.int64)
-    cols = np.concatenate([p.j for p in pair_sets]) if pair_sets else np.zeros(0, np.int64)
-    if not len(rows):
-        return []
-    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    sizes = np.bincount(component)
-    grouped = np.flatnonzero(sizes[component] >= 2)
-    grouped = grouped[np.argsort(component[grouped], kind="stable")]
-    splits = np.flatnonzero(np.diff(component[grouped])) + 1
-    groups = []
-    for members in np.split(grouped, splits):  # one iteration per group, each over its few members
-        group: dict = {"members": members.tolist()}
-        if unit is not None:
-            sims = unit[members] @ unit[members].T
-            group["similarity"] = round(float(sims.min()), 4)
-        if hashes is not None:
-            h = np.asarray(hashes, dtype=np.uint64)[members]
-            group["max_hamming"] = int(np.bitwise_count(h[:, None] ^ h[None, :]).max())
-        groups.append(group)
-    groups.sort(key=lambda g: g["members"][0])
-    return groups
+
+    hash_radius: int = DEFAULT_HASH_RADIUS
+    feature_ratio: float = DEFAULT_FEATURE_RATIO
+    agree_radius: int = DEFAULT_AGREE_RADIUS
+    mutual_radius: int = DEFAULT_MUTUAL_RADIUS
+    group_ratio: float = DEFAULT_GROUP_RATIO
+    use_features: bool = True  # False: pHash alone (features that cannot tell the classes apart prove nothing)
+
+    def evidence(self, hamming: np.ndarray, ratio: np.ndarray, mutual: np.ndarray) -> np.ndarray:
+        """(pairs, len(EVIDENCE)) booleans: which of the three tests each pair passes."""
+        by_features = (ratio <= self.feature_ratio) & (hamming <= self.agree_radius) & self.use_features
+        return np.stack([hamming <= self.hash_radius, by_features,
+                         mutual & (hamming <= self.mutual_radius) & self.use_features], axis=1)
+
+    def within_group_bound(self, hamming: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+        if not self.use_features:
+            return hamming <= self.hash_radius
+        return ((hamming <= self.hash_radius) | (ratio <= self.feature_ratio)
+                | ((hamming <= self.agree_radius) & (ratio <= self.group_ratio)))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the rule measures between any two photos: pHashes, unit features and each photo's local scale."""
+
+    hashes: np.ndarray
+    unit: np.ndarray
+    scale: np.ndarray
+
+    @staticmethod
+    def of(hashes: np.ndarray, unit: np.ndarray, neighbours: Neighbours) -> Geometry:
+        return Geometry(np.ascontiguousarray(hashes, dtype=np.uint64), unit, neighbours.scale())
+
+    def measure(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(Hamming distance, cosine, ratio) of the pairs (i[p], j[p])."""
+        hamming = np.bitwise_count(self.hashes[i] ^ self.hashes[j]).astype(np.int64)
+        cosine = np.einsum("ij,ij->i", self.unit[i], self.unit[j]).astype(np.float64)
+        scale = np.sqrt(self.scale[i] * self.scale[j])
+        distance = np.maximum(1.0 - cosine, 0.0)
+        # identical features (a photo whose k nearest are all exact copies has scale 0) are surely close
+        ratio = np.divide(distance, scale, out=np.where(distance > 1e-6, np.inf, 0.0), where=scale > 1e-9)
+        return hamming, cosine, ratio
+
+
+@dataclass(frozen=True)
+class DuplicatePairs:
+    """Pairs (i < j) that the rule calls near-duplicates, with the measurements that justify each."""
+
+    i: np.ndarray
+    j: np.ndarray
+    hamming: np.ndarray
+    cosine: np.ndarray
+    ratio: np.ndarray
+    by: np.ndarray  # (pairs, len(EVIDENCE)) booleans
+
+    def closeness(self) -> np.ndarray:
+        """Sort key, smaller = closer: the feature ratio plus the share of pHash bits that differ."""
+        return self.ratio + self.hamming / HASH_BITS
+
+
+def duplicate_pairs(geometry: Geometry, neighbours: Neighbours, rule: DuplicateRule) -> DuplicatePairs:
+    """Every pair the ``rule`` calls near-duplicates.
+
+    Candidates are each photo's k nearest neighbours and the pHash pairs within ``hash_radius``.
+    That misses no feature pair: with ``feature_ratio`` <= 1 a pair's distance is at most the
+    larger of its two photos' k-th-neighbour distances, so one is among the other's k nearest.
+    """
+    n, k = neighbours.index.shape
+    near = hash_pairs(geometry.hashes, rule.hash_radius)
+    a = np.r_[np.repeat(np.arange(n), k), near.i]
+    b = np.r_[neighbours.index.ravel(), near.j]
+    keys = np.unique(np.minimum(a, b) * n + np.maximum(a, b))
+    i, j = keys // n, keys % n
+    hamming, cosine, ratio = geometry.measure(i, j)
+    mutual = (neighbours.index[i, 0] == j) & (neighbours.index[j, 0] == i) if k else np.zeros(len(i), bool)
+    by = rule.evidence(hamming, ratio, mutual)
+    keep = by.any(axis=1)
+    return DuplicatePairs(i[keep], j[keep], hamming[keep], cosine[keep], ratio[keep], by[keep])
+
+
+def clique_groups(pairs: DuplicatePairs, geometry: Geometry, rule: DuplicateRule) -> list[np.ndarray]:
+    """Groups (sorted member indices, size >= 2): joined through ``pairs``, every two members within the group bound.
+
+    Complete linkage: pairs are taken closest first, and two groups merge only when every photo
+    of one is within the bound of every photo of the other. So A~B and B~C never put A with C
+    when A and C are far apart: one loose pair cannot chain unrelated photos. A photo belongs to
+    one group at most; a pair whose photos ended in different groups stays out.
+    """
+    group_of = np.arange(len(geometry.hashes))
+    members: dict[int, list[int]] = {}
+    for p in np.argsort(pairs.closeness(), kind="stable"):
+        ga, gb = int(group_of[pairs.i[p]]), int(group_of[pairs.j[p]])
+        if ga == gb:
+            continue
+        left, right = members.get(ga, [ga]), members.get(gb, [gb])
+        x, y = np.repeat(left, len(right)), np.tile(right, len(left))
+        hamming, _, ratio = geometry.measure(x, y)
+        if rule.within_group_bound(hamming, ratio).all():
+            if len(left) < len(right):
+                ga, gb, left, right = gb, ga, right, left
+            members[ga] = left + right
+            members.pop(gb, None)
+            group_of[right] = ga
+    return sorted((np.array(sorted(m)) for m in members.values()), key=lambda m: m[0])
 
 
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: int = DEFAULT_FOLDS,
@@ -265,6 +337,21 @@ def label_issues(labels: np.ndarray, pred_probs: np.ndarray) -> LabelIssues:
     return LabelIssues(np.asarray(ranked, dtype=np.int64), quality, pred_probs.argmax(axis=1), noise)
 
 
+def label_skill(labels: np.ndarray, pred_probs: np.ndarray) -> dict:
+    """How well out-of-fold predictions separate the classes, against the given labels.
+
+    ``skill`` is balanced accuracy rescaled so that chance (1 / classes) is 0 and perfect is 1;
+    balanced, so that always answering the biggest class scores 0 however unequal the classes.
+    """
+    classes = pred_probs.shape[1]
+    predicted = pred_probs.argmax(axis=1)
+    recalls = [float((predicted[labels == c] == c).mean()) for c in range(classes) if (labels == c).any()]
+    balanced = float(np.mean(recalls))
+    chance = 1.0 / classes
+    return {"accuracy": round(float((predicted == labels).mean()), 4), "balanced_accuracy": round(balanced, 4),
+            "chance": round(chance, 4), "skill": round((balanced - chance) / (1.0 - chance), 4)}
+
+
 def outlier_scores(knn_cosines: np.ndarray) -> np.ndarray:
     """(n,) in [0, 1), higher = farther from its k nearest neighbours than the typical image."""
     if knn_cosines.shape[1] == 0:
@@ -293,9 +380,9 @@ def odd_size(widths: np.ndarray, heights: np.ndarray, iqr_factor: float = 3.0) -
 
 
 def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequence[str], hashes: np.ndarray,
-                   features: np.ndarray, stats: Sequence[dict], *, hash_radius: int = DEFAULT_HASH_RADIUS,
-                   cosine_threshold: float = DEFAULT_COSINE_THRESHOLD, folds: int = DEFAULT_FOLDS, seed: int = 0,
-                   knn: int = DEFAULT_KNN) -> dict:
+                   features: np.ndarray, stats: Sequence[dict], *, rule: DuplicateRule = DuplicateRule(),
+                   folds: int = DEFAULT_FOLDS, seed: int = 0, knn: int = DEFAULT_KNN,
+                   min_label_skill: float = DEFAULT_MIN_LABEL_SKILL) -> dict:
     """The ``audit.json`` document for ``files`` (source paths, as in clean_report.json).
 
     ``labels`` are indices into ``class_names``; ``hashes`` uint64 pHashes; ``features`` (n, d);
@@ -306,31 +393,26 @@ def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequen
     n = len(files)
     if not (len(labels) == len(hashes) == len(features) == len(stats) == n):
         raise ValueError("files, labels, hashes, features and stats must have one entry per image")
+    label_list, noise, label_check = label_review(files, labels, class_names, features, folds, seed,
+                                                 min_label_skill)
+    # Features that cannot tell the classes apart are no evidence that two photos are one either
+    # (random weights put different photos of similar layout side by side): pHash alone decides.
+    weak = label_check.get("skill", 1.0) < min_label_skill
+    rule = dataclasses.replace(rule, use_features=rule.use_features and not weak)
     unit = unit_features(features)
-    pairs = [hash_pairs(hashes, hash_radius), cosine_pairs(unit, cosine_threshold)]
-    groups = near_duplicate_groups(n, pairs, unit, hashes)
-    near_duplicates = []
-    for g in groups:
-        classes = sorted({class_names[labels[m]] for m in g["members"]})
-        near_duplicates.append({"files": [files[m] for m in g["members"]], "classes": classes,
-                                "cross_class": len(classes) > 1, "similarity": g["similarity"],
-                                "max_hamming": g["max_hamming"]})
+    neighbours = nearest_neighbours(unit, knn)
+    geometry = Geometry.of(hashes, unit, neighbours)
+    pairs = duplicate_pairs(geometry, neighbours, rule)
+    groups = clique_groups(pairs, geometry, rule)
+    evidence = {(int(i), int(j)): [name for name, hit in zip(EVIDENCE, by) if hit]
+                for i, j, by in zip(pairs.i, pairs.j, pairs.by)}
+    near_duplicates = [_group_entry(members, evidence, geometry, files, labels, class_names) for members in groups]
+    grouped = np.full(n, -1)
+    for g, members in enumerate(groups):
+        grouped[members] = g
+    outside = int(((grouped[pairs.i] < 0) | (grouped[pairs.i] != grouped[pairs.j])).sum())
 
-    present = np.unique(labels)
-    label_list: list[dict] = []
-    noise: dict[str, float] = {name: 0.0 for name in class_names}
-    if len(present) >= 2 and np.bincount(labels)[present].min() >= 2:
-        # cleanlab wants contiguous class indices; classes without images simply drop out
-        dense = np.searchsorted(present, labels)
-        probs = out_of_fold_probabilities(features, dense, folds, seed)
-        found = label_issues(dense, probs)
-        label_list = [{"file": files[i], "given": class_names[labels[i]],
-                       "suggested": class_names[present[found.suggested[i]]],
-                       "score": round(1.0 - float(found.quality[i]), 4),
-                       "label_quality": round(float(found.quality[i]), 4)} for i in found.ranked]
-        noise.update({class_names[c]: round(float(r), 4) for c, r in zip(present, found.noise_rate)})
-
-    scores = outlier_scores(knn_cosines(unit, knn, seed=seed))
+    scores = outlier_scores(neighbours.cosine)
     outliers = [{"file": files[i], "score": round(float(scores[i]), 4)} for i in outlier_indices(scores)]
 
     sizes = [(s.get("width"), s.get("height")) for s in stats]
@@ -341,13 +423,62 @@ def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequen
     return {
         "near_duplicates": near_duplicates,
         "label_issues": label_list,
+        "label_check": label_check,
         "outliers": outliers,
         "image_issues": image_issues,
         "estimated_noise": noise,
-        "settings": {"hash_radius": hash_radius, "cosine_threshold": cosine_threshold, "folds": folds,
-                     "seed": seed, "knn": knn, "images": n},
+        "settings": {"hash_radius": rule.hash_radius, "feature_ratio": rule.feature_ratio,
+                     "agree_radius": rule.agree_radius, "mutual_radius": rule.mutual_radius,
+                     "group_ratio": rule.group_ratio, "near_duplicates_by_features": rule.use_features,
+                     "folds": folds,
+                     "seed": seed, "knn": knn, "min_label_skill": min_label_skill, "images": n,
+                     "median_neighbour_scale": round(float(np.median(neighbours.scale())), 4) if n > 1 else None,
+                     "duplicate_pairs": len(pairs.i), "duplicate_pairs_outside_groups": outside},
     }
 
+
+def _group_entry(members: np.ndarray, evidence: dict[tuple[int, int], list[str]], geometry: Geometry,
+                 files: Sequence[str], labels: np.ndarray, class_names: Sequence[str]) -> dict:
+    """One near-duplicate group as audit.json lists it, with the measurements of every two of its
+    photos (``a``/``b`` index ``files``) and what made them near-duplicates (``by``, from ``evidence``:
+    (i, j) -> the tests a near-duplicate pair passed)."""
+    a, b = np.triu_indices(len(members), 1)
+    hamming, cosine, ratio = geometry.measure(members[a], members[b])
+    listed = [{"a": int(x), "b": int(y), "hamming": int(h), "cosine": round(float(c), 4),
+               "ratio": round(float(r), 4), "by": evidence.get((int(members[x]), int(members[y])), [GROUP_BOUND])}
+              for x, y, h, c, r in zip(a, b, hamming, cosine, ratio)]
+    classes = sorted({class_names[labels[m]] for m in members})
+    return {"files": [files[m] for m in members], "classes": classes, "cross_class": len(classes) > 1,
+            "similarity": round(float(cosine.min()), 4), "max_hamming": int(hamming.max()),
+            "max_ratio": round(float(ratio.max()), 4), "pairs": listed}
+
+
+def label_review(files: Sequence[str], labels: np.ndarray, class_names: Sequence[str], features: np.ndarray,
+                 folds: int = DEFAULT_FOLDS, seed: int = 0, min_label_skill: float = DEFAULT_MIN_LABEL_SKILL,
+                 ) -> tuple[list[dict], dict[str, float], dict]:
+    """(label issues, estimated noise per class, label_check): issues and noise only where the
+    out-of-fold head separates the classes well enough that its disagreement with a label means something."""
+    present = np.unique(labels)
+    if len(present) < 2 or np.bincount(labels)[present].min() < 2:
+        return [], {}, {"judged": False, "reason": "labels not judged: it takes two classes with at least 2 "
+                                                   "images each to hold images out"}
+    # cleanlab wants contiguous class indices; classes without images simply drop out
+    dense = np.searchsorted(present, labels)
+    probs = out_of_fold_probabilities(features, dense, folds, seed)
+    check = {**label_skill(dense, probs), "min_skill": min_label_skill}
+    if check["skill"] < min_label_skill:
+        return [], {}, {**check, "judged": False, "reason": (
+            f"labels not judged: the out-of-fold head reaches {check['balanced_accuracy']:.1%} balanced accuracy "
+            f"(chance {check['chance']:.0%}, skill {check['skill']:.2f} < {min_label_skill}); the features are too "
+            "weak to tell a wrong label from a hard photo, so no label issue is flagged and no noise estimated")}
+    found = label_issues(dense, probs)
+    issues = [{"file": files[i], "given": class_names[labels[i]], "suggested": class_names[present[found.suggested[i]]],
+               "score": round(1.0 - float(found.quality[i]), 4), "label_quality": round(float(found.quality[i]), 4)}
+              for i in found.ranked]
+    noise = {class_names[c]: round(float(r), 4) for c, r in zip(present, found.noise_rate)}
+    return issues, noise, {**check, "judged": True, "reason": (
+        f"labels judged: the out-of-fold head reaches {check['balanced_accuracy']:.1%} balanced accuracy "
+        f"(chance {check['chance']:.0%}, skill {check['skill']:.2f} >= {min_label_skill})")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,19 +500,15 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     index = {name: i for i, name in enumerate(classes)}
     seed_everything(cfg.seed)  # the same seeded backbone training builds (weights: none)
     model = build_model(cfg.arch, len(classes), cfg.weights).eval()
-    parts = split_backbone_head(model)
-    if parts is not None:
-        backbone = parts[0]
-    else:  # pooled features, as the head sees them (dropout is off in eval mode)
-        model.set_submodule(head_path(model), nn.Identity())
-        backbone = model
+    backbone, _ = split_backbone_head(model)  # pooled features, as the head sees them
     backbone.to(rt.device, memory_format=rt.memory_format())
     items = [(f["output"], f["sha256"]) for f in usable]
     feats = features.view_features(cfg, paths, rt, backbone, len(classes), items, 1, "audit")[:, 0].numpy()
     doc = audit_document([f["source"] for f in usable], np.array([index[f["label"]] for f in usable]), classes,
                          phash_array([f["stats"]["phash"] for f in usable]), feats, [f["stats"] for f in usable],
-                         hash_radius=cfg.audit_hash_radius, cosine_threshold=cfg.audit_cosine_threshold,
-                         folds=cfg.audit_folds, seed=cfg.seed)
+                         rule=DuplicateRule(cfg.audit_hash_radius, cfg.audit_feature_ratio, cfg.audit_agree_radius,
+                                            cfg.audit_mutual_radius),
+                         folds=cfg.audit_folds, seed=cfg.seed, min_label_skill=cfg.audit_label_min_skill)
     doc["near_duplicates"] = exact_conflicts(report["files"]) + doc["near_duplicates"]
     doc.update(classes=classes, data_hash=report["data_hash"], label_issues_mode=cfg.label_issues)
     atomic_write_json(paths.audit, doc)
@@ -391,6 +518,11 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     print(f"audit: {len(groups)} near-duplicate groups ({sum(g['cross_class'] for g in groups)} across classes), "
           f"{len(doc['label_issues'])} label issues, {len(doc['outliers'])} outliers, "
           f"{len(doc['image_issues'])} images with quality flags; review: {paths.report / 'review.html'}")
+    if not doc["label_check"]["judged"]:
+        print(f"audit: {doc['label_check']['reason']}")
+    if not doc["settings"]["near_duplicates_by_features"]:
+        print("audit: near-duplicates by pHash alone: features that cannot tell the classes apart do not show "
+              "that two photos are one either")
     return paths.audit
 
 
@@ -405,6 +537,8 @@ def exact_conflicts(files: Sequence[dict]) -> list[dict]:
     for members in by_pixels.values():
         classes = sorted({f["label"] for f in members})
         if len(classes) > 1 and any(f["reason"] == "label_conflict" for f in members):
+            pairs = [{"a": a, "b": b, "hamming": 0, "cosine": 1.0, "ratio": 0.0, "by": ["pixels"]}
+                     for a in range(len(members)) for b in range(a + 1, len(members))]
             groups.append({"files": sorted(f["source"] for f in members), "classes": classes, "cross_class": True,
-                           "similarity": 1.0, "max_hamming": 0, "exact": True})
+                           "similarity": 1.0, "max_hamming": 0, "max_ratio": 0.0, "exact": True, "pairs": pairs})
     return sorted(groups, key=lambda g: g["files"])

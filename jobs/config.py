@@ -81,9 +81,23 @@ class Config:
     follow_symlinks: bool = _key(False, "Clean: follow symbolic links that lead outside --data (by default they are excluded as outside_data).", commands=CLEAN)
     # -- audit ---------------------------------------------------------------------------------
     label_issues: str = _key("flag", "Audit: what to do with likely wrong labels: flag (list them for review) or exclude (also leave them out of every split).", commands=AUDIT + SPLIT, choices=("flag", "exclude"))
-    audit_hash_radius: int = _key(10, "Audit: perceptual-hash Hamming radius for near-duplicates (bits of 64).", commands=AUDIT, lo=0, hi=32)
-    audit_cosine_threshold: float = _key(0.97, "Audit: backbone-feature cosine similarity above which two images are near-duplicates.", commands=AUDIT, lo=0, hi=1)
+    # Audit defaults, chosen with `python -m bench.audit` (bench/README.md "Audit", docs/audit.md) on copies
+    # (half size, JPEG q50, 10 % crop, brightness +-20 %, rotation +-5 degrees) of hymenoptera and pets-sample
+    # photos, with EfficientNet-Lite0 ImageNet features and with a resnet18 fine-tuned on hymenoptera by the
+    # job, and on 5,050 drawn photos with random weights. pHash 8: resized, re-encoded and brightened copies
+    # stay within 4 bits; different photos came no closer than 14 (natural) and 10 (drawn). Feature ratio
+    # 0.4: crops reach 0.36 and rotations 0.18 on ImageNet features; different photos within 24 bits start
+    # at 0.65 there and at 0.46 on the fine-tuned backbone (0.5 made 1 false pair there, 0.6 made 5).
+    # Agree 24: rotations move the pHash up to 22 bits. Mutual 16: different photos that were each other's
+    # nearest neighbour differed in 22+ bits; 0 (off) lost a tenth of the copies on the fine-tuned backbone.
+    # Together: recall 1.0 (ImageNet) and 0.95 (fine-tuned) with no false pair. Label skill 0.5: random
+    # weights score about 0 and ImageNet features 0.92-0.94 (0.66-0.72 with 10 % of labels flipped).
+    audit_hash_radius: int = _key(8, "Audit: photos whose perceptual hashes differ in at most this many of 64 bits are near-duplicates.", commands=AUDIT, lo=0, hi=32)
+    audit_feature_ratio: float = _key(0.4, "Audit: photos whose feature distance is at most this fraction of their distance to their k-th nearest neighbours are near-duplicates, when their pHashes agree within audit_agree_radius.", commands=AUDIT, lo=0, hi=1)
+    audit_agree_radius: int = _key(24, "Audit: pHash bits (of 64) two photos may differ in and still be near-duplicates by their features.", commands=AUDIT, lo=0, hi=64)
+    audit_mutual_radius: int = _key(16, "Audit: pHash bits (of 64) two photos that are each other's nearest neighbour in features may differ in and still be near-duplicates.", commands=AUDIT, lo=0, hi=64)
     audit_folds: int = _key(5, "Audit: folds of the out-of-fold head whose predictions find label issues.", commands=AUDIT, lo=2, hi=100)
+    audit_label_min_skill: float = _key(0.5, "Audit: judge labels only when the out-of-fold head's balanced accuracy is this far from chance (0) towards perfect (1); below it no label issue is flagged.", commands=AUDIT, lo=0, hi=1)
     # -- split ---------------------------------------------------------------------------------
     val_fraction: float = _key(0.1, "Fraction of each class held out for validation.", commands=SPLIT, lo=0, hi=0.99)
     test_fraction: float = _key(0.1, "Fraction of each class held out for the final test.", commands=SPLIT, lo=0, hi=0.99)

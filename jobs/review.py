@@ -126,11 +126,17 @@ def render_review(audit: dict, image_file: Callable[[str], Path | None], class_n
         parts.append(f'<section id="{section["kind"]}"><h2>{html.escape(section["title"])} '
                      f'({len(section["items"])})</h2>{body}{tail}</section>')
     noise = audit.get("estimated_noise", {})
-    noise_line = ", ".join(f"{html.escape(c)} {100 * r:.1f}%" for c, r in noise.items())
+    noise_line = ", ".join(f"{html.escape(c)} {100 * r:.1f}%" for c, r in noise.items()) or _not_estimated(audit)
     key = json.dumps(storage_key).replace("<", "\\u003c")  # a JS string literal that cannot close the script
-    page = (_PAGE.replace("__KEY__", key).replace("__NOISE__", noise_line or "not estimated")
+    page = (_PAGE.replace("__KEY__", key).replace("__NOISE__", noise_line)
             .replace("__SECTIONS__", "".join(parts)))  # last: file names are data, never placeholders
     return atomic_write_text(out, page)
+
+
+def _not_estimated(audit: dict) -> str:
+    """Why there is no noise estimate: the audit's own words when it declined to judge the labels."""
+    reason = audit.get("label_check", {}).get("reason")
+    return f"not estimated ({html.escape(reason)})" if reason else "not estimated"
 
 
 def data_quality_html(audit: dict, excluded: dict[str, int], review_href: str = "review.html") -> str:
@@ -162,7 +168,7 @@ def data_quality_html(audit: dict, excluded: dict[str, int], review_href: str = 
     noise = audit.get("estimated_noise", {})
     noise_rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{100 * r:.1f}%</td></tr>" for c, r in noise.items())
     noise_html = (f"<table><tr><th>class</th><th>estimated label noise</th></tr>{noise_rows}</table>" if noise
-                  else "<p>Estimated label noise: not estimated.</p>")
+                  else f"<p>Estimated label noise: {_not_estimated(audit)}.</p>")
     left_out = {"label_conflict": "in cross-class conflicts", "label_issue": "as label issues",
                 "decision": "by a review decision"}
     leakage = ("test accuracy on a leakage-free split: near-duplicate groups are kept within one split; "

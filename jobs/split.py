@@ -73,7 +73,7 @@ def split(cfg: Config, paths: RunPaths) -> Path:
         raise SplitError(f"{paths.clean_report} not found; {rebuild} first")
     report = read_run_file(paths.clean_report, rebuild, ("files", "classes", "data_hash"))
     sweep_partials(paths.splits)
-    group_of, excluded = audit_constraints(paths, report, cfg)
+    group_of, excluded, why = audit_constraints(paths, report, cfg)
     by_class: dict[str, list[tuple[str, str]]] = {}
     for f in report["files"]:
         if f["status"] != "excluded" and f["output"] not in excluded:
@@ -89,46 +89,94 @@ def split(cfg: Config, paths: RunPaths) -> Path:
         files.update(sorted(assigned.items()))
     doc = splits_document(files, sorted(by_class), report["data_hash"], cfg.seed, cfg.val_fraction, cfg.test_fraction)
     doc["excluded"] = dict(sorted(excluded.items()))
+    doc["excluded_why"] = dict(sorted(why.items()))
     atomic_write_json(paths.splits, doc)
     return paths.splits
 
 
-def audit_constraints(paths: RunPaths, report: dict, cfg: Config) -> tuple[dict[str, int], dict[str, str]]:
-    """From audit.json and decisions.json: (run path -> near-duplicate group id, run path -> why excluded).
+def audit_constraints(paths: RunPaths, report: dict, cfg: Config) -> tuple[dict[str, int], dict[str, str], dict]:
+    """From audit.json and decisions.json: (run path -> near-duplicate group id, run path -> why excluded,
+    run path -> the evidence for it).
 
     A group within one class stays whole; a group across classes is a label conflict and leaves
     every split, except the files a decision keeps; with ``label_issues: exclude`` so do the
-    label issues the audit found.
+    label issues the audit found. Excluding is the most destructive thing the job does, so each
+    conflict exclusion names a photo under another class and the pair's measurements from
+    audit.json: every two photos of a group are near-duplicates themselves (``jobs.audit.clique_groups``).
     """
     if not paths.audit.exists():
         print(f"split: WARNING no {paths.audit}: near-duplicates may straddle splits; run "
               f"`python -m jobs audit --out {paths.out}` before split")
-        return {}, {}
-    audit = read_run_file(paths.audit, f"run `python -m jobs audit --out {paths.out}`",
-                          ("near_duplicates", "label_issues", "data_hash"))
+        return {}, {}, {}
+    rerun = f"run `python -m jobs audit --out {paths.out}`"
+    audit = read_run_file(paths.audit, rerun, ("near_duplicates", "label_issues", "data_hash"))
     if audit["data_hash"] != report["data_hash"]:
-        raise SplitError(f"{paths.audit} describes other data than {paths.clean_report} (clean ran since); run "
-                         f"`python -m jobs audit --out {paths.out}` first")
+        raise SplitError(f"{paths.audit} describes other data than {paths.clean_report} (clean ran since); "
+                         f"{rerun} first")
     keep = decisions.load(paths, sorted(report["classes"])).keep
     output_of = {f["source"]: f["output"] for f in report["files"] if f["status"] != "excluded"}
+    label_of = {f["source"]: f["label"] for f in report["files"]}
     group_of: dict[str, int] = {}
     excluded: dict[str, str] = {}
+    why: dict[str, dict] = {}
     for gid, group in enumerate(audit["near_duplicates"]):
-        members = [src for src in group["files"] if src in output_of]
-        for src in members:
-            if not group["cross_class"]:
-                group_of[output_of[src]] = gid
-            elif src not in keep:
+        if not group["cross_class"]:
+            group_of.update({output_of[src]: gid for src in group["files"] if src in output_of})
+            continue
+        if "pairs" not in group:
+            raise SplitError(f"{paths.audit} lists a cross-class group without the pairs that justify it (an "
+                             f"older audit); {rerun} again before split")
+        for src in group["files"]:
+            if src in output_of and src not in keep:
                 excluded[output_of[src]] = "label_conflict"
+                why[output_of[src]] = _conflict_evidence(group, src, label_of)
     if cfg.label_issues == "exclude":
         for issue in audit["label_issues"]:
-            if issue["file"] in output_of and issue["file"] not in keep:
-                excluded.setdefault(output_of[issue["file"]], "label_issue")
-    whole = len({gid for gid in group_of.values()})
-    print(f"split: {whole} near-duplicate groups kept within one split; {len(excluded)} files excluded "
-          f"({sum(r == 'label_conflict' for r in excluded.values())} in cross-class conflicts, "
-          f"{sum(r == 'label_issue' for r in excluded.values())} label issues)")
-    return group_of, excluded
+            if issue["file"] in output_of and issue["file"] not in keep and output_of[issue["file"]] not in excluded:
+                excluded[output_of[issue["file"]]] = "label_issue"
+                why[output_of[issue["file"]]] = {"given": issue["given"], "suggested": issue["suggested"],
+                                                 "score": issue["score"]}
+    _print_exclusions(group_of, excluded, why, audit.get("label_check", {}), cfg.label_issues)
+    return group_of, excluded, why
+
+
+def _conflict_evidence(group: dict, src: str, label_of: dict[str, str]) -> dict:
+    """The closest photo of ``src``'s group under another class, and that pair's measurements."""
+    files = group["files"]
+    classes = [label_of.get(f) for f in files]
+    me = files.index(src)
+    others = [p for p in group["pairs"] if me in (p["a"], p["b"]) and
+              classes[p["b"] if p["a"] == me else p["a"]] != classes[me]]
+    if not others:
+        raise SplitError(f"audit.json's cross-class group with {src} holds no pair with a photo of another class; "
+                         "re-run the audit")
+    best = min(others, key=lambda p: (p.get("ratio", 0.0), p["hamming"]))
+    other = best["b"] if best["a"] == me else best["a"]
+    return {"near_duplicate_of": files[other], "by": best["by"], "hamming": best["hamming"],
+            "cosine": best["cosine"], "ratio": best.get("ratio")}
+
+
+def _print_exclusions(group_of: dict[str, int], excluded: dict[str, str], why: dict[str, dict], label_check: dict,
+                      label_issues: str, shown: int = 5) -> None:
+    """How many files leave every split and why, with the first few conflicts' evidence."""
+    conflicts = [p for p, r in excluded.items() if r == "label_conflict"]
+    by: dict[str, int] = {}
+    for p in conflicts:
+        key = "+".join(why[p]["by"])
+        by[key] = by.get(key, 0) + 1
+    evidence = ", ".join(f"{n} by {k}" for k, n in sorted(by.items()))
+    issues = sum(r == "label_issue" for r in excluded.values())
+    print(f"split: {len(set(group_of.values()))} near-duplicate groups kept within one split; {len(excluded)} files "
+          f"excluded: {len(conflicts)} in cross-class conflicts{f' ({evidence})' if evidence else ''}, "
+          f"{issues} label issues")
+    for p in sorted(conflicts)[:shown]:
+        w = why[p]
+        print(f"split:   {p}: near-duplicate of {w['near_duplicate_of']} under another class "
+              f"(pHash {w['hamming']} bits, cosine {w['cosine']:.3f}, {'+'.join(w['by'])})")
+    if len(conflicts) > shown:
+        print(f"split:   ... {len(conflicts) - shown} more; splits.json's excluded_why has each one's evidence")
+    if label_issues == "exclude" and label_check and not label_check.get("judged", True):
+        print(f"split: label_issues is 'exclude', but {label_check['reason']}")
 
 
 def splits_document(files: dict[str, str], classes: list[str], data_hash: str, seed: int | None = None,

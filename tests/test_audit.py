@@ -1,14 +1,16 @@
-"""The audit's algorithms on real photos and injected problems: copies, label flips, outliers, dark images."""
+"""The audit's algorithms: copies of real photos on real features, chains, label issues and when the audit
+abstains from judging labels, outliers, dark images."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+import torch
+from PIL import Image, ImageEnhance, ImageOps
 
+from bench.audit import COPIES, REAL_ARCH, backbone, decode_upright
 from jobs import audit
 from jobs.imagestats import image_stats, phash_array
 
@@ -23,44 +25,157 @@ def _photos() -> list[tuple[str, Image.Image]]:
     return out
 
 
-def _reencoded(img: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+@pytest.fixture(scope="module")
+def real_features(real_weights: Path) -> dict:
+    """The fixture photos plus one copy of each kind (of five photos) and a crop + rotation of a sixth,
+    with pHashes and EfficientNet-Lite0 ImageNet features (timm's data config)."""
+    photos = [(name, path.read_bytes()) for name, path in ((str(p.relative_to(FIXTURE)), p)
+                                                            for p in sorted(FIXTURE.glob("*/*.jpg")))]
+    files, blobs = [n for n, _ in photos], [b for _, b in photos]
+    expected = []
+    plan = [(i * 5, {kind: make}) for i, (kind, make) in enumerate(COPIES.items())]
+    plan.append((7, {k: COPIES[k] for k in ("crop_10pct", "rotate_5")}))
+    for index, makers in plan:
+        img = decode_upright(blobs[index])
+        group = {files[index]}
+        for n, (kind, make) in enumerate(makers.items()):
+            files.append(f"{files[index]}#{kind}")
+            blobs.append(make(img, index + n))
+            group.add(files[-1])
+        expected.append(group)
+    model, transform = backbone(REAL_ARCH, real_weights)
+    with torch.no_grad():
+        feats = model(torch.stack([transform(b) for b in blobs])).numpy()
+    return {"files": files, "labels": np.array([0 if f.startswith("ants/") else 1 for f in files]),
+            "hashes": phash_array([image_stats(decode_upright(b))["phash"] for b in blobs]), "features": feats,
+            "expected": expected, "originals": len(photos)}
 
 
-def _overlaid(img: Image.Image) -> Image.Image:
-    out = img.copy()
-    ImageDraw.Draw(out).text((5, img.height - 20), "(c) example.com", fill=(255, 255, 255), font_size=14)
-    return out
+def _document_of(items: dict, **kwargs) -> dict:
+    n = len(items["files"])
+    return audit.audit_document(items["files"], items["labels"], ["ants", "bees"], items["hashes"], items["features"],
+                                [{"issues": [], "width": 500, "height": 400}] * n, **kwargs)
 
 
-COPIES = {
-    "resized_0.6": lambda im: im.resize((round(im.width * 0.6), round(im.height * 0.6)), Image.Resampling.LANCZOS),
-    "jpeg_q50": lambda im: _reencoded(im, 50),
-    "brighter_20": lambda im: ImageEnhance.Brightness(im).enhance(1.2),
-    "darker_20": lambda im: ImageEnhance.Brightness(im).enhance(0.8),
-    "text_overlay": _overlaid,
-}
+def test_injected_copies_of_fixture_photos_are_grouped_on_real_features(real_features):
+    doc = _document_of(real_features)
+    groups = [set(g["files"]) for g in doc["near_duplicates"]]
+    assert sorted(groups, key=sorted) == sorted(real_features["expected"], key=sorted)
+    for g in doc["near_duplicates"]:
+        size = len(g["files"])
+        assert len(g["pairs"]) == size * (size - 1) // 2 and all(p["by"] for p in g["pairs"])
+        assert not g["cross_class"] and g["max_ratio"] <= audit.DEFAULT_GROUP_RATIO
+    # the crop and the rotation are found by their features; the pHash alone misses the rotation
+    crop_and_rotation = next(g for g in doc["near_duplicates"] if len(g["files"]) == 3)
+    assert any("features" in p["by"] or "mutual" in p["by"] for p in crop_and_rotation["pairs"])
 
 
-def test_injected_copies_are_grouped_with_their_original_and_distinct_photos_are_not():
-    photos = _photos()
-    files = [name for name, _ in photos]
-    hashes = [image_stats(img)["phash"] for _, img in photos]
-    originals = len(files)
-    for name, img in photos[:4]:
-        for kind, make in COPIES.items():
-            files.append(f"{name}#{kind}")
-            hashes.append(image_stats(make(img))["phash"])
-    h = phash_array(hashes)
-    groups = audit.near_duplicate_groups(len(files), [audit.hash_pairs(h, audit.DEFAULT_HASH_RADIUS)], hashes=h)
-    as_files = sorted(sorted(files[m] for m in g["members"]) for g in groups)
-    expected = sorted(sorted([name] + [f"{name}#{kind}" for kind in COPIES]) for name, _ in photos[:4])
-    assert as_files == expected
-    assert all(g["max_hamming"] <= audit.DEFAULT_HASH_RADIUS * 2 for g in groups)
-    assert not any(m < originals and n < originals for g in groups for m in g["members"] for n in g["members"]
-                   if m != n)
+def test_real_features_judge_labels_and_flag_flipped_ones(real_features):
+    n = real_features["originals"]
+    items = {k: v[:n] for k, v in real_features.items() if k in {"files", "labels", "hashes", "features"}}
+    clean = _document_of(items)
+    assert clean["label_check"]["judged"] and clean["label_check"]["skill"] >= 0.8
+    assert len(clean["label_issues"]) <= 1 and set(clean["estimated_noise"]) == {"ants", "bees"}
+    flipped = [3, 20]
+    labels = items["labels"].copy()
+    labels[flipped] = 1 - labels[flipped]
+    doc = _document_of({**items, "labels": labels})
+    top = [e["file"] for e in doc["label_issues"][:3]]
+    assert {items["files"][i] for i in flipped} <= set(top), doc["label_issues"]
+
+
+def test_weak_features_flag_no_label_issues_and_say_why():
+    rng = np.random.default_rng(0)
+    n = 300
+    labels = np.arange(n) % 2
+    features = rng.normal(size=(n, 64)).astype(np.float32)
+    features[:, 0] += 0.3 * labels  # a faint real signal: better than chance, far from judging labels
+    files = [f"{'ab'[y]}/{i}.jpg" for i, y in enumerate(labels)]
+    issues, noise, check = audit.label_review(files, labels, ["a", "b"], features)
+    assert issues == [] and noise == {} and not check["judged"]
+    assert 0 < check["skill"] < audit.DEFAULT_MIN_LABEL_SKILL and "too weak" in check["reason"]
+    # the same features with the gate off flag plenty: the gate is what keeps those out
+    flagged, *_ = audit.label_review(files, labels, ["a", "b"], features, min_label_skill=0.0)
+    assert len(flagged) > 0.1 * n
+    # nor do such features make near-duplicates: two photos as close in features as copies are, but
+    # whose pHashes differ by more than hash_radius, stay apart; pHash-close ones are still found
+    features[1] = features[0] + 0.01
+    hashes = np.random.default_rng(1).integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
+    hashes[1] = hashes[0] ^ np.uint64(0xFFF)  # 12 bits: a copy by its features, not by its pHash
+    hashes[3] = hashes[2] ^ np.uint64(0xF)
+    doc = audit.audit_document(files, labels, ["a", "b"], hashes, features, [{"issues": []}] * n)
+    assert not doc["settings"]["near_duplicates_by_features"]
+    assert [g["files"] for g in doc["near_duplicates"]] == [[files[2], files[3]]]
+    strong = audit.audit_document(files, labels, ["a", "b"], hashes, features, [{"issues": []}] * n,
+                                  min_label_skill=0.0)
+    assert [files[0], files[1]] in [g["files"] for g in strong["near_duplicates"]]
+
+
+def _chain(steps: int, bits: int, seed: int = 0) -> dict:
+    """``steps`` photos in a line: each one ``bits`` pHash bits and a small feature step from the last,
+    among 80 unrelated photos. Neighbours in the line are near-duplicates; its ends are far apart."""
+    rng = np.random.default_rng(seed)
+    dim = 32
+    others = rng.normal(size=(80, dim))
+    start, end = rng.normal(size=dim), rng.normal(size=dim)
+    line = np.array([start + (end - start) * t for t in np.linspace(0, 1, steps)])
+    hashes = list(rng.integers(0, 2**64 - 1, 80, dtype=np.uint64, endpoint=True))
+    h = rng.integers(0, 2**64 - 1, dtype=np.uint64, endpoint=True)
+    order = rng.permutation(64)
+    for s in range(steps):
+        hashes.append(np.uint64(h))
+        for b in order[(s * bits) % 64:(s * bits) % 64 + bits]:
+            h ^= np.uint64(1) << np.uint64(b)
+    features = np.r_[others, line].astype(np.float32)
+    return {"files": [f"ants/o{i}.jpg" for i in range(80)] + [f"{'ab'[s % 2]}/chain{s}.jpg" for s in range(steps)],
+            "labels": np.r_[np.zeros(80, int), np.arange(steps) % 2], "hashes": np.array(hashes, dtype=np.uint64),
+            "features": features}
+
+
+@pytest.mark.parametrize("steps, bits", [(3, 6), (6, 4), (12, 2)])
+def test_a_chain_of_near_duplicates_never_makes_one_group(steps: int, bits: int):
+    items = _chain(steps, bits)
+    rule = audit.DuplicateRule()
+    unit = audit.unit_features(items["features"])
+    neighbours = audit.nearest_neighbours(unit)
+    geometry = audit.Geometry.of(items["hashes"], unit, neighbours)
+    pairs = audit.duplicate_pairs(geometry, neighbours, rule)
+    chain = np.arange(80, 80 + steps)
+    linked = {(int(i), int(j)) for i, j in zip(pairs.i, pairs.j)}
+    assert {(int(a), int(a) + 1) for a in chain[:-1]} <= linked  # every step is a near-duplicate pair
+    ends_h, _, ends_r = geometry.measure(chain[:1], chain[-1:])
+    assert not rule.within_group_bound(ends_h, ends_r).any()  # ... yet the ends are far apart
+    doc = _document_of({**items, "labels": items["labels"]})
+    assert doc["near_duplicates"], "the chain's neighbours must still be grouped"
+    for g in doc["near_duplicates"]:
+        assert not {items["files"][chain[0]], items["files"][chain[-1]]} <= set(g["files"])
+        for p in g["pairs"]:
+            assert rule.within_group_bound(np.array([p["hamming"]]), np.array([p["ratio"]])).all(), p
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_two_photos_of_a_group_are_within_the_bound(seed: int):
+    """Property: random clusters of jittered points and hashes; groups are cliques under the bound."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(30, 16))
+    member = rng.integers(0, 30, 150)
+    features = (centres[member] + rng.uniform(0.05, 0.8) * rng.normal(size=(150, 16))).astype(np.float32)
+    base = rng.integers(0, 2**64 - 1, 30, dtype=np.uint64, endpoint=True)
+    flips = rng.integers(0, 2**64 - 1, 150, dtype=np.uint64, endpoint=True) & rng.integers(
+        0, 2**64 - 1, 150, dtype=np.uint64, endpoint=True) & rng.integers(0, 2**64 - 1, 150, dtype=np.uint64,
+                                                                          endpoint=True)  # ~8 of 64 bits each
+    hashes = base[member] ^ flips
+    rule = audit.DuplicateRule()
+    unit = audit.unit_features(features)
+    neighbours = audit.nearest_neighbours(unit, 5)
+    geometry = audit.Geometry.of(hashes, unit, neighbours)
+    groups = audit.clique_groups(audit.duplicate_pairs(geometry, neighbours, rule), geometry, rule)
+    seen = np.concatenate(groups) if groups else np.zeros(0, int)
+    assert len(seen) == len(set(seen.tolist()))  # one group per photo at most
+    for members in groups:
+        a, b = np.triu_indices(len(members), 1)
+        hamming, _, ratio = geometry.measure(members[a], members[b])
+        assert rule.within_group_bound(hamming, ratio).all()
 
 
 @pytest.mark.parametrize("radius", [0, 3, 10, 15])
@@ -77,19 +192,15 @@ def test_hash_pairs_equal_brute_force(radius):
     assert (pairs.value == dist[pairs.i, pairs.j]).all()
 
 
-def test_cosine_pairs_and_knn_equal_brute_force():
+def test_nearest_neighbours_equal_brute_force():
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(1300, 32)).astype(np.float32)
-    x[700:720] = x[:20] + 0.05 * rng.normal(size=(20, 32))
-    unit = audit.unit_features(x)
+    unit = audit.unit_features(rng.normal(size=(1300, 32)).astype(np.float32))
     sims = unit @ unit.T
     np.fill_diagonal(sims, -np.inf)
-    pairs = audit.cosine_pairs(unit, 0.6, block=97)  # blocks that do not divide n
-    want_i, want_j = np.nonzero(np.triu(sims >= 0.6, 1))
-    assert set(zip(pairs.i.tolist(), pairs.j.tolist())) == set(zip(want_i.tolist(), want_j.tolist()))
-    assert {(i, i + 700) for i in range(20)} <= set(zip(pairs.i.tolist(), pairs.j.tolist()))
-    knn = audit.knn_cosines(unit, 5, block=97)
-    assert np.allclose(np.sort(knn, axis=1), np.sort(np.partition(sims, -5, axis=1)[:, -5:], axis=1), atol=1e-5)
+    found = audit.nearest_neighbours(unit, 5, block=97)  # blocks that do not divide n
+    assert np.allclose(found.cosine, -np.sort(-sims, axis=1)[:, :5], atol=1e-5)
+    assert (found.index[:, 0] == sims.argmax(axis=1)).all()
+    assert np.allclose(found.scale(), 1 - found.cosine[:, -1], atol=1e-6)
 
 
 def _separating(n: int = 600, classes: int = 4, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -127,6 +238,7 @@ def test_injected_label_flips_rank_on_top_on_separating_features():
     assert scores == sorted(scores, reverse=True)
     # 10% flipped overall, spread over the classes: each class's estimated noise is near it
     assert all(0.03 < rate < 0.25 for rate in doc["estimated_noise"].values())
+    assert doc["label_check"]["judged"]
 
 
 def test_clean_labels_give_few_issues_and_the_ranking_is_out_of_fold():
@@ -177,14 +289,17 @@ def test_document_format_cross_class_copies_and_small_inputs():
     hashes[1] = hashes[0]  # img0000 (class 0) and img0001 (class 1): the same picture under two labels
     features[1] = features[0]
     files, doc = _document(features, labels, ["ants", "bees"], hashes=hashes)
-    assert set(doc) >= {"near_duplicates", "label_issues", "outliers", "image_issues", "estimated_noise"}
+    assert set(doc) >= {"near_duplicates", "label_issues", "label_check", "outliers", "image_issues",
+                        "estimated_noise", "settings"}
     conflict = doc["near_duplicates"][0]
     assert conflict["files"] == [files[0], files[1]] and conflict["cross_class"] and conflict["classes"] == [
         "ants", "bees"]
-    assert conflict["similarity"] == pytest.approx(1.0, abs=1e-4)
-    # a class with a single image: no folds possible, label issues are skipped, nothing crashes
+    assert conflict["similarity"] == pytest.approx(1.0, abs=1e-4) and conflict["max_hamming"] == 0
+    assert conflict["pairs"] == [{"a": 0, "b": 1, "hamming": 0, "cosine": pytest.approx(1.0, abs=1e-4),
+                                  "ratio": 0.0, "by": ["phash", "features", "mutual"]}]
+    # a class with a single image: no folds possible, labels are not judged, nothing crashes
     _, tiny = _document(features[:3], np.array([0, 0, 1]), ["ants", "bees"])
-    assert tiny["label_issues"] == [] and set(tiny["estimated_noise"]) == {"ants", "bees"}
+    assert tiny["label_issues"] == [] and tiny["estimated_noise"] == {} and not tiny["label_check"]["judged"]
     _, one = _document(features[:1], np.array([0]), ["ants", "bees"])
     assert one["near_duplicates"] == [] and one["outliers"] == []
 

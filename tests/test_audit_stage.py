@@ -82,6 +82,27 @@ def test_cross_class_copies_are_conflicts_excluded_from_every_split(audited):
         assert {where[f] for f in pair} == {"label_conflict"}
     reasons = {f["source"]: f["reason"] for f in _json(audited["out"] / "clean_report.json")["files"]}
     assert {reasons[f] for f in audited["exact_conflict"]} == {"label_conflict"}  # not kept in the first class
+    # split left out only the near conflict's two photos (clean already left out the exact one), each with
+    # the photo under the other class that justifies it, and said so
+    splits, report = _json(audited["out"] / "splits.json"), _json(audited["out"] / "clean_report.json")
+    source_of = {f["output"]: f["source"] for f in report["files"] if f["output"]}
+    original, copy = audited["near_conflict"]
+    assert {source_of[p]: w["near_duplicate_of"] for p, w in splits["excluded_why"].items()} == {
+        original: copy, copy: original}
+    assert "2 files excluded: 2 in cross-class conflicts (2 by phash), 0 label issues" in audited["first"].stdout
+
+
+def test_random_weights_flag_no_label_issues_and_say_why(audited):
+    audit = _json(audited["out"] / "audit.json")
+    assert audit["label_issues"] == [] and audit["estimated_noise"] == {}
+    assert not audit["label_check"]["judged"] and audit["label_check"]["skill"] < audit["settings"]["min_label_skill"]
+    assert f"audit: {audit['label_check']['reason']}" in audited["first"].stdout
+    assert "too weak to tell a wrong label from a hard photo" in audit["label_check"]["reason"]
+    page = (audited["out"] / "report" / "review.html").read_text()
+    assert "estimated label noise: not estimated (labels not judged: the out-of-fold head reaches" in page
+    # nor are such features evidence that two photos are one: the copies above were found by pHash alone
+    assert not audit["settings"]["near_duplicates_by_features"]
+    assert all(p["by"] in (["phash"], ["pixels"]) for g in audit["near_duplicates"] for p in g["pairs"])
 
 
 def test_darkened_photos_are_flagged(audited):
