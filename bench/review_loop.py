@@ -1,6 +1,6 @@
 """The review loop: a whole `jobs run`, then a person's decisions, then the same `jobs run` again.
 
-    .venv/bin/python -m bench.review_loop [--data DIR] [--weights none|PATH]
+    .venv/bin/python -m bench.review_loop [--data DIR] [--arch ARCH --weights none|PATH]
 
 The first run audits, trains, evaluates and archives. The decisions exclude the three worst
 label issues and relabel the next one to its suggested class. The second run is the same command:
@@ -23,6 +23,8 @@ from pathlib import Path
 
 from bench.common import HYMENOPTERA, REPO, RESULTS, machine
 from jobs.fileio import atomic_write_json
+from scripts.offline_weights import ARCH as REAL_ARCH
+from scripts.offline_weights import build
 
 FIXTURES = REPO / "tests" / "fixtures" / "hymenoptera_small"
 
@@ -50,22 +52,30 @@ def _passes(output: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=HYMENOPTERA if HYMENOPTERA.is_dir() else FIXTURES)
-    ap.add_argument("--weights", default="none")
+    ap.add_argument("--arch", default=REAL_ARCH)
+    ap.add_argument("--weights", default=None, help="default: the offline real ImageNet weights for --arch "
+                    f"{REAL_ARCH} (scripts/offline_weights.py)")
     args = ap.parse_args()
+    weights = args.weights or str(build(REPO / ".cache" / "weights" / "tf_efficientnet_lite0.pth"))
     with tempfile.TemporaryDirectory() as tmp:
         data, out = _copy_data(args.data, Path(tmp) / "data"), Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "jobs", "run", "--data", str(data), "--out", str(out), "--weights", args.weights,
-               "--min-images-per-class", "3"]
+        cmd = [sys.executable, "-m", "jobs", "run", "--data", str(data), "--out", str(out), "--arch", args.arch,
+               "--weights", weights, "--min-images-per-class", "3"]
         first_s, first_log = _run(cmd)
-        issues = json.loads((out / "audit.json").read_text())["label_issues"]
-        decisions = {"exclude": [i["file"] for i in issues[:3]],
-                     "relabel": {i["file"]: i["suggested"] for i in issues[3:4]}, "keep": []}
+        audit = json.loads((out / "audit.json").read_text())
+        # What a reviewer acts on: the flagged photos, label issues first (real features on clean data flag few).
+        flagged = list(dict.fromkeys([i["file"] for i in audit["label_issues"]] + [o["file"] for o in audit["outliers"]]
+                                     + [q["file"] for q in audit["image_issues"]]))
+        classes = audit["classes"]
+        relabel = flagged[3:4]
+        decisions = {"exclude": flagged[:3], "keep": [],
+                     "relabel": {f: next(c for c in classes if c != Path(f).parts[0]) for f in relabel}}
         (out / "decisions.json").write_text(json.dumps(decisions))
         second_s, second_log = _run(cmd)
     result = {"first_run_s": round(first_s, 1), "rerun_s": round(second_s, 1),
               "rerun_over_first": round(second_s / first_s, 3), "backbone_passes_first": _passes(first_log),
               "backbone_passes_rerun": _passes(second_log), "decisions": {k: len(v) for k, v in decisions.items()},
-              "data": str(args.data), "weights": args.weights}
+              "data": str(args.data), "arch": args.arch, "weights": weights}
     print(f"first run {first_s:.1f} s ({result['backbone_passes_first']} backbone passes); after "
           f"{sum(result['decisions'].values())} decisions the same command {second_s:.1f} s "
           f"({result['backbone_passes_rerun']} backbone passes): {second_s / first_s:.2f}x the first run's time")
