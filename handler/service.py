@@ -125,6 +125,8 @@ class ImageClassifier:
     # -- the model --------------------------------------------------------------------------------
 
     def forward(self, batch: torch.Tensor) -> Outputs:
+        if not len(batch):  # every request of the batch was refused
+            return Outputs(torch.zeros(0, len(self.classes)), torch.zeros(0, len(self.classes)), [])
         features, logits = models.forward(self.model, batch, self.device, self.amp_dtype)
         if self.trust is None:
             return Outputs(logits.softmax(1), logits, [{} for _ in range(len(logits))])

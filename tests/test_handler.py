@@ -490,3 +490,21 @@ def test_the_serving_package_never_imports_jobs():
     code = f"import sys, {modules}; print(sorted(m for m in sys.modules if m == 'jobs' or m.startswith('jobs.')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=REPO).stdout == "[]\n"
+
+
+def test_a_batch_of_only_refused_requests_is_answered_by_a_model_with_trust_fields(run_dir: Path, tmp_path: Path):
+    """No image reaches the model: the trust fields' score must not be asked about an empty batch."""
+    from handler import trust
+
+    shutil.copytree(run_dir / "model", tmp_path / "model")
+    g = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(30, 512, generator=g), torch.arange(30) % len(CLASSES)
+    fitted = trust.Trust.fit(features, labels, features[:9], torch.randn(9, len(CLASSES), generator=g), labels[:9])
+    meta = json.loads((tmp_path / "model" / "metadata.json").read_text())
+    meta["trust"] = fitted.save(tmp_path / "model")
+    (tmp_path / "model" / "metadata.json").write_text(json.dumps(meta))
+    h, ctx = load_handler(tmp_path)
+    out = handle_batch(h, ctx, [{"body": bytearray(b"not an image")}, {"body": bytearray(b"")}])
+    assert [ctx.get_response_status(i)[0] for i in range(2)] == [400, 400] and all("error" in o for o in out)
+    (good,) = handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+    assert {"predictions", "ood_score", "abstain", "abstain_reason"} <= set(good)
