@@ -127,3 +127,23 @@ class BusyBoard:
             yield
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.slot)
+
+
+class WorkerThreads:
+    """One worker's torch threads around each forward pass: ``threads`` for a batch, ``solo`` for a lone image
+    while no other worker of the model is busy (``BusyBoard``). Every runtime's worker runs its batches in it."""
+
+    def __init__(self, model_dir: Path, threads: int, solo: int, on_cpu: bool):
+        self.threads, self.solo = threads, solo
+        self.board = BusyBoard(model_dir) if on_cpu and solo > threads else None
+
+    @contextlib.contextmanager
+    def running(self, images: int) -> Iterator[None]:
+        if self.board is None:
+            yield
+            return
+        with self.board.busy():
+            threads = self.solo if images == 1 and not self.board.others_busy() else self.threads
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            yield

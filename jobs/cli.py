@@ -281,15 +281,17 @@ def archive(config_file: Path | None, out: Path, **overrides: Any) -> None:
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="TorchServe state, logs and key_file.json (default: next to the model store, serve-state/).")
 @click.option("--disable-token-auth", is_flag=True, help="No token needed (local demos only).")
+@click.option("--runtime", type=click.Choice(["torchserve", "kserve"]), default="torchserve", show_default=True,
+              help="The model server (docs/serving-runtimes.md); kserve needs the kserve extra.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config file.")
 def serve(model_store: Path, stop: bool, host: str, port: int, management_port: int, metrics_port: int,
-          workdir: Path | None, disable_token_auth: bool, config_file: Path | None) -> None:
-    """Run TorchServe in the foreground on MODEL_STORE with handler/config.properties (Ctrl-C stops it)."""
+          workdir: Path | None, disable_token_auth: bool, runtime: str, config_file: Path | None) -> None:
+    """Run TorchServe (or --runtime kserve) in the foreground on MODEL_STORE (Ctrl-C stops it)."""
     from jobs.serve import serve as serve_models
 
     code = serve_models(load_config(config_file), model_store, stop=stop, workdir=workdir, host=host, port=port,
                         management_port=management_port, metrics_port=metrics_port,
-                        disable_token_auth=disable_token_auth)
+                        disable_token_auth=disable_token_auth, runtime=runtime)
     sys.exit(code)
 
 
