@@ -198,6 +198,7 @@ class ClassifierModel(Model):
         # KServe kills a worker process that does not answer its ping within 5 s, and the ping thread starts only
         # after unpickling: load beside it. Requests that arrive meanwhile wait for the load (``loaded``).
         self.ready = True
+        MODELS[self.name] = self
         self.loading = threading.Thread(target=self.load, name=f"load-{self.name}", daemon=True)
         self.loading.start()
 
@@ -297,8 +298,10 @@ def _json(body: bytes) -> Any:
         raise BadRequest(f"body is not valid JSON ({e})") from None
 
 
-async def ping(request: Request) -> dict[str, str]:
-    return {"status": "Healthy" if MODELS and all(m.ready for m in MODELS.values()) else "Unhealthy"}
+async def ping(request: Request) -> JSONResponse:
+    """TorchServe's health check: Healthy once this worker process has loaded every model."""
+    loaded = MODELS and all(m.classifier is not None for m in MODELS.values())
+    return JSONResponse({"status": "Healthy" if loaded else "Unhealthy"}, 200 if loaded else 503)
 
 
 async def bad_request(request: Request, exc: Exception) -> JSONResponse:

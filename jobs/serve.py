@@ -269,8 +269,9 @@ class KServeRuntime(Server):
 
     def _ready(self, models: list[str]) -> bool:
         try:
-            return all(requests.get(f"{self.inference_url}/v2/models/{name}/ready", headers=self.auth(),
-                                    timeout=5).status_code == 200 for name in models)
+            return requests.get(f"{self.inference_url}/ping", timeout=5).status_code == 200 and all(
+                requests.get(f"{self.inference_url}/v2/models/{name}/ready", headers=self.auth(),
+                             timeout=5).status_code == 200 for name in models)
         except requests.RequestException:
             return False
 
