@@ -215,7 +215,7 @@ def run_load(target: Target, photos: list[bytes], concurrency: int, duration: fl
 
 
 PROM_LINE = re.compile(r'^(\w+)\{([^}]*)\} (\S+)$', re.M)
-TS_LOG_METRIC = re.compile(r"\[METRICS\](PreprocessTime|ForwardTime|HandlerTime)\.\w+:([\d.]+)\|#ModelName:([\w.-]+)")
+TS_LOG_METRIC = re.compile(r"\[METRICS\](PreprocessTime|ForwardTime|HandlerTime)\.\w+:([\d.]+)\|#([^|]*)\|.*")
 
 
 def prometheus(url: str, headers: dict[str, str] | None = None) -> list[tuple[str, str, float]]:
@@ -228,8 +228,8 @@ def prometheus(url: str, headers: dict[str, str] | None = None) -> list[tuple[st
 
 def torchserve_probe(server: TorchServe, model: str) -> Callable[[], dict[str, float]]:
     """Cumulative ms for ``model``: the frontend's inference and queue latency (Prometheus), and the handler's
-    per-batch times summed from the metrics log (a batch's time counts once, shared by its requests)."""
-    log = server.workdir / "logs" / "model_metrics.log"
+    per-batch times summed from its metric log lines (a batch's time counts once, shared by its requests)."""
+    logs = server.workdir / "logs"
 
     def probe() -> dict[str, float]:
         out = {"frontend": 0.0, "queue": 0.0}
@@ -237,24 +237,33 @@ def torchserve_probe(server: TorchServe, model: str) -> Callable[[], dict[str, f
             if f'model_name="{model}"' in labels and name in ("ts_inference_latency_microseconds",
                                                               "ts_queue_latency_microseconds"):
                 out["frontend" if "inference" in name else "queue"] += value / 1000
-        text = log.read_text(errors="replace") if log.exists() else ""
-        for name, value, m in TS_LOG_METRIC.findall(text):
-            if m == model:
-                key = {"PreprocessTime": "decode", "ForwardTime": "forward", "HandlerTime": "handler"}[name]
-                out[key] = out.get(key, 0.0) + float(value)
+        # A worker's metric line may reach more than one log file: count each line once.
+        texts = [path.read_text(errors="replace") for path in logs.glob("model_*.log")]
+        lines = {m[0]: m for text in texts for m in TS_LOG_METRIC.finditer(text) if f"ModelName:{model}," in m[3] + ","}
+        for m in lines.values():
+            key = {"PreprocessTime": "decode", "ForwardTime": "forward", "HandlerTime": "handler"}[m[1]]
+            out[key] = out.get(key, 0.0) + float(m[2])
         return out
 
     return probe
 
 
-def kserve_probe(server: KServeRuntime, model: str) -> Callable[[], dict[str, float]]:
-    """Cumulative ms of KServe's per-stage histograms (one worker process's: each scrape reaches one)."""
-    names = {"request_preprocess_seconds_sum": "decode", "request_predict_seconds_sum": "forward+queue",
-             "request_postprocess_seconds_sum": "answer"}
+KSERVE_LATENCY = re.compile(r"preprocess_ms: ([\d.]+), explain_ms: [\d.]+, predict_ms: ([\d.]+), "
+                            r"postprocess_ms: ([\d.]+)")
+
+
+def kserve_probe(server: KServeRuntime) -> Callable[[], dict[str, float]]:
+    """Cumulative ms per stage from KServe's latency log (every worker process writes it; its /metrics
+    histograms are per process, and a scrape reaches one)."""
+    log = server.workdir / "kserve.out"
 
     def probe() -> dict[str, float]:
-        return {names[name]: value * 1000 for name, labels, value in prometheus(f"{server.inference_url}/metrics")
-                if name in names and f'model_name="{model}"' in labels}
+        out = {"decode": 0.0, "queue+forward": 0.0, "answer": 0.0}
+        for pre, pred, post in KSERVE_LATENCY.findall(log.read_text(errors="replace") if log.exists() else ""):
+            out["decode"] += float(pre)
+            out["queue+forward"] += float(pred)
+            out["answer"] += float(post)
+        return out
 
     return probe
 
@@ -397,7 +406,7 @@ def targets(servers: dict[str, Server], variants: list[str]) -> dict[str, Target
             runtime, body = RUNTIME_VARIANTS[name]
             server = servers[runtime]
             path = f"/v2/models/{SERVED_MODEL}/infer" if body == "v2" else f"/predictions/{SERVED_MODEL}"
-            probe = kserve_probe(server, SERVED_MODEL) if isinstance(server, KServeRuntime) else no_probe
+            probe = kserve_probe(server) if isinstance(server, KServeRuntime) else no_probe
             out[name] = Target(server.inference_url + path, server.auth(), v2_body if body == "v2" else raw, probe)
         else:
             ts = servers["torchserve"]

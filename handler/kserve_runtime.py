@@ -12,8 +12,9 @@ the bodies and the 4xx rules are TorchServe's:
   * ``POST /v2/models/<name>/infer``      Open Inference Protocol: BYTES inputs holding base64 images
     (JSON ``data``, or the binary extension carrying the base64 text: KServe 0.21 decodes binary BYTES as UTF-8)
   * ``GET /ping``, ``/v2/health/live|ready``, ``/v1/models/<name>``, ``/metrics`` (KServe's Prometheus histograms
-    of each stage: ``request_preprocess_seconds`` = parse + admit + decode, ``request_predict_seconds`` = queue +
-    forward, ``request_postprocess_seconds``)
+    of each stage, per worker process: ``request_preprocess_seconds`` = parse + admit + decode,
+    ``request_predict_seconds`` = batch queue + forward + answers, ``request_postprocess_seconds`` = the body);
+    the same three times per request are logged (KServe's latency log, ``preprocess_ms: ...``)
 
 Token authorization like TorchServe's: ``key_file.json`` in the work folder (or ``--key-file``) holds
 ``{"inference": {"key": ...}}`` -- kept when it exists (a Kubernetes Secret mounted there keeps every replica's
@@ -190,10 +191,11 @@ class ClassifierModel(Model):
         self.loading: threading.Thread | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"archive": self.archive, "plan": self.plan}
+        return {"archive": self.archive, "plan": self.plan, "latency_log": self.enable_latency_logging}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["archive"], state["plan"])
+        self.enable_latency_logging = state["latency_log"]
         install(kserve_app)  # a worker process imports a fresh kserve.model_server.app
         # KServe kills a worker process that does not answer its ping within 5 s, and the ping thread starts only
         # after unpickling: load beside it. Requests that arrive meanwhile wait for the load (``loaded``).
@@ -406,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("serving %s on %s:%d: %d workers x %d threads (%d for a lone image), batch %d, delay %d ms",
                 ", ".join(a.name for a in archives), args.host, args.port, plan.workers, plan.threads,
                 plan.solo_threads, plan.batch_size, plan.max_batch_delay_ms)
-    server = ModelServer(http_port=args.port, workers=plan.workers, enable_grpc=False, enable_latency_logging=False)
+    server = ModelServer(http_port=args.port, workers=plan.workers, enable_grpc=False)
     _adapt_kserve(args.host)
     server.start(models)
 
