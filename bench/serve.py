@@ -238,7 +238,7 @@ def torchserve_probe(server: TorchServe, model: str) -> Callable[[], dict[str, f
                                                               "ts_queue_latency_microseconds"):
                 out["frontend" if "inference" in name else "queue"] += value / 1000
         # A worker's metric line may reach more than one log file: count each line once.
-        texts = [path.read_text(errors="replace") for path in logs.glob("model_*.log")]
+        texts = [path.read_text(errors="replace") for path in logs.glob("*.log")]
         lines = {m[0]: m for text in texts for m in TS_LOG_METRIC.finditer(text) if f"ModelName:{model}," in m[3] + ","}
         for m in lines.values():
             key = {"PreprocessTime": "decode", "ForwardTime": "forward", "HandlerTime": "handler"}[m[1]]
