@@ -93,6 +93,11 @@ VARIANTS: dict[str, tuple[Path | None, dict, dict]] = {
         **ARCHIVED, "min_workers": 1, "max_workers": 1, "serve_batch_size": 8, "max_batch_delay_ms": 1}),
     "stock": (STOCK, {}, {**ARCHIVED, "serve_batch_size": 1, "max_batch_delay_ms": 0}),
     "stock-1thread": (STOCK, {"torch_threads": 1}, {**ARCHIVED, "serve_batch_size": 1, "max_batch_delay_ms": 0}),
+    # ours with the plan's workers and threads, other batching (what serving_plan's batching was chosen from)
+    **{f"ours-batch{b}-delay{d}": (None, {}, {**ARCHIVED, "min_workers": scheduler.serving_plan().workers,
+                                              "max_workers": scheduler.serving_plan().workers,
+                                              "serve_batch_size": b, "max_batch_delay_ms": d})
+       for b, d in ((4, 5), (8, 5), (4, 20))},
 }
 # Variants served by another runtime from the "ours" archive: runtime, request body.
 RUNTIME_VARIANTS = {"kserve": ("kserve", "raw"), "kserve-v2": ("kserve", "v2"), "mlserver-v2": ("mlserver", "v2")}
@@ -146,30 +151,51 @@ class Cell:
     errors: int = 0
     wall: float = 0.0
     client_cpu: float = 0.0
+    server_cpu: dict[str, float] = field(default_factory=dict)
     stages: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict:
         lat = np.array(self.latencies) * 1000
         n = len(lat)
-        stages = {k: round(sum(s.get(k, 0) for s in self.stages) / n, 2)
-                  for k in dict.fromkeys(k for s in self.stages for k in s)} if n else {}
+        totals = {k: sum(s.get(k, 0) for s in self.stages) for k in dict.fromkeys(k for s in self.stages for k in s)}
+        batches = totals.pop("batches", 0)
+        stages = {k: round(v / n, 2) for k, v in totals.items()} if n else {}
         return {"duration_s": round(self.wall, 2), "requests": n, "errors": self.errors,
                 "requests_per_s": round(n / self.wall, 2) if self.wall else None,
                 "p50_ms": round(float(np.percentile(lat, 50)), 1) if n else None,
                 "p99_ms": round(float(np.percentile(lat, 99)), 1) if n else None,
                 "mean_ms": round(float(lat.mean()), 1) if n else None,
                 "client_cpu_ms": round(self.client_cpu * 1000 / n, 2) if n else None,
-                "stages_ms_per_request": stages}
+                "server_cpu_ms": round(sum(self.server_cpu.values()) * 1000 / n, 2) if n else None,
+                "server_cpu_ms_by_program": {k: round(v * 1000 / n, 2) for k, v in self.server_cpu.items() if n},
+                "stages_ms_per_request": stages,
+                **({"mean_batch": round(n / batches, 2)} if batches else {})}
 
 
 @dataclass
 class Target:
-    """Where a variant's requests go, and how a photo becomes its body; ``probe`` reads the server's own times."""
+    """Where a variant's requests go, and how a photo becomes its body; ``probe`` reads the server's own times,
+    ``group`` is the server's process group (its CPU seconds are counted per cell)."""
 
     url: str
     headers: dict[str, str]
     body: Callable[[bytes], bytes]
     probe: Callable[[], dict[str, float]]
+    group: int
+
+
+def group_cpu(pgid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of the live processes in process group ``pgid``, by program (java: TorchServe's
+    frontend; python: its workers, or a Python server's processes)."""
+    ticks: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            comm, fields = text[text.index("(") + 1:text.rindex(")")], text.rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # after the command: state, ppid, pgrp, ...; utime, stime at 11, 12
+                program = "java" if comm == "java" else "python"
+                ticks[program] = ticks.get(program, 0) + int(fields[11]) + int(fields[12])
+    return {k: v / os.sysconf("SC_CLK_TCK") for k, v in ticks.items()}
 
 
 def raw(photo: bytes) -> bytes:
@@ -203,13 +229,15 @@ def run_load(target: Target, photos: list[bytes], concurrency: int, duration: fl
                     else:
                         cell.errors += 1
 
-    before, cpu = target.probe(), time.process_time()
+    before, cpu, server_cpu = target.probe(), time.process_time(), group_cpu(target.group)
     start_time = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         for f in [pool.submit(client) for _ in range(concurrency)]:
             f.result()
     cell.wall += time.perf_counter() - start_time
     cell.client_cpu += time.process_time() - cpu
+    for program, seconds in group_cpu(target.group).items():
+        cell.server_cpu[program] = cell.server_cpu.get(program, 0) + seconds - server_cpu.get(program, 0)
     after = target.probe()
     cell.stages.append({k: after[k] - before.get(k, 0) for k in after})
 
@@ -243,6 +271,7 @@ def torchserve_probe(server: TorchServe, model: str) -> Callable[[], dict[str, f
         for m in lines.values():
             key = {"PreprocessTime": "decode", "ForwardTime": "forward", "HandlerTime": "handler"}[m[1]]
             out[key] = out.get(key, 0.0) + float(m[2])
+            out["batches"] = out.get("batches", 0) + (m[1] == "HandlerTime")
         return out
 
     return probe
@@ -285,15 +314,21 @@ def in_process_limit(model_dir: Path, photos: list[bytes], duration: float) -> d
     with ctx.Manager() as manager, ProcessPoolExecutor(cores, mp_context=ctx) as pool:
         start_together = manager.Barrier(cores)
         parts = list(pool.map(_limit_rates, *zip(*[(model_dir, photos, duration, 1, start_together)] * cores)))
-    per_core = {name: round(sum(part[name] for part in parts), 2) for name in one_process}
-    best = max(rate for layout in (one_process, per_core) for name, rate in layout.items() if name != "int8")
-    return {"images_per_s": {"one_process": one_process, "process_per_core": per_core}, "best": best,
-            "cores": cores, "batch": LIMIT_BATCH}
+    rates = {name: round(sum(part[name][0] for part in parts), 2) for name in one_process}
+    layouts = {"one_process": {name: rate for name, (rate, _) in one_process.items()}, "process_per_core": rates}
+    best_name, best = max(((name, rate) for layout in layouts.values() for name, rate in layout.items()
+                           if name != "int8"), key=lambda item: item[1])
+    # CPU time per image of a single-threaded process: what an image costs whatever share of the cores the
+    # process got, so it holds on a shared machine where images/s does not.
+    cpu_ms = {name: round(sum(part[name][1] for part in parts) / len(parts), 2) for name in one_process}
+    return {"images_per_s": layouts, "best": best, "best_precision": best_name,
+            "cpu_ms_per_image": cpu_ms, "cores": cores, "batch": LIMIT_BATCH}
 
 
 def _limit_rates(model_dir: Path, photos: list[bytes], duration: float, threads: int,
-                 start_together: Any = None) -> dict[str, float]:
-    """In this process with ``threads`` torch threads: images/s per precision (see ``in_process_limit``)."""
+                 start_together: Any = None) -> dict[str, tuple[float, float]]:
+    """In this process with ``threads`` torch threads: (images/s, CPU ms per image) per precision
+    (see ``in_process_limit``)."""
     torch.set_num_threads(threads)
     meta = read_json(model_dir / "metadata.json")
     cpu = torch.device("cpu")
@@ -310,13 +345,14 @@ def _limit_rates(model_dir: Path, photos: list[bytes], duration: float, threads:
                                    dtype)  # warm-up
             if start_together is not None:
                 start_together.wait()
-            images, start_time = 0, time.perf_counter()
+            images, start_time, start_cpu = 0, time.perf_counter(), time.process_time()
             while time.perf_counter() - start_time < duration:
                 i = next(batches)
                 x = torch.stack(list(decoders.map(preprocess, photos[i:i + LIMIT_BATCH])))
                 models.forward(net, x, cpu, dtype)
                 images += len(x)
-            rates[name] = round(images / (time.perf_counter() - start_time), 2)
+            rates[name] = (round(images / (time.perf_counter() - start_time), 2),
+                           round((time.process_time() - start_cpu) * 1000 / images, 2))
     return rates
 
 
@@ -407,11 +443,13 @@ def targets(servers: dict[str, Server], variants: list[str]) -> dict[str, Target
             server = servers[runtime]
             path = f"/v2/models/{SERVED_MODEL}/infer" if body == "v2" else f"/predictions/{SERVED_MODEL}"
             probe = kserve_probe(server) if isinstance(server, KServeRuntime) else no_probe
-            out[name] = Target(server.inference_url + path, server.auth(), v2_body if body == "v2" else raw, probe)
+            out[name] = Target(server.inference_url + path, server.auth(), v2_body if body == "v2" else raw, probe,
+                               server.process.pid)
         else:
             ts = servers["torchserve"]
             assert isinstance(ts, TorchServe)
-            out[name] = Target(f"{ts.inference_url}/predictions/{name}", ts.auth(), raw, torchserve_probe(ts, name))
+            out[name] = Target(f"{ts.inference_url}/predictions/{name}", ts.auth(), raw, torchserve_probe(ts, name),
+                               ts.process.pid)
     return out
 
 
@@ -488,8 +526,14 @@ def main() -> None:
     for name, result in results.items():
         limit = round(sum(li["best"] for li in limits[name]) / len(limits[name]), 2)
         result.update(limit_images_per_s=limit, limits=limits[name])
+        limit_cpu = sum(li["cpu_ms_per_image"][li["best_precision"]] for li in limits[name]) / len(limits[name])
+        result["limit_cpu_ms_per_image"] = round(limit_cpu, 2)
         for cell in result["cells"].values():
             cell["served_over_limit"] = round(cell["requests_per_s"] / limit, 3) if cell["requests_per_s"] else None
+            # The same ratio in CPU time (server + load generator per request against the limit's per image):
+            # what served/limit would be on a machine of our own, where the shares of the cores do not move.
+            spent = (cell["server_cpu_ms"] or 0) + (cell["client_cpu_ms"] or 0)
+            cell["cpu_over_limit"] = round(limit_cpu / spent, 3) if spent else None
             cell["p99_over_p50"] = round(cell["p99_ms"] / cell["p50_ms"], 2) if cell["p50_ms"] else None
         result["vs_stock"] = {f"{v}@{c}": ratio(result["cells"][f"{v}@{c}"], result["cells"][f"stock@{c}"])
                               for v in variants if v != "stock" for c in levels}
@@ -503,11 +547,12 @@ def main() -> None:
     print(f"flags: {cpu_flags() or 'none'}; load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}; "
           f"startup (s): {startup}")
     for name, result in results.items():
-        print(f"{name}: limit {result['limit_images_per_s']} img/s (fp32/bf16, best of 1 process x {usable_cpus()} "
-              f"threads and {usable_cpus()} processes x 1 thread)")
+        print(f"{name}: limit {result['limit_images_per_s']} img/s, {result['limit_cpu_ms_per_image']} CPU ms/img "
+              f"(fp32/bf16, best of 1 process x {usable_cpus()} threads and {usable_cpus()} processes x 1 thread)")
         for key, cell in result["cells"].items():
-            print(f"  {key}: {cell['requests_per_s']} img/s = {cell['served_over_limit']} of the limit, "
-                  f"p50 {cell['p50_ms']} ms, p99 {cell['p99_ms']} ms, client CPU {cell['client_cpu_ms']} ms/req, "
+            print(f"  {key}: {cell['requests_per_s']} img/s = {cell['served_over_limit']} of the limit "
+                  f"({cell['cpu_over_limit']} in CPU time), p50 {cell['p50_ms']} ms, p99 {cell['p99_ms']} ms, CPU "
+                  f"ms/req server {cell['server_cpu_ms_by_program']} client {cell['client_cpu_ms']}, "
                   f"stages {cell['stages_ms_per_request']}")
         for cell, r in result["vs_stock"].items():
             print(f"  {cell} vs stock: throughput x{r['throughput']}, p50 x{r['p50']}, p99 x{r['p99']}")
