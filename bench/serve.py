@@ -97,7 +97,7 @@ VARIANTS: dict[str, tuple[Path | None, dict, dict]] = {
     **{f"ours-batch{b}-delay{d}": (None, {}, {**ARCHIVED, "min_workers": scheduler.serving_plan().workers,
                                               "max_workers": scheduler.serving_plan().workers,
                                               "serve_batch_size": b, "max_batch_delay_ms": d})
-       for b, d in ((4, 5), (8, 5), (4, 20))},
+       for b, d in ((4, 1), (4, 5), (8, 5), (4, 20))},
 }
 # Variants served by another runtime from the "ours" archive: runtime, request body.
 RUNTIME_VARIANTS = {"kserve": ("kserve", "raw"), "kserve-v2": ("kserve", "v2"), "mlserver-v2": ("mlserver", "v2")}
