@@ -10,7 +10,8 @@ the bodies and the 4xx rules are TorchServe's:
   * ``POST /predictions/<name>``          TorchServe's own path: raw, multipart or JSON bodies
   * ``POST /v1/models/<name>:predict``    KServe V1 (``{"instances": [...]}``; a non-JSON body is the raw image)
   * ``POST /v2/models/<name>/infer``      Open Inference Protocol: BYTES inputs holding base64 images
-    (JSON ``data``, or the binary extension carrying the base64 text: KServe 0.21 decodes binary BYTES as UTF-8)
+    (JSON ``data``, or the binary extension carrying the base64 text: KServe 0.21 decodes binary BYTES as UTF-8,
+    so raw image bytes there are refused with a 400 that says so)
   * ``GET /ping``, ``/v2/health/live|ready``, ``/v1/models/<name>``, ``/metrics`` (KServe's Prometheus histograms
     of each stage, per worker process: ``request_preprocess_seconds`` = parse + admit + decode,
     ``request_predict_seconds`` = batch queue + forward + answers, ``request_postprocess_seconds`` = the body);
@@ -53,10 +54,12 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, ORJSONResponse
 from kserve import Model, ModelServer
+from kserve.errors import InferenceError
 from kserve.model_server import app as kserve_app
 from kserve.protocol.infer_type import InferRequest
 
 from handler import scheduler
+from handler.preprocess import plain
 from handler.protocol import BadRequest, answer_body, parse_request
 from handler.protocol import Request as Parsed
 from handler.service import ImageClassifier
@@ -312,6 +315,16 @@ async def bad_request(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, exc.status)
 
 
+async def undecodable(request: Request, exc: Exception) -> JSONResponse:
+    """KServe's InferenceError here only comes from decoding the client's V2 body (our model raises BadRequest):
+    a 400, not KServe's 500. The usual case: raw image bytes as binary BYTES, which KServe decodes as UTF-8."""
+    message = str(exc)
+    if "UTF-8" in message:
+        message = "a binary BYTES input is not UTF-8 text: send each image as base64 (KServe reads them as text)"
+    logger.warning("request refused (400): %s", plain(message))
+    return JSONResponse({"error": plain(message, 200)}, 400)
+
+
 class Guard:
     """ASGI middleware: the bearer token (unless ``key`` is empty) and TorchServe's request size limit."""
 
@@ -359,6 +372,7 @@ def install(app: FastAPI) -> None:
     app.add_api_route("/predictions/{model_name}", predictions, methods=["POST", "PUT"])
     app.add_api_route("/ping", ping, methods=["GET"])
     app.add_exception_handler(BadRequest, bad_request)
+    app.add_exception_handler(InferenceError, undecodable)
     app.add_middleware(Guard, key=os.environ.get(KEY_ENV, ""))
 
 

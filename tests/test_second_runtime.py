@@ -133,6 +133,10 @@ def test_tritonclients_v2_client_gets_the_same_probabilities(servers: Servers):
                 assert_same(preds, ref)
         with pytest.raises(Exception, match="Token Authorization failed"):
             client.infer(MODEL, [inp])
+        raw = httpclient.InferInput("image", [1], "BYTES")  # the JPEG itself as binary BYTES: a 400 that says why
+        raw.set_data_from_numpy(np.array([PHOTOS[0].read_bytes()], dtype=object), binary_data=True)
+        with pytest.raises(Exception, match=r"\[400\].*base64"):
+            client.infer(MODEL, [raw], headers=headers)
 
 
 def abuse(photo: bytes) -> dict[str, dict]:
