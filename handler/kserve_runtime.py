@@ -366,14 +366,23 @@ async def _refuse(send: Any, status: int, message: str) -> None:
 def install(app: FastAPI) -> None:
     """Our routes, error bodies and guard on KServe's app, once per process (the key comes from the
     environment, so every worker process has it)."""
+    from kserve.protocol.rest import server as rest
+
     if getattr(app.state, "classifier_runtime", False):
         return
     app.state.classifier_runtime = True
     app.add_api_route("/predictions/{model_name}", predictions, methods=["POST", "PUT"])
     app.add_api_route("/ping", ping, methods=["GET"])
-    app.add_exception_handler(BadRequest, bad_request)
-    app.add_exception_handler(InferenceError, undecodable)
     app.add_middleware(Guard, key=os.environ.get(KEY_ENV, ""))
+    # KServe registers its own handlers when its REST server starts, InferenceError's among them: ours go after.
+    kserve_handlers = rest.RESTServer._add_exception_handlers
+
+    def add_handlers(self: Any, app: FastAPI) -> None:
+        kserve_handlers(self, app)
+        app.add_exception_handler(BadRequest, bad_request)
+        app.add_exception_handler(InferenceError, undecodable)
+
+    rest.RESTServer._add_exception_handlers = add_handlers
 
 
 PING_TIMEOUT_S = 30
