@@ -10,4 +10,5 @@ here, so what the job evaluated is what the server runs. It never imports ``jobs
 - ``protocol``: request bodies and answer bodies (raw, multipart, JSON, KServe v1/v2)
 - ``scheduler`` and ``cpus``: workers, threads and batching for the machine that serves
 - ``classifier_handler``: TorchServe's entry point; ``config.properties`` and ``metrics.yaml`` its settings
+- ``kserve_runtime``: the second runtime, KServe's model server on the same archives (docs/serving-runtimes.md)
 """

@@ -66,7 +66,7 @@ class ClassifierHandler(BaseHandler):
         on_cpu = device.type == "cpu"
         if self.threads and on_cpu:
             torch.set_num_threads(self.threads)
-        self.board = scheduler.BusyBoard(model_dir) if on_cpu and self.solo_threads > self.threads else None
+        self.worker_threads = scheduler.WorkerThreads(model_dir, self.threads, self.solo_threads, on_cpu)
         # Decoding releases the GIL: a worker with several threads decodes its requests side by side.
         self.decoders = ThreadPoolExecutor(self.threads, thread_name_prefix="decode") if self.threads > 1 else None
         self.classifier = ImageClassifier(model_dir, device, model_dir / self.manifest["model"]["serializedFile"],
@@ -118,14 +118,7 @@ class ClassifierHandler(BaseHandler):
         return Batch(requests, torch.stack(tensors) if tensors else torch.empty(0))
 
     def inference(self, batch: Batch) -> Batch:
-        if self.board is None:
-            batch.outputs = self.classifier.forward(batch.inputs)
-            return batch
-        with self.board.busy():
-            alone = len(batch.inputs) == 1 and not self.board.others_busy()
-            threads = self.solo_threads if alone else self.threads
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
+        with self.worker_threads.running(len(batch.inputs)):
             batch.outputs = self.classifier.forward(batch.inputs)
         return batch
 

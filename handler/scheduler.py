@@ -52,9 +52,11 @@ def serving_plan(cores: int | None = None, gpus: int | None = None) -> ServingPl
     Threads grow to 4 per worker on big machines, where that many workers' model copies would cost
     more memory than they win. But a lone request on one thread is slow (85 ms p50 over HTTP against
     58 on both cores), so a batch of one image -- TorchServe found nothing else queued: low load --
-    runs on ``solo_threads`` (up to 4 cores), and batches of several go back to ``threads``. A 1 ms
-    batch delay on the CPU: a batch is whatever queued while the worker was busy, and a lone request
-    waits at most 1 ms (0 would make TorchServe stop collecting after the second request).
+    runs on ``solo_threads`` (up to 4 cores), and batches of several go back to ``threads``. A 5 ms
+    batch delay on the CPU: long enough for the clients a batch just answered to send their next
+    request into the next batch, so concurrent load forms full batches instead of lone images (with
+    1 ms, 8 clients on 2 cores made batches of 2.6 on average and cost 31 CPU ms a 180 px photo against
+    19 with 5 ms: bench/README.md); a lone request waits at most those 5 ms.
     """
     cores = cores or cpus.usable_cpus()
     gpus = torch.cuda.device_count() if gpus is None else gpus
@@ -62,7 +64,7 @@ def serving_plan(cores: int | None = None, gpus: int | None = None) -> ServingPl
         threads = max(1, cores // gpus)
         return ServingPlan(workers=gpus, threads=threads, batch_size=32, max_batch_delay_ms=5, solo_threads=threads)
     threads = max(1, min(4, cores // 4))
-    return ServingPlan(workers=max(1, cores // threads), threads=threads, batch_size=4, max_batch_delay_ms=1,
+    return ServingPlan(workers=max(1, cores // threads), threads=threads, batch_size=4, max_batch_delay_ms=5,
                        solo_threads=min(cores, max(threads, 4)))
 
 
@@ -127,3 +129,23 @@ class BusyBoard:
             yield
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.slot)
+
+
+class WorkerThreads:
+    """One worker's torch threads around each forward pass: ``threads`` for a batch, ``solo`` for a lone image
+    while no other worker of the model is busy (``BusyBoard``). Every runtime's worker runs its batches in it."""
+
+    def __init__(self, model_dir: Path, threads: int, solo: int, on_cpu: bool):
+        self.threads, self.solo = threads, solo
+        self.board = BusyBoard(model_dir) if on_cpu and solo > threads else None
+
+    @contextlib.contextmanager
+    def running(self, images: int) -> Iterator[None]:
+        if self.board is None:
+            yield
+            return
+        with self.board.busy():
+            threads = self.solo if images == 1 and not self.board.others_busy() else self.threads
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            yield

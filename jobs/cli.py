@@ -202,7 +202,7 @@ def archive(config_file: Path | None, out: Path, **overrides: Any) -> None:
     click.echo(api.archive(out, config=config_file, **overrides))
 
 
-@cli.command(short_help="Serve a model store with TorchServe.")
+@cli.command(short_help="Serve a model store with TorchServe (or KServe's model server).")
 @click.option("--model-store", type=click.Path(path_type=Path), default=api.DEFAULT_OUT / "model-store",
               show_default=True, help="Folder of .mar files to serve (all of them).")
 @click.option("--detach", is_flag=True,
@@ -215,16 +215,18 @@ def archive(config_file: Path | None, out: Path, **overrides: Any) -> None:
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="TorchServe state, logs and key_file.json (default: next to the model store, serve-state/).")
 @click.option("--disable-token-auth", is_flag=True, help="No token needed (local demos only).")
+@click.option("--runtime", type=click.Choice(["torchserve", "kserve"]), default="torchserve", show_default=True,
+              help="The model server (docs/serving-runtimes.md); kserve needs the kserve extra.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config file.")
 def serve(model_store: Path, detach: bool, stop: bool, host: str, port: int, management_port: int, metrics_port: int,
-          workdir: Path | None, disable_token_auth: bool, config_file: Path | None) -> None:
-    """Run TorchServe on MODEL_STORE with handler/config.properties: in the foreground (Ctrl-C stops it),
-    or in the background with --detach."""
+          workdir: Path | None, disable_token_auth: bool, runtime: str, config_file: Path | None) -> None:
+    """Run TorchServe (or --runtime kserve) on MODEL_STORE: in the foreground (Ctrl-C stops it), or in the
+    background with --detach."""
     from jobs.serve import serve as serve_models
 
     code = serve_models(load_config(config_file), model_store, stop=stop, detach=detach, workdir=workdir, host=host,
                         port=port, management_port=management_port, metrics_port=metrics_port,
-                        disable_token_auth=disable_token_auth)
+                        disable_token_auth=disable_token_auth, runtime=runtime)
     sys.exit(code)
 
 

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import requests
 import torch
@@ -150,25 +151,15 @@ def parse_properties(text: str) -> dict[str, str]:
 
 
 @dataclass
-class TorchServe:
-    """A running TorchServe in its own process group and state folder."""
+class Server:
+    """A model server we started, in its own process group and state folder, with TorchServe's key file."""
 
     process: subprocess.Popen
     workdir: Path
     host: str
-    ports: Ports
 
-    @property
-    def inference_url(self) -> str:
-        return f"http://{_url_host(self.host)}:{self.ports.inference}"
-
-    @property
-    def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.management}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{_url_host(self.host)}:{self.ports.metrics}"
+    NAME = "the server"
+    LOGS: ClassVar[tuple[str, ...]] = ()
 
     @property
     def key_file(self) -> Path:
@@ -186,33 +177,22 @@ class TorchServe:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def wait_ready(self, models: list[str], timeout: float = 180.0) -> None:
-        """Until /ping is healthy and every model has a READY worker; JobError with the log tail if not."""
+        """Until every model answers ready; JobError with the log tail if not."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise JobError(f"TorchServe exited with code {self.process.returncode}\n{self.log_tail()}")
+                raise JobError(f"{self.NAME} exited with code {self.process.returncode}\n{self.log_tail()}")
             if self._ready(models):
                 return
             time.sleep(0.5)
-        raise JobError(f"TorchServe not ready after {timeout:.0f}s\n{self.log_tail()}")
+        raise JobError(f"{self.NAME} not ready after {timeout:.0f}s\n{self.log_tail()}")
 
     def _ready(self, models: list[str]) -> bool:
-        try:
-            ping = requests.get(f"{self.inference_url}/ping", headers=self.auth(), timeout=5)
-            if ping.status_code != 200 or ping.json().get("status") != "Healthy":
-                return False
-            for name in models:
-                r = requests.get(f"{self.management_url}/models/{name}", headers=self.auth("management"), timeout=5)
-                workers = r.json()[0].get("workers", []) if r.status_code == 200 else []
-                if not any(w.get("status") == "READY" for w in workers):
-                    return False
-            return True
-        except (requests.RequestException, ValueError, KeyError, IndexError):
-            return False
+        raise NotImplementedError
 
     def log_tail(self, lines: int = 40) -> str:
         parts = []
-        for name in ("logs/model_log.log", "logs/ts_log.log", "torchserve.out"):
+        for name in self.LOGS:
             path = self.workdir / name
             if path.exists():
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
@@ -232,6 +212,98 @@ class TorchServe:
         with contextlib.suppress(ProcessLookupError):  # workers that outlived the frontend
             os.killpg(self.process.pid, signal.SIGKILL)
         return self.process.returncode
+
+
+@dataclass
+class TorchServe(Server):
+    """A running TorchServe in its own process group and state folder."""
+
+    ports: Ports
+
+    NAME = "TorchServe"
+    LOGS = ("logs/model_log.log", "logs/ts_log.log", "torchserve.out")
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.ports.inference}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.management}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.ports.metrics}"
+
+    def _ready(self, models: list[str]) -> bool:
+        """/ping is healthy and every model has a READY worker."""
+        try:
+            ping = requests.get(f"{self.inference_url}/ping", headers=self.auth(), timeout=5)
+            if ping.status_code != 200 or ping.json().get("status") != "Healthy":
+                return False
+            for name in models:
+                r = requests.get(f"{self.management_url}/models/{name}", headers=self.auth("management"), timeout=5)
+                workers = r.json()[0].get("workers", []) if r.status_code == 200 else []
+                if not any(w.get("status") == "READY" for w in workers):
+                    return False
+            return True
+        except (requests.RequestException, ValueError, KeyError, IndexError):
+            return False
+
+
+@dataclass
+class KServeRuntime(Server):
+    """KServe's model server on the same archives (handler/kserve_runtime.py): one port for everything."""
+
+    port: int
+
+    NAME = "KServe's model server"
+    LOGS = ("kserve.out",)
+    PID_FILE = "kserve.pid"
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.port}"
+
+    metrics_url = inference_url
+
+    def _ready(self, models: list[str]) -> bool:
+        try:
+            return requests.get(f"{self.inference_url}/ping", timeout=5).status_code == 200 and all(
+                requests.get(f"{self.inference_url}/v2/models/{name}/ready", headers=self.auth(),
+                             timeout=5).status_code == 200 for name in models)
+        except requests.RequestException:
+            return False
+
+
+RUNTIMES = ("torchserve", "kserve")
+
+
+def start_kserve(model_store: Path, workdir: Path, *, host: str = "127.0.0.1", port: int = 8080,
+                 disable_token_auth: bool = False, python: str | None = None) -> KServeRuntime:
+    """Start ``python -m handler.kserve_runtime`` on ``model_store`` in its own session; returns at once.
+
+    ``python``: another interpreter with KServe installed (bench/serve.py measures one per runtime);
+    the serving package it runs is this checkout's. Output goes to ``workdir/kserve.out``.
+    """
+    model_store = Path(model_store).resolve()
+    if not model_names(model_store):
+        raise JobError(f"no .mar archive in {model_store}; run `python -m jobs archive --out RUN` first")
+    python = python or sys.executable
+    check = subprocess.run([python, "-c", "import kserve"], capture_output=True, check=False)
+    if check.returncode:
+        raise JobError(f"{python} cannot import kserve: pip install -e '.[kserve]' (pyproject.toml's kserve extra)")
+    workdir = ensure_writable_dir(Path(workdir).resolve())
+    _check_port_free(host, port)
+    cmd = [python, "-m", "handler.kserve_runtime", "--model-store", str(model_store), "--host", host,
+           "--port", str(port), "--workdir", str(workdir), *(["--disable-token-auth"] if disable_token_auth else [])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(handler_dir().parent),
+                                                        *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with open(workdir / "kserve.out", "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    atomic_write_text(workdir / KServeRuntime.PID_FILE, f"{proc.pid}\n")
+    return KServeRuntime(proc, workdir, host, port)
 
 
 def _url_host(host: str) -> str:
@@ -292,7 +364,7 @@ def model_names(model_store: Path) -> list[str]:
     return sorted(p.stem for p in Path(model_store).glob("*.mar"))
 
 
-def curl_hint(server: TorchServe, model_name: str) -> str:
+def curl_hint(server: Server, model_name: str) -> str:
     url = f"{server.inference_url}/predictions/{model_name}"
     if not server.key_file.exists():
         return f"curl -T image.jpg {url}"
@@ -307,15 +379,19 @@ def default_workdir(model_store: Path) -> Path:
 
 def serve(cfg: Config, model_store: Path, *, stop: bool = False, detach: bool = False, workdir: Path | None = None,
           host: str = "127.0.0.1", port: int = 8080, management_port: int = 8081, metrics_port: int = 8082,
-          disable_token_auth: bool = False) -> int:
-    """Run TorchServe on ``model_store`` until Ctrl-C/SIGTERM (``detach``: leave it running once it answers),
-    or stop the one running; returns an exit code."""
+          disable_token_auth: bool = False, runtime: str = "torchserve") -> int:
+    """Run ``runtime`` (TorchServe, or KServe's model server: docs/serving-runtimes.md) on ``model_store`` until
+    Ctrl-C/SIGTERM (``detach``: leave it running once it answers), or stop the one running; returns an exit code."""
     workdir = Path(workdir) if workdir else default_workdir(model_store)
     if stop:
         return _stop(workdir, model_store)
-    server = launch(cfg, model_store, workdir, host=host, port=port, management_port=management_port,
-                    metrics_port=metrics_port, disable_token_auth=disable_token_auth)
-    if detach:  # TorchServe runs in its own session: it outlives this process
+    if runtime == "kserve":
+        server: Server = launch_kserve(cfg, model_store, workdir, host=host, port=port,
+                                       disable_token_auth=disable_token_auth)
+    else:
+        server = launch(cfg, model_store, workdir, host=host, port=port, management_port=management_port,
+                        metrics_port=metrics_port, disable_token_auth=disable_token_auth)
+    if detach:  # the server runs in its own session: it outlives this process
         print(f"serve: running in the background (pid {server.process.pid}); stop it with "
               f"`{jobs_command()} serve --model-store {model_store} --stop`", flush=True)
         return 0
@@ -352,8 +428,37 @@ def launch(cfg: Config, model_store: Path, workdir: Path, *, host: str, port: in
     return server
 
 
+def launch_kserve(cfg: Config, model_store: Path, workdir: Path, *, host: str, port: int,
+                  disable_token_auth: bool) -> KServeRuntime:
+    """Start KServe's model server (workers and batching: the same plan as TorchServe's); returns once it is ready."""
+    plan = scheduler.serving_plan()
+    server = start_kserve(model_store, workdir, host=host, port=port, disable_token_auth=disable_token_auth)
+    try:
+        names = model_names(model_store)
+        server.wait_ready(names, cfg.startup_timeout + 60)
+    except BaseException:
+        server.stop()
+        raise
+    print(f"serving {', '.join(names)} from {Path(model_store).resolve()} with KServe's model server (V1, V2 and "
+          f"/predictions), {plan.workers} workers x {plan.threads} threads, batch {plan.batch_size}\n"
+          f"logs and key_file.json: {server.workdir}\n"
+          f"{curl_hint(server, cfg.model_name if cfg.model_name in names else names[0])}", flush=True)
+    return server
+
+
 def _stop(workdir: Path, model_store: Path) -> int:
-    """``torchserve --stop`` in the server's state folder (where its pid file is); says what happened."""
+    """Stop the server of ``model_store``: KServe's model server (its process group), or ``torchserve --stop`` in
+    the server's state folder (where its pid file is); says what happened."""
+    pid_file = workdir / KServeRuntime.PID_FILE
+    if pid_file.is_file():
+        pid = int(pid_file.read_text())
+        pid_file.unlink()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+            time.sleep(2)
+            os.killpg(pid, signal.SIGKILL)
+        print(f"serve: stopped KServe's model server serving {model_store}")
+        return 0
     if not (workdir / "tmp").exists():
         print(f"serve: no TorchServe state in {shown_path(workdir)}; nothing to stop")
         return 0

@@ -108,12 +108,46 @@ KSERVE_COMPONENT_FIELDS = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMe
 
 
 def test_inferenceservice_predictor_passes_the_pod_schema():
-    predictor = _one("InferenceService")["spec"]["predictor"]
+    predictor = _one("InferenceService", "image-classifier")["spec"]["predictor"]
     model = predictor["model"]
     container = {"name": "kserve-container", **{k: v for k, v in model.items() if k not in KSERVE_MODEL_FIELDS}}
     pod_fields = {k: v for k, v in predictor.items() if k not in KSERVE_COMPONENT_FIELDS}
     template = {"spec": {**pod_fields, "containers": [container]}}
     kubernetes_validate.validate(_as_pod_template(template), K8S_VERSIONS[-1], strict=True)
+
+
+def _kserve_runtime_pod() -> dict:
+    """The custom-container InferenceService's predictor as the pod KServe makes of it."""
+    predictor = _one("InferenceService", "image-classifier-kserve")["spec"]["predictor"]
+    return {k: v for k, v in predictor.items() if k not in KSERVE_COMPONENT_FIELDS}
+
+
+def test_kserve_runtime_inferenceservice_passes_the_pod_schema():
+    kubernetes_validate.validate(_as_pod_template({"spec": _kserve_runtime_pod()}), K8S_VERSIONS[-1], strict=True)
+
+
+def test_kserve_runtime_inferenceservice_runs_our_image_as_kserves_model_server():
+    """Our serve image with SERVE_RUNTIME=kserve, non-root on a read-only root, the archives from the workspace
+    volume through KServe's storage initializer, the key from the optional Secret the entry point reads."""
+    spec = _kserve_runtime_pod()
+    (container,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert container["image"] == SERVE_IMAGE and container["name"] == "kserve-container"
+    assert env["SERVE_RUNTIME"] == "kserve" and "SERVE_RUNTIME" in (ROOT / "handler/start_torchserve.sh").read_text()
+    uri = urllib.parse.urlparse(env["STORAGE_URI"])
+    assert uri.scheme == "pvc" and uri.netloc == _one("PersistentVolumeClaim")["metadata"]["name"]
+    assert uri.path.rstrip("/").endswith("/model-store") and env["MODEL_STORE"] == "/mnt/models"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == _dockerfile_uid("Dockerfile.serve")
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert set(mounts.values()) <= set(volumes)
+    assert mounts[container["workingDir"]] in volumes and "emptyDir" in volumes[mounts[container["workingDir"]]]
+    key_dir = str(Path(env["KEY_FILE"]).parent)
+    assert volumes[mounts[key_dir]]["secret"]["optional"] is True
+    assert container["ports"][0]["containerPort"] == 8080
+    assert container["readinessProbe"]["exec"]["command"] == ["python", "/home/model-server/ping.py"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +368,7 @@ def test_serve_service_autoscaler_and_policies_point_at_the_pods():
 
 
 def test_inferenceservice_uses_the_pytorch_runtime_on_the_workspace_volume():
-    isvc = _one("InferenceService")
+    isvc = _one("InferenceService", "image-classifier")
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "pytorch" and model["protocolVersion"] in {"v1", "v2"}

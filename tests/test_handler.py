@@ -224,8 +224,8 @@ def test_module_entry_point_initializes_once(run_dir: Path):
 
 
 def test_serving_plan_follows_the_machine():
-    assert scheduler.serving_plan(cores=2, gpus=0) == scheduler.ServingPlan(2, 1, 4, 1, solo_threads=2)
-    assert scheduler.serving_plan(cores=16, gpus=0) == scheduler.ServingPlan(4, 4, 4, 1, solo_threads=4)
+    assert scheduler.serving_plan(cores=2, gpus=0) == scheduler.ServingPlan(2, 1, 4, 5, solo_threads=2)
+    assert scheduler.serving_plan(cores=16, gpus=0) == scheduler.ServingPlan(4, 4, 4, 5, solo_threads=4)
     assert scheduler.serving_plan(cores=8, gpus=0).solo_threads == 4
     assert scheduler.serving_plan(cores=64, gpus=0).threads == 4
     assert scheduler.serving_plan(cores=16, gpus=2) == scheduler.ServingPlan(2, 8, 32, 5, solo_threads=8)
