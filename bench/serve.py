@@ -67,11 +67,11 @@ import yaml
 from PIL import Image
 
 from handler import model as models
-from handler import precision, scheduler
+from handler import precision, scheduler, trust
 from handler.cpus import usable_cpus
 from handler.preprocess import Preprocessor
 from jobs.config import RunPaths, load_config
-from jobs.fileio import atomic_write_json, read_json
+from jobs.fileio import atomic_write_json, link_or_copy, read_json
 from jobs.serve import KServeRuntime, Server, TorchServe, free_ports, machine_models, start, start_kserve
 from tests.torchserve_fixture import archive_as, export_random_model, unused_ports
 
@@ -99,6 +99,9 @@ VARIANTS: dict[str, tuple[Path | None, dict, dict]] = {
                                               "serve_batch_size": b, "max_batch_delay_ms": d})
        for b, d in ((4, 1), (4, 5), (8, 5), (4, 20))},
 }
+# Ours archived from the same export without calibration and the OOD score (the cost of the trust fields).
+TRUSTLESS = "ours-notrust"
+VARIANTS[TRUSTLESS] = VARIANTS["ours"]
 # Variants served by another runtime from the "ours" archive: runtime, request body.
 RUNTIME_VARIANTS = {"kserve": ("kserve", "raw"), "kserve-v2": ("kserve", "v2"), "mlserver-v2": ("mlserver", "v2")}
 LIMIT_BATCH = 8
@@ -363,15 +366,41 @@ def build_store(work: Path, model_dir: Path | None, variants: list[str]) -> tupl
         paths = RunPaths(model_dir.parent)
     else:
         paths = export_random_model(work / "run", ["ants", "bees"])
+        meta = read_json(paths.model / "metadata.json")
         if precision.native_bf16(torch.device("cpu")):  # what the export records for a model whose bf16 answers hold
-            meta = read_json(paths.model / "metadata.json")
             meta["serve_precision"] = {"choice": "bf16", "note": "bench/serve.py: random weights, bf16 assumed"}
-            atomic_write_json(paths.model / "metadata.json", meta)
+        meta["trust"] = random_trust(paths.model, meta)
+        atomic_write_json(paths.model / "metadata.json", meta)
     store = work / "model-store"
     for name in dict.fromkeys([SERVED_MODEL if name in RUNTIME_VARIANTS else name for name in variants]):
         handler, options, overrides = VARIANTS[name]
-        archive_as(load_config(None, overrides), paths, store, name, handler=handler, handler_options=options)
+        source = without_trust(paths, work / "run-notrust") if name == TRUSTLESS else paths
+        archive_as(load_config(None, overrides), source, store, name, handler=handler, handler_options=options)
     return store, paths.model
+
+
+def random_trust(model_dir: Path, meta: dict) -> dict:
+    """Calibration and a kNN bank of the largest size the export writes (trust.DEFAULT_MAX_BANK rows): what
+    scoring costs does not depend on the features' values, so random ones of the model's width do."""
+    width = models.head_module(models.create(meta["arch"], meta["num_classes"])).in_features
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(trust.DEFAULT_MAX_BANK) % meta["num_classes"]
+    fitted = trust.Trust.fit(torch.randn(len(labels), width, generator=g), labels,
+                             torch.randn(64, width, generator=g), torch.randn(64, meta["num_classes"], generator=g),
+                             labels[:64])
+    return fitted.save(model_dir)
+
+
+def without_trust(paths: RunPaths, dest: Path) -> RunPaths:
+    """A copy of the exported run whose metadata.json has no trust fields."""
+    (dest / "model").mkdir(parents=True, exist_ok=True)
+    for f in paths.model.iterdir():
+        if f.name != "metadata.json":
+            link_or_copy(f, dest / "model" / f.name)
+    meta = read_json(paths.model / "metadata.json")
+    meta.pop("trust", None)
+    atomic_write_json(dest / "model" / "metadata.json", meta)
+    return RunPaths(dest)
 
 
 def archive_settings(mar: Path) -> dict:
