@@ -250,7 +250,8 @@ def predict(model_dir: Path, topk: int | None, output: Path | None, batch_size: 
     from jobs.runtime import pick_device
 
     predicting.check_output(output)
-    results = predicting.predict(model_dir, inputs, topk, batch_size, max(0, min(4, usable_cpus() - 1)),
+    # Decode workers take cores from the forward pass: on 2 cores none is fastest (bench/README.md, predict).
+    results = predicting.predict(model_dir, inputs, topk, batch_size, min(4, usable_cpus() // 4),
                                  pick_device(device, 0), progress=sys.stderr.isatty())
     summary = predicting.write_results(results, output)
     where = f"; results in {output}" if output else ""
