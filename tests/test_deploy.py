@@ -108,7 +108,7 @@ KSERVE_COMPONENT_FIELDS = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMe
 
 
 def test_inferenceservice_predictor_passes_the_pod_schema():
-    predictor = _one("InferenceService", "image-classifier")["spec"]["predictor"]
+    predictor = _one("InferenceService", "jobs")["spec"]["predictor"]
     model = predictor["model"]
     container = {"name": "kserve-container", **{k: v for k, v in model.items() if k not in KSERVE_MODEL_FIELDS}}
     pod_fields = {k: v for k, v in predictor.items() if k not in KSERVE_COMPONENT_FIELDS}
@@ -118,7 +118,7 @@ def test_inferenceservice_predictor_passes_the_pod_schema():
 
 def _kserve_runtime_pod() -> dict:
     """The custom-container InferenceService's predictor as the pod KServe makes of it."""
-    predictor = _one("InferenceService", "image-classifier-kserve")["spec"]["predictor"]
+    predictor = _one("InferenceService", "jobs-kserve")["spec"]["predictor"]
     return {k: v for k, v in predictor.items() if k not in KSERVE_COMPONENT_FIELDS}
 
 
@@ -368,7 +368,7 @@ def test_serve_service_autoscaler_and_policies_point_at_the_pods():
 
 
 def test_inferenceservice_uses_the_pytorch_runtime_on_the_workspace_volume():
-    isvc = _one("InferenceService", "image-classifier")
+    isvc = _one("InferenceService", "jobs")
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "pytorch" and model["protocolVersion"] in {"v1", "v2"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -150,6 +151,19 @@ def test_full_loop_and_finetune_under_torchrun_close_to_one_process(fresh_run):
     for mine, ref in zip(ddp["epochs"], single["epochs"], strict=True):
         assert abs(mine["val_accuracy"] - ref["val_accuracy"]) <= one_image + 1e-9
     assert torch.load(ddp_out / "checkpoints" / "last.pt", weights_only=True)["progress"]["stage"] == "finetune"
+
+
+def test_a_timm_model_trains_its_head_and_fine_tunes_under_torchrun(fresh_run, real_weights: Path):
+    """timm's EfficientNet-Lite0 (real weights) through both stages under DistributedDataParallel."""
+    out = fresh_run("timm")
+    args = ("--arch", "timm/tf_efficientnet_lite0", *TRAIN, "--weights", str(real_weights), *CACHED,
+            "--finetune-epochs", "1")
+    result = _run(_torchrun("train", "--out", str(out), *args))
+    _assert_both_ranks_ran(result.stdout)
+    metrics = _assert_one_set_of_artifacts(out, [("head", 1), ("head", 2), ("finetune", 1)])
+    assert all(math.isfinite(e["val_loss"]) for e in metrics["epochs"])
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert "conv_stem.weight" in state and state["classifier.weight"].shape[0] == 2
 
 
 # ----------------------------------------------------------------------------------------------
