@@ -103,8 +103,8 @@ class Config:
     test_fraction: float = _key(0.1, "Fraction of each class held out for the final test.", commands=SPLIT, lo=0, hi=0.99)
     seed: int = _key(42, "Seed for the split, augmentation and initialisation.", commands=COLLECT + AUDIT + SPLIT + TRAIN, trajectory=True, cache=("features",), lo=0, hi=2**32 - 1)
     # -- model ---------------------------------------------------------------------------------
-    arch: str = _key("resnet18", "torchvision architecture name (resnet18/34/50, efficientnet_b0, mobilenet_v3_large, convnext_tiny, ...).", commands=AUDIT + TRAIN, trajectory=True, cache=("features",))
-    weights: str = _key("imagenet", "Backbone weights: 'imagenet' (torchvision, cached in TORCH_HOME), 'none', or a path to a state_dict.", commands=AUDIT + TRAIN, trajectory=True, cache=("features",))
+    arch: str = _key("resnet18", "Backbone: a torchvision architecture (resnet18/34/50, efficientnet_b0, convnext_tiny, ...) or timm/<name> (timm/tf_efficientnet_lite0, ...).", commands=AUDIT + TRAIN, trajectory=True, cache=("features",))
+    weights: str = _key("imagenet", "Backbone weights: 'imagenet' (the library's pretrained weights: torchvision's in TORCH_HOME, timm's from the Hugging Face hub), 'none', or a path to a state_dict.", commands=AUDIT + TRAIN, trajectory=True, cache=("features",))
     freeze_backbone: bool = _key(True, "Train only the new classifier head (the frozen stage).", commands=TRAIN, trajectory=True)
     # -- train ---------------------------------------------------------------------------------
     # epochs, finetune_epochs and patience are not trajectory keys on purpose: raising them continues a run.
