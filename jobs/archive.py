@@ -4,10 +4,15 @@ torch-model-archiver stages its files in ``$TMPDIR/<model_name>`` and deletes th
 first, so with the default name it would wipe an unrelated ``/tmp/classifier``. It therefore
 runs with TMPDIR and its export path inside a private temp folder next to the model store, and
 the finished archive is renamed into place: a reader of the store never sees half a .mar.
+
+A store outside the run folder may be shared by several runs, which the run folder's lock does not
+cover: there the archive also holds the store's own lock (``<store>/.job.lock``) while it works,
+waiting for another run's archive to end, so none sweeps another's work folder or .mar.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -26,6 +31,7 @@ from handler.model import INT8_WEIGHTS
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir, link_or_copy, read_json
+from jobs.runlock import hold
 
 MODEL_FILES = ("model.pt", "index_to_name.json", "metadata.json")
 # TorchServe's rule for model names (they become URL path segments and file names).
@@ -86,7 +92,20 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
     optional = [p for p in optional if p.is_file()]
     store = ensure_writable_dir(paths.model_store)
     target = store / f"{cfg.model_name}.mar"
-    _sweep_leftover_work(store)
+    shared = not store.resolve().is_relative_to(paths.out.resolve())
+    with hold(store, wait=True) if shared else contextlib.nullcontext():
+        _sweep_leftover_work(store)
+        _build(cfg, paths, store, target, optional, handler, handler_options)
+    size_mb = target.stat().st_size / 1e6
+    tuning = (f"batchSize {cfg.serve_batch_size}, maxBatchDelay {cfg.max_batch_delay_ms} ms"
+              if cfg.serve_tuning == "archive" else "workers and batching chosen where it is served")
+    print(f"archive: {target} ({size_mb:.1f} MB; {meta['arch']}, {meta['num_classes']} classes, {tuning})")
+    return target
+
+
+def _build(cfg: Config, paths: RunPaths, store: Path, target: Path, optional: list[Path], handler: Path | None,
+           handler_options: dict | None) -> None:
+    """Run torch-model-archiver in a private work folder in ``store`` and rename its .mar to ``target``."""
     with tempfile.TemporaryDirectory(prefix=".archive-", dir=store) as tmp:
         work = Path(tmp).resolve()  # the archiver runs in another folder: every path it gets is absolute
         (work / "stage").mkdir()
@@ -114,11 +133,6 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
             last = (run.stderr.strip() or run.stdout.strip() or "no output").splitlines()[-1]
             raise JobError(f"torch-model-archiver failed for {paths.model}: {last}")
         os.replace(built, target)
-    size_mb = target.stat().st_size / 1e6
-    tuning = (f"batchSize {cfg.serve_batch_size}, maxBatchDelay {cfg.max_batch_delay_ms} ms"
-              if cfg.serve_tuning == "archive" else "workers and batching chosen where it is served")
-    print(f"archive: {target} ({size_mb:.1f} MB; {meta['arch']}, {meta['num_classes']} classes, {tuning})")
-    return target
 
 
 def _die_with_parent() -> None:
@@ -132,8 +146,7 @@ def _sweep_leftover_work(store: Path) -> None:
     """A killed archive left its private ``.archive-*`` folder (40 MB and more) in the store.
 
     No live archive's folder is among them: the job holds the run folder's lock (jobs/runlock.py),
-    so no other job archives from it now; a store outside the run folder that several runs archive
-    into is the exception (docs/run-folder.md).
+    and the store's own when the store is outside the run folder, so no other job archives there now.
     """
     for leftover in store.glob(".archive-*"):
         shutil.rmtree(leftover, ignore_errors=True)

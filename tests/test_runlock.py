@@ -142,6 +142,23 @@ def test_two_runs_on_one_folder_end_with_one_finished_run_and_one_refusal(tmp_pa
     assert not list((run / "model-store").glob(".archive-*"))
 
 
+def test_archives_into_a_store_outside_the_run_folder_take_turns(tmp_path, small_data, started):
+    """A --model-store that several runs share is locked while one archives into it: the next waits
+    instead of sweeping the other's work folder as a killed run's leftover."""
+    run, store = tmp_path / "run", tmp_path / "store"
+    run_job("run", "--data", str(small_data), "--out", str(run), "--model-store", str(store), *RUN, env=_env())
+    assert (store / "classifier.mar").is_file() and _holder(store) == {}
+    with runlock.hold(store):  # another run archiving into the store now
+        (store / ".archive-live").mkdir()
+        waiting = started("-m", "jobs", "archive", "--out", str(run), "--model-store", str(store))
+        waiting.wait_for(lambda: f"waiting for {store}" in waiting.output, "the waiting line")
+        time.sleep(1)
+        assert waiting.proc.poll() is None and (store / ".archive-live").is_dir()
+    assert waiting.finish() == 0, waiting.output[-3000:]
+    assert f"{store} is free after" in waiting.output and "archive: " in waiting.output
+    assert not list(store.glob(".archive-*")) and _holder(store) == {}
+
+
 def test_a_sigkilled_job_leaves_a_folder_the_next_job_opens_at_once(tmp_path, small_data, started):
     run = tmp_path / "run"
     job = started("-m", "jobs", "run", "--data", str(small_data), "--out", str(run), *RUN)
