@@ -38,7 +38,7 @@ from jobs.errors import JobError
 from jobs.fileio import atomic_write_json, read_run_file
 from jobs.imagestats import phash_array
 from jobs.model import build_model, split_backbone_head
-from jobs.review import render_review
+from jobs.review import write_run_review
 from jobs.runtime import Runtime, seed_everything
 
 # The config keys' defaults (jobs/config.py says what they were chosen on) are the functions' defaults.
@@ -512,8 +512,7 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     doc["near_duplicates"] = exact_conflicts(report["files"]) + doc["near_duplicates"]
     doc.update(classes=classes, data_hash=report["data_hash"], label_issues_mode=cfg.label_issues)
     atomic_write_json(paths.audit, doc)
-    outputs = {f["source"]: paths.out / f["output"] for f in report["files"] if f["output"]}
-    render_review(doc, outputs.get, classes, paths.report / "review.html", str(paths.out.resolve()))
+    write_run_review(paths, doc)
     groups = doc["near_duplicates"]
     print(f"audit: {len(groups)} near-duplicate groups ({sum(g['cross_class'] for g in groups)} across classes), "
           f"{len(doc['label_issues'])} label issues, {len(doc['outliers'])} outliers, "

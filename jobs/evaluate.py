@@ -28,6 +28,7 @@ from jobs.errors import JobError
 from jobs.fileio import atomic_write_json, read_json, read_run_file, sweep_partials
 from jobs.model import build_model
 from jobs.predict import predict
+from jobs.review import write_run_review
 from jobs.runtime import Runtime, default_num_workers
 from jobs.train import SELECTION_RULE, predict_logits
 
@@ -195,6 +196,7 @@ def served_trust(cfg: Config, paths: RunPaths, splits: dict, checkpoint: dict, i
     export fit): on the test split, and on ``cfg.ood_data`` (images of none of the classes) when given.
 
     ``{"note": why not}`` when model/ is missing, was exported from other weights, or fit no trust fields.
+    An audited run's review page gains the test images the model abstained on.
     """
     meta_file = paths.model / "metadata.json"
     meta = read_json(meta_file) if meta_file.exists() else {}
@@ -211,6 +213,9 @@ def served_trust(cfg: Config, paths: RunPaths, splits: dict, checkpoint: dict, i
     probs = np.array([r["probabilities"] for r in test]).reshape(len(test), len(splits["classes"]))
     correct = probs.argmax(1) == y_true if len(test) else np.zeros(0, bool)
     abstained = np.array([r["abstain"] for r in test], dtype=bool)
+    abstained_on = [_example(r, paths.out) for r in test if r["abstain"]]
+    if paths.audit.exists():  # the review page shows them beside the audit's findings, to keep, exclude or relabel
+        write_run_review(paths, read_json(paths.audit), abstained_on)
     doc = {"score": entry["score"], "threshold": entry["threshold"], "keep": entry["keep"],
            "temperature": entry["temperature"], "min_confidence": entry.get("min_confidence"),
            "calibration": calibration(probs.max(1) if len(test) else np.zeros(0), correct),
@@ -218,7 +223,7 @@ def served_trust(cfg: Config, paths: RunPaths, splits: dict, checkpoint: dict, i
                     "abstain_rate": float(abstained.mean()) if len(test) else None,
                     "answered_accuracy": float(correct[~abstained].mean()) if (~abstained).any() else None,
                     "reasons": dict(Counter(r["abstain_reason"] for r in test if r["abstain"])),
-                    "abstained_examples": [_example(r, paths.out) for r in test if r["abstain"]][:MAX_EXAMPLES]}}
+                    "abstained_examples": abstained_on[:MAX_EXAMPLES]}}
     if cfg.ood_data:
         doc["ood_data"] = _ood_data(Path(cfg.ood_data), paths, rt, cfg.batch_size, [r["ood_score"] for r in test])
     return doc

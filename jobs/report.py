@@ -305,8 +305,9 @@ def _results_sections(metrics: dict, figures: dict[str, Path]) -> list[str]:
     return sections
 
 
-def _unknown_section(metrics: dict, figures: dict[str, Path]) -> str:
-    """How the served model answers images unlike its training images: abstain rates, separation, examples."""
+def _unknown_section(metrics: dict, figures: dict[str, Path], audited: bool) -> str:
+    """How the served model answers images unlike its training images: abstain rates, separation, examples
+    (``audited``: the run has a review page, which lists the abstained test images too)."""
     served = metrics.get("trust") or {}
     if "note" in served or not served:
         return _section("Unknown inputs", f"<p>{html.escape(served.get('note', 'not measured'))}</p>")
@@ -328,6 +329,9 @@ def _unknown_section(metrics: dict, figures: dict[str, Path]) -> str:
     if not ood:
         body += ("<p>Pass <code>--ood-data DIR</code> (images of none of the classes) to evaluate to measure how "
                  "well the model tells them apart.</p>")
+    if test["abstained"] and audited:
+        body += ('<p>The test images it abstained on are also on the <a href="review.html#abstained">review '
+                 "page</a>, to keep, exclude or relabel.</p>")
     for key, alt in (("reliability", "reliability diagram"), ("ood_passed", "unknown images answered as a class"),
                      ("ood_abstained", "unknown images abstained on"), ("test_abstained", "test images abstained on")):
         if key in figures:
@@ -410,7 +414,7 @@ def render_html(paths: RunPaths, metrics: dict, splits: dict, figures: dict[str,
     checkpoint = metrics["checkpoint"]
     best = checkpoint.get("best_epoch") or {}
     source = run_source(paths)
-    sections = _results_sections(metrics, figures) + [_unknown_section(metrics, figures)] + \
+    sections = _results_sections(metrics, figures) + [_unknown_section(metrics, figures, paths.audit.exists())] + \
         _quality_section(paths, splits) + [
         _data_section(paths, splits, figures, source),
         _section("Run configuration", f"<pre id=\"config\">{_config_html(paths, source)}</pre>"),

@@ -33,6 +33,7 @@ from urllib.parse import unquote, urlsplit
 from PIL import Image, ImageOps
 
 from jobs import runlock
+from jobs.config import RunPaths
 from jobs.decisions import DecisionsError
 from jobs.decisions import parse as parse_decisions
 from jobs.errors import JobError
@@ -66,8 +67,12 @@ def _given(file: str) -> str:
     return Path(file).parts[0]
 
 
-def review_sections(audit: dict) -> list[dict]:
-    """The page's sections in order: each a title, a kind and its items (cards grouped per item)."""
+def review_sections(audit: dict, abstained: Sequence[dict] = ()) -> list[dict]:
+    """The page's sections in order: each a title, a kind and its items (cards grouped per item).
+
+    ``abstained``: the test images the served model abstained on (evaluate's, each ``{"file": source
+    path, "ood_score", "abstain_reason"}``): often off-topic photos the audit let through.
+    """
     groups = audit.get("near_duplicates", [])
 
     def group_item(g: dict) -> dict:
@@ -90,19 +95,35 @@ def review_sections(audit: dict) -> list[dict]:
         {"kind": "quality", "title": "Image quality",
          "items": [{"cards": [{"file": e["file"], "given": _given(e["file"]), "issues": e.get("issues", [])}]}
                    for e in audit.get("image_issues", [])]},
+        *([{"kind": "abstained", "title": "Test images the served model abstained on (unlike the training "
+                                          "images, or low confidence), least like them first",
+            "items": [{"cards": [{"file": e["file"], "given": _given(e["file"]), "score": e["ood_score"],
+                                  "issues": [e["abstain_reason"]]}]}
+                      for e in sorted(abstained, key=lambda e: -e["ood_score"])]}] if abstained else []),
     ]
 
 
+def write_run_review(paths: RunPaths, audit: dict, abstained: Sequence[dict] = ()) -> Path:
+    """Write ``<run>/report/review.html`` for the run's audit (and evaluate's abstained test images, whose
+    ``file`` is their path in the run folder): thumbnails from the run's cleaned copies."""
+    files = read_run_file(paths.clean_report, f"run `python -m jobs clean --out {paths.out}`", ("files",))["files"]
+    outputs = {f["source"]: paths.out / f["output"] for f in files if f["output"]}
+    sources = {f["output"]: f["source"] for f in files if f["output"]}
+    shown = [{**e, "file": sources[e["file"]]} for e in abstained if e["file"] in sources]
+    return render_review(audit, outputs.get, audit["classes"], paths.report / "review.html",
+                         str(paths.out.resolve()), abstained=shown)
+
+
 def render_review(audit: dict, image_file: Callable[[str], Path | None], class_names: Sequence[str], out: Path,
-                  storage_key: str, max_per_kind: int = MAX_PER_KIND) -> Path:
+                  storage_key: str, max_per_kind: int = MAX_PER_KIND, abstained: Sequence[dict] = ()) -> Path:
     """Write ``out`` (e.g. ``<run>/report/review.html``) for ``audit``; returns ``out``.
 
     ``image_file`` maps a source path to a readable image file (or None); ``class_names`` are the
     relabel targets; ``storage_key`` names the run in localStorage (use the run folder's path, so
-    two runs' choices never mix).
+    two runs' choices never mix); ``abstained`` as for ``review_sections``.
     """
     thumbs: dict[str, str] = {}
-    sections = review_sections(audit)
+    sections = review_sections(audit, abstained)
     parts = []
     for section in sections:
         shown = section["items"][:max_per_kind]

@@ -14,9 +14,10 @@ import pytest
 import requests
 from pages import horizontal_overflow, launch, needs_chromium, open_page, per_row, sync_api
 
+from jobs.config import RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_json
-from jobs.review import ReviewServer, data_quality_html, render_review, review_server
+from jobs.review import ReviewServer, data_quality_html, render_review, review_server, write_run_review
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hymenoptera_small"
 pytestmark = needs_chromium
@@ -97,6 +98,40 @@ def test_review_page_persists_choices_and_exports_decisions(tmp_path):
             browser.close()
 
     assert json.loads(saved.read_text()) == {"exclude": [ants[0]], "relabel": {bees[1]: "ants"}, "keep": [bees[0]]}
+
+
+def test_test_images_the_model_abstained_on_join_the_review_by_their_source_path(tmp_path):
+    """Evaluate's abstained test images (paths in the run folder) become cards named by source path, most unlike
+    the training images first, whose choices export like any other; a run with none has no such section."""
+    ants, bees = _files()
+    run = tmp_path / "run"
+    atomic_write_json(run / "clean_report.json", {"files": [
+        {"source": f, "output": f"dataset/{f.replace('.jpg', '-x.jpg')}"} for f in ants + bees]})
+    abstained = [{"file": f"dataset/{bees[2].replace('.jpg', '-x.jpg')}", "ood_score": 0.8,
+                  "abstain_reason": "low confidence"},
+                 {"file": f"dataset/{ants[6].replace('.jpg', '-x.jpg')}", "ood_score": 1.7,
+                  "abstain_reason": "unlike the training images"}]
+    audit = {**_audit(), "classes": ["ants", "bees"]}
+    out = write_run_review(RunPaths(run), audit, abstained)
+    with sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = open_page(browser, out.as_uri())
+            assert page.eval_on_selector_all("section", "s => s.map(x => x.id)")[-1] == "abstained"
+            cards = page.locator("#abstained .card")
+            assert [cards.nth(i).get_attribute("data-file") for i in range(2)] == [ants[6], bees[2]]
+            assert "unlike the training images" in cards.nth(0).text_content()
+            assert "score 1.700" in cards.nth(0).text_content()
+            cards.nth(0).locator('button[data-action="exclude"]').click()
+            assert "exclude" in cards.nth(0).get_attribute("class")
+            with page.expect_download() as download:
+                page.click("#export")
+            saved = tmp_path / "decisions.json"
+            download.value.save_as(saved)
+        finally:
+            browser.close()
+    assert json.loads(saved.read_text())["exclude"] == [ants[6]]
+    assert 'id="abstained"' not in write_run_review(RunPaths(run), audit).read_text()
 
 
 def test_review_page_is_a_grid_that_uses_the_width(tmp_path):

@@ -65,6 +65,10 @@ def test_the_report_measures_unknown_inputs(finished):
     page = (run / "report" / "index.html").read_text()
     assert "Unknown inputs" in page and 'id="unknown-inputs"' in page and 'id="ece-served"' in page
     assert (run / "report" / "reliability.png").is_file() and (run / "report" / "unknown_ood_abstained.png").is_file()
+    review = (run / "report" / "review.html").read_text()  # the abstained test images, one card each
+    abstained_cards = review.split('<section id="abstained">')[1:]
+    assert [s.split("</section>")[0].count('<div class="card"') for s in abstained_cards] == \
+        ([served["test"]["abstained"]] if served["test"]["abstained"] else [])
 
 
 def test_answers_carry_calibrated_probabilities_an_ood_score_and_abstain_with_its_reason(finished, fixture_images):
