@@ -20,6 +20,8 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from handler.images import to_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers carry the size
@@ -147,20 +149,3 @@ def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     if img.mode != "RGB":
         img = to_rgb(img)
     return v2.functional.pil_to_tensor(img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB: alpha composited on white, 16-bit scaled, CMYK/palette converted."""
-    if img.mode in {"I;16", "I;16B", "I;16L", "I"}:
-        import numpy as np
-
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray((arr * 255.0 / peak).clip(0, 255).astype("uint8"), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in {"RGBA", "LA", "PA"}:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")

@@ -120,18 +120,20 @@ def run(data: PathLike | None = None, out: PathLike = DEFAULT_OUT, *, config: Pa
     (``<model_store>/<model_name>.mar``). Works under torchrun: rank 0 prepares the data and finishes
     the job while the other ranks wait, and every rank trains.
     """
-    from jobs.archive import archive as archive_stage
-    from jobs.clean import clean as clean_stage
-    from jobs.evaluate import evaluate as evaluate_stage
-    from jobs.export import export as export_stage
-    from jobs.progress import Stages
-    from jobs.runtime import barrier, setup, teardown
-    from jobs.split import split as split_stage
-    from jobs.train import stage_titles
-    from jobs.train import train as train_stage
-
     resume = _check_resume(resume)
     with _session("run", config, out, keys, wait, data) as (cfg, paths):
+        # Stage modules are imported once the session holds: a bad option or a busy folder is answered
+        # before torch is (its import takes seconds). The single-stage commands below do the same.
+        from jobs.archive import archive as archive_stage
+        from jobs.clean import clean as clean_stage
+        from jobs.evaluate import evaluate as evaluate_stage
+        from jobs.export import export as export_stage
+        from jobs.progress import Stages
+        from jobs.runtime import barrier, setup, teardown
+        from jobs.split import split as split_stage
+        from jobs.train import stage_titles
+        from jobs.train import train as train_stage
+
         rt = setup(cfg)
         # The stage counter: [3/9] split ... train begins its own stages (head, finetune) in it.
         stages = Stages([*(["collect"] if data is None else []), "clean", "audit", "split", *stage_titles(cfg),
@@ -183,9 +185,9 @@ def clean(out: PathLike = DEFAULT_OUT, data: PathLike | None = None, *, config: 
 
 def audit(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, wait: bool = False, **keys: Any) -> Path:
     """Near-duplicates, label conflicts, label issues, outliers, quality flags; returns audit.json."""
-    from jobs.runtime import setup
-
     with _session("audit", config, out, keys, wait) as (cfg, paths):
+        from jobs.runtime import setup
+
         return _audit(cfg, paths, setup(cfg))
 
 
@@ -200,11 +202,11 @@ def split(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, wait: 
 def train(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, resume: str = "auto",
           wait: bool = False, **keys: Any) -> Path:
     """Train (or resume) from splits.json; returns metrics.json. Works under torchrun."""
-    from jobs.runtime import setup, teardown
-    from jobs.train import train as train_stage
-
     resume = _check_resume(resume)
     with _session("train", config, out, keys, wait) as (cfg, paths):
+        from jobs.runtime import setup, teardown
+        from jobs.train import train as train_stage
+
         rt = setup(cfg)
         try:
             return train_stage(cfg, paths, rt, resume)
@@ -215,26 +217,26 @@ def train(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, resume
 def evaluate(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, wait: bool = False,
              **keys: Any) -> Path:
     """Score the best checkpoint on the test split; returns report/index.html."""
-    from jobs.evaluate import evaluate as evaluate_stage
-    from jobs.runtime import setup
-
     with _session("evaluate", config, out, keys, wait) as (cfg, paths):
+        from jobs.evaluate import evaluate as evaluate_stage
+        from jobs.runtime import setup
+
         return evaluate_stage(cfg, paths, setup(cfg))
 
 
 def export(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, wait: bool = False, **keys: Any) -> Path:
     """Write model/{model.pt,index_to_name.json,metadata.json}; returns the model folder."""
-    from jobs.export import export as export_stage
-
     with _session("export", config, out, keys, wait) as (cfg, paths):
+        from jobs.export import export as export_stage
+
         return export_stage(cfg, paths)
 
 
 def archive(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, wait: bool = False, **keys: Any) -> Path:
     """Pack model/ with the handler into <model_store>/<model_name>.mar; returns it."""
-    from jobs.archive import archive as archive_stage
-
     with _session("archive", config, out, keys, wait) as (cfg, paths):
+        from jobs.archive import archive as archive_stage
+
         return archive_stage(cfg, paths)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from handler.cpus import usable_cpus
-from handler.preprocess import to_rgb
+from handler.images import to_rgb
 from jobs import decisions
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
