@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["suite_time"]  # the warning line when the suite runs long (tests/suite_time.py)
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_IMAGES = REPO / "tests" / "fixtures" / "hymenoptera_small"
 SHARED_HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
@@ -46,6 +48,44 @@ def small_data(tmp_path: Path) -> Path:
 
 SMALL_RUN = ("--weights", "none", "--epochs", "2", "--batch-size", "8", "--min-images-per-class", "3",
              "--num-workers", "0")
+
+
+def copy_run(template: Path, dest: Path) -> Path:
+    """A private, writable copy of a run folder that a session fixture made once."""
+    return Path(shutil.copytree(template, dest, symlinks=True))
+
+
+@pytest.fixture(scope="session")
+def prepared_template(tmp_path_factory) -> Path:
+    """The fixture photos through `jobs clean` and `jobs split`, once a session; tests write only into copies
+    (``prepared_run``). Clean and split read nothing but ``--data`` and the run folder, so a copy is what the
+    same two commands would leave in a folder of its own."""
+    out = tmp_path_factory.mktemp("prepared") / "run"
+    run_job("clean", "--data", str(FIXTURE_IMAGES), "--out", str(out), "--min-images-per-class", "3")
+    run_job("split", "--out", str(out))
+    return out
+
+
+@pytest.fixture
+def prepared_run(prepared_template: Path, tmp_path: Path):
+    """``prepared_run(name)``: a fresh copy of the cleaned and split fixture under this test's tmp_path."""
+    return lambda name: copy_run(prepared_template, tmp_path / name)
+
+
+@pytest.fixture(scope="session")
+def finished_template(tmp_path_factory) -> Path:
+    """One whole `jobs run` over the fixture photos (SMALL_RUN), once a session; tests that write into a
+    finished run take a copy (``finished_run``)."""
+    root = tmp_path_factory.mktemp("finished")
+    data = Path(shutil.copytree(FIXTURE_IMAGES, root / "data"))
+    proc = run_job("run", "--data", str(data), "--out", str(root / "run"), *SMALL_RUN)
+    assert "done:" in proc.stdout
+    return root / "run"
+
+
+@pytest.fixture
+def finished_run(finished_template: Path, tmp_path: Path) -> Path:
+    return copy_run(finished_template, tmp_path / "run")
 
 
 @pytest.fixture(scope="session")

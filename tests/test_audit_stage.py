@@ -15,6 +15,8 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from jobs.split import assign
 
+pytestmark = pytest.mark.e2e  # whole jobs, servers or torchrun: not in scripts/test.sh --fast
+
 RUN = ("--weights", "none", "--epochs", "1", "--batch-size", "8", "--min-images-per-class", "3",
        "--num-workers", "0", "--feature-views", "2")
 
@@ -173,12 +175,12 @@ def test_decisions_are_honoured_by_the_next_run_and_the_input_is_untouched(audit
     ('{"relabel": {"ants/a.jpg": "wasps"}}', "unknown class 'wasps' in relabel; the run's classes are ants, bees"),
     ('{"remove": []}', "unknown key 'remove'"),
 ])
-def test_bad_decisions_are_one_line_and_change_nothing(tmp_path: Path, small_data: Path, content: str, message: str):
-    out = tmp_path / "run"
-    run_job("clean", "--data", str(small_data), "--out", str(out), "--min-images-per-class", "3")
+def test_bad_decisions_are_one_line_and_change_nothing(prepared_run, content: str, message: str):
+    out = prepared_run("run")
     report = (out / "clean_report.json").read_bytes()
     (out / "decisions.json").write_text(content)
-    proc = run_job("clean", "--data", str(small_data), "--out", str(out), "--min-images-per-class", "3", check=False)
+    proc = run_job("clean", "--data", str(FIXTURE_IMAGES), "--out", str(out), "--min-images-per-class", "3",
+                   check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert (out / "clean_report.json").read_bytes() == report
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,28 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SMALL_RUN, run_job
+from conftest import REPO, SMALL_RUN, copy_run, run_job
 from torchvision import models
 
 from jobs.data import split_items
 from jobs.predict import predict
 
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    import shutil
-
-    from conftest import FIXTURE_IMAGES
-
-    root = tmp_path_factory.mktemp("e2e")
-    shutil.copytree(FIXTURE_IMAGES, root / "data")
-    proc = run_job("run", "--data", str(root / "data"), "--out", str(root / "run"), *SMALL_RUN)
-    assert "done:" in proc.stdout
-    return root / "run"
+pytestmark = pytest.mark.e2e  # whole jobs, servers or torchrun: not in scripts/test.sh --fast
 
 
-def test_run_writes_every_artifact(finished_run: Path):
-    out = finished_run
+def test_run_writes_every_artifact(finished_template: Path):
+    out = finished_template
     for rel in ("clean_report.json", "splits.json", "config.yaml", "metrics.json", "checkpoints/last.pt",
                 "checkpoints/best.pt", "model/model.pt", "model/index_to_name.json", "model/metadata.json"):
         assert (out / rel).is_file(), rel
@@ -51,7 +39,8 @@ def test_run_writes_every_artifact(finished_run: Path):
     assert json.loads((out / "model/index_to_name.json").read_text()) == {"0": "ants", "1": "bees"}
 
 
-def test_exported_state_dict_reloads_and_reproduces_test_accuracy(finished_run: Path):
+def test_exported_state_dict_reloads_and_reproduces_test_accuracy(finished_template: Path):
+    finished_run = finished_template
     state = torch.load(finished_run / "model/model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     models.resnet18(num_classes=2).load_state_dict(state)  # strict: the named architecture, nothing else
@@ -83,55 +72,13 @@ def test_read_only_commands_leave_the_run_as_it_was(finished_run: Path):
     assert (finished_run / "model/model.pt").read_bytes() == model_before  # the same weights, byte for byte
 
 
-def _train_cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "jobs", "train", "--out", str(out), "--weights", "none", "--epochs", "3",
-            "--batch-size", "4", "--no-cache-features", "--deterministic"]
-
-
-def _prepared_run(tmp_path: Path, name: str, data: Path) -> Path:
-    out = tmp_path / name
-    run_job("clean", "--data", str(data), "--out", str(out), "--min-images-per-class", "3")
-    run_job("split", "--out", str(out))
-    return out
-
-
 def _epochs(metrics: Path) -> list[dict]:
     """metrics.json's epoch records without the timings, which differ between any two runs."""
     return [{k: v for k, v in e.items() if k not in {"seconds", "images_per_s"}}
             for e in json.loads(metrics.read_text())["epochs"]]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, small_data: Path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "JOBS_PROGRESS_INTERVAL_S": "0"}
-    reference = _prepared_run(tmp_path, "reference", small_data)
-    subprocess.run(_train_cmd(reference), cwd=REPO, env=env, check=True, capture_output=True)
-
-    killed = _prepared_run(tmp_path, "killed", small_data)
-    proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    seen = b""
-    deadline = time.monotonic() + 300
-    while not re.search(rb"epoch 2/3: \d+% ", seen):  # a step line of epoch 2: we are inside epoch 2
-        chunk = proc.stdout.read1(4096)
-        assert chunk and time.monotonic() < deadline, seen.decode(errors="replace")[-2000:]
-        seen += chunk
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    state = torch.load(killed / "checkpoints/last.pt", weights_only=True)
-    assert state["progress"]["epoch"] == 1  # killed inside epoch 2: the last checkpoint is epoch 1's
-
-    resumed = subprocess.run(_train_cmd(killed), cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    assert "resuming head stage after epoch 1" in resumed.stdout
-
-    assert _epochs(killed / "metrics.json") == _epochs(reference / "metrics.json")
-    a = torch.load(killed / "checkpoints/last.pt", weights_only=True)["model"]
-    b = torch.load(reference / "checkpoints/last.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in b)
-
-
-def test_cached_head_stage_resumes_from_its_head_only_checkpoint(tmp_path: Path, small_data: Path, monkeypatch,
-                                                                 capsys):
+def test_cached_head_stage_resumes_from_its_head_only_checkpoint(prepared_run, monkeypatch, capsys):
     """The cached head stage checkpoints only the head each epoch; a crash there resumes exactly.
 
     Its epochs take milliseconds, too short to SIGKILL inside one reliably, so the crash is an
@@ -143,9 +90,9 @@ def test_cached_head_stage_resumes_from_its_head_only_checkpoint(tmp_path: Path,
 
     cfg = load_config(overrides={"weights": "none", "epochs": 4, "batch_size": 4, "feature_views": 2,
                                  "deterministic": True})
-    reference = RunPaths(_prepared_run(tmp_path, "reference", small_data))
+    reference = RunPaths(prepared_run("reference"))
     train_module.train(cfg, reference, setup(cfg))
-    crashed = RunPaths(_prepared_run(tmp_path, "crashed", small_data))
+    crashed = RunPaths(prepared_run("crashed"))
     real_save = train_module.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
@@ -174,8 +121,8 @@ def test_cached_head_stage_resumes_from_its_head_only_checkpoint(tmp_path: Path,
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
 
 
-def test_corrupt_checkpoint_is_reported_not_overwritten(tmp_path: Path, small_data: Path):
-    out = _prepared_run(tmp_path, "corrupt", small_data)
+def test_corrupt_checkpoint_is_reported_not_overwritten(tmp_path: Path, prepared_run):
+    out = prepared_run("corrupt")
     (out / "checkpoints").mkdir()
     (out / "checkpoints/last.pt").write_bytes(b"not a checkpoint")
     proc = run_job("train", "--out", str(out), "--weights", "none", "--epochs", "1", check=False)
@@ -199,11 +146,6 @@ def _run_until(cmd: list[str], env: dict, marker: bytes, steps_after: int) -> tu
     return proc, seen
 
 
-def _exported_model(out: Path) -> bytes:
-    run_job("export", "--out", str(out))
-    return (out / "model/model.pt").read_bytes()
-
-
 PREEMPTIBLE = {
     # Fine-tune: 6 steps per epoch, a checkpoint after every step (checkpoint_minutes ~ 6 ms).
     "finetune": (["--epochs", "1", "--feature-views", "1", "--finetune-epochs", "2", "--checkpoint-minutes", "0.0001"],
@@ -213,26 +155,54 @@ PREEMPTIBLE = {
 }
 
 
-@pytest.mark.parametrize("kind, sig", [("finetune", signal.SIGTERM), ("finetune", signal.SIGKILL),
-                                       ("full loop", signal.SIGTERM)])
-def test_preempted_mid_epoch_then_resume_is_byte_identical(tmp_path: Path, small_data: Path, kind: str, sig: int):
-    """Kubernetes' SIGTERM: the current step finishes, a checkpoint is written, exit 143 within seconds.
-    A SIGKILL loses at most the steps since the last (mid-epoch) checkpoint. Either way the same
-    command then gives the model.pt an uninterrupted run gives, byte for byte, and the epoch lines
-    reach the pipe as they happen."""
+def _preemptible_command(out: Path, kind: str) -> list[str]:
+    return [sys.executable, "-m", "jobs", "train", "--out", str(out), "--weights", "none", "--batch-size", "4",
+            "--deterministic", *PREEMPTIBLE[kind][0]]
+
+
+def _preemption_env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "JOBS_PROGRESS_INTERVAL_S": "0"}  # a log line per step here
     env.pop("PYTHONUNBUFFERED", None)  # the job itself must flush its progress lines
-    extra, marker, stage = PREEMPTIBLE[kind]
+    return env
 
-    def command(out: Path) -> list[str]:
-        return [sys.executable, "-m", "jobs", "train", "--out", str(out), "--weights", "none", "--batch-size", "4",
-                "--deterministic", *extra]
 
-    reference = _prepared_run(tmp_path, "reference", small_data)
-    subprocess.run(command(reference), cwd=REPO, env=env, check=True, capture_output=True)
+@pytest.fixture(scope="module")
+def uninterrupted(prepared_template: Path, tmp_path_factory):
+    """``uninterrupted(kind)``: the run folder of that kind's uninterrupted training, made once for the module
+    (every signal of a kind is compared with the same reference)."""
+    made: dict[str, Path] = {}
 
-    stopped = _prepared_run(tmp_path, "stopped", small_data)
-    proc, seen = _run_until(command(stopped), env, marker, steps_after=4)
+    def get(kind: str) -> Path:
+        if kind not in made:
+            out = copy_run(prepared_template, tmp_path_factory.mktemp("uninterrupted") / "run")
+            subprocess.run(_preemptible_command(out, kind), cwd=REPO, env=_preemption_env(), check=True,
+                           capture_output=True)
+            made[kind] = out
+        return made[kind]
+
+    return get
+
+
+def _weights(out: Path, name: str) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoints" / name, weights_only=True)["model"]
+
+
+# SIGTERM (Kubernetes' preemption) always checkpoints the step under way; a SIGKILL keeps what the last
+# checkpoint holds: every step's in the fine-tune above, the end of epoch 1 in the full loop.
+@pytest.mark.parametrize("kind, sig, resumes", [("finetune", signal.SIGTERM, "in epoch 2"),
+                                                ("finetune", signal.SIGKILL, "in epoch 2"),
+                                                ("full loop", signal.SIGTERM, "in epoch 2"),
+                                                ("full loop", signal.SIGKILL, "after epoch 1")])
+def test_preempted_mid_epoch_then_resume_is_byte_identical(prepared_run, uninterrupted, kind: str, sig: int,
+                                                           resumes: str):
+    """SIGTERM: the current step finishes, a checkpoint is written, exit 143 within seconds. A SIGKILL loses
+    at most the steps since the last checkpoint. Either way the same command then trains to the weights an
+    uninterrupted run ends with, bit for bit (best and last), and the epoch lines reach the pipe as they
+    happen."""
+    _, marker, stage = PREEMPTIBLE[kind]
+    reference = uninterrupted(kind)
+    stopped = prepared_run("stopped")
+    proc, seen = _run_until(_preemptible_command(stopped, kind), _preemption_env(), marker, steps_after=4)
     assert f"train {stage}: epoch 1/2: train loss".encode() in seen  # the first epoch's line arrived while it ran
     sent = time.monotonic()
     os.killpg(proc.pid, sig)
@@ -243,12 +213,16 @@ def test_preempted_mid_epoch_then_resume_is_byte_identical(tmp_path: Path, small
     else:
         assert proc.returncode == -signal.SIGKILL
     progress = torch.load(stopped / "checkpoints/last.pt", weights_only=True)["progress"]
-    assert (progress["stage"], progress["epoch"]) == (stage, 1) and progress["samples"] > 0  # inside epoch 2
+    assert (progress["stage"], progress["epoch"]) == (stage, 1)
+    assert (progress["samples"] > 0) == (resumes == "in epoch 2")  # a checkpoint from inside epoch 2, or its start
 
-    resumed = subprocess.run(command(stopped), cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    assert f"resuming {stage} stage in epoch 2" in resumed.stdout
+    resumed = subprocess.run(_preemptible_command(stopped, kind), cwd=REPO, env=_preemption_env(),
+                             capture_output=True, text=True, check=True)
+    assert f"resuming {stage} stage {resumes}" in resumed.stdout
     assert _epochs(stopped / "metrics.json") == _epochs(reference / "metrics.json")
-    assert _exported_model(stopped) == _exported_model(reference)
+    for name in ("best.pt", "last.pt"):
+        ours, theirs = _weights(stopped, name), _weights(reference, name)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), name
     assert not list(stopped.rglob("*.part"))  # the killed run's temp files were swept
 
 
@@ -259,8 +233,8 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in proc.stderr, proc.stderr
 
 
-def test_damaged_run_files_name_themselves_and_the_fix(tmp_path: Path, small_data: Path):
-    out = _prepared_run(tmp_path, "run", small_data)
+def test_damaged_run_files_name_themselves_and_the_fix(prepared_run, small_data: Path):
+    out = prepared_run("run")
     splits = (out / "splits.json").read_bytes()
     (out / "splits.json").write_bytes(splits[: len(splits) // 2])
     for command in (("train", "--weights", "none"), ("evaluate",)):
@@ -304,8 +278,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # bench/gpu
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_finetune_resumes_with_the_optimizer_state_on_the_models_device(tmp_path: Path, small_data: Path,
-                                                                        monkeypatch, device: str):
+def test_finetune_resumes_with_the_optimizer_state_on_the_models_device(prepared_run, monkeypatch, device: str):
     """Optimizer.load_state_dict casts the state to each parameter's device at load time: the model
     must be on its device before the optimizer is restored, or AdamW's moments stay on the CPU."""
     from jobs import train as train_module
@@ -314,7 +287,7 @@ def test_finetune_resumes_with_the_optimizer_state_on_the_models_device(tmp_path
 
     cfg = load_config(overrides={"weights": "none", "epochs": 1, "feature_views": 1, "finetune_epochs": 2,
                                  "batch_size": 8, "num_workers": 0, "device": device})
-    paths = RunPaths(_prepared_run(tmp_path, "run", small_data))
+    paths = RunPaths(prepared_run("run"))
     real_save, real_epoch = train_module.save_checkpoint, train_module.train_one_epoch
 
     def save_then_crash(*args, **kwargs):
@@ -341,7 +314,7 @@ def test_finetune_resumes_with_the_optimizer_state_on_the_models_device(tmp_path
         ("head", 1), ("finetune", 1), ("finetune", 2)]
 
 
-def test_a_non_finite_loss_stops_training_and_nothing_nan_is_exported(tmp_path: Path, small_data: Path):
+def test_a_non_finite_loss_stops_training_and_nothing_nan_is_exported(prepared_run):
     from jobs import checkpoints
     from jobs.config import RunPaths, load_config
     from jobs.model import build_model, freeze_backbone
@@ -358,7 +331,7 @@ def test_a_non_finite_loss_stops_training_and_nothing_nan_is_exported(tmp_path: 
     with pytest.raises(TrainError, match=r"training loss became nan in head epoch 2 step 1 \(lr .*\); lower --lr"):
         train_one_epoch(model.fc, batches, make_optimizer(model, cfg, 1.0), stage, 1, Progress(), setup(cfg))
 
-    out = _prepared_run(tmp_path, "run", small_data)
+    out = prepared_run("run")
     run_job("train", "--out", str(out), "--weights", "none", "--epochs", "1", "--num-workers", "0")
     paths = RunPaths(out)
     state = checkpoints.read(paths.checkpoints / checkpoints.BEST, "")

@@ -25,7 +25,7 @@ from conftest import FIXTURE_IMAGES, REPO, run_job
 from jobs import runlock
 from jobs.fileio import atomic_write_json
 
-pytestmark = pytest.mark.skipif(not FIXTURE_IMAGES.is_dir(), reason=f"{FIXTURE_IMAGES} is missing")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not FIXTURE_IMAGES.is_dir(), reason=f"{FIXTURE_IMAGES} is missing")]
 
 CLEAN = ("--min-images-per-class", "3")
 TRAIN = ("--weights", "none", "--epochs", "1", "--batch-size", "8", "--num-workers", "0")
@@ -142,11 +142,11 @@ def test_two_runs_on_one_folder_end_with_one_finished_run_and_one_refusal(tmp_pa
     assert not list((run / "model-store").glob(".archive-*"))
 
 
-def test_archives_into_a_store_outside_the_run_folder_take_turns(tmp_path, small_data, started):
+def test_archives_into_a_store_outside_the_run_folder_take_turns(finished_run, tmp_path, started):
     """A --model-store that several runs share is locked while one archives into it: the next waits
     instead of sweeping the other's work folder as a killed run's leftover."""
-    run, store = tmp_path / "run", tmp_path / "store"
-    run_job("run", "--data", str(small_data), "--out", str(run), "--model-store", str(store), *RUN, env=_env())
+    run, store = finished_run, tmp_path / "store"
+    run_job("archive", "--out", str(run), "--model-store", str(store), env=_env())
     assert (store / "classifier.mar").is_file() and _holder(store) == {}
     with runlock.hold(store):  # another run archiving into the store now
         (store / ".archive-live").mkdir()
@@ -184,9 +184,8 @@ def _rank_of(pid: int) -> str | None:
     return None
 
 
-def test_under_torchrun_rank_0_holds_the_folder_and_no_rank_hangs(tmp_path, started):
-    run = _prepared(tmp_path)
-    run_job("split", "--out", str(run), env=_env())
+def test_under_torchrun_rank_0_holds_the_folder_and_no_rank_hangs(prepared_run, started):
+    run = prepared_run("run")
     train = ("train", "--out", str(run), *TRAIN, "--device", "cpu", "--precision", "fp32", "--feature-views", "1")
     with runlock.hold(run):
         # Refused: rank 0 exits 2 at once, and torchrun stops rank 1, which was waiting for it to rendezvous.
