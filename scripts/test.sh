@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# The test command: unit + real-data tests, then the real Docker end-to-end test.
-#   bash scripts/test.sh            # all of it (needs root for Docker)
-#   NO_DOCKER=1 bash scripts/test.sh
+# The test command.
+#   bash scripts/test.sh                 # all of it: the non-Docker suite, then the real Docker end-to-end test
+#   bash scripts/test.sh --fast          # the inner loop before each commit (under 3 minutes): no whole jobs,
+#                                        # servers, torchrun or Docker (the tests marked e2e, slow or docker)
+#   NO_DOCKER=1 bash scripts/test.sh     # all but Docker
+# Further arguments go to pytest (-k resume, -x, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-.venv/bin/python -m pytest -m "not docker" "$@"
+if [ "${1:-}" = --fast ]; then
+  shift
+  exec .venv/bin/python -m pytest -m "not docker and not slow and not e2e" "$@"
+fi
+# Past 20 minutes the suite prints one warning line naming its five slowest tests (tests/suite_time.py).
+JOBS_SUITE_WARN_MINUTES=20 .venv/bin/python -m pytest -m "not docker" "$@"
 if [ "${NO_DOCKER:-0}" != 1 ]; then
   .venv/bin/python -m pytest -m docker "$@"
 fi

@@ -18,6 +18,7 @@ TINY = {"weights": "none", "epochs": 1, "batch_size": 8, "min_images_per_class":
         "feature_views": 1}
 
 
+@pytest.mark.e2e
 def test_run_from_python_with_relative_paths(tmp_path: Path, monkeypatch, capsys):
     """docs/python-api.md's first example, tiny: fixture photos, random weights, one epoch, relative paths."""
     monkeypatch.chdir(tmp_path)

@@ -72,6 +72,7 @@ def test_errors_show_the_command_that_runs(tmp_path: Path):
     assert f"run `{sys.executable} -m jobs export --out nothing-here` first" in proc.stderr, proc.stderr
 
 
+@pytest.mark.e2e
 def test_archive_with_a_relative_out_from_another_directory(tmp_path: Path):
     """`jobs archive --out runs/pets` from the folder that holds runs/: the archiver works in another
     directory and used to get paths relative to this one."""
@@ -82,6 +83,7 @@ def test_archive_with_a_relative_out_from_another_directory(tmp_path: Path):
     assert not list((tmp_path / "runs/pets/model-store").glob(".archive-*"))
 
 
+@pytest.mark.e2e
 def test_serve_stop_says_what_it_did(tmp_path: Path):
     proc = run_job("serve", "--model-store", "store", "--stop", cwd=tmp_path)
     assert proc.stdout.strip() == "serve: no TorchServe state in serve-state; nothing to stop"

@@ -578,6 +578,7 @@ def test_a_kept_image_whose_bytes_were_lost_is_fetched_again(server, tmp_path):
     assert len(server.requests_to("/img/")) == before + 1 and summary["terms"]["ants"]["downloaded"] == 1
 
 
+@pytest.mark.e2e
 def test_run_end_to_end_from_fake_openverse(server, tmp_path):
     out = tmp_path / "run"
     log = run_job("run", "--terms", "ants,bees", "--endpoint", server.url, "--allow-private-addresses",

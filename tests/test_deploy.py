@@ -473,6 +473,7 @@ def _probe(server: serve.TorchServe) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(PING_SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.e2e
 @needs_java
 def test_kserve_config_serves_concurrent_v1_and_v2_requests(archived, tmp_path):
     """KServe's server forwards each request to these two paths; concurrent ones share a server-side batch."""
@@ -498,6 +499,7 @@ def test_kserve_config_serves_concurrent_v1_and_v2_requests(archived, tmp_path):
         server.stop()
 
 
+@pytest.mark.e2e
 @needs_java
 def test_ping_probe_works_with_token_authorization_and_renews_an_expired_key(archived, tmp_path):
     _, out = archived

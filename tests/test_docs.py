@@ -104,6 +104,7 @@ def _unused_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("java") is None or shutil.which("curl") is None,
                     reason="the quick start serves with TorchServe (Java 17) and asks with curl")
 def test_the_offline_quick_start_works_as_written(tmp_path: Path):

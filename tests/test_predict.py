@@ -50,6 +50,7 @@ def test_batched_answers_equal_one_image_at_a_time(model_dir: Path, photos: Path
         assert answer["probabilities"] == pytest.approx(alone["probabilities"], abs=1e-5)
 
 
+@pytest.mark.e2e
 def test_cli_writes_a_csv_names_failures_and_exits_1(model_dir: Path, photos: Path, tmp_path: Path):
     out = tmp_path / "preds.csv"
     proc = run_job("predict", "--model-dir", str(model_dir), "--output", str(out), str(photos),
@@ -67,6 +68,7 @@ def test_cli_writes_a_csv_names_failures_and_exits_1(model_dir: Path, photos: Pa
     assert summary.startswith(f"predict: {len(good)} images classified") and "2 failed" in summary
 
 
+@pytest.mark.e2e
 def test_cli_json_lines_on_stdout_and_exit_0_when_all_succeed(model_dir: Path, photos: Path, tmp_path: Path):
     proc = run_job("predict", "--model-dir", str(model_dir), "--topk", "1", str(photos / "bees"))
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -77,6 +79,7 @@ def test_cli_json_lines_on_stdout_and_exit_0_when_all_succeed(model_dir: Path, p
     assert [json.loads(line)["file"] for line in jsonl.read_text().splitlines()] == [line["file"] for line in lines]
 
 
+@pytest.mark.e2e
 def test_a_folder_without_images_and_a_bad_output_name_are_one_line_each(model_dir: Path, tmp_path: Path):
     (tmp_path / "empty").mkdir()
     proc = run_job("predict", "--model-dir", str(model_dir), str(tmp_path / "empty"), check=False)

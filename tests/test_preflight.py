@@ -78,6 +78,7 @@ def test_a_missing_weights_file_is_named_before_clean(tmp_path: Path):
     assert_one_line_before_any_work(proc, out, f"weights file {tmp_path / 'no.pth'} not found")
 
 
+@pytest.mark.e2e
 def test_torchvision_weights_in_torch_home_need_no_network(tmp_path: Path, offline: dict[str, str], small_data: Path):
     """The file the check looks for is the one torchvision loads: with it in TORCH_HOME the whole job runs
     offline with --weights imagenet (a download attempt would fail on the closed proxy)."""

@@ -14,6 +14,8 @@ from pages import horizontal_overflow, launch, needs_chromium, open_page, split_
 
 from jobs.evaluate import wilson_interval
 
+pytestmark = pytest.mark.e2e  # whole jobs, servers or torchrun: not in scripts/test.sh --fast
+
 STAGES = ["clean", "audit", "split", "train head", "train finetune", "export", "evaluate", "archive"]
 
 

@@ -20,6 +20,8 @@ from jobs.config import load_config
 from jobs.predict import predict
 from jobs.serve import KServeRuntime, TorchServe, free_ports, launch_kserve, machine_models, serve, start, start_kserve
 
+pytestmark = pytest.mark.e2e  # whole jobs, servers or torchrun: not in scripts/test.sh --fast
+
 pytest.importorskip("kserve", reason="the kserve extra is not installed")
 
 PHOTOS = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))[::6]

@@ -40,7 +40,7 @@ from jobs.config import load_config
 from jobs.predict import predict
 from jobs.serve import TorchServe, machine_config, machine_models, parse_properties, render_config, serve, start
 
-pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")]
 
 PHOTOS = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))
 

@@ -46,6 +46,8 @@ from jobs.runtime import setup
 from jobs.split import split
 from jobs.train import Stage, lr_factor
 
+pytestmark = pytest.mark.e2e  # whole jobs, servers or torchrun: not in scripts/test.sh --fast
+
 SEED = 42
 VAL_TOLERANCE = 5 / 77  # images of the 77-image val half (up to 4 seen)
 TEST_TOLERANCE = 7 / 76  # images of the 76-image test half (up to 5 seen; 7 with a constant lr)

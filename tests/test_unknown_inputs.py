@@ -16,6 +16,8 @@ from conftest import SMALL_RUN, run_job
 from bench.trust import generated_image
 from jobs.predict import predict
 
+pytestmark = pytest.mark.e2e  # whole jobs, servers or torchrun: not in scripts/test.sh --fast
+
 ARCH = "timm/tf_efficientnet_lite0"
 
 
