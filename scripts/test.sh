@@ -12,8 +12,10 @@ if [ "${1:-}" = --fast ]; then
   shift
   exec .venv/bin/python -m pytest -m "not docker and not slow and not e2e" "$@"
 fi
+# Two pytest workers (pytest-xdist), a test file each at a time: alone, the suite keeps one of two cores
+# busy on average (imports, servers starting, waits on subprocesses). Module fixtures stay built once.
 # Past 20 minutes the suite prints one warning line naming its five slowest tests (tests/suite_time.py).
-JOBS_SUITE_WARN_MINUTES=20 .venv/bin/python -m pytest -m "not docker" "$@"
+JOBS_SUITE_WARN_MINUTES=20 .venv/bin/python -m pytest -m "not docker" -n "${JOBS_TEST_WORKERS:-2}" --dist loadfile "$@"
 if [ "${NO_DOCKER:-0}" != 1 ]; then
   .venv/bin/python -m pytest -m docker "$@"
 fi

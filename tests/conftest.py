@@ -94,3 +94,17 @@ def real_weights() -> Path:
     from scripts.offline_weights import build
 
     return build(REPO / ".cache" / "weights" / "tf_efficientnet_lite0.pth")
+
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with long tests first (slow, then e2e), each file kept whole (its module fixtures are made once):
+    under scripts/test.sh's two workers the last files handed out are short ones, so neither waits long for the
+    other at the end."""
+    def weight(item: pytest.Item) -> int:
+        return 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("e2e") else 2
+
+    file_weight: dict[Path, int] = {}
+    for item in items:
+        file_weight[item.path] = min(weight(item), file_weight.get(item.path, 2))
+    items.sort(key=lambda item: file_weight[item.path])
