@@ -138,6 +138,11 @@ class AnswerMetrics:
         except Exception:  # noqa: BLE001 -- a metric must never cost a client its answer
             logger.exception("counting a batch's answers failed")
 
+    def counting_drops(self, reasons: Iterable[str]) -> None:
+        """Capture is on: its drop counters start at zero."""
+        for reason in reasons:
+            self._count(CAPTURE_DROPPED, label_value(reason), 0)
+
     def dropped(self, by_reason: dict[str, int]) -> None:
         """Count images capture dropped since the last call."""
         for reason, n in by_reason.items():

@@ -46,6 +46,7 @@ QUEUE_SIZE = 64
 STATE_FILE = ".capture-state"
 ABSTAINED, LOW_CONFIDENCE, SAMPLED = "abstained", "low confidence", "sampled"
 QUEUE_FULL, OVER_THE_CAP, WRITE_FAILED = "queue full", "over the cap", "write failed"
+DROP_REASONS = (QUEUE_FULL, OVER_THE_CAP, WRITE_FAILED)
 EXTENSIONS = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG", "png"), (b"GIF8", "gif"), (b"BM", "bmp"),
               (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from handler.answer_metrics import AnswerMetrics
-from handler.capture import CaptureSettings, CaptureSink
+from handler.capture import DROP_REASONS, CaptureSettings, CaptureSink
 from handler.protocol import Request
 
 
@@ -22,7 +22,10 @@ class Observer:
               environ: Mapping[str, str] = os.environ) -> Observer:
         """With capture when the environment turns it on (``CaptureSettings.from_environ``)."""
         settings = CaptureSettings.from_environ(environ)
-        return cls(metrics, CaptureSink(settings, model_name, model_version) if settings else None)
+        if settings is None:
+            return cls(metrics)
+        metrics.counting_drops(DROP_REASONS)
+        return cls(metrics, CaptureSink(settings, model_name, model_version))
 
     def answered(self, answered: list[tuple[Request, list[dict[str, Any]]]]) -> None:
         """Requests and their per-image answers (a refused request is never among them)."""
