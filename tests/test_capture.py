@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_IMAGES
+import yaml
+from conftest import FIXTURE_IMAGES, REPO, run_job
 
 from handler.capture import (
     ABSTAINED,
@@ -134,3 +135,21 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path):
     release.set()
     sink.close()
     assert len(written) + dropped[QUEUE_FULL] == 50
+
+
+@pytest.mark.parametrize("manifest", ["deploy/k8s/serve.yaml", "deploy/kserve/inferenceservice-kserve-runtime.yaml"])
+def test_the_serving_manifests_carry_every_capture_setting_off(manifest: str, tmp_path: Path):
+    docs = [d for d in yaml.safe_load_all((REPO / manifest).read_text()) if d]
+    pod = next(d for d in docs if d["kind"] in {"Deployment", "InferenceService"})["spec"]
+    pod = pod["template"]["spec"] if "template" in pod else pod["predictor"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"] if e["name"].startswith("JOBS_CAPTURE")}
+    assert set(env) == set(CaptureSettings.ENV.values())
+    assert CaptureSettings.from_environ(env) is None  # off
+    on = CaptureSettings.from_environ({**env, "JOBS_CAPTURE_DIR": str(tmp_path)})
+    assert on == CaptureSettings(tmp_path)  # the manifest's values are the defaults
+
+
+def test_jobs_serve_takes_the_capture_options():
+    text = run_job("serve", "--help").stdout
+    for option in ("--capture", "--capture-below", "--capture-sample", "--capture-max-mb", "--capture-max-files"):
+        assert option in text

@@ -21,9 +21,9 @@ from torchserve_fixture import add_trust, archive_as, bad_images, export_random_
 from bench.trust import generated_image
 from handler.answer_metrics import HISTOGRAMS, OOD_SCORE, TOP_PROBABILITY, bound, cumulative_buckets, label_value
 from handler.capture import CaptureSettings
-from jobs.config import load_config
+from jobs.config import Config, load_config
 from jobs.predict import predict
-from jobs.serve import Server, capture_environ, free_ports, machine_models, start, start_kserve
+from jobs.serve import Server, capture_environ, free_ports, launch, launch_kserve
 
 pytest.importorskip("kserve", reason="the kserve extra is not installed")
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
@@ -75,17 +75,20 @@ def served(tmp_path_factory) -> Served:
     below = round(tops[len(tops) // 2], 3)
     captures = {"torchserve": root / "captured-ts", "kserve": root / "captured-ks"}
 
-    def environ(runtime: str, **keys) -> dict[str, str]:
-        return capture_environ(load_config(None, {"capture": str(captures[runtime]), "capture_below": below,
-                                                  "capture_sample": 0, **keys}))
+    def config(runtime: str, **keys) -> Config:  # what `jobs serve --capture DIR --capture-below ...` passes on
+        return load_config(None, {"capture": str(captures[runtime]), "capture_below": below, "capture_sample": 0,
+                                  "model_name": MODEL, **keys})
 
-    torchserve = start(store, root / "ts", ports=unused_ports(), models=machine_models(store),
-                       environ=environ("torchserve"))
-    kserve = start_kserve(store, root / "ks", port=free_ports(1)[0],
-                          environ=environ("kserve", capture_max_files=KSERVE_MAX_FILES))
+    ports = unused_ports()
+    torchserve = launch(config("torchserve"), store, root / "ts", host="127.0.0.1", port=ports.inference,
+                        management_port=ports.management, metrics_port=ports.metrics, disable_token_auth=False)
     try:
-        torchserve.wait_ready([MODEL], timeout=300)
-        kserve.wait_ready([MODEL], timeout=300)
+        kserve = launch_kserve(config("kserve", capture_max_files=KSERVE_MAX_FILES), store, root / "ks",
+                               host="127.0.0.1", port=free_ports(1)[0], disable_token_auth=False)
+    except BaseException:
+        torchserve.stop()
+        raise
+    try:
         yield Served({"torchserve": torchserve, "kserve": kserve}, captures, [f.read_bytes() for f in files], below,
                      trust["expected_abstain_rate"])
     finally:
