@@ -19,7 +19,15 @@ from conftest import FIXTURE_IMAGES
 from torchserve_fixture import add_trust, archive_as, bad_images, export_random_model, unused_ports
 
 from bench.trust import generated_image
-from handler.answer_metrics import HISTOGRAMS, OOD_SCORE, TOP_PROBABILITY, bound, cumulative_buckets, label_value
+from handler.answer_metrics import (
+    HISTOGRAMS,
+    OOD_SCORE,
+    TOP_PROBABILITY,
+    bound,
+    cumulative_buckets,
+    exposed_names,
+    label_value,
+)
 from handler.capture import CaptureSettings
 from jobs.config import Config, load_config
 from jobs.predict import predict
@@ -165,6 +173,8 @@ def test_metrics_count_the_answers_given_by_class_reason_and_score(served: Serve
     assert ood_sum == pytest.approx(sum(a["ood_score"] for a in answers), abs=1e-4)
     assert model_series(text, "classifier_expected_abstain_rate") == pytest.approx(served.expected_abstain_rate)
     assert f'le="{bound(0.5)}"' in text and 'le="+Inf"' in text
+    on_page = {m.group(1) for m in map(SAMPLE.match, text.splitlines()) if m}
+    assert exposed_names() <= on_page, exposed_names() - on_page  # what deploy/monitoring may query
 
 
 # ----------------------------------------------------------------------------------------------
