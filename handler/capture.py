@@ -232,7 +232,7 @@ class CaptureSink:
             if why is None:
                 continue
             stem = f"{now:%Y%m%dT%H%M%S.%fZ}-{_safe(request_id)}-{n}"
-            record = {"why": why, "answer": answer, **self.model, "received_at": now.isoformat(timespec="microseconds"),
+            record = {"why": why, "answer": answer, **self.model, "answered_at": now.isoformat(timespec="microseconds"),
                       "request_id": request_id, "image_index": n, "images_in_request": len(images)}
             try:
                 self.queue.put_nowait((stem, image, record))

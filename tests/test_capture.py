@@ -75,7 +75,7 @@ def test_keeps_abstained_low_confidence_and_a_sample_as_owner_only_files_with_re
     assert set(kept) == {ABSTAINED, LOW_CONFIDENCE}
     record = kept[ABSTAINED]
     assert (record["model_name"], record["model_version"], record["request_id"]) == ("clf", "2.0", "req-1")
-    assert record["answer"] == answer(0.99, abstain=True) and record["received_at"].endswith("+00:00")
+    assert record["answer"] == answer(0.99, abstain=True) and record["answered_at"].endswith("+00:00")
     assert (folder / record["image"]).read_bytes() == PHOTO and record["image"].endswith(".jpg")
     assert kept[LOW_CONFIDENCE]["image"].endswith(".png") and kept[LOW_CONFIDENCE]["image_index"] == 1
     assert len(files(folder)) == 4

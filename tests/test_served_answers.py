@@ -223,7 +223,7 @@ def test_capture_keeps_the_abstained_and_low_confidence_images_with_their_record
         assert record["answer"] == answers[h]
         assert record["why"] == ("abstained" if answers[h]["abstain"] else "low confidence")
         assert (record["model_name"], record["model_version"]) == (MODEL, "1.0")
-        assert record["request_id"] and record["received_at"].endswith("+00:00")
+        assert record["request_id"] and record["answered_at"].endswith("+00:00")
     owner_only(folder)
 
 
