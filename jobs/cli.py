@@ -57,7 +57,7 @@ def config_options(command: str) -> Callable:
     """Add ``--config``, ``--out`` and one option per config key the command takes (default None = not given),
     ordered by stage for --help."""
     keys = keys_for(command)
-    order = {stage: i for i, stage in enumerate(api.PIPELINE)}
+    order = {stage: i for i, stage in enumerate((*api.PIPELINE, "serve"))}
     ordered = sorted((f for f in fields(Config) if f.name in keys), key=lambda f: order.get(key_section(f.name), 0))
 
     def decorate(fn: Callable) -> Callable:
