@@ -9,6 +9,8 @@ here, so what the job evaluated is what the server runs. It never imports ``jobs
 - ``service``: ``ImageClassifier``, bytes in, calibrated answers with the trust fields out
 - ``protocol``: request bodies and answer bodies (raw, multipart, JSON, KServe v1/v2)
 - ``scheduler`` and ``cpus``: workers, threads and batching for the machine that serves
+- ``answer_metrics``: Prometheus metrics of the answers (by class, abstentions, score histograms), both runtimes
+- ``capture``: keeps what the server met (opt-in: ``JOBS_CAPTURE_DIR``); ``observe``: metrics and capture per answer
 - ``classifier_handler``: TorchServe's entry point; ``config.properties`` and ``metrics.yaml`` its settings
 - ``kserve_runtime``: the second runtime, KServe's model server on the same archives (docs/serving-runtimes.md)
 """

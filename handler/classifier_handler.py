@@ -33,6 +33,8 @@ from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
 import handler  # noqa: E402
 from handler import scheduler  # noqa: E402
+from handler.answer_metrics import TorchServeAnswerMetrics  # noqa: E402
+from handler.observe import Observer  # noqa: E402
 from handler.protocol import BadRequest, Refused, Request, answer_body, parse_request, status_phrase  # noqa: E402
 from handler.service import ImageClassifier, Outputs  # noqa: E402
 
@@ -72,6 +74,11 @@ class ClassifierHandler(BaseHandler):
         self.classifier = ImageClassifier(model_dir, device, model_dir / self.manifest["model"]["serializedFile"],
                                           options)
         self.inference(Batch([], torch.zeros(1, *self.classifier.meta["input_size"])))  # warm up the kernels
+        model = self.manifest.get("model", {})
+        self.model_name, self.model_version = model.get("modelName"), model.get("modelVersion")
+        metrics = TorchServeAnswerMetrics(context.metrics, self.model_name, self.model_version,
+                                          **self.classifier.answer_kinds())
+        self.observer = Observer.start(metrics, self.model_name, self.model_version)
         self.initialized = True
         meta = self.classifier.meta
         logger.info("loaded %s with %d classes on %s (%s, %d torch threads; serving package %s)", meta["arch"],
@@ -126,14 +133,15 @@ class ClassifierHandler(BaseHandler):
         requests = [r for r in batch.requests if isinstance(r, Request)]
         per_image = self.classifier.answers(batch.outputs, [r.topk for r in requests for _ in r.tensors]) \
             if requests else []
-        model = self.manifest.get("model", {})
-        out, offset = [], 0
+        out, answered, offset = [], [], 0
         for i, r in enumerate(batch.requests):
             if isinstance(r, Request):
                 n = len(r.tensors)
-                r = answer_body(r, per_image[offset:offset + n], model.get("modelName"), model.get("modelVersion"))
+                answered.append((r, per_image[offset:offset + n]))
+                r = answer_body(r, per_image[offset:offset + n], self.model_name, self.model_version)
                 offset += n
             out.append(self._reply(i, r))
+        self.observer.answered(answered)
         return out
 
     def _reply(self, idx: int, answer: dict | Refused) -> dict:

@@ -12,10 +12,11 @@ the bodies and the 4xx rules are TorchServe's:
   * ``POST /v2/models/<name>/infer``      Open Inference Protocol: BYTES inputs holding base64 images
     (JSON ``data``, or the binary extension carrying the base64 text: KServe 0.21 decodes binary BYTES as UTF-8,
     so raw image bytes there are refused with a 400 that says so)
-  * ``GET /ping``, ``/v2/health/live|ready``, ``/v1/models/<name>``, ``/metrics`` (KServe's Prometheus histograms
-    of each stage, per worker process: ``request_preprocess_seconds`` = parse + admit + decode,
-    ``request_predict_seconds`` = batch queue + forward + answers, ``request_postprocess_seconds`` = the body);
-    the same three times per request are logged (KServe's latency log, ``preprocess_ms: ...``)
+  * ``GET /ping``, ``/v2/health/live|ready``, ``/v1/models/<name>``, ``/metrics``: the answers' metrics
+    (``handler.answer_metrics``) and KServe's Prometheus histograms of each stage (``request_preprocess_seconds`` =
+    parse + admit + decode, ``request_predict_seconds`` = batch queue + forward + answers,
+    ``request_postprocess_seconds`` = the body), summed over the worker processes; the same three times per request
+    are logged (KServe's latency log, ``preprocess_ms: ...``)
 
 Token authorization like TorchServe's: ``key_file.json`` in the work folder (or ``--key-file``) holds
 ``{"inference": {"key": ...}}`` -- kept when it exists (a Kubernetes Secret mounted there keeps every replica's
@@ -38,6 +39,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sys
 import threading
 import uuid
@@ -59,6 +61,8 @@ from kserve.model_server import app as kserve_app
 from kserve.protocol.infer_type import InferRequest
 
 from handler import scheduler
+from handler.answer_metrics import PrometheusAnswerMetrics
+from handler.observe import Observer
 from handler.preprocess import plain
 from handler.protocol import BadRequest, answer_body, parse_request
 from handler.protocol import Request as Parsed
@@ -221,6 +225,8 @@ class ClassifierModel(Model):
         delay = a.max_batch_delay_ms if a.max_batch_delay_ms is not None else plan.max_batch_delay_ms
         self.batcher = Batcher(classifier, scheduler.WorkerThreads(a.model_dir, threads, solo, device.type == "cpu"),
                                a.batch_size or plan.batch_size, delay / 1000)
+        self.observer = Observer.start(PrometheusAnswerMetrics(a.name, a.version, **classifier.answer_kinds()),
+                                       a.name, a.version)
         self.classifier = classifier
         MODELS[self.name] = self
         self.ready = True
@@ -252,7 +258,9 @@ class ClassifierModel(Model):
         return req
 
     async def predict(self, req: Parsed, headers: dict[str, str] | None = None) -> tuple[Parsed, list[dict]]:
-        return req, await self.batcher.answers(req)
+        per_image = await self.batcher.answers(req)
+        self.observer.answered([(req, per_image)])
+        return req, per_image
 
     def postprocess(self, result: tuple[Parsed, list[dict]], headers: dict[str, str] | None = None) -> dict:
         req, per_image = result
@@ -335,6 +343,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        if scope["path"] == "/metrics" and os.environ.get(MULTIPROCESS_ENV):
+            return await _all_processes_metrics(send)
         if self.key and scope["path"] not in OPEN_PATHS:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + self.key):
@@ -353,6 +363,32 @@ class Guard:
             return message
 
         return await self.app(scope, counted, send)
+
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode: one file per process
+
+
+async def _all_processes_metrics(send: Any) -> None:
+    """/metrics summed over every worker process (prometheus_client's multiprocess collector), instead of KServe's
+    page of whichever process the request reached: counters that jump between processes make no rate."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    body = generate_latest(registry)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def share_metrics_across_processes(workdir: Path) -> None:
+    """Worker processes (spawned: they import prometheus_client afresh) keep their metrics in files of a fresh
+    ``workdir/prometheus`` folder, which /metrics sums; the folder of a previous start is emptied."""
+    folder = workdir / "prometheus"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ[MULTIPROCESS_ENV] = str(folder)
 
 
 async def _refuse(send: Any, status: int, message: str) -> None:
@@ -425,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     for m in models:
         m.load()  # here too: a model that cannot load stops the server before it listens
     if plan.workers > 1:  # the worker processes load their own copies; this one only supervises them
+        share_metrics_across_processes(args.workdir)
         MODELS.clear()
         for m in models:
             m.classifier = m.batcher = None

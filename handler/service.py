@@ -21,7 +21,7 @@ from PIL import Image
 from handler import model as models
 from handler.preprocess import Preprocessor, image_header
 from handler.protocol import BadRequest, parse_topk, where
-from handler.trust import Trust
+from handler.trust import LOW_CONFIDENCE, UNLIKE_TRAINING, Trust
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,15 @@ class ImageClassifier:
                            for p, c in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
             out.append({"predictions": predictions, **outputs.trust[i]})
         return out
+
+    def answer_kinds(self) -> dict[str, Any]:
+        """What ``handler.answer_metrics.AnswerMetrics`` starts at zero: the classes, the abstain reasons this model
+        can give, and the abstain rate its export expects on in-distribution images."""
+        if self.trust is None:
+            return {"classes": self.classes, "reasons": (), "expected_abstain_rate": None}
+        reasons = (UNLIKE_TRAINING, LOW_CONFIDENCE) if self.trust.min_confidence else (UNLIKE_TRAINING,)
+        return {"classes": self.classes, "reasons": reasons,
+                "expected_abstain_rate": self.trust.expected_abstain_rate}
 
     def topk(self, requested: Any) -> int:
         return parse_topk(requested, self.default_topk, len(self.classes))

@@ -10,6 +10,8 @@
 # filesystem. A `models` or `metrics_config` line in $TS_CONFIG_FILE itself wins. TorchServe reads
 # TS_CONFIG_FILE before --ts-config, so the variable is pointed at the result.
 # Extra arguments are appended to the torchserve command line. MODEL_STORE: another archive folder.
+# JOBS_CAPTURE_DIR (and JOBS_CAPTURE_BELOW/_SAMPLE/_MAX_MB/_MAX_FILES) reach the model's workers in either runtime
+# as they are: capture of what the server meets, off while unset (handler/capture.py).
 set -e
 store="${MODEL_STORE:-/model-store}"
 case "${TS_DISABLE_TOKEN_AUTHORIZATION:-false}" in true|1) no_token=1;; *) no_token="";; esac

@@ -290,6 +290,22 @@ def fit_threshold(scores: torch.Tensor, keep: float = DEFAULT_KEEP) -> float:
     return float(ordered[math.ceil(keep * len(ordered)) - 1])
 
 
+def expected_abstain_rate(val_scores: torch.Tensor, val_top: torch.Tensor, threshold: float, keep: float,
+                          min_confidence: float | None = None) -> float:
+    """The share of new in-distribution images expected to be abstained on, from the val split the threshold was
+    fit on: "unlike the training images" with probability ``(n + 1 - ceil(keep * n)) / (n + 1)`` (a new image's
+    score exceeds the ``ceil(keep * n)``-th of ``n`` exchangeable val scores), plus the share of val images
+    within the threshold whose calibrated top probability is under ``min_confidence``."""
+    n = len(val_scores)
+    if n == 0:
+        raise ValueError("no val scores to expect an abstain rate from")
+    unlike = (n + 1 - math.ceil(keep * n)) / (n + 1)
+    low = 0.0
+    if min_confidence is not None:
+        low = float(((val_scores <= threshold) & (val_top < min_confidence)).double().mean())
+    return round(min(1.0, unlike + low), 4)
+
+
 def abstain_reasons(ood_scores: torch.Tensor, top_probabilities: torch.Tensor, threshold: float,
                     min_confidence: float | None = None) -> list[str | None]:
     """Per image: why the answer abstains, or None. Being unlike the training images outranks low confidence."""
@@ -317,6 +333,7 @@ class Trust:
     threshold: float
     keep: float = DEFAULT_KEEP
     min_confidence: float | None = None
+    expected_abstain_rate: float | None = None  # on new in-distribution images; None for an entry from before it
 
     @classmethod
     def fit(cls, train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
@@ -325,8 +342,12 @@ class Trust:
         """T on val; the score on train (``options``: k, max_bank, seed); its threshold on val, keeping ``keep``."""
         temperature = fit_temperature(val_logits, val_labels)
         fitted = fit_score(score, train_features, train_labels, **options)
-        val_scores = fitted(val_features, calibrated_logits(val_logits, temperature))
-        return cls(temperature, fitted, fit_threshold(val_scores, keep), keep, min_confidence)
+        calibrated = calibrated_logits(val_logits, temperature)
+        val_scores = fitted(val_features, calibrated)
+        threshold = fit_threshold(val_scores, keep)
+        expected = expected_abstain_rate(val_scores, calibrated.softmax(1).max(1).values, threshold, keep,
+                                         min_confidence)
+        return cls(temperature, fitted, threshold, keep, min_confidence, expected)
 
     def save(self, model_dir: Path, file_name: str = SCORE_FILE) -> dict[str, Any]:
         """Write the score file into ``model_dir``; returns the ``metadata.json`` entry that names it."""
@@ -334,6 +355,7 @@ class Trust:
         state = self.score.state()
         return {"temperature": self.temperature, "score": self.score.name, "file": file_name,
                 "threshold": self.threshold, "keep": self.keep, "min_confidence": self.min_confidence,
+                "expected_abstain_rate": self.expected_abstain_rate,
                 # file_bytes and state (the tensors' shapes) are for people; nothing reads them back
                 "file_bytes": path.stat().st_size,
                 "state": {k: list(v.shape) if isinstance(v, torch.Tensor) else v for k, v in state.items()}}
@@ -345,7 +367,7 @@ class Trust:
         if score.name != entry["score"]:
             raise ValueError(f"{entry['file']} holds a {score.name} score, metadata.json says {entry['score']}")
         return cls(float(entry["temperature"]), score, float(entry["threshold"]), float(entry["keep"]),
-                   entry.get("min_confidence"))
+                   entry.get("min_confidence"), entry.get("expected_abstain_rate"))
 
     def assess(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """(calibrated probabilities (B, C), per image ``{"ood_score", "abstain", "abstain_reason"}``).

@@ -58,7 +58,8 @@ def fit_trust(cfg: Config, paths: RunPaths, meta: dict, state: dict[str, torch.T
     print(f"export: temperature {fitted.temperature:.3f} (val NLL {_nll(val_z, val_y, 1.0):.4f} -> "
           f"{_nll(val_z, val_y, fitted.temperature):.4f}); \"unlike the training images\" above {entry['score']} "
           f"score {fitted.threshold:.4f} ({len(bank)} training images in the bank, keeps {cfg.ood_keep:.0%} of "
-          f"{len(val)} val images); {time.perf_counter() - start:.1f} s")
+          f"{len(val)} val images; expect {fitted.expected_abstain_rate:.1%} of new images like them abstained on); "
+          f"{time.perf_counter() - start:.1f} s")
     return entry
 
 

@@ -56,26 +56,36 @@ class StagedCommand(click.Command):
 def config_options(command: str) -> Callable:
     """Add ``--config``, ``--out`` and one option per config key the command takes (default None = not given),
     ordered by stage for --help."""
-    defaults, keys = Config(), keys_for(command)
-    order = {stage: i for i, stage in enumerate(api.PIPELINE)}
+    keys = keys_for(command)
+    order = {stage: i for i, stage in enumerate((*api.PIPELINE, "serve"))}
     ordered = sorted((f for f in fields(Config) if f.name in keys), key=lambda f: order.get(key_section(f.name), 0))
 
     def decorate(fn: Callable) -> Callable:
-        for f in reversed(ordered):
-            dashed, default = f.name.replace("_", "-"), getattr(defaults, f.name)
-            shown = ",".join(default) if isinstance(default, list) else default
-            help_text = f"{f.metadata['help']} [default: {shown}]"
-            if key_type(f.name) is bool:
-                fn = click.option(f"--{dashed}/--no-{dashed}", f.name, default=None, help=help_text)(fn)
-            else:
-                fn = click.option(f"--{dashed}", f.name, default=None, metavar=_metavar(f.name),
-                                  help=help_text)(fn)
+        fn = key_options(f.name for f in ordered)(fn)
         fn = click.option("--wait", is_flag=True,
                           help="If another job is writing OUT, wait for it to end (default: exit 2 at once).")(fn)
         fn = click.option("--out", type=click.Path(path_type=Path), default=api.DEFAULT_OUT, show_default=True,
                           help="Run folder: every stage reads and writes here.")(fn)
         return click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
                             help="YAML file of config keys; command-line options override it.")(fn)
+
+    return decorate
+
+
+def key_options(names: Any) -> Callable:
+    """One option per config key in ``names``, in that order (default None = not given)."""
+    defaults, names = Config(), list(names)
+
+    def decorate(fn: Callable) -> Callable:
+        for name in reversed(names):
+            dashed, default = name.replace("_", "-"), getattr(defaults, name)
+            shown = ",".join(default) if isinstance(default, list) else default
+            help_text = f"{next(f for f in fields(Config) if f.name == name).metadata['help']} [default: {shown}]"
+            if key_type(name) is bool:
+                fn = click.option(f"--{dashed}/--no-{dashed}", name, default=None, help=help_text)(fn)
+            else:
+                fn = click.option(f"--{dashed}", name, default=None, metavar=_metavar(name), help=help_text)(fn)
+        return fn
 
     return decorate
 
@@ -218,14 +228,16 @@ def archive(config_file: Path | None, out: Path, **overrides: Any) -> None:
 @click.option("--runtime", type=click.Choice(["torchserve", "kserve"]), default="torchserve", show_default=True,
               help="The model server (docs/serving-runtimes.md); kserve needs the kserve extra.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config file.")
+@key_options(keys_for("serve"))
 def serve(model_store: Path, detach: bool, stop: bool, host: str, port: int, management_port: int, metrics_port: int,
-          workdir: Path | None, disable_token_auth: bool, runtime: str, config_file: Path | None) -> None:
+          workdir: Path | None, disable_token_auth: bool, runtime: str, config_file: Path | None,
+          **overrides: Any) -> None:
     """Run TorchServe (or --runtime kserve) on MODEL_STORE: in the foreground (Ctrl-C stops it), or in the
-    background with --detach."""
+    background with --detach. --capture DIR keeps what the model met (docs/serving.md, "Capture")."""
     from jobs.serve import serve as serve_models
 
-    code = serve_models(load_config(config_file), model_store, stop=stop, detach=detach, workdir=workdir, host=host,
-                        port=port, management_port=management_port, metrics_port=metrics_port,
+    code = serve_models(load_config(config_file, overrides), model_store, stop=stop, detach=detach, workdir=workdir,
+                        host=host, port=port, management_port=management_port, metrics_port=metrics_port,
                         disable_token_auth=disable_token_auth, runtime=runtime)
     sys.exit(code)
 

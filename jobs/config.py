@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from handler.capture import DEFAULT_BELOW, DEFAULT_MAX_FILES, DEFAULT_MAX_MB, DEFAULT_SAMPLE
 from jobs.errors import JobError
 
 
@@ -146,6 +147,12 @@ class Config:
     ood_keep: float = _key(0.95, "Export: the share of in-distribution val images the \"unlike the training images\" threshold keeps (the rest of such images are abstained on).", commands=EXPORT, lo=0, lo_open=True, hi=1)
     min_confidence: float = _key(0.0, "Export: also abstain (\"low confidence\") when the calibrated top probability is below this (0 = off).", commands=EXPORT, lo=0, hi=1)
     ood_data: str | None = _key(None, "Evaluate: a folder of images of none of the classes; the report measures how well the model tells them apart (AUROC, abstain rate).", commands=EVALUATE)
+    # -- capture (docs/serving.md "Capture") ------------------------------------------------------------
+    capture: str | None = _key(None, "Serve: keep what the model met in this folder: every image it abstained on, the answers under capture_below, a capture_sample of the rest (off when unset).", commands=SERVE)
+    capture_below: float = _key(DEFAULT_BELOW, "Serve, with capture: also keep the answers whose calibrated top probability is below this (separate from min_confidence).", commands=SERVE, lo=0, hi=1)
+    capture_sample: float = _key(DEFAULT_SAMPLE, "Serve, with capture: the share of the other answers kept, at random.", commands=SERVE, lo=0, hi=1)
+    capture_max_mb: float = _key(DEFAULT_MAX_MB, "Serve, with capture: the folder's cap in MiB; the oldest captures go first.", commands=SERVE, lo=0, lo_open=True, hi=1e9)
+    capture_max_files: int = _key(DEFAULT_MAX_FILES, "Serve, with capture: the folder's cap in files (an image and its record are two); the oldest go first.", commands=SERVE, lo=2, hi=10**9)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

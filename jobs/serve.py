@@ -26,6 +26,7 @@ import requests
 import torch
 
 from handler import cpus, scheduler
+from handler.capture import CaptureSettings, off_environ
 from jobs.archive import handler_dir, packed_settings
 from jobs.config import Config
 from jobs.errors import JobError, jobs_command, shown_path, shown_program
@@ -280,11 +281,12 @@ RUNTIMES = ("torchserve", "kserve")
 
 
 def start_kserve(model_store: Path, workdir: Path, *, host: str = "127.0.0.1", port: int = 8080,
-                 disable_token_auth: bool = False, python: str | None = None) -> KServeRuntime:
+                 disable_token_auth: bool = False, python: str | None = None,
+                 environ: dict[str, str] | None = None) -> KServeRuntime:
     """Start ``python -m handler.kserve_runtime`` on ``model_store`` in its own session; returns at once.
 
     ``python``: another interpreter with KServe installed (bench/serve.py measures one per runtime);
-    the serving package it runs is this checkout's. Output goes to ``workdir/kserve.out``.
+    the serving package it runs is this checkout's; ``environ`` as ``start``'s. Output goes to ``workdir/kserve.out``.
     """
     model_store = Path(model_store).resolve()
     if not model_names(model_store):
@@ -298,12 +300,31 @@ def start_kserve(model_store: Path, workdir: Path, *, host: str = "127.0.0.1", p
     cmd = [python, "-m", "handler.kserve_runtime", "--model-store", str(model_store), "--host", host,
            "--port", str(port), "--workdir", str(workdir), *(["--disable-token-auth"] if disable_token_auth else [])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(handler_dir().parent),
-                                                        *filter(None, [os.environ.get("PYTHONPATH")])])}
+                                                        *filter(None, [os.environ.get("PYTHONPATH")])]),
+           **(environ or {})}
     with open(workdir / "kserve.out", "ab") as out:
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     atomic_write_text(workdir / KServeRuntime.PID_FILE, f"{proc.pid}\n")
     return KServeRuntime(proc, workdir, host, port)
+
+
+def capture_environ(cfg: Config) -> dict[str, str]:
+    """The capture settings of ``cfg`` as the environment the handler reads (``handler.capture``); capture off
+    unless ``cfg.capture`` names a folder, whatever this process's environment says."""
+    if not cfg.capture:
+        return off_environ()
+    settings = CaptureSettings(Path(cfg.capture).resolve(), cfg.capture_below, cfg.capture_sample, cfg.capture_max_mb,
+                               cfg.capture_max_files)
+    return settings.environ()
+
+
+def capture_line(cfg: Config) -> str:
+    if not cfg.capture:
+        return ""
+    return (f"\ncapture: abstained, under {cfg.capture_below} and {cfg.capture_sample:.1%} of the rest into "
+            f"{shown_path(Path(cfg.capture).resolve())} (at most {cfg.capture_max_mb:g} MiB, "
+            f"{cfg.capture_max_files} files)")
 
 
 def _url_host(host: str) -> str:
@@ -323,10 +344,12 @@ def _torchserve_cmd(*args: str) -> list[str]:
 
 
 def start(model_store: Path, workdir: Path, *, host: str = "127.0.0.1", ports: Ports = Ports(),
-          disable_token_auth: bool = False, models: dict | None = None) -> TorchServe:
+          disable_token_auth: bool = False, models: dict | None = None,
+          environ: dict[str, str] | None = None) -> TorchServe:
     """Start TorchServe on ``model_store`` with ``handler/config.properties`` adapted; returns at once.
 
     ``models`` sets the workers/batching the archives leave open (``machine_models``); None: TorchServe's defaults.
+    ``environ``: variables for the server and its workers besides this process's (``capture_environ``).
     It runs in its own session (process group): ``TorchServe.stop`` ends frontend and workers together,
     and a server not stopped outlives this process until ``serve --stop``.
     Its console output goes to ``workdir/torchserve.out``, its logs to ``workdir/logs/``.
@@ -346,8 +369,8 @@ def start(model_store: Path, workdir: Path, *, host: str = "127.0.0.1", ports: P
     cmd = _torchserve_cmd("--start", "--foreground", "--ncs", "--model-store", str(model_store),
                           "--ts-config", str(config), "--models", "all")
     with open(workdir / "torchserve.out", "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=_state_env(workdir), stdout=out, stderr=out,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=workdir, env={**_state_env(workdir), **(environ or {})}, stdout=out,
+                                stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
     return TorchServe(proc, workdir, host, ports)
 
 
@@ -415,7 +438,8 @@ def launch(cfg: Config, model_store: Path, workdir: Path, *, host: str, port: in
     ports = Ports(port, management_port, metrics_port, *free_ports(2))
     plan = scheduler.serving_plan()
     models = machine_models(model_store, plan)
-    server = start(model_store, workdir, host=host, ports=ports, disable_token_auth=disable_token_auth, models=models)
+    server = start(model_store, workdir, host=host, ports=ports, disable_token_auth=disable_token_auth, models=models,
+                   environ=capture_environ(cfg))
     try:
         names = model_names(model_store)
         server.wait_ready(names, cfg.startup_timeout + 60)  # + the JVM's own start
@@ -424,7 +448,7 @@ def launch(cfg: Config, model_store: Path, workdir: Path, *, host: str, port: in
         raise
     hint = curl_hint(server, cfg.model_name if cfg.model_name in names else names[0])
     print(f"serving {', '.join(names)} from {shown_path(Path(model_store).resolve())}, {tuning_line(plan, models)}\n"
-          f"logs and key_file.json: {shown_path(server.workdir)}\n{hint}", flush=True)
+          f"logs and key_file.json: {shown_path(server.workdir)}{capture_line(cfg)}\n{hint}", flush=True)
     return server
 
 
@@ -432,7 +456,8 @@ def launch_kserve(cfg: Config, model_store: Path, workdir: Path, *, host: str, p
                   disable_token_auth: bool) -> KServeRuntime:
     """Start KServe's model server (workers and batching: the same plan as TorchServe's); returns once it is ready."""
     plan = scheduler.serving_plan()
-    server = start_kserve(model_store, workdir, host=host, port=port, disable_token_auth=disable_token_auth)
+    server = start_kserve(model_store, workdir, host=host, port=port, disable_token_auth=disable_token_auth,
+                          environ=capture_environ(cfg))
     try:
         names = model_names(model_store)
         server.wait_ready(names, cfg.startup_timeout + 60)
@@ -441,7 +466,7 @@ def launch_kserve(cfg: Config, model_store: Path, workdir: Path, *, host: str, p
         raise
     print(f"serving {', '.join(names)} from {Path(model_store).resolve()} with KServe's model server (V1, V2 and "
           f"/predictions), {plan.workers} workers x {plan.threads} threads, batch {plan.batch_size}\n"
-          f"logs and key_file.json: {server.workdir}\n"
+          f"logs and key_file.json: {server.workdir}{capture_line(cfg)}\n"
           f"{curl_hint(server, cfg.model_name if cfg.model_name in names else names[0])}", flush=True)
     return server
 

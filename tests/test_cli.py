@@ -28,7 +28,7 @@ def test_commands_are_listed_in_pipeline_order():
 def test_run_help_groups_the_config_keys_by_stage():
     text = run_job("run", "--help").stdout
     titles = re.findall(r"^(\w+) options:$", text, re.M)
-    assert titles == ["Collect", "Clean", "Audit", "Split", "Train", "Export", "Evaluate", "Archive"]
+    assert titles == ["Collect", "Clean", "Audit", "Split", "Train", "Export", "Evaluate", "Archive", "Serve"]
     sections = dict(zip(titles, re.split(r"^\w+ options:$", text, flags=re.M)[1:]))
     for key in key_names():
         option = f"--{key.replace('_', '-')}"

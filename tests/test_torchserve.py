@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import shutil
@@ -393,6 +394,9 @@ def test_precision_checks_are_recorded_in_metadata(served: Served):
     assert record["choice"] in {"bf16", "fp32"} and record["val_images"] > 0 and "int8" not in record
     assert 0 <= record["bf16_top1_agreement"] <= 1
     assert record["choice"] == ("bf16" if record["bf16_top1_agreement"] >= 0.99 else "fp32")
+    trust = json.loads((served.model_dirs["two"] / "metadata.json").read_text())["trust"]
+    n = trust["fit_on"]["val_images"]  # the export's expected abstain rate, from the val split it fit on
+    assert trust["expected_abstain_rate"] == pytest.approx((n + 1 - math.ceil(trust["keep"] * n)) / (n + 1), abs=1e-4)
     seven = json.loads((served.model_dirs["seven"] / "metadata.json").read_text())["serve_precision"]
     int8 = seven["int8"]  # serve_precision: int8 asked for the check; the numbers decide
     assert set(int8["images_per_s"]) >= {"fp32", "int8"} and int8["calibration_images"] > 0

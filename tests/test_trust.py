@@ -165,6 +165,9 @@ def test_what_export_fits_and_records_is_what_the_server_loads(real: Real, tmp_p
     loaded = trust.Trust.from_metadata(tmp_path, entry)
     assert (loaded.temperature, loaded.threshold, loaded.keep, loaded.min_confidence) == (
         fitted.temperature, fitted.threshold, 0.9, 0.7)
+    n = int(real.val.sum()) if real.val.dtype == torch.bool else len(real.val)
+    unlike = (n + 1 - math.ceil(0.9 * n)) / (n + 1)  # a new image above the threshold; low confidence adds to it
+    assert unlike - 1e-4 <= entry["expected_abstain_rate"] == loaded.expected_abstain_rate <= 1
     probabilities, answers = loaded.assess(real.features, logits)
     expected_probabilities, expected = fitted.assess(real.features, logits)
     torch.testing.assert_close(probabilities, expected_probabilities)

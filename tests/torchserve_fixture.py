@@ -19,6 +19,9 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handler.model import create
+from handler.model import forward as model_forward
+from handler.service import ImageClassifier
+from handler.trust import Trust
 from jobs.archive import archive
 from jobs.clean import clean
 from jobs.config import Config, RunPaths, load_config
@@ -67,6 +70,20 @@ def export_random_model(out: Path, classes: list[str], arch: str = "resnet18", s
     (model_dir / "metadata.json").write_text(json.dumps(meta, indent=2))
     (model_dir / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(classes)}))
     return RunPaths(Path(out))
+
+
+def add_trust(model_dir: Path, photos: list[Path], keep: float = 0.5) -> dict:
+    """Fit the trust fields on ``photos`` (bank, temperature and threshold alike; labels by turns) into an exported
+    ``model_dir``, as the export would on a real split: a random model that abstains on some images."""
+    classifier = ImageClassifier(model_dir, torch.device("cpu"))
+    inputs = torch.stack(classifier.decode([p.read_bytes() for p in photos]))
+    features, logits = model_forward(classifier.model, inputs, classifier.device, classifier.amp_dtype)
+    labels = torch.arange(len(photos)) % len(classifier.classes)
+    fitted = Trust.fit(features, labels, features, logits, labels, keep=keep)
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    meta["trust"] = fitted.save(model_dir)
+    (model_dir / "metadata.json").write_text(json.dumps(meta, indent=2))
+    return meta["trust"]
 
 
 def make_seven_class_data(source: Path, dest: Path, per_class: int = 6) -> Path:
