@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from handler.model import INT8_WEIGHTS
-from jobs.config import AUTO_VERSION, Config, RunPaths
+from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir, link_or_copy, read_json
 from jobs.runlock import hold
@@ -95,7 +95,7 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
     if meta.get("trust"):
         optional.append(paths.model / meta["trust"]["file"])  # the OOD score's state
     optional = [p for p in optional if p.is_file()]
-    version = meta.get("model_version", FIRST_VERSION) if cfg.model_version == AUTO_VERSION else cfg.model_version
+    version = meta.get("model_version", FIRST_VERSION)  # the export numbered it (jobs.versions)
     store = ensure_writable_dir(paths.model_store)
     target = store / f"{cfg.model_name}.mar"
     kept = versioned_mar(store, cfg.model_name, version)

@@ -80,16 +80,17 @@ def begin_export(paths: RunPaths, requested: str, digest: str) -> str:
         return current["model_version"] if requested == AUTO_VERSION else requested  # the same weights again
     kept = kept_versions(paths)
     previous = current["model_version"] if current is not None else (kept[-1] if kept else None)
-    if requested != AUTO_VERSION:
-        version = requested
-    else:
+    taken = set(kept) | ({previous} if previous else set())
+    version = requested
+    if requested == AUTO_VERSION or requested in taken:
+        # A version names one set of weights. A taken one most often comes from a run folder's config.yaml
+        # (archive recorded the version it packed): count on from it, and say so, rather than stop the run.
         version = next_version(previous) if previous else FIRST_VERSION
-        while version in kept:  # a version number is never used twice for other weights
+        while version in taken:
             version = next_version(version)
-    if version == previous or version in kept:
-        raise JobError(f"model_version {version} is already taken in {paths.out} by other weights "
-                       f"(kept: {', '.join(kept + ([previous] if current else [])) or 'none'}); "
-                       "pass another --model-version, or leave it unset for the next one")
+        if requested != AUTO_VERSION:
+            print(f"export: model_version {requested} already names other weights in {paths.out}; "
+                  f"this export is version {version}")
     if current is not None:
         dest = paths.versions / current["model_version"] / "model"
         if dest.exists():

@@ -388,9 +388,9 @@ needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe
 @pytest.fixture(scope="module")
 def archived(tmp_path_factory) -> tuple[Config, Path]:
     """A real .mar (random weights) archived with batch settings that differ from the defaults."""
-    paths = export_random_model(tmp_path_factory.mktemp("run"), ["ants", "bees"])
+    paths = export_random_model(tmp_path_factory.mktemp("run"), ["ants", "bees"], version="2.1")
     cfg = load_config(None, {"weights": "none", "serve_batch_size": 4, "max_batch_delay_ms": 300,
-                             "serve_tuning": "archive", "model_version": "2.1"})
+                             "serve_tuning": "archive"})
     archive(cfg, paths)
     return cfg, paths.out
 

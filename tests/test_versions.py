@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from conftest import FIXTURE_IMAGES
 from torchserve_fixture import export_random_model, serve_detached
 
 from jobs.archive import VERSIONS_DIR, archive, packed_settings, versioned_mar
+from jobs.cli import main
 from jobs.config import RunPaths, load_config
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_json
@@ -68,13 +71,14 @@ def test_version_numbers():
         next_version("beta")
 
 
-def test_the_same_weights_keep_their_version_and_a_taken_version_is_refused(tmp_path: Path):
+def test_the_same_weights_keep_their_version_and_a_taken_version_counts_on(tmp_path: Path, capsys):
     paths = export_random_model(tmp_path, CLASSES[:2], seed=0)
     digest = json.loads((paths.model / "metadata.json").read_text())["weights_sha256"]
     assert begin_export(paths, "auto", digest) == "1.0" and not paths.versions.exists()  # a re-export
-    with pytest.raises(JobError, match="model_version 1.0 is already taken"):
-        begin_export(paths, "1.0", "other weights")
-    assert json.loads((paths.model / "metadata.json").read_text())["model_version"] == "1.0"  # nothing moved
+    # a run folder's config.yaml says 1.0 (archive recorded it): other weights still get the next version
+    assert begin_export(paths, "1.0", "other weights") == "2.0"
+    assert "model_version 1.0 already names other weights" in capsys.readouterr().out
+    assert json.loads((paths.versions / "1.0" / "model" / "metadata.json").read_text())["model_version"] == "1.0"
 
 
 @pytest.fixture(scope="module")
@@ -123,18 +127,38 @@ def test_the_report_compares_2_with_1_on_1s_test_split(two_versions: RunPaths):
     assert "only 1.0 right" in page and "significantly worse" in page
 
 
-def test_archive_refuses_a_significantly_worse_default_and_force_overrides(two_versions: RunPaths, tmp_path: Path):
+@dataclass
+class Exit:
+    code: int
+    out: str
+    err: str
+
+
+def jobs_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> Exit:
+    """``jobs ARGS`` in this process, as the console script runs it."""
+    monkeypatch.setattr(sys, "argv", ["jobs", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    said = capsys.readouterr()
+    return Exit(code, said.out, said.err)
+
+
+def test_archive_refuses_a_significantly_worse_default_and_force_overrides(two_versions: RunPaths, tmp_path: Path,
+                                                                          monkeypatch, capsys):
     paths = RunPaths(tmp_path / "run")
     shutil.copytree(two_versions.out, paths.out)
     store = paths.model_store
-    cfg = load_config(None, {"weights": "none"})
-    with pytest.raises(JobError) as refused:
-        archive(cfg, paths)
-    message = str(refused.value)
-    assert "\n" not in message and "significantly worse than 1.0" in message and "--force" in message
+    refused = jobs_cli(monkeypatch, capsys, "archive", "--out", str(paths.out))
+    assert refused.code == 2 and len(refused.err.splitlines()) == 1, refused.err
+    assert refused.err.startswith("error: archive: version 2.0 is significantly worse than 1.0 on 1.0's test split")
+    assert "--force" in refused.err
     assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "1.0"  # the default is unchanged
     assert versioned_mar(store, "classifier", "2.0").is_file()  # and 2.0 is kept, to serve when wanted
-    archive(cfg, paths, force=True)
+    forced = jobs_cli(monkeypatch, capsys, "archive", "--out", str(paths.out), "--force")
+    assert forced.code == 0 and "made the default anyway (--force)" in forced.out
     assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "2.0"
     assert sorted(p.name for p in (store / VERSIONS_DIR).glob("*.mar")) == ["classifier-1.0.mar",
                                                                            "classifier-2.0.mar"]

@@ -59,14 +59,15 @@ def export_tiny_model(out: Path, data: Path, **overrides) -> tuple[Config, RunPa
     return cfg, paths
 
 
-def export_random_model(out: Path, classes: list[str], arch: str = "resnet18", seed: int = 0) -> RunPaths:
+def export_random_model(out: Path, classes: list[str], arch: str = "resnet18", seed: int = 0,
+                        version: str = AUTO_VERSION) -> RunPaths:
     """``out/model/`` as the export stage writes it, with random weights: for tests and benchmarks
     that need the contract (state_dict + metadata.json), not a trained model. Over an earlier one with other
     weights it is the next version, the earlier kept in ``out/versions/`` (``jobs.versions.begin_export``)."""
     torch.manual_seed(seed)
     model_dir = Path(out) / "model"
     state = create(arch, len(classes)).state_dict()
-    version = begin_export(RunPaths(Path(out)), AUTO_VERSION, weights_digest(state))
+    version = begin_export(RunPaths(Path(out)), version, weights_digest(state))
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(state, model_dir / "model.pt")
     cfg = load_config(None, {"weights": "none", "arch": arch, "model_version": version})
