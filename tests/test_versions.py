@@ -5,6 +5,7 @@ default version under a client loop, then the rollback."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import sys
@@ -17,17 +18,21 @@ import numpy as np
 import pytest
 import requests
 from conftest import FIXTURE_IMAGES
-from torchserve_fixture import export_random_model, serve_detached
+from torchserve_fixture import export_random_model, export_tiny_model, serve_detached
 
 from jobs.archive import VERSIONS_DIR, archive, packed_settings, versioned_mar
 from jobs.cli import main
 from jobs.config import RunPaths, load_config
 from jobs.errors import JobError
+from jobs.evaluate import evaluate
+from jobs.export import export
 from jobs.fileio import atomic_write_json
 from jobs.predict import predict
 from jobs.report import _versions_section
+from jobs.runtime import setup
 from jobs.serve import serve
 from jobs.switch import switch_to
+from jobs.train import train
 from jobs.versions import (
     PREVIOUS_TEST_SPLIT,
     TEST_SPLIT_FILE,
@@ -79,6 +84,23 @@ def test_the_same_weights_keep_their_version_and_a_taken_version_counts_on(tmp_p
     assert begin_export(paths, "1.0", "other weights") == "2.0"
     assert "model_version 1.0 already names other weights" in capsys.readouterr().out
     assert json.loads((paths.versions / "1.0" / "model" / "metadata.json").read_text())["model_version"] == "1.0"
+
+
+def test_a_retrained_run_is_version_2_and_its_report_compares_it_with_1(tmp_path: Path):
+    """The stages themselves: train, export, retrain with another seed, export, evaluate."""
+    cfg, paths = export_tiny_model(tmp_path / "run", FIXTURE_IMAGES)
+    rt = setup(cfg)
+    retrained = dataclasses.replace(cfg, seed=cfg.seed + 1)
+    train(retrained, paths, rt, "fresh")
+    export(retrained, paths)
+    evaluate(retrained, paths, rt)
+    comparison = json.loads((paths.report / "metrics.json").read_text())["versus_previous"]
+    assert (comparison["version"], comparison["previous_version"]) == ("2.0", "1.0")
+    old_test = json.loads((paths.versions / "1.0" / "model" / TEST_SPLIT_FILE).read_text())["images"]
+    paired = comparison["sets"][PREVIOUS_TEST_SPLIT]
+    assert paired["images"] == len(old_test) > 0 and paired["missing"] == 0
+    assert sum(paired[k] for k in ("both_right", "only_old_right", "only_new_right", "both_wrong")) == len(old_test)
+    assert "Version 2.0 against 1.0" in (paths.report / "index.html").read_text()
 
 
 @pytest.fixture(scope="module")
