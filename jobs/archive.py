@@ -32,7 +32,7 @@ from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir, link_or_copy, read_json
 from jobs.runlock import hold
-from jobs.versions import FIRST_VERSION, refusal
+from jobs.versions import FIRST_VERSION, compared, previous_version, refusal
 
 MODEL_FILES = ("model.pt", "index_to_name.json", "metadata.json")
 # TorchServe's rule for model names (they become URL path segments and file names).
@@ -103,7 +103,7 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
     with hold(store, wait=True) if shared else contextlib.nullcontext():
         _sweep_leftover_work(store)
         _build(cfg, paths, store, version, kept, optional, handler, handler_options)
-        _make_default(cfg, paths, meta, kept, target, force)
+        _make_default(paths, meta, kept, target, force)
     size_mb = target.stat().st_size / 1e6
     tuning = (f"batchSize {cfg.serve_batch_size}, maxBatchDelay {cfg.max_batch_delay_ms} ms"
               if cfg.serve_tuning == "archive" else "workers and batching chosen where it is served")
@@ -117,16 +117,21 @@ def versioned_mar(store: Path, model_name: str, version: str) -> Path:
     return store / VERSIONS_DIR / f"{model_name}-{version}.mar"
 
 
-def _make_default(cfg: Config, paths: RunPaths, meta: dict, kept: Path, target: Path, force: bool) -> None:
+def _make_default(paths: RunPaths, meta: dict, kept: Path, target: Path, force: bool) -> None:
     """``target`` becomes (a hard link of) ``kept``, atomically; refused when the model is significantly worse
     than the version before it, unless ``force``."""
     report = paths.report / "metrics.json"
-    why = refusal(read_json(report).get("versus_previous") if report.is_file() else None, meta)
+    comparison = read_json(report).get("versus_previous") if report.is_file() else None
+    why = refusal(comparison, meta)
     if why and not force:
         raise JobError(f"archive: {why}: not made the default (kept as {kept}); pass --force to make it the default "
                        f"anyway: `python -m jobs archive --out {paths.out} --force`")
     if why:
         print(f"archive: {why}; made the default anyway (--force)")
+    previous = previous_version(paths, meta.get("model_version", FIRST_VERSION))
+    if previous and not compared(comparison, meta):
+        print(f"archive: WARNING version {meta.get('model_version')} was not compared with {previous}; made the "
+              f"default (`python -m jobs evaluate --out {paths.out}` compares them)")
     link_or_copy(kept, target)
 
 

@@ -191,10 +191,15 @@ def compare(paths: RunPaths, meta: dict, batch_size: int, device: torch.device |
     return {**base, "sets": sets}
 
 
+def compared(comparison: dict | None, meta: dict) -> bool:
+    """Whether ``comparison`` (report/metrics.json's ``versus_previous``) measured the model of ``meta``."""
+    return bool(comparison) and "sets" in comparison and comparison.get("weights_sha256") == meta.get("weights_sha256")
+
+
 def refusal(comparison: dict | None, meta: dict) -> str | None:
     """Why the exported model must not become the default, or None: significantly worse than the previous
     version on its test split (McNemar p < 0.05, and more images only the old one got right)."""
-    if not comparison or comparison.get("weights_sha256") != meta.get("weights_sha256") or "sets" not in comparison:
+    if not compared(comparison, meta):
         return None
     paired = comparison["sets"][PREVIOUS_TEST_SPLIT]
     if not paired["significantly_worse"]:
