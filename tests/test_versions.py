@@ -226,3 +226,14 @@ def test_switch_and_rollback_under_load_answer_every_request(two_versions: RunPa
     assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "1.0"
     with pytest.raises(JobError, match="versions of classifier archived"):
         switch_to(cfg, store, workdir, "3.0")
+
+
+def test_switch_to_with_no_server_sets_the_stores_default(two_versions: RunPaths, tmp_path: Path, monkeypatch,
+                                                          capsys):
+    store = tmp_path / "model-store"
+    shutil.copytree(two_versions.model_store, store)
+    switched = jobs_cli(monkeypatch, capsys, "serve", "--model-store", str(store), "--switch-to", "2.0")
+    assert switched.code == 0 and "classifier 2.0 is the default" in switched.out, switched
+    assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "2.0"
+    unknown = jobs_cli(monkeypatch, capsys, "serve", "--model-store", str(store), "--switch-to", "9.0")
+    assert unknown.code == 2 and len(unknown.err.splitlines()) == 1 and "1.0, 2.0" in unknown.err, unknown
