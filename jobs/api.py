@@ -232,12 +232,15 @@ def export(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, wait:
         return export_stage(cfg, paths)
 
 
-def archive(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, wait: bool = False, **keys: Any) -> Path:
-    """Pack model/ with the handler into <model_store>/<model_name>.mar; returns it."""
+def archive(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, force: bool = False, wait: bool = False,
+            **keys: Any) -> Path:
+    """Pack model/ with the handler into <model_store>/<model_name>.mar (every version stays in
+    <model_store>/.versions/); returns it. ``force``: make it the default even when it is significantly worse
+    than the version before it."""
     with _session("archive", config, out, keys, wait) as (cfg, paths):
         from jobs.archive import archive as archive_stage
 
-        return archive_stage(cfg, paths)
+        return archive_stage(cfg, paths, force=force)
 
 
 def export_kserve(out: PathLike = DEFAULT_OUT, *, dest: PathLike | None = None, pod_cpus: int = 2, pod_gpus: int = 0,

@@ -32,11 +32,13 @@ from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir, link_or_copy, read_json
 from jobs.runlock import hold
+from jobs.versions import FIRST_VERSION, compared, previous_version, refusal
 
 MODEL_FILES = ("model.pt", "index_to_name.json", "metadata.json")
 # TorchServe's rule for model names (they become URL path segments and file names).
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 HANDLER_FILE = "classifier_handler.py"
+VERSIONS_DIR = ".versions"  # in the model store: every version archived, <model_name>-<version>.mar
 
 
 def handler_dir() -> Path:
@@ -73,8 +75,11 @@ def model_config(cfg: Config) -> dict:
     }
 
 
-def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_options: dict | None = None) -> Path:
-    """Write ``<model-store>/<model_name>.mar``.
+def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_options: dict | None = None,
+            force: bool = False) -> Path:
+    """Write ``<model-store>/.versions/<model_name>-<version>.mar`` and make it the default,
+    ``<model-store>/<model_name>.mar``, unless the model is significantly worse than the version before it
+    (``jobs.versions.refusal``; ``force``: make it the default anyway).
 
     ``handler`` swaps in another handler file and ``handler_options`` adds to model-config's handler
     section (the benchmark and tests use them; the job uses neither).
@@ -90,12 +95,15 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
     if meta.get("trust"):
         optional.append(paths.model / meta["trust"]["file"])  # the OOD score's state
     optional = [p for p in optional if p.is_file()]
+    version = meta.get("model_version", FIRST_VERSION)  # the export numbered it (jobs.versions)
     store = ensure_writable_dir(paths.model_store)
     target = store / f"{cfg.model_name}.mar"
+    kept = versioned_mar(store, cfg.model_name, version)
     shared = not store.resolve().is_relative_to(paths.out.resolve())
     with hold(store, wait=True) if shared else contextlib.nullcontext():
         _sweep_leftover_work(store)
-        _build(cfg, paths, store, target, optional, handler, handler_options)
+        _build(cfg, paths, store, version, kept, optional, handler, handler_options)
+        _make_default(paths, meta, kept, target, force)
     size_mb = target.stat().st_size / 1e6
     tuning = (f"batchSize {cfg.serve_batch_size}, maxBatchDelay {cfg.max_batch_delay_ms} ms"
               if cfg.serve_tuning == "archive" else "workers and batching chosen where it is served")
@@ -103,8 +111,32 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
     return target
 
 
-def _build(cfg: Config, paths: RunPaths, store: Path, target: Path, optional: list[Path], handler: Path | None,
-           handler_options: dict | None) -> None:
+def versioned_mar(store: Path, model_name: str, version: str) -> Path:
+    """Where every archived version stays: a hidden folder, which TorchServe's ``load_models=all`` skips, so a
+    server starts with the default alone (``jobs serve --switch-to`` registers the others)."""
+    return store / VERSIONS_DIR / f"{model_name}-{version}.mar"
+
+
+def _make_default(paths: RunPaths, meta: dict, kept: Path, target: Path, force: bool) -> None:
+    """``target`` becomes (a hard link of) ``kept``, atomically; refused when the model is significantly worse
+    than the version before it, unless ``force``."""
+    report = paths.report / "metrics.json"
+    comparison = read_json(report).get("versus_previous") if report.is_file() else None
+    why = refusal(comparison, meta)
+    if why and not force:
+        raise JobError(f"archive: {why}: not made the default (kept as {kept}); pass --force to make it the default "
+                       f"anyway: `python -m jobs archive --out {paths.out} --force`")
+    if why:
+        print(f"archive: {why}; made the default anyway (--force)")
+    previous = previous_version(paths, meta.get("model_version", FIRST_VERSION))
+    if previous and not compared(comparison, meta):
+        print(f"archive: WARNING version {meta.get('model_version')} was not compared with {previous}; made the "
+              f"default (`python -m jobs evaluate --out {paths.out}` compares them)")
+    link_or_copy(kept, target)
+
+
+def _build(cfg: Config, paths: RunPaths, store: Path, version: str, target: Path, optional: list[Path],
+           handler: Path | None, handler_options: dict | None) -> None:
     """Run torch-model-archiver in a private work folder in ``store`` and rename its .mar to ``target``."""
     with tempfile.TemporaryDirectory(prefix=".archive-", dir=store) as tmp:
         work = Path(tmp).resolve()  # the archiver runs in another folder: every path it gets is absolute
@@ -121,7 +153,7 @@ def _build(cfg: Config, paths: RunPaths, store: Path, target: Path, optional: li
         for src in handler_dir().glob("*.py"):  # the serving package, whole
             link_or_copy(src, extras / "handler" / src.name)
         cmd = [sys.executable, "-m", "model_archiver.model_packaging",
-               "--model-name", cfg.model_name, "--version", cfg.model_version,
+               "--model-name", cfg.model_name, "--version", version,
                "--handler", str(Path(handler or handler_dir() / HANDLER_FILE).resolve()),
                "--serialized-file", str((paths.model / "model.pt").resolve()),
                "--extra-files", extras.name,
@@ -132,6 +164,7 @@ def _build(cfg: Config, paths: RunPaths, store: Path, target: Path, optional: li
         if run.returncode != 0 or not built.exists():
             last = (run.stderr.strip() or run.stdout.strip() or "no output").splitlines()[-1]
             raise JobError(f"torch-model-archiver failed for {paths.model}: {last}")
+        target.parent.mkdir(exist_ok=True)
         os.replace(built, target)
 
 

@@ -206,10 +206,13 @@ def evaluate(config_file: Path | None, out: Path, **overrides: Any) -> None:
 
 
 @stage_command(short_help="Pack model/ into MODEL_STORE/<model_name>.mar.")
+@click.option("--force", is_flag=True,
+              help="Make this version the default even when it is significantly worse than the previous one.")
 @config_options("archive")
-def archive(config_file: Path | None, out: Path, **overrides: Any) -> None:
-    """Pack model/ with torch-model-archiver and our handler into MODEL_STORE/<model_name>.mar."""
-    click.echo(api.archive(out, config=config_file, **overrides))
+def archive(config_file: Path | None, out: Path, force: bool, **overrides: Any) -> None:
+    """Pack model/ with torch-model-archiver and our handler into MODEL_STORE/<model_name>.mar (every version
+    stays in MODEL_STORE/.versions/)."""
+    click.echo(api.archive(out, config=config_file, force=force, **overrides))
 
 
 @cli.command(short_help="Serve a model store with TorchServe (or KServe's model server).")
@@ -218,6 +221,9 @@ def archive(config_file: Path | None, out: Path, **overrides: Any) -> None:
 @click.option("--detach", is_flag=True,
               help="Return once the models answer, leaving TorchServe running (stop it with --stop).")
 @click.option("--stop", is_flag=True, help="Stop the TorchServe started for this model store.")
+@click.option("--switch-to", "switch_to", metavar="VERSION", default=None,
+              help="Make VERSION (archived in MODEL_STORE/.versions/) the served default of the running TorchServe, "
+                   "with no failed request; an older VERSION rolls back.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the inference API binds to.")
 @click.option("--port", type=int, default=8080, show_default=True, help="Inference API port.")
 @click.option("--management-port", type=int, default=8081, show_default=True, help="Management API port (loopback).")
@@ -229,13 +235,18 @@ def archive(config_file: Path | None, out: Path, **overrides: Any) -> None:
               help="The model server (docs/serving-runtimes.md); kserve needs the kserve extra.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML config file.")
 @key_options(keys_for("serve"))
-def serve(model_store: Path, detach: bool, stop: bool, host: str, port: int, management_port: int, metrics_port: int,
-          workdir: Path | None, disable_token_auth: bool, runtime: str, config_file: Path | None,
-          **overrides: Any) -> None:
+def serve(model_store: Path, detach: bool, stop: bool, switch_to: str | None, host: str, port: int,
+          management_port: int, metrics_port: int, workdir: Path | None, disable_token_auth: bool, runtime: str,
+          config_file: Path | None, **overrides: Any) -> None:
     """Run TorchServe (or --runtime kserve) on MODEL_STORE: in the foreground (Ctrl-C stops it), or in the
     background with --detach. --capture DIR keeps what the model met (docs/serving.md, "Capture")."""
+    from jobs.serve import default_workdir
     from jobs.serve import serve as serve_models
+    from jobs.switch import switch_to as switch_version
 
+    if switch_to is not None:
+        sys.exit(switch_version(load_config(config_file, overrides), model_store,
+                                Path(workdir) if workdir else default_workdir(model_store), switch_to))
     code = serve_models(load_config(config_file, overrides), model_store, stop=stop, detach=detach, workdir=workdir,
                         host=host, port=port, management_port=management_port, metrics_port=metrics_port,
                         disable_token_auth=disable_token_auth, runtime=runtime)

@@ -34,6 +34,7 @@ class ConfigError(JobError):
     """A config file or option the user must fix; the message names the key."""
 
 
+AUTO_VERSION = "auto"  # model_version: the next version, counted by jobs.versions
 # The commands that define a run save the effective config; the others only read it.
 RUN_DEFINING = ("run", "collect", "clean", "audit", "split", "train")
 COLLECT, CLEAN, AUDIT, SPLIT, TRAIN = ("collect",), ("clean",), ("audit",), ("split",), ("train",)
@@ -131,7 +132,7 @@ class Config:
     deterministic: bool = _key(False, "Deterministic kernels and single-threaded data loading (exactly reproducible on CPU).", commands=RUNTIME)
     # -- archive / serve -----------------------------------------------------------------------
     model_name: str = _key("classifier", "Name of the served model: /predictions/<model_name>.", commands=EXPORT + ARCHIVE)
-    model_version: str = _key("1.0", "Version written into the model archive.", commands=EXPORT + ARCHIVE)
+    model_version: str = _key(AUTO_VERSION, "Version of the exported model and its archive; auto: 1.0 at the first export, then the next whole number (2.0, ...) whenever the weights change (docs/run-folder.md); archive packs the exported model's.", commands=EXPORT)
     model_store: str | None = _key(None, "Where the .mar goes (default <out>/model-store).", commands=ARCHIVE)
     topk: int = _key(5, "Predictions returned per image (capped at the number of classes).", commands=EXPORT + ARCHIVE, lo=1, hi=100_000)
     serve_batch_size: int = _key(8, "TorchServe batchSize for the model.", commands=ARCHIVE, lo=1, hi=4096)
@@ -430,6 +431,10 @@ class RunPaths:
     @property
     def model(self) -> Path:
         return self.out / "model"
+
+    @property
+    def versions(self) -> Path:
+        return self.out / "versions"
 
     @property
     def report(self) -> Path:

@@ -21,7 +21,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from handler import trust
 from handler.model import preprocess_spec
 from handler.preprocess import Preprocessor
-from jobs import checkpoints, report
+from jobs import checkpoints, report, versions
 from jobs.config import Config, RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
 from jobs.errors import JobError
@@ -175,6 +175,9 @@ def evaluate(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     metrics["classes"] = classes
     metrics["checkpoint"] = checkpoint
     metrics["trust"] = served_trust(cfg, paths, splits, checkpoint, items, rt)
+    comparison = versus_previous(cfg, paths, splits, checkpoint, rt)
+    if comparison:
+        metrics["versus_previous"] = comparison
     note = (small_test_note(len(items), metrics["accuracy_ci95"], paths.splits) if items else
             f"the test split in {paths.splits} is empty: no accuracy to report; "
             "collect more images or raise --test-fraction and re-run split")
@@ -188,6 +191,21 @@ def evaluate(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     shown = "n/a" if acc is None else f"{100 * acc:.1f}% (95% interval {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%)"
     print(f"evaluate: test accuracy {shown} on {len(items)} images ({checkpoint['file']}); report: {index}")
     return index
+
+
+def versus_previous(cfg: Config, paths: RunPaths, splits: dict, checkpoint: dict, rt: Runtime) -> dict | None:
+    """The exported model (when it is this checkpoint's) against the version before it (``jobs.versions.compare``)."""
+    meta_file = paths.model / "metadata.json"
+    meta = read_json(meta_file) if meta_file.exists() else {}
+    if not meta or (meta.get("split_hash"), meta.get("best_epoch")) != (splits["split_hash"], checkpoint["best_epoch"]):
+        return None
+    comparison = versions.compare(paths, meta, cfg.batch_size, rt.device)
+    if comparison and "sets" in comparison:
+        paired = comparison["sets"][versions.PREVIOUS_TEST_SPLIT]
+        print(f"evaluate: version {comparison['version']} against {comparison['previous_version']} on "
+              f"{comparison['previous_version']}'s test split: {paired['only_new_right']} images only the new one "
+              f"got right, {paired['only_old_right']} only the old one (McNemar p = {paired['p_value']:.3g})")
+    return comparison
 
 
 def served_trust(cfg: Config, paths: RunPaths, splits: dict, checkpoint: dict, items: list[tuple[str, int]],

@@ -20,12 +20,13 @@ from handler import trust
 from handler.model import is_timm, preprocess_spec
 from jobs import __version__, checkpoints
 from jobs.calibrate import fit_trust
-from jobs.config import Config, RunPaths
+from jobs.config import AUTO_VERSION, Config, RunPaths
 from jobs.data import load_splits
 from jobs.errors import JobError
 from jobs.fileio import atomic_torch_save, atomic_write_json, read_json, read_run_file, sweep_partials
 from jobs.model import build_model
 from jobs.parity import precision_record
+from jobs.versions import FIRST_VERSION, TEST_SPLIT_FILE, begin_export, test_split_record, weights_digest
 
 
 def _license_summary(paths: RunPaths) -> dict | None:
@@ -39,11 +40,13 @@ def _license_summary(paths: RunPaths) -> dict | None:
 
 
 def build_metadata(cfg: Config, splits: dict, metrics: dict) -> dict:
+    """``cfg.model_version`` is the version to write (``auto`` becomes the first one: ``versions.begin_export``
+    picks the next for a run that has a model already)."""
     spec = preprocess_spec(cfg.arch)
     return {
         "format_version": 1,
         "model_name": cfg.model_name,
-        "model_version": cfg.model_version,
+        "model_version": FIRST_VERSION if cfg.model_version == AUTO_VERSION else cfg.model_version,
         "arch": cfg.arch,
         "num_classes": len(splits["classes"]),
         "classes": splits["classes"],
@@ -89,10 +92,13 @@ def export(cfg: Config, paths: RunPaths) -> Path:
     if broken:
         raise JobError(f"checkpoint {path} holds non-finite weights ({broken[0]}, ...); nothing exported. Re-train "
                        f"with a lower --lr: `python -m jobs train --out {paths.out} --fresh --lr ...`")
-    trained = dataclasses.replace(cfg, arch=checkpoint["config"]["arch"], weights=checkpoint["config"]["weights"])
     # Prove the file loads into the named architecture before anyone serves it.
-    build_model(trained.arch, len(splits["classes"]), "none").load_state_dict(state)
-    meta = build_metadata(trained, splits, metrics)
+    build_model(checkpoint["config"]["arch"], len(splits["classes"]), "none").load_state_dict(state)
+    digest = weights_digest(state)
+    version = begin_export(paths, cfg.model_version, digest)  # other weights in model/: kept in versions/
+    trained = dataclasses.replace(cfg, arch=checkpoint["config"]["arch"], weights=checkpoint["config"]["weights"],
+                                  model_version=version)
+    meta = {**build_metadata(trained, splits, metrics), "weights_sha256": digest}
     meta["serve_precision"] = precision_record(trained, paths, meta, state)  # bf16/int8 only where answers hold
     (paths.model / trust.SCORE_FILE).unlink(missing_ok=True)  # a previous export's bank belongs to other weights
     entry = fit_trust(trained, paths, meta, state)  # calibration and "none of these", in the serving precision
@@ -103,6 +109,7 @@ def export(cfg: Config, paths: RunPaths) -> Path:
         meta["data_licenses"] = license_summary
     atomic_torch_save(paths.model / "model.pt", state)
     atomic_write_json(paths.model / "index_to_name.json", {str(i): c for i, c in enumerate(splits["classes"])})
+    atomic_write_json(paths.model / TEST_SPLIT_FILE, test_split_record(splits))  # what the next version is compared on
     atomic_write_json(paths.model / "metadata.json", meta)
-    print(f"export: {paths.model} ({meta['arch']}, classes {json.dumps(meta['classes'])})")
+    print(f"export: {paths.model} version {version} ({meta['arch']}, classes {json.dumps(meta['classes'])})")
     return paths.model

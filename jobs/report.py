@@ -339,6 +339,28 @@ def _unknown_section(metrics: dict, figures: dict[str, Path], audited: bool) -> 
     return _section("Unknown inputs", body)
 
 
+def _versions_section(comparison: dict) -> str:
+    """The new version against the previous one, paired image by image (``jobs.versions.compare``)."""
+    new, old = comparison["version"], comparison["previous_version"]
+    if "sets" not in comparison:
+        return _section(f"Version {new} against {old}", f"<p>{html.escape(comparison['note'])}</p>")
+    header = ["images", "both right", f"only {old} right", f"only {new} right", "both wrong", "McNemar exact p"]
+
+    def row(name: str, c: dict) -> list:
+        return [name, c["both_right"], c["only_old_right"], c["only_new_right"], c["both_wrong"], f"{c['p_value']:.3g}"]
+
+    body = ""
+    for set_name, paired in comparison["sets"].items():
+        verdict = (f"{new} is significantly worse (p &lt; 0.05): archive will not make it the default without --force"
+                   if paired["significantly_worse"] else "not significantly worse")
+        missing = f"; {paired['missing']} of its images are no longer in the run folder" if paired["missing"] else ""
+        body += (f"<h3>{html.escape(set_name)} of {html.escape(old)} ({paired['images']} images{missing})</h3>"
+                 f"<p>{verdict}</p>"
+                 + _table(header, [row("all", paired)] + [row(c, v) for c, v in paired["per_class"].items()],
+                          "versions"))
+    return _section(f"Version {new} against {old}", body)
+
+
 def _source_html(source: dict) -> str:
     """One sentence: the --data folder, or what collect searched for where."""
     folder = source["folder"]
@@ -415,6 +437,7 @@ def render_html(paths: RunPaths, metrics: dict, splits: dict, figures: dict[str,
     best = checkpoint.get("best_epoch") or {}
     source = run_source(paths)
     sections = _results_sections(metrics, figures) + [_unknown_section(metrics, figures, paths.audit.exists())] + \
+        ([_versions_section(metrics["versus_previous"])] if metrics.get("versus_previous") else []) + \
         _quality_section(paths, splits) + [
         _data_section(paths, splits, figures, source),
         _section("Run configuration", f"<pre id=\"config\">{_config_html(paths, source)}</pre>"),

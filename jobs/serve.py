@@ -74,6 +74,9 @@ def render_config(base: str, *, host: str, ports: Ports, model_store: Path, disa
         "grpc_management_port": str(ports.grpc_management),
         "model_store": str(store),
         "allowed_urls": "file://" + re.escape(str(store)).replace("\\", "\\\\") + "/.*\\\\.mar",
+        # `jobs serve --switch-to` registers and unregisters versions (jobs/switch.py); the management API it
+        # needs stays on 127.0.0.1 and, with token authorization, takes the management token only.
+        "enable_model_api": "true",
         **({"disable_token_authorization": "true"} if disable_token_auth else {}),
         **({"models": json.dumps(models, separators=(",", ":"))} if models else {}),
         **({"metrics_config": str(metrics_config)} if metrics_config else {}),

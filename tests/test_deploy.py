@@ -388,9 +388,9 @@ needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe
 @pytest.fixture(scope="module")
 def archived(tmp_path_factory) -> tuple[Config, Path]:
     """A real .mar (random weights) archived with batch settings that differ from the defaults."""
-    paths = export_random_model(tmp_path_factory.mktemp("run"), ["ants", "bees"])
+    paths = export_random_model(tmp_path_factory.mktemp("run"), ["ants", "bees"], version="2.1")
     cfg = load_config(None, {"weights": "none", "serve_batch_size": 4, "max_batch_delay_ms": 300,
-                             "serve_tuning": "archive", "model_version": "2.1"})
+                             "serve_tuning": "archive"})
     archive(cfg, paths)
     return cfg, paths.out
 
@@ -430,12 +430,12 @@ def test_export_kserve_plans_workers_and_batching_for_the_pod(archived, tmp_path
     archive(cfg, paths)
     dest = export_kserve(cfg, paths, tmp_path / "kserve", pod_cpus=4, pod_gpus=0)
     snapshot = json.loads(_properties(dest / "config" / "config.properties")["model_snapshot"])
-    version = snapshot["models"]["classifier"]["1.0"]
+    version = snapshot["models"]["classifier"]["2.1"]
     plan = scheduler.serving_plan(cores=4, gpus=0)
     assert (version["minWorkers"], version["maxWorkers"], version["batchSize"], version["maxBatchDelay"]) == \
         (plan.workers, plan.workers, plan.batch_size, plan.max_batch_delay_ms)
     gpu = json.loads(_properties(export_kserve(cfg, paths, tmp_path / "gpu", pod_cpus=8, pod_gpus=1)
-                                 / "config" / "config.properties")["model_snapshot"])["models"]["classifier"]["1.0"]
+                                 / "config" / "config.properties")["model_snapshot"])["models"]["classifier"]["2.1"]
     assert (gpu["maxWorkers"], gpu["batchSize"]) == (1, scheduler.serving_plan(cores=8, gpus=1).batch_size)
 
 

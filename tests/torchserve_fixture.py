@@ -24,12 +24,13 @@ from handler.service import ImageClassifier
 from handler.trust import Trust
 from jobs.archive import archive
 from jobs.clean import clean
-from jobs.config import Config, RunPaths, load_config
+from jobs.config import AUTO_VERSION, Config, RunPaths, load_config
 from jobs.export import build_metadata, export
 from jobs.runtime import setup
 from jobs.serve import Ports, TorchServe, free_ports, launch
 from jobs.split import split
 from jobs.train import train
+from jobs.versions import begin_export, weights_digest
 
 TINY_TRAINING = {"weights": "none", "epochs": 1, "batch_size": 8, "min_images_per_class": 3, "num_workers": 0,
                  "feature_views": 1}
@@ -58,15 +59,20 @@ def export_tiny_model(out: Path, data: Path, **overrides) -> tuple[Config, RunPa
     return cfg, paths
 
 
-def export_random_model(out: Path, classes: list[str], arch: str = "resnet18", seed: int = 0) -> RunPaths:
+def export_random_model(out: Path, classes: list[str], arch: str = "resnet18", seed: int = 0,
+                        version: str = AUTO_VERSION) -> RunPaths:
     """``out/model/`` as the export stage writes it, with random weights: for tests and benchmarks
-    that need the contract (state_dict + metadata.json), not a trained model."""
+    that need the contract (state_dict + metadata.json), not a trained model. Over an earlier one with other
+    weights it is the next version, the earlier kept in ``out/versions/`` (``jobs.versions.begin_export``)."""
     torch.manual_seed(seed)
     model_dir = Path(out) / "model"
+    state = create(arch, len(classes)).state_dict()
+    version = begin_export(RunPaths(Path(out)), version, weights_digest(state))
     model_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(create(arch, len(classes)).state_dict(), model_dir / "model.pt")
-    cfg = load_config(None, {"weights": "none", "arch": arch})
-    meta = build_metadata(cfg, {"classes": classes, "data_hash": "random", "split_hash": "random"}, {})
+    torch.save(state, model_dir / "model.pt")
+    cfg = load_config(None, {"weights": "none", "arch": arch, "model_version": version})
+    meta = {**build_metadata(cfg, {"classes": classes, "data_hash": "random", "split_hash": "random"}, {}),
+            "weights_sha256": weights_digest(state)}
     (model_dir / "metadata.json").write_text(json.dumps(meta, indent=2))
     (model_dir / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(classes)}))
     return RunPaths(Path(out))

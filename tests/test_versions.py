@@ -1,0 +1,239 @@
+"""Model versions: the next version at export, the paired comparison with the previous one, the archive that
+refuses a significantly worse model as the default (and --force), and the switch of a real TorchServe's
+default version under a client loop, then the rollback."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from conftest import FIXTURE_IMAGES
+from torchserve_fixture import export_random_model, export_tiny_model, serve_detached
+
+from jobs.archive import VERSIONS_DIR, archive, packed_settings, versioned_mar
+from jobs.cli import main
+from jobs.config import RunPaths, load_config
+from jobs.errors import JobError
+from jobs.evaluate import evaluate
+from jobs.export import export
+from jobs.fileio import atomic_write_json
+from jobs.predict import predict
+from jobs.report import _versions_section
+from jobs.runtime import setup
+from jobs.serve import serve
+from jobs.switch import switch_to
+from jobs.train import train
+from jobs.versions import (
+    PREVIOUS_TEST_SPLIT,
+    TEST_SPLIT_FILE,
+    begin_export,
+    compare,
+    compare_answers,
+    mcnemar_p,
+    next_version,
+    paired_counts,
+    version_key,
+)
+
+CLASSES = [f"class{i}" for i in range(7)]
+PHOTOS = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))
+
+
+def test_mcnemar_on_a_known_table():
+    """9 images only the old model got right, 1 only the new one: exact two-sided p = 2 * (1 + 10) / 2**10."""
+    old = np.array([1] * 5 + [1] * 9 + [0] * 1 + [0] * 3, bool)
+    new = np.array([1] * 5 + [0] * 9 + [1] * 1 + [0] * 3, bool)
+    counts = paired_counts(old, new)
+    assert {k: counts[k] for k in ("images", "both_right", "only_old_right", "only_new_right", "both_wrong")} == \
+        {"images": 18, "both_right": 5, "only_old_right": 9, "only_new_right": 1, "both_wrong": 3}
+    assert counts["p_value"] == pytest.approx(22 / 1024)
+    assert counts["significantly_worse"]
+    assert not paired_counts(new, old)["significantly_worse"]  # significantly better is no reason to refuse
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0
+
+
+def test_per_class_counts_by_class_name():
+    """The new model may know a class the old one did not: labels are compared by name."""
+    doc = compare_answers(["a", "a", "b", "b"], ["a", "b", "b", "b"], ["a", "a", "new", "b"])
+    assert doc["per_class"]["a"]["only_new_right"] == 1 and doc["per_class"]["b"]["only_old_right"] == 1
+    assert doc["both_right"] == 2
+
+
+def test_version_numbers():
+    assert next_version("1.0") == "2.0" and next_version("2.1") == "3.0" and next_version("9") == "10.0"
+    assert sorted(["10.0", "9.0", "1.0"], key=version_key) == ["1.0", "9.0", "10.0"]
+    with pytest.raises(JobError, match="--model-version"):
+        next_version("beta")
+
+
+def test_the_same_weights_keep_their_version_and_a_taken_version_counts_on(tmp_path: Path, capsys):
+    paths = export_random_model(tmp_path, CLASSES[:2], seed=0)
+    digest = json.loads((paths.model / "metadata.json").read_text())["weights_sha256"]
+    assert begin_export(paths, "auto", digest) == "1.0" and not paths.versions.exists()  # a re-export
+    # a run folder's config.yaml says 1.0 (archive recorded it): other weights still get the next version
+    assert begin_export(paths, "1.0", "other weights") == "2.0"
+    assert "model_version 1.0 already names other weights" in capsys.readouterr().out
+    assert json.loads((paths.versions / "1.0" / "model" / "metadata.json").read_text())["model_version"] == "1.0"
+
+
+def test_a_retrained_run_is_version_2_and_its_report_compares_it_with_1(tmp_path: Path):
+    """The stages themselves: train, export, retrain with another seed, export, evaluate."""
+    cfg, paths = export_tiny_model(tmp_path / "run", FIXTURE_IMAGES)
+    rt = setup(cfg)
+    retrained = dataclasses.replace(cfg, seed=cfg.seed + 1)
+    train(retrained, paths, rt, "fresh")
+    export(retrained, paths)
+    evaluate(retrained, paths, rt)
+    comparison = json.loads((paths.report / "metrics.json").read_text())["versus_previous"]
+    assert (comparison["version"], comparison["previous_version"]) == ("2.0", "1.0")
+    old_test = json.loads((paths.versions / "1.0" / "model" / TEST_SPLIT_FILE).read_text())["images"]
+    paired = comparison["sets"][PREVIOUS_TEST_SPLIT]
+    assert paired["images"] == len(old_test) > 0 and paired["missing"] == 0
+    assert sum(paired[k] for k in ("both_right", "only_old_right", "only_new_right", "both_wrong")) == len(old_test)
+    assert "Version 2.0 against 1.0" in (paths.report / "index.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory) -> RunPaths:
+    """A run folder whose model 1.0 is archived as the default, then a worse 2.0 exported, compared and archived.
+
+    1.0's test split is labelled with 1.0's own answers, so 1.0 gets every image right and 2.0 (other random
+    weights, 7 classes) gets most of them wrong: significantly worse, deliberately.
+    """
+    root = tmp_path_factory.mktemp("versions")
+    paths = export_random_model(root / "run", CLASSES, seed=0)
+    cfg = load_config(None, {"weights": "none"})
+    archive(cfg, paths)
+    files = []
+    for photo in PHOTOS:
+        dest = paths.out / "dataset" / "mixed" / f"{photo.parent.name}-{photo.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(photo, dest)
+        files.append(dest)
+    answers = [r["predictions"][0]["label"] for r in predict(paths.model, files)]
+    atomic_write_json(paths.model / TEST_SPLIT_FILE, {"split_hash": "random", "images": [
+        {"file": str(f.relative_to(paths.out)), "class": label} for f, label in zip(files, answers)]})
+    export_random_model(paths.out, CLASSES, seed=1)
+    meta = json.loads((paths.model / "metadata.json").read_text())
+    atomic_write_json(paths.report / "metrics.json", {"versus_previous": compare(paths, meta, 8)})
+    with contextlib.suppress(JobError):  # refused as the default (the next test shows it): 2.0 kept in .versions/
+        archive(cfg, paths)
+    return paths
+
+
+def test_the_next_export_is_version_2_and_keeps_1(two_versions: RunPaths):
+    assert json.loads((two_versions.model / "metadata.json").read_text())["model_version"] == "2.0"
+    kept = two_versions.versions / "1.0" / "model"
+    assert json.loads((kept / "metadata.json").read_text())["model_version"] == "1.0"
+    assert (kept / "model.pt").is_file() and (kept / TEST_SPLIT_FILE).is_file()
+
+
+def test_the_report_compares_2_with_1_on_1s_test_split(two_versions: RunPaths):
+    comparison = json.loads((two_versions.report / "metrics.json").read_text())["versus_previous"]
+    paired = comparison["sets"][PREVIOUS_TEST_SPLIT]
+    assert (comparison["version"], comparison["previous_version"]) == ("2.0", "1.0")
+    assert paired["images"] == len(PHOTOS) and paired["only_new_right"] == 0 and paired["both_wrong"] == 0
+    assert paired["only_old_right"] >= 6 and paired["p_value"] < 0.05 and paired["significantly_worse"]
+    assert sum(c["images"] for c in paired["per_class"].values()) == len(PHOTOS)
+    page = _versions_section(comparison)
+    assert "only 1.0 right" in page and "significantly worse" in page
+
+
+@dataclass
+class Exit:
+    code: int
+    out: str
+    err: str
+
+
+def jobs_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> Exit:
+    """``jobs ARGS`` in this process, as the console script runs it."""
+    monkeypatch.setattr(sys, "argv", ["jobs", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    said = capsys.readouterr()
+    return Exit(code, said.out, said.err)
+
+
+def test_archive_refuses_a_significantly_worse_default_and_force_overrides(two_versions: RunPaths, tmp_path: Path,
+                                                                          monkeypatch, capsys):
+    paths = RunPaths(tmp_path / "run")
+    shutil.copytree(two_versions.out, paths.out)
+    store = paths.model_store
+    refused = jobs_cli(monkeypatch, capsys, "archive", "--out", str(paths.out))
+    assert refused.code == 2 and len(refused.err.splitlines()) == 1, refused.err
+    assert refused.err.startswith("error: archive: version 2.0 is significantly worse than 1.0 on 1.0's test split")
+    assert "--force" in refused.err
+    assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "1.0"  # the default is unchanged
+    assert versioned_mar(store, "classifier", "2.0").is_file()  # and 2.0 is kept, to serve when wanted
+    forced = jobs_cli(monkeypatch, capsys, "archive", "--out", str(paths.out), "--force")
+    assert forced.code == 0 and "made the default anyway (--force)" in forced.out
+    assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "2.0"
+    assert sorted(p.name for p in (store / VERSIONS_DIR).glob("*.mar")) == ["classifier-1.0.mar",
+                                                                           "classifier-2.0.mar"]
+
+
+def test_switch_and_rollback_under_load_answer_every_request(two_versions: RunPaths, tmp_path: Path):
+    """A real TorchServe serves 1.0; a client loop sends requests while it switches to 2.0 and back."""
+    store, workdir = two_versions.model_store, tmp_path / "state"
+    cfg = load_config(None, {})
+    server = serve_detached(cfg, store, workdir)
+    statuses: list[int] = []
+    stop = threading.Event()
+    body = PHOTOS[0].read_bytes()
+
+    def client() -> None:
+        while not stop.is_set():
+            r = requests.post(f"{server.inference_url}/predictions/classifier", data=body, headers=server.auth(),
+                              timeout=60)
+            statuses.append(r.status_code)
+
+    def served_version() -> str:
+        r = requests.get(f"{server.management_url}/models/classifier", headers=server.auth("management"), timeout=10)
+        return r.json()[0]["modelVersion"]
+
+    loop = threading.Thread(target=client)
+    try:
+        assert served_version() == "1.0"
+        loop.start()
+        time.sleep(0.5)
+        assert switch_to(cfg, store, workdir, "2.0") == 0
+        assert served_version() == "2.0"
+        assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "2.0"  # what a restart serves
+        time.sleep(0.5)
+        assert switch_to(cfg, store, workdir, "1.0") == 0  # the rollback
+        assert served_version() == "1.0"
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        if loop.is_alive():
+            loop.join(60)
+        serve(cfg, store, stop=True, workdir=workdir)
+    assert len(statuses) > 3 and set(statuses) == {200}, statuses
+    assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "1.0"
+    with pytest.raises(JobError, match="versions of classifier archived"):
+        switch_to(cfg, store, workdir, "3.0")
+
+
+def test_switch_to_with_no_server_sets_the_stores_default(two_versions: RunPaths, tmp_path: Path, monkeypatch,
+                                                          capsys):
+    store = tmp_path / "model-store"
+    shutil.copytree(two_versions.model_store, store)
+    switched = jobs_cli(monkeypatch, capsys, "serve", "--model-store", str(store), "--switch-to", "2.0")
+    assert switched.code == 0 and "classifier 2.0 is the default" in switched.out, switched
+    assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "2.0"
+    unknown = jobs_cli(monkeypatch, capsys, "serve", "--model-store", str(store), "--switch-to", "9.0")
+    assert unknown.code == 2 and len(unknown.err.splitlines()) == 1 and "1.0, 2.0" in unknown.err, unknown
