@@ -34,7 +34,7 @@ from jobs.predict import predict
 from jobs.serve import Server, capture_environ, free_ports, launch, launch_kserve
 
 pytest.importorskip("kserve", reason="the kserve extra is not installed")
-pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")]
 
 MODEL = "clf"
 PHOTOS = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))

@@ -86,6 +86,7 @@ def test_the_same_weights_keep_their_version_and_a_taken_version_counts_on(tmp_p
     assert json.loads((paths.versions / "1.0" / "model" / "metadata.json").read_text())["model_version"] == "1.0"
 
 
+@pytest.mark.e2e
 def test_a_retrained_run_is_version_2_and_its_report_compares_it_with_1(tmp_path: Path):
     """The stages themselves: train, export, retrain with another seed, export, evaluate."""
     cfg, paths = export_tiny_model(tmp_path / "run", FIXTURE_IMAGES)
@@ -131,6 +132,7 @@ def two_versions(tmp_path_factory) -> RunPaths:
     return paths
 
 
+@pytest.mark.e2e
 def test_the_next_export_is_version_2_and_keeps_1(two_versions: RunPaths):
     assert json.loads((two_versions.model / "metadata.json").read_text())["model_version"] == "2.0"
     kept = two_versions.versions / "1.0" / "model"
@@ -138,6 +140,7 @@ def test_the_next_export_is_version_2_and_keeps_1(two_versions: RunPaths):
     assert (kept / "model.pt").is_file() and (kept / TEST_SPLIT_FILE).is_file()
 
 
+@pytest.mark.e2e
 def test_the_report_compares_2_with_1_on_1s_test_split(two_versions: RunPaths):
     comparison = json.loads((two_versions.report / "metrics.json").read_text())["versus_previous"]
     paired = comparison["sets"][PREVIOUS_TEST_SPLIT]
@@ -168,6 +171,7 @@ def jobs_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *ar
     return Exit(code, said.out, said.err)
 
 
+@pytest.mark.e2e
 def test_archive_refuses_a_significantly_worse_default_and_force_overrides(two_versions: RunPaths, tmp_path: Path,
                                                                           monkeypatch, capsys):
     paths = RunPaths(tmp_path / "run")
@@ -186,6 +190,7 @@ def test_archive_refuses_a_significantly_worse_default_and_force_overrides(two_v
                                                                            "classifier-2.0.mar"]
 
 
+@pytest.mark.e2e
 def test_switch_and_rollback_under_load_answer_every_request(two_versions: RunPaths, tmp_path: Path):
     """A real TorchServe serves 1.0; a client loop sends requests while it switches to 2.0 and back."""
     store, workdir = two_versions.model_store, tmp_path / "state"
@@ -228,6 +233,7 @@ def test_switch_and_rollback_under_load_answer_every_request(two_versions: RunPa
         switch_to(cfg, store, workdir, "3.0")
 
 
+@pytest.mark.e2e
 def test_switch_to_with_no_server_sets_the_stores_default(two_versions: RunPaths, tmp_path: Path, monkeypatch,
                                                           capsys):
     store = tmp_path / "model-store"
