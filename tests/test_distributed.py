@@ -255,7 +255,7 @@ def test_run_under_torchrun_writes_one_set_of_artifacts(cached_single, split_dir
     metrics = _assert_one_set_of_artifacts(out, [("head", 1), ("head", 2)])
     assert [e["val_accuracy"] for e in metrics["epochs"]] == [e["val_accuracy"] for e in cached_single["epochs"]]
     assert metrics["test_accuracy"] == cached_single["test_accuracy"]
-    assert [p.name for p in (out / "model-store").iterdir()] == ["classifier.mar"]
+    assert sorted(p.name for p in (out / "model-store").iterdir()) == [".versions", "classifier.mar"]
     assert {"model.pt", "index_to_name.json", "metadata.json"} <= {p.name for p in (out / "model").iterdir()}
 
 

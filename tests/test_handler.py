@@ -313,8 +313,9 @@ def test_archive_packs_the_serving_package_metadata_and_model_config(run_dir: Pa
         sentinel.unlink()
         sentinel.parent.rmdir()
     assert mar == tmp_path / "store" / f"{name}.mar"
-    # no temp leftovers; a store outside the run folder keeps its (hidden, released) lock file
-    assert sorted(p.name for p in mar.parent.iterdir()) == [".job.lock", mar.name]
+    # no temp leftovers; a store outside the run folder keeps its (hidden, released) lock file, and every
+    # version's archive in .versions/
+    assert sorted(p.name for p in mar.parent.iterdir()) == [".job.lock", ".versions", mar.name]
     assert (mar.parent / ".job.lock").read_text() == ""
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
