@@ -326,6 +326,7 @@ def _unknown_section(metrics: dict, figures: dict[str, Path], audited: bool) -> 
             + f". Probabilities are calibrated by temperature {served['temperature']:.3f} (fit on the val split).</p>"
             + _table(["images", "count", "abstained", "why", "accuracy of the answers given",
                       "AUROC (test split vs these)"], rows, "unknown-inputs"))
+    body += _new_class_html(served.get("new_class"), ood)
     if not ood:
         body += ("<p>Pass <code>--ood-data DIR</code> (images of none of the classes) to evaluate to measure how "
                  "well the model tells them apart.</p>")
@@ -337,6 +338,20 @@ def _unknown_section(metrics: dict, figures: dict[str, Path], audited: bool) -> 
         if key in figures:
             body += _img(figures[key], alt)
     return _section("Unknown inputs", body)
+
+
+def _new_class_html(new_class: dict | None, ood: dict | None) -> str:
+    """The leave-one-class-out figure beside the far-from-the-classes one, in words a person acts on."""
+    if not new_class:
+        return ""
+    far = (f"Far from the classes (<code>--ood-data</code>): {_pct(ood['abstain_rate'])} flagged. " if ood else "")
+    return (f'<p id="new-class"><b>A new class like one of yours: about {round(100 * new_class["flagged"])}% '
+            f"flagged</b> (abstained on); {_pct(new_class['captured'])} would be kept by <code>--capture</code> "
+            f"(abstained on, or answered under a calibrated top probability of {new_class['capture_below']}), "
+            f"against {_pct(new_class['known_captured'])} of the known classes' images. {far}Measured at export by "
+            "leaving each class out in turn (its val images against a model of the others). The rest of such a "
+            "class is answered as one of yours: if one may appear, serve with <code>--capture DIR</code> and "
+            "review what it keeps.</p>")
 
 
 def _source_html(source: dict) -> str:
