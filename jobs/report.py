@@ -32,6 +32,8 @@ MAX_PREDICTIONS_SHOWN = 24
 GRID_COLUMNS = 6
 THUMB = 224
 SAMPLE_PER_CLASS = 16  # training images per class on the sheet
+# Under this many val images in a class, its left-out share moves in steps of more than 10 points.
+ROUGH_BELOW_VAL_IMAGES = 10
 # Keys that only collect reads: a run on a --data folder shows none of them.
 COLLECT_ONLY_KEYS = frozenset(f.name for f in fields(Config) if f.metadata["commands"] == COLLECT)
 WRONG, RIGHT = "#d62728", "#2ca02c"
@@ -344,12 +346,17 @@ def _new_class_html(new_class: dict | None, ood: dict | None) -> str:
     """The leave-one-class-out figure beside the far-from-the-classes one, in words a person acts on."""
     if not new_class:
         return ""
+    low, high = (f(new_class["per_class"].items(), key=lambda kv: kv[1]["flagged"]) for f in (min, max))
+    fewest = min(p["val_images"] for p in new_class["per_class"].values())
+    rough = f", on as few as {fewest} val images per class: a rough figure" if fewest < ROUGH_BELOW_VAL_IMAGES else ""
     far = (f"Far from the classes (<code>--ood-data</code>): {_pct(ood['abstain_rate'])} flagged. " if ood else "")
     return (f'<p id="new-class"><b>A new class like one of yours: about {round(100 * new_class["flagged"])}% '
-            f"flagged</b> (abstained on); {_pct(new_class['captured'])} would be kept by <code>--capture</code> "
+            f"flagged</b> (abstained on; per class left out from {_pct(low[1]['flagged'])} for one like "
+            f"{html.escape(low[0])} to {_pct(high[1]['flagged'])} for one like {html.escape(high[0])}); "
+            f"{_pct(new_class['captured'])} would be kept by <code>--capture</code> "
             f"(abstained on, or answered under a calibrated top probability of {new_class['capture_below']}), "
             f"against {_pct(new_class['known_captured'])} of the known classes' images. {far}Measured at export by "
-            "leaving each class out in turn (its val images against a model of the others). The rest of such a "
+            f"leaving each class out in turn (its val images against a model of the others){rough}. The rest of such a "
             "class is answered as one of yours: if one may appear, serve with <code>--capture DIR</code> and "
             "review what it keeps.</p>")
 
