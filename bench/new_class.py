@@ -40,6 +40,7 @@ from bench.trust import (
     Item,
     _file_tag,
     cached_features,
+    finetune,
     load_backbone,
     logistic_head,
     photo_items,
@@ -186,6 +187,39 @@ def print_summary(summary: dict[str, Any]) -> None:
               f"{'' if ok else '  (misses a goal)'}")
 
 
+def fine_tuned(items: list[Item], features: torch.Tensor, labels: list[str], scene_classes: list[str],
+               pets: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """The first known set (seed 0) against each other scene class: frozen features, then the backbone fine-tuned
+    on its train photos with the job's recipe (``bench.trust.finetune``) and a new head on the tuned features."""
+    known = tuple(scene_classes[:args.known])
+    rows = split_rows(labels, scene_classes, args.per_class, 0)
+    train = [r for c in known for r in rows[c]["train"]]
+    y = torch.tensor([i for i, c in enumerate(known) for _ in rows[c]["train"]])
+    key = {"bench": "new_class", "weights": _file_tag(args.weights), "finetune": args.finetune_epochs,
+           "train": train, "items": [str(it.path) for it in items]}
+
+    def compute() -> torch.Tensor:
+        head = logistic_head(features[train], y, len(known))
+        model = finetune("tf_efficientnet_lite0", args.weights, [items[i] for i in train], y, head,
+                         args.finetune_epochs, seed=0)
+        return pooled_features(model, items, seed=0)
+
+    tuned = cached_features(key, compute)
+    out: dict[str, Any] = {"known": list(known), "epochs": args.finetune_epochs}
+    for name, f in (("frozen", features), ("fine-tuned", tuned)):
+        tasks = [one_task(f, rows, known, new, pets) for new in scene_classes if new not in known]
+        out[name] = {"estimate": {k: _mean([t["estimate"][k] for t in tasks]) for k in ("flagged", "captured")},
+                     "accuracy": _mean([t["accuracy"] for t in tasks]),
+                     "per_new_class": {t["new"]: t["scores"]["knn (served)"] for t in tasks}}
+        served = out[name]["per_new_class"].values()
+        print(f"{name:>10} features, known {', '.join(known)}: accuracy {out[name]['accuracy']:.1%}; LOCO estimate "
+              f"{out[name]['estimate']['flagged']:.1%} flagged; actual flagged "
+              + ", ".join(f"{new} {s['new_flagged']:.1%}" for new, s in out[name]["per_new_class"].items())
+              + f"; known abstained {_mean([s['known_abstained'] for s in served]):.1%}; pets flagged "
+              f"{_mean([s['other_domain_flagged'] for s in served]):.1%}")
+    return out
+
+
 def _served_only(task: dict[str, Any]) -> dict[str, Any]:
     """A task as saved: the other scores' figures are in the summary's means (the file stays small)."""
     return {**{k: v for k, v in task.items() if k != "scores"}, "served": task["scores"]["knn (served)"]}
@@ -198,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=100, help="scene photos per class taking part")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--known", type=int, default=3, help="scene classes the model knows (2-5)")
+    parser.add_argument("--finetune-epochs", type=int, default=0,
+                        help="also: fine-tune the backbone on the first known set's train photos (seed 0) and "
+                             "compare its features with the frozen ones on that set (0 = skip)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     scenes = photo_items("scenes", SCENES)
@@ -219,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
                 tasks.append(one_task(features, rows, known, new, pets))
     summary = summarise(tasks)
     print_summary(summary)
+    if args.finetune_epochs:
+        summary["finetuned"] = fine_tuned(items, features, labels, scene_classes, pets, args)
     n = split_rows(labels, scene_classes, args.per_class, 0)[scene_classes[0]]
-    name = "new_class" if args.known == 3 else f"new_class-known{args.known}"
+    name = ("new_class" + ("" if args.known == 3 else f"-known{args.known}")
+            + ("-finetune" if args.finetune_epochs else ""))
     save_result(name, "cpu", {"per_class": {k: len(v) for k, v in n.items()}, "seeds": args.seeds,
                                      "summary": summary, "tasks": [_served_only(t) for t in tasks]})
     return 0
