@@ -400,3 +400,47 @@ def fpr_at_tpr(in_scores: torch.Tensor, out_scores: torch.Tensor, tpr: float = D
     """Share of OOD images that pass when the threshold keeps ``tpr`` of the in-distribution ones."""
     threshold = fit_threshold(in_scores, tpr)
     return float((out_scores.detach().double() <= threshold).double().mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# a new class like the known ones (export, from the features it already has)
+
+
+def leave_one_class_out(bank_features: torch.Tensor, bank_labels: torch.Tensor, val_features: torch.Tensor,
+                        val_logits: torch.Tensor, val_labels: torch.Tensor, capture_below: float,
+                        keep: float = DEFAULT_KEEP, min_confidence: float | None = None, k: int = DEFAULT_K
+                        ) -> dict[str, Any] | None:
+    """How often a class the model never saw, but like its own, would be flagged: for each class c, the kNN score
+    on the bank without c, its threshold and the temperature on the other classes' val images (c's logit dropped),
+    then the share of c's val images abstained on (``flagged``) and abstained on or answered under a calibrated
+    top probability of ``capture_below`` (``captured``, the capture rule of ``handler.capture``).
+
+    ``known_flagged``/``known_captured``: the same shares of the other classes' val images (c left out).
+    The figures are means over the classes with val images; None with fewer than two such classes.
+    Optimistic where the backbone was fine-tuned on c (its features already separate c): see docs/trust.md.
+    """
+    classes = [int(c) for c in val_labels.unique() if (bank_labels != c).any()]
+    if len(classes) < 2:
+        return None
+    per_class: dict[int, dict[str, float | int]] = {}
+    for c in classes:
+        known, new = val_labels != c, val_labels == c
+        others = [j for j in range(val_logits.shape[1]) if j != c]
+        remap = torch.full((val_logits.shape[1],), -1, dtype=torch.long)
+        remap[others] = torch.arange(len(others))
+        logits = val_logits[:, others]
+        temperature = fit_temperature(logits[known], remap[val_labels[known]])
+        top = calibrated_logits(logits, temperature).softmax(1).max(1).values
+        score = KNNDistance(F.normalize(bank_features[bank_labels != c].float(), dim=1), k)(val_features)
+        threshold = fit_threshold(score[known], keep)
+        flagged = score > threshold
+        if min_confidence is not None:
+            flagged |= top < min_confidence
+        captured = flagged | (top < capture_below)
+        per_class[c] = {"val_images": int(new.sum()), "flagged": float(flagged[new].double().mean()),
+                        "captured": float(captured[new].double().mean()),
+                        "known_flagged": float(flagged[known].double().mean()),
+                        "known_captured": float(captured[known].double().mean())}
+    figures = {key: round(sum(p[key] for p in per_class.values()) / len(per_class), 4)
+               for key in ("flagged", "captured", "known_flagged", "known_captured")}
+    return {**figures, "capture_below": capture_below, "per_class": per_class}

@@ -5,7 +5,9 @@ On the model as it is served (BatchNorm folded, the serving precision of this ma
 - a temperature for calibrated probabilities, fit on the val split's logits;
 - the out-of-distribution score's state: a bank of training images' penultimate features, at most
   ``trust.DEFAULT_MAX_BANK`` of them, drawn per class (only those images go through the model);
-- the threshold above which an image is "unlike the training images", keeping ``ood_keep`` of val.
+- the threshold above which an image is "unlike the training images", keeping ``ood_keep`` of val;
+- how well it would notice a new class like the known ones: each class left out in turn, on the features
+  above (``trust.leave_one_class_out``; no further forward pass).
 
 ``export`` records the result in ``metadata.json["trust"]`` beside the score file; the handler, every
 runtime and ``jobs predict`` load it with ``Trust.from_metadata``.
@@ -55,12 +57,32 @@ def fit_trust(cfg: Config, paths: RunPaths, meta: dict, state: dict[str, torch.T
     fitted = trust.Trust.fit(train_f, train_y, val_f, val_z, val_y, keep=cfg.ood_keep,
                              min_confidence=cfg.min_confidence or None, seed=cfg.seed)
     entry = {**fitted.save(paths.model), "fit_on": {"train_images": len(bank), "val_images": len(val)}}
+    new_class = _new_class(cfg, splits["classes"], train_f, train_y, val_f, val_z, val_y)
+    if new_class is not None:
+        entry["new_class"] = new_class
     print(f"export: temperature {fitted.temperature:.3f} (val NLL {_nll(val_z, val_y, 1.0):.4f} -> "
           f"{_nll(val_z, val_y, fitted.temperature):.4f}); \"unlike the training images\" above {entry['score']} "
           f"score {fitted.threshold:.4f} ({len(bank)} training images in the bank, keeps {cfg.ood_keep:.0%} of "
           f"{len(val)} val images; expect {fitted.expected_abstain_rate:.1%} of new images like them abstained on); "
           f"{time.perf_counter() - start:.1f} s")
     return entry
+
+
+def _new_class(cfg: Config, classes: list[str], bank_f: torch.Tensor, bank_y: torch.Tensor, val_f: torch.Tensor,
+               val_z: torch.Tensor, val_y: torch.Tensor) -> dict | None:
+    """``trust.leave_one_class_out`` on the features just computed (no further forward pass), per class by name."""
+    start = time.perf_counter()
+    figures = trust.leave_one_class_out(bank_f, bank_y, val_f, val_z, val_y, cfg.capture_below, keep=cfg.ood_keep,
+                                        min_confidence=cfg.min_confidence or None)
+    if figures is None:
+        print("export: a new class like one of yours: not measured (it needs val images of two classes or more)")
+        return None
+    figures["per_class"] = {classes[c]: v for c, v in figures["per_class"].items()}
+    print(f"export: a new class like one of yours: about {figures['flagged']:.0%} flagged (abstained on), "
+          f"{figures['captured']:.0%} captured (abstained on or under {cfg.capture_below} calibrated top probability; "
+          f"{figures['known_captured']:.0%} of the known classes' val images), leaving each of "
+          f"{len(figures['per_class'])} classes out in turn; {time.perf_counter() - start:.2f} s")
+    return figures
 
 
 def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:

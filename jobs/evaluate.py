@@ -236,6 +236,7 @@ def served_trust(cfg: Config, paths: RunPaths, splits: dict, checkpoint: dict, i
         write_run_review(paths, read_json(paths.audit), abstained_on)
     doc = {"score": entry["score"], "threshold": entry["threshold"], "keep": entry["keep"],
            "temperature": entry["temperature"], "min_confidence": entry.get("min_confidence"),
+           "new_class": entry.get("new_class"),  # None for an export from before it, or of one class with val
            "calibration": calibration(probs.max(1) if len(test) else np.zeros(0), correct),
            "test": {"images": len(test), "abstained": int(abstained.sum()),
                     "abstain_rate": float(abstained.mean()) if len(test) else None,

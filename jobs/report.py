@@ -32,6 +32,8 @@ MAX_PREDICTIONS_SHOWN = 24
 GRID_COLUMNS = 6
 THUMB = 224
 SAMPLE_PER_CLASS = 16  # training images per class on the sheet
+# Under this many val images in a class, its left-out share moves in steps of more than 10 points.
+ROUGH_BELOW_VAL_IMAGES = 10
 # Keys that only collect reads: a run on a --data folder shows none of them.
 COLLECT_ONLY_KEYS = frozenset(f.name for f in fields(Config) if f.metadata["commands"] == COLLECT)
 WRONG, RIGHT = "#d62728", "#2ca02c"
@@ -326,6 +328,7 @@ def _unknown_section(metrics: dict, figures: dict[str, Path], audited: bool) -> 
             + f". Probabilities are calibrated by temperature {served['temperature']:.3f} (fit on the val split).</p>"
             + _table(["images", "count", "abstained", "why", "accuracy of the answers given",
                       "AUROC (test split vs these)"], rows, "unknown-inputs"))
+    body += _new_class_html(served.get("new_class"), ood)
     if not ood:
         body += ("<p>Pass <code>--ood-data DIR</code> (images of none of the classes) to evaluate to measure how "
                  "well the model tells them apart.</p>")
@@ -359,6 +362,25 @@ def _versions_section(comparison: dict) -> str:
                  + _table(header, [row("all", paired)] + [row(c, v) for c, v in paired["per_class"].items()],
                           "versions"))
     return _section(f"Version {new} against {old}", body)
+
+
+def _new_class_html(new_class: dict | None, ood: dict | None) -> str:
+    """The leave-one-class-out figure beside the far-from-the-classes one, in words a person acts on."""
+    if not new_class:
+        return ""
+    low, high = (f(new_class["per_class"].items(), key=lambda kv: kv[1]["flagged"]) for f in (min, max))
+    fewest = min(p["val_images"] for p in new_class["per_class"].values())
+    rough = f", on as few as {fewest} val images per class: a rough figure" if fewest < ROUGH_BELOW_VAL_IMAGES else ""
+    far = (f"Far from the classes (<code>--ood-data</code>): {_pct(ood['abstain_rate'])} flagged. " if ood else "")
+    return (f'<p id="new-class"><b>A new class like one of yours: about {round(100 * new_class["flagged"])}% '
+            f"flagged</b> (abstained on; per class left out from {_pct(low[1]['flagged'])} for one like "
+            f"{html.escape(low[0])} to {_pct(high[1]['flagged'])} for one like {html.escape(high[0])}); "
+            f"{_pct(new_class['captured'])} would be kept by <code>--capture</code> "
+            f"(abstained on, or answered under a calibrated top probability of {new_class['capture_below']}), "
+            f"against {_pct(new_class['known_captured'])} of the known classes' images. {far}Measured at export by "
+            f"leaving each class out in turn (its val images against a model of the others){rough}. The rest of such a "
+            "class is answered as one of yours: if one may appear, serve with <code>--capture DIR</code> and "
+            "review what it keeps.</p>")
 
 
 def _source_html(source: dict) -> str:

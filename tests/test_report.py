@@ -240,3 +240,18 @@ def test_a_collected_run_shows_its_terms_source_and_preview(run, tmp_path):
     assert 'alt="collected images per search term (raw/collect_preview.png)"' in page
     config = re.search(r'<pre id="config">(.*?)</pre>', page, re.S).group(1)
     assert re.search(r"^terms:$", config, re.M)  # a collected run keeps its collect keys
+
+
+def test_the_new_class_figure_is_said_in_words_with_its_spread_and_whether_it_is_rough():
+    new_class = {"flagged": 0.604, "captured": 0.72, "known_flagged": 0.05, "known_captured": 0.12,
+                 "capture_below": 0.85,
+                 "per_class": {"forest": {"val_images": 20, "flagged": 0.95}, "glacier": {"val_images": 20,
+                               "flagged": 0.1}, "street": {"val_images": 20, "flagged": 0.762}}}
+    text = re.sub(r"<[^>]+>", "", report._new_class_html(new_class, {"abstain_rate": 0.99}))
+    assert text.startswith("A new class like one of yours: about 60% flagged (abstained on; per class left out from "
+                           "10.0% for one like glacier to 95.0% for one like forest); 72.0% would be kept by --capture")
+    assert "against 12.0% of the known classes' images. Far from the classes (--ood-data): 99.0% flagged." in text
+    assert "rough" not in text
+    new_class["per_class"]["glacier"]["val_images"] = 3
+    assert "on as few as 3 val images per class: a rough figure" in report._new_class_html(new_class, None)
+    assert report._new_class_html(None, None) == ""

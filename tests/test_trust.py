@@ -211,3 +211,36 @@ def test_the_module_imports_only_torch_numpy_and_the_standard_library():
             "{'jobs', 'sklearn', 'scipy', 'timm', 'ts', 'PIL'}); print(bad); sys.exit(bool(bad))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# a new class like the known ones
+
+
+def test_leaving_each_class_out_flags_a_class_far_from_the_rest_and_not_a_look_alike():
+    # Class 0 sits apart; classes 1 and 2 are look-alikes (class 1's val images are class 2's, exactly), so a model
+    # without one of them takes its images for the other; the logits are sure of the true class, so with that
+    # class's column gone the others tie at 0.5, under any capture_below above it.
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(8)[[0, 1, 1]]
+    bank_labels = torch.arange(3).repeat_interleave(20)
+    bank = centres[bank_labels] + 0.01 * torch.randn(60, 8, generator=g)
+    val_labels = torch.arange(3).repeat_interleave(10)
+    val = centres[val_labels] + 0.01 * torch.randn(30, 8, generator=g)
+    val[10:20] = val[20:30]
+    logits = 10.0 * F.one_hot(val_labels, 3).float()
+    figures = trust.leave_one_class_out(bank, bank_labels, val, logits, val_labels, capture_below=0.85, keep=1.0)
+    assert [figures["per_class"][c]["flagged"] for c in range(3)] == [1.0, 0.0, 0.0]
+    assert figures["flagged"] == pytest.approx(1 / 3, abs=1e-4)
+    assert figures["captured"] == 1.0 and figures["capture_below"] == 0.85
+    assert figures["known_flagged"] == figures["known_captured"] == 0.0
+    assert {p["val_images"] for p in figures["per_class"].values()} == {10}
+    # the capture rule alone: nothing is under a top probability of 0.4, so only the abstained are kept
+    assert trust.leave_one_class_out(bank, bank_labels, val, logits, val_labels, capture_below=0.4,
+                                     keep=1.0)["captured"] == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_one_class_with_val_images_has_no_class_to_leave_out():
+    labels = torch.zeros(4, dtype=torch.long)
+    assert trust.leave_one_class_out(torch.randn(4, 8), labels, torch.randn(4, 8), torch.randn(4, 2), labels,
+                                     capture_below=0.85) is None

@@ -52,6 +52,10 @@ def test_export_records_the_temperature_the_bank_and_the_threshold_and_the_archi
     entry = meta["trust"]
     assert entry["score"] == "knn" and entry["keep"] == 0.95 and entry["temperature"] > 0
     assert entry["fit_on"]["train_images"] > 0 and entry["fit_on"]["val_images"] > 0
+    new_class = entry["new_class"]  # ants left out against a model of bees, and bees against ants
+    assert set(new_class["per_class"]) == {"ants", "bees"} and new_class["capture_below"] == 0.85
+    assert 0.0 <= new_class["flagged"] <= new_class["captured"] <= 1.0
+    assert re.search(r"^export: a new class like one of yours: about \d+% flagged", finished["stdout"], re.M)
     with zipfile.ZipFile(run / "model-store" / "classifier.mar") as z:
         assert z.read(entry["file"]) == (run / "model" / entry["file"]).read_bytes()
         assert "handler/trust.py" in z.namelist()
@@ -66,6 +70,9 @@ def test_the_report_measures_unknown_inputs(finished):
     assert served["test"]["images"] > 0 and served["calibration"]["ece"] is not None
     page = (run / "report" / "index.html").read_text()
     assert "Unknown inputs" in page and 'id="unknown-inputs"' in page and 'id="ece-served"' in page
+    flagged = round(100 * served["new_class"]["flagged"])
+    assert f"A new class like one of yours: about {flagged}% flagged" in page
+    assert f"Far from the classes (<code>--ood-data</code>): {100 * ood['abstain_rate']:.1f}% flagged" in page
     assert (run / "report" / "reliability.png").is_file() and (run / "report" / "unknown_ood_abstained.png").is_file()
     review = (run / "report" / "review.html").read_text()  # the abstained test images, one card each
     abstained_cards = review.split('<section id="abstained">')[1:]
