@@ -9,6 +9,7 @@ sharing ``/tmp/.ts.sock.9000`` or the pid file that ``torchserve --stop`` reads.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,11 +336,27 @@ def _url_host(host: str) -> str:
     return "127.0.0.1" if host in {"0.0.0.0", ""} else host
 
 
+# A Unix socket's name holds at most 107 bytes; TorchServe names its workers' <tmp>/.ts.sock.<port>.
+UNIX_SOCKET_NAME_MAX = 107
+
+
+def server_tmp(workdir: Path) -> Path:
+    """TorchServe's temp folder for ``workdir``: its worker sockets, unpacked archives and pid file.
+
+    ``workdir/tmp``, unless a socket name there would be too long (a deep run folder: every worker then dies
+    with "AF_UNIX path too long" and the server is never ready); then a short folder named after ``workdir``
+    in the system's temp folder, the same one every time, so that ``serve --stop`` finds the pid file."""
+    tmp = Path(workdir).resolve() / "tmp"
+    if len(os.fsencode(tmp / ".ts.sock.65535")) > UNIX_SOCKET_NAME_MAX:
+        tmp = Path(tempfile.gettempdir()) / f"jobs-ts-{hashlib.sha256(os.fsencode(tmp)).hexdigest()[:16]}"
+    return tmp
+
+
 def _state_env(workdir: Path) -> dict[str, str]:
     # TEMP -> the JVM's java.io.tmpdir (unpacked .mar files, worker sockets);
     # TMPDIR -> where `torchserve` keeps .model_server.pid for --stop.
-    tmp = workdir / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = server_tmp(workdir)
+    tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
     return {**os.environ, "TEMP": str(tmp), "TMPDIR": str(tmp)}
 
 
@@ -487,7 +505,7 @@ def _stop(workdir: Path, model_store: Path) -> int:
             os.killpg(pid, signal.SIGKILL)
         print(f"serve: stopped KServe's model server serving {model_store}")
         return 0
-    if not (workdir / "tmp").exists():
+    if not server_tmp(workdir).exists():
         print(f"serve: no TorchServe state in {shown_path(workdir)}; nothing to stop")
         return 0
     done = subprocess.run(_torchserve_cmd("--stop", "--foreground"), cwd=workdir, env=_state_env(workdir),

@@ -39,7 +39,17 @@ from handler import scheduler
 from jobs.archive import handler_dir
 from jobs.config import load_config
 from jobs.predict import predict
-from jobs.serve import TorchServe, machine_config, machine_models, parse_properties, render_config, serve, start
+from jobs.serve import (
+    UNIX_SOCKET_NAME_MAX,
+    TorchServe,
+    machine_config,
+    machine_models,
+    parse_properties,
+    render_config,
+    serve,
+    server_tmp,
+    start,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")]
 
@@ -262,12 +272,15 @@ def inference_count(served: Served, model: str) -> float:
 
 def test_serve_in_background_then_stop(served: Served, tmp_path: Path, capsys):
     """What `python -m jobs serve --model-store DIR` starts, tuned for this machine, then `--stop` through
-    TorchServe's own pid file."""
-    store = tmp_path / "store"
-    store.mkdir()
+    TorchServe's own pid file. In a run folder too deep for TorchServe's worker sockets under it (their names
+    hold 107 bytes): they go to a short folder of the system's, and --stop finds the pid file there."""
+    deep = tmp_path / ("a-deep-run-folder-" * 4)
+    store, workdir = deep / "store", deep / "serve-state"
+    assert len(str(workdir / "tmp" / ".ts.sock.9000")) > UNIX_SOCKET_NAME_MAX
+    store.mkdir(parents=True)
     shutil.copy(served.store / "seven.mar", store)
     cfg = load_config(None, {"model_name": "seven"})
-    server = serve_detached(cfg, store, tmp_path / "serve-state")
+    server = serve_detached(cfg, store, workdir)
     out = capsys.readouterr().out
     assert f"{server.inference_url}/predictions/seven" in out and "Authorization: Bearer" in out
     plan = scheduler.serving_plan()
@@ -278,8 +291,10 @@ def test_serve_in_background_then_stop(served: Served, tmp_path: Path, capsys):
     r = requests.post(f"{server.inference_url}/predictions/seven", data=PHOTOS[0].read_bytes(), timeout=60,
                       headers=server.auth())
     assert r.status_code == 200 and len(r.json()["predictions"]) == 5
+    pid_file = server_tmp(workdir) / ".model_server.pid"
+    assert pid_file.is_file() and not pid_file.is_relative_to(tmp_path)
     assert serve(cfg, store, stop=True) == 0
-    assert not (tmp_path / "serve-state" / "tmp" / ".model_server.pid").exists()
+    assert not pid_file.exists()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{server.inference_url}/ping", timeout=5)
 
