@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
 
 from jobs.config import AUTO_VERSION, RunPaths
 from jobs.data import split_items
@@ -119,6 +118,9 @@ def test_split_record(splits: dict) -> dict:
 def mcnemar_p(only_old_right: int, only_new_right: int) -> float:
     """McNemar's exact test: two-sided binomial p of the discordant pairs (1.0 when there are none)."""
     discordant = only_old_right + only_new_right
+    # Imported here: the serve image (no scipy) imports this module through jobs.archive for serve-config.
+    from scipy.stats import binomtest
+
     return float(binomtest(only_new_right, discordant, 0.5).pvalue) if discordant else 1.0
 
 

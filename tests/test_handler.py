@@ -495,6 +495,17 @@ def test_the_serving_package_never_imports_jobs():
                           cwd=REPO).stdout == "[]\n"
 
 
+def test_the_serve_images_command_imports_nothing_the_serve_extra_leaves_out():
+    """The serve image installs the `serve` extra, not the job's data libraries: `jobs serve-config` (its entry
+    point) must start without them (an import of scipy there once left every serve container restarting)."""
+    left_out = ("scipy", "sklearn", "cleanlab", "matplotlib")
+    code = ("import sys\n"
+            f"for name in {left_out!r}: sys.modules[name] = None  # what an absent package looks like to import\n"
+            "from jobs.serve import write_machine_config  # what the serve-config command imports\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
 def test_a_batch_of_only_refused_requests_is_answered_by_a_model_with_trust_fields(run_dir: Path, tmp_path: Path):
     """No image reaches the model: the trust fields' score must not be asked about an empty batch."""
     from handler import trust
