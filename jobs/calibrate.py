@@ -81,7 +81,9 @@ def _new_class(cfg: Config, classes: list[str], bank_f: torch.Tensor, bank_y: to
     print(f"export: a new class like one of yours: about {figures['flagged']:.0%} flagged (abstained on), "
           f"{figures['captured']:.0%} captured (abstained on or under {cfg.capture_below} calibrated top probability; "
           f"{figures['known_captured']:.0%} of the known classes' val images), leaving each of "
-          f"{len(figures['per_class'])} classes out in turn; {time.perf_counter() - start:.2f} s")
+          f"{len(figures['per_class'])} classes out in turn"
+          f"{', carried one class on from leaving two out' if figures['extrapolated'] else ' (optimistic)'}; "
+          f"{time.perf_counter() - start:.2f} s")
     return figures
 
 

@@ -371,6 +371,9 @@ def _new_class_html(new_class: dict | None, ood: dict | None) -> str:
     low, high = (f(new_class["per_class"].items(), key=lambda kv: kv[1]["flagged"]) for f in (min, max))
     fewest = min(p["val_images"] for p in new_class["per_class"].values())
     rough = f", on as few as {fewest} val images per class: a rough figure" if fewest < ROUGH_BELOW_VAL_IMAGES else ""
+    # Leaving one of C out measures a model of C - 1, which notices more; export carries it one class on.
+    carried = (", and carried one class on from leaving two out (a model of fewer classes notices more)"
+               if new_class.get("extrapolated") else ", an optimistic figure: a model of fewer classes notices more")
     far = (f"Far from the classes (<code>--ood-data</code>): {_pct(ood['abstain_rate'])} flagged. " if ood else "")
     return (f'<p id="new-class"><b>A new class like one of yours: about {round(100 * new_class["flagged"])}% '
             f"flagged</b> (abstained on; per class left out from {_pct(low[1]['flagged'])} for one like "
@@ -378,9 +381,9 @@ def _new_class_html(new_class: dict | None, ood: dict | None) -> str:
             f"{_pct(new_class['captured'])} would be kept by <code>--capture</code> "
             f"(abstained on, or answered under a calibrated top probability of {new_class['capture_below']}), "
             f"against {_pct(new_class['known_captured'])} of the known classes' images. {far}Measured at export by "
-            f"leaving each class out in turn (its val images against a model of the others){rough}. The rest of such a "
-            "class is answered as one of yours: if one may appear, serve with <code>--capture DIR</code> and "
-            "review what it keeps.</p>")
+            f"leaving each class out in turn (its val images against a model of the others){carried}{rough}. The rest "
+            "of such a class is answered as one of yours: if one may appear, serve with <code>--capture DIR</code> "
+            "and review what it keeps.</p>")
 
 
 def _source_html(source: dict) -> str:

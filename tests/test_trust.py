@@ -231,13 +231,29 @@ def test_leaving_each_class_out_flags_a_class_far_from_the_rest_and_not_a_look_a
     logits = 10.0 * F.one_hot(val_labels, 3).float()
     figures = trust.leave_one_class_out(bank, bank_labels, val, logits, val_labels, capture_below=0.85, keep=1.0)
     assert [figures["per_class"][c]["flagged"] for c in range(3)] == [1.0, 0.0, 0.0]
-    assert figures["flagged"] == pytest.approx(1 / 3, abs=1e-4)
-    assert figures["captured"] == 1.0 and figures["capture_below"] == 0.85
+    assert figures["left_one_out"] == {"flagged": pytest.approx(1 / 3, abs=1e-4), "captured": 1.0}
+    assert figures["capture_below"] == 0.85
     assert figures["known_flagged"] == figures["known_captured"] == 0.0
     assert {p["val_images"] for p in figures["per_class"].values()} == {10}
+    # Two left out: without 0 and 1 (or 0 and 2), class 0 is flagged and the look-alike is not (1/2); without 1
+    # and 2, both are far from class 0 (1): 2/3. The figures go one class on at the rate 1/3 over 2/3.
+    assert figures["left_two_out"]["flagged"] == pytest.approx(2 / 3, abs=1e-4) and figures["extrapolated"]
+    assert figures["flagged"] == pytest.approx(1 / 6, abs=1e-4)
+    assert figures["captured"] == pytest.approx(1 / 2, abs=1e-4)
     # the capture rule alone: nothing is under a top probability of 0.4, so only the abstained are kept
     assert trust.leave_one_class_out(bank, bank_labels, val, logits, val_labels, capture_below=0.4,
-                                     keep=1.0)["captured"] == pytest.approx(1 / 3, abs=1e-4)
+                                     keep=1.0)["left_one_out"]["captured"] == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_with_two_classes_the_figure_is_the_leave_one_out_one_and_says_it_is_not_extrapolated():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(2).repeat_interleave(10)
+    bank = torch.eye(8)[labels] + 0.01 * torch.randn(20, 8, generator=g)
+    val = torch.eye(8)[labels] + 0.01 * torch.randn(20, 8, generator=g)
+    figures = trust.leave_one_class_out(bank, labels, val, 10.0 * F.one_hot(labels, 2).float(), labels,
+                                        capture_below=0.85, keep=1.0)
+    assert not figures["extrapolated"] and "left_two_out" not in figures
+    assert figures["flagged"] == figures["left_one_out"]["flagged"] == 1.0  # each class far from the other
 
 
 def test_one_class_with_val_images_has_no_class_to_leave_out():

@@ -72,6 +72,7 @@ def test_the_report_measures_unknown_inputs(finished):
     assert "Unknown inputs" in page and 'id="unknown-inputs"' in page and 'id="ece-served"' in page
     flagged = round(100 * served["new_class"]["flagged"])
     assert f"A new class like one of yours: about {flagged}% flagged" in page
+    assert "an optimistic figure: a model of fewer classes notices more" in page  # two classes: not carried on
     assert f"Far from the classes (<code>--ood-data</code>): {100 * ood['abstain_rate']:.1f}% flagged" in page
     assert (run / "report" / "reliability.png").is_file() and (run / "report" / "unknown_ood_abstained.png").is_file()
     review = (run / "report" / "review.html").read_text()  # the abstained test images, one card each
