@@ -494,7 +494,7 @@ function paint() {
     if (!choice) continue;
     card.classList.add(choice.action);
     card.querySelector('button[data-action="' + choice.action + '"]').classList.add("on");
-    if (choice.action === "relabel") card.querySelector("select").value = choice.to;
+    if (choice.action === "relabel") card.querySelector("select, input.class-name").value = choice.to;
   }
   const n = Object.keys(state).length;
   document.getElementById("count").textContent = n + (n === 1 ? " decision" : " decisions");
