@@ -135,7 +135,7 @@ def bring_in(paths: RunPaths, folder: Path, choices: Decisions) -> list[BroughtI
             data = origin.image.read_bytes()
             atomic_write_bytes(target, data)
             entry = {"source": origin.source, "class": label, "sha256": sha256_bytes(data),
-                     "capture_folder": str(folder), **{k: origin.record.get(k) for k in PROVENANCE_KEYS},
+                     "capture_folder": str(folder.absolute()), **{k: origin.record.get(k) for k in PROVENANCE_KEYS},
                      "answer": _top(origin.record).get("label")}
         else:  # copied before (the capture folder may have trimmed the original since)
             if paths.out / origin["file"] != target:  # relabelled since: the same bytes move to the new class
@@ -199,21 +199,22 @@ def class_spread(train_unit: np.ndarray, labels: np.ndarray) -> float:
     return float(np.median(spreads)) if spreads else 0.5
 
 
-def group_by_likeness(capture_features: np.ndarray, train_features: np.ndarray,
-                      train_labels: np.ndarray) -> tuple[list[list[int]], np.ndarray, float]:
+def group_by_likeness(capture_features: np.ndarray, train_features: np.ndarray, train_labels: np.ndarray,
+                      threshold_scale: float = 1.0) -> tuple[list[list[int]], np.ndarray, float]:
     """Groups of captures (indices), the groups least like the training images first, and within each group
     the least like first; also each capture's cosine distance to its nearest training image, and the threshold.
 
     Features are centred on the training images' mean (a backbone's features share a large common component)
     and compared by cosine. Captures join by average linkage while a group stays as tight as a typical
-    training class (``class_spread``): a new kind of input, like one class of its own, becomes one group.
+    training class (``class_spread``, times ``threshold_scale``): a new kind of input, like one class of its own,
+    becomes one group.
     """
     from sklearn.cluster import AgglomerativeClustering
 
     centre = np.asarray(train_features, dtype=np.float64).mean(axis=0)
     unit, train_unit = _unit_rows(capture_features, centre), _unit_rows(train_features, centre)
     distance = 1.0 - (unit @ train_unit.T).max(axis=1)
-    threshold = class_spread(train_unit, np.asarray(train_labels))
+    threshold = class_spread(train_unit, np.asarray(train_labels)) * threshold_scale
     if len(unit) < 2:
         assignment = np.zeros(len(unit), dtype=int)
     else:
