@@ -208,8 +208,8 @@ def test_review_captured_groups_them_on_the_page_and_only_reads_the_capture_fold
     doc = json.loads((finished_run / "report" / "captured_review.json").read_text())
     shown = [c["file"] for g in doc["groups"] for c in g["cards"]]
     assert sorted(shown) == sorted(f"captured:{c}" for c in kinds["stripes"] + kinds["ants"])
-    distances = [g["mean_distance"] for g in doc["groups"]]
-    assert distances == sorted(distances, reverse=True)
+    weights = [g["mean_distance"] * np.log1p(len(g["cards"])) for g in doc["groups"]]
+    assert weights == sorted(weights, reverse=True)  # the most unlike the training images first
 
     assert page.index('<section id="captured">') < page.index('<section id="conflicts">')  # first on the page
     section = page[page.index('<section id="captured">'):page.index('<section id="conflicts">')]
