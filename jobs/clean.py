@@ -204,9 +204,10 @@ def clean(cfg: Config, paths: RunPaths, data: Path) -> Path:
     choices = decisions.load(paths, list(classes))
     brought = _captured(cfg, paths, choices)
 
+    inputs = [(f, label, str(f.relative_to(data))) for label, files in classes.items() for f in files]
+    inputs += [(b.file, b.label, b.source) for b in brought]
     jobs = []
-    for f, label, source in [(f, label, str(f.relative_to(data))) for label, files in classes.items() for f in files] \
-            + [(b.file, b.label, b.source) for b in brought]:
+    for f, label, source in inputs:
         st = f.stat()
         stat_key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
         sha = stat_cache.get(stat_key) or sha256_file(f)
@@ -224,7 +225,7 @@ def clean(cfg: Config, paths: RunPaths, data: Path) -> Path:
 
     results = _place_files(checked, jobs, data, paths, choices) + found.unreadable
     atomic_write_json(cache_file, cache)
-    new_classes = sorted({b.label for b in brought} - set(classes))  # a class only captures have
+    new_classes = sorted({r.label for r in results if r.status != "excluded"} - set(classes))  # captures started it
     report = _summarize(results, data, [*classes, *new_classes])
     atomic_write_json(paths.clean_report, report)
     _print_summary(report)
