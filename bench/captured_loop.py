@@ -114,7 +114,8 @@ def main() -> None:
     versus = metrics["versus_previous"]["sets"]
     held = list(predict(run / "model", held_out_new, batch_size=32))
     new_accuracy = sum(r["predictions"][0]["label"] == args.new for r in held) / len(held)
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "known": known, "new": args.new, "sent": dict(sent_kinds), "captured": dict(captured_kinds),
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "known": known, "new": args.new,
+              "sent": dict(sent_kinds), "captured": dict(captured_kinds),
               "captured_share": captured_share, "groups": group_kinds, "labelled": len(relabel),
               "mislabelled_by_group": mislabelled, "excluded": len(exclude),
               "classes_after": metrics["classes"], "held_out_new_accuracy": new_accuracy,
