@@ -201,6 +201,9 @@ def test_a_class_folder_named_like_a_capture_is_refused(prepared_run, tmp_path):
 @pytest.mark.e2e
 def test_review_captured_groups_them_on_the_page_and_only_reads_the_capture_folder(finished_run, tmp_path):
     kinds = capture_folder(tmp_path / "capture")
+    broken = CaptureSink(CaptureSettings(tmp_path / "capture", below=1.0), "classifier", "1.0")
+    broken.offer([b"\xff\xd8\xff not a whole JPEG"], [{"predictions": [], "abstain": True}], "req99-broken")
+    broken.close()
     before = tree_hashes(tmp_path / "capture")
     page = api.review(finished_run, captured=tmp_path / "capture").read_text()
     assert tree_hashes(tmp_path / "capture") == before
@@ -213,12 +216,14 @@ def test_review_captured_groups_them_on_the_page_and_only_reads_the_capture_fold
 
     assert page.index('<section id="captured">') < page.index('<section id="conflicts">')  # first on the page
     section = page[page.index('<section id="captured">'):page.index('<section id="conflicts">')]
-    assert section.count('<div class="item">') == len(doc["groups"])
-    assert section.count('class="card captured"') == len(shown)
-    assert section.count('list="class-names"') == len(shown)  # a class typed in: an existing one or a new one
+    assert section.count('<div class="item">') == len(doc["groups"]) + 1  # and the one that cannot be decoded
+    assert section.count('class="card captured"') == len(shown) + 1
+    assert section.count('list="class-names"') == len(shown) + 1  # a class typed in: an existing one or a new one
     assert '<datalist id="class-names"><option value="ants"><option value="bees"></datalist>' in page
     assert "abstained (unlike the training images)" in section and "model 1.0" in section
     assert 'data-action="keep"' not in section  # a capture is labelled or excluded, never kept as it is
+    assert [c["file"].split("-", 1)[1] for c in doc["unreadable"]] == ["req99-broken-0.jpg"]
+    assert "1 images that cannot be decoded" in section  # shown to exclude, never fed to the backbone
 
 
 @pytest.mark.e2e
