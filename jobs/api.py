@@ -191,6 +191,28 @@ def audit(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, wait: 
         return _audit(cfg, paths, setup(cfg))
 
 
+def review(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, wait: bool = False,
+           **keys: Any) -> Path:
+    """Write the review page (report/review.html) again; with ``captured`` (a capture folder) it begins with the
+    captured images, grouped by likeness in the run's backbone features, least like the training images first.
+    Returns the page. The capture folder is only read."""
+    with _session("review", config, out, keys, wait) as (cfg, paths):
+        from jobs.fileio import read_run_file
+        from jobs.review import write_run_review
+
+        audit_doc = read_run_file(paths.audit, f"run `python -m jobs audit --out {paths.out}` first", ("classes",))
+        if cfg.captured:
+            from jobs.captured import review_document, write_review_document
+            from jobs.runtime import setup
+
+            doc = review_document(cfg, paths, setup(cfg), Path(cfg.captured))
+            write_review_document(paths, doc)
+            unreadable = f", {len(doc['unreadable'])} that cannot be decoded" if doc["unreadable"] else ""
+            print(f"review: {doc['captures']} captured images in {cfg.captured}: {len(doc['groups'])} groups"
+                  f"{unreadable}")
+        return write_run_review(paths, audit_doc)
+
+
 def split(out: PathLike = DEFAULT_OUT, *, config: PathLike | None = None, wait: bool = False, **keys: Any) -> Path:
     """Assign the cleaned images to train/val/test; returns splits.json."""
     from jobs.split import split as split_stage

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from jobs import features
 from jobs.config import Config, RunPaths
@@ -485,6 +486,13 @@ def label_review(files: Sequence[str], labels: np.ndarray, class_names: Sequence
 # the stage
 
 
+def audit_backbone(cfg: Config, rt: Runtime, num_classes: int) -> nn.Module:
+    """The backbone whose pooled features (as the head sees them) the audit measures, on ``rt``'s device."""
+    seed_everything(cfg.seed)  # the same seeded backbone training builds (weights: none)
+    backbone, _ = split_backbone_head(build_model(cfg.arch, num_classes, cfg.weights).eval())
+    return backbone.to(rt.device, memory_format=rt.memory_format())
+
+
 def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     """Write ``<out>/audit.json`` and ``<out>/report/review.html`` from clean's report.
 
@@ -498,10 +506,7 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     if not usable:
         raise JobError(f"{paths.clean_report} lists no usable image; nothing to audit")
     index = {name: i for i, name in enumerate(classes)}
-    seed_everything(cfg.seed)  # the same seeded backbone training builds (weights: none)
-    model = build_model(cfg.arch, len(classes), cfg.weights).eval()
-    backbone, _ = split_backbone_head(model)  # pooled features, as the head sees them
-    backbone.to(rt.device, memory_format=rt.memory_format())
+    backbone = audit_backbone(cfg, rt, len(classes))
     items = [(f["output"], f["sha256"]) for f in usable]
     feats = features.view_features(cfg, paths, rt, backbone, len(classes), items, 1, "audit")[:, 0].numpy()
     doc = audit_document([f["source"] for f in usable], np.array([index[f["label"]] for f in usable]), classes,

@@ -1,6 +1,8 @@
 """Clean: decode every file fully, keep the good, convert the odd, quarantine the rest.
 
-Input: ``data/<class>/**/<file>`` (never modified). Output: ``<out>/dataset/<class>/<file>``
+Input: ``data/<class>/**/<file>`` (never modified), and with the ``captured`` key the captured images
+decisions.json labels (copied into ``<out>/captured/`` first: ``jobs.captured``; sources ``captured:<path>``).
+Output: ``<out>/dataset/<class>/<file>``
 (hard links of good files, RGB re-encodes of odd ones), ``<out>/quarantine/<reason>/...`` and
 ``clean_report.json``. Decisions are cached by content hash, so a re-run on an unchanged
 folder decodes nothing.
@@ -13,6 +15,7 @@ import hashlib
 import io
 import os
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ from PIL import Image, ImageOps
 
 from handler.cpus import usable_cpus
 from handler.images import to_rgb
-from jobs import decisions
+from jobs import captured, decisions
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_bytes, atomic_write_json, link_or_copy, read_json, sha256_file, sweep_partials
@@ -115,6 +118,9 @@ def discover(data: Path, follow_symlinks: bool = False) -> Found:
         return files
 
     for class_dir in sorted(p for p in data.iterdir() if not p.name.startswith(".")):
+        if decisions.is_captured(class_dir.name):
+            raise CleanError(f"--data {data} has a class folder {class_dir.name!r}; rename it: 'captured:' names the "
+                             "captured images in decisions.json")
         if usable(class_dir, class_dir.name) and class_dir.is_dir():
             found.files[class_dir.name] = walk(class_dir, class_dir.name, {class_dir.resolve()})
     if not found.files:
@@ -196,15 +202,17 @@ def clean(cfg: Config, paths: RunPaths, data: Path) -> Path:
     stat_cache: dict = cache.setdefault("stat", {})
     by_content: dict = cache.setdefault("results", {})
     choices = decisions.load(paths, list(classes))
+    brought = _captured(cfg, paths, choices)
 
+    inputs = [(f, label, str(f.relative_to(data))) for label, files in classes.items() for f in files]
+    inputs += [(b.file, b.label, b.source) for b in brought]
     jobs = []
-    for label, files in classes.items():
-        for f in files:
-            st = f.stat()
-            stat_key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
-            sha = stat_cache.get(stat_key) or sha256_file(f)
-            stat_cache[stat_key] = sha
-            jobs.append((f, label, str(f.relative_to(data)), sha))
+    for f, label, source in inputs:
+        st = f.stat()
+        stat_key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
+        sha = stat_cache.get(stat_key) or sha256_file(f)
+        stat_cache[stat_key] = sha
+        jobs.append((f, label, source, sha))
 
     def work(job: tuple) -> tuple[FileResult, Image.Image | None]:
         f, label, rel, sha = job
@@ -217,11 +225,27 @@ def clean(cfg: Config, paths: RunPaths, data: Path) -> Path:
 
     results = _place_files(checked, jobs, data, paths, choices) + found.unreadable
     atomic_write_json(cache_file, cache)
-    report = _summarize(results, data, list(classes))
+    new_classes = sorted({r.label for r in results if r.status != "excluded"} - set(classes))  # captures started it
+    report = _summarize(results, data, [*classes, *new_classes])
     atomic_write_json(paths.clean_report, report)
     _print_summary(report)
     _refuse_small_classes(report, cfg)
     return paths.clean_report
+
+
+def _captured(cfg: Config, paths: RunPaths, choices: decisions.Decisions) -> list[captured.BroughtIn]:
+    """The captured images decisions.json labels, copied into the run (``cfg.captured``), to clean beside the data."""
+    labelled = choices.captured_labels()
+    if not cfg.captured:
+        if labelled:
+            print(f"clean: {paths.decisions} labels {len(labelled)} captured images; pass --captured DIR (the capture "
+                  "folder) to bring them in")
+        return []
+    brought = captured.bring_in(paths, Path(cfg.captured), choices)
+    by_class = ", ".join(f"{c} {n}" for c, n in sorted(Counter(b.label for b in brought).items()))
+    print(f"clean: captured: {len(brought)} images labelled in {paths.decisions} brought in from {cfg.captured}"
+          f"{f' ({by_class})' if by_class else ''}")
+    return brought
 
 
 def _place_files(checked: list[tuple[FileResult, Image.Image | None]], jobs: list[tuple], data: Path,
@@ -259,7 +283,8 @@ def _place_files(checked: list[tuple[FileResult, Image.Image | None]], jobs: lis
     wanted: set[Path] = set()
     for r in results:
         src = sources[id(r)]
-        class_dir = data / Path(r.source).parts[0]
+        # A captured image's copy sits flat in <out>/captured/<class>/; a data file under its class folder.
+        class_dir = src.parent if decisions.is_captured(r.source) else data / Path(r.source).parts[0]
         name = _output_name(src, class_dir, r.status == "converted")
         if r.status == "excluded":
             target = paths.quarantine / r.reason / r.label / name
@@ -287,14 +312,15 @@ def _place_files(checked: list[tuple[FileResult, Image.Image | None]], jobs: lis
 def _apply_decisions(results: list[FileResult], choices: decisions.Decisions) -> dict[str, int]:
     """Exclusions and relabels, before duplicates and the minimum-images check; returns what applied."""
     present = {r.source for r in results}
-    missing = sorted(choices.sources() - present)
+    # A captured image is here only when labelled (jobs.captured); its other decisions keep it out, as meant.
+    missing = sorted(s for s in choices.sources() - present if not decisions.is_captured(s))
     if missing:
         print(f"clean: decisions: {len(missing)} for files no longer in the data, skipped: "
               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     for r in results:
         if r.source in choices.exclude:
             r.status, r.reason, r.detail = "excluded", "decision", "excluded in review"
-        elif r.source in choices.relabel and r.status != "excluded":
+        elif r.source in choices.relabel and r.status != "excluded" and r.label != choices.relabel[r.source]:
             r.detail = f"relabelled from {r.label} in review"
             r.label = choices.relabel[r.source]
     return {"exclude": len(choices.exclude & present), "relabel": len(set(choices.relabel) & present),

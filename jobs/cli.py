@@ -168,10 +168,14 @@ def audit(config_file: Path | None, out: Path, **overrides: Any) -> None:
               help="The run folder whose report/review.html to serve.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to listen on.")
 @click.option("--port", type=int, default=8765, show_default=True, help="Port (0 = any free one).")
-def review(out: Path, host: str, port: int) -> None:
-    """Serve OUT/report/review.html on loopback; its "Save to run" writes OUT/decisions.json."""
+@key_options(keys_for("review"))
+def review(out: Path, host: str, port: int, **overrides: Any) -> None:
+    """Serve OUT/report/review.html on loopback; its "Save to run" writes OUT/decisions.json. --captured DIR first
+    adds that capture folder's images, grouped by likeness, to the page (docs/audit.md, "Reviewing captured images")."""
     from jobs.review import serve_review
 
+    if overrides["captured"] is not None:  # without it the page is served as it is, even while a job runs
+        api.review(out, **overrides)
     serve_review(out, host, port)
 
 

@@ -39,7 +39,7 @@ AUTO_VERSION = "auto"  # model_version: the next version, counted by jobs.versio
 RUN_DEFINING = ("run", "collect", "clean", "audit", "split", "train")
 COLLECT, CLEAN, AUDIT, SPLIT, TRAIN = ("collect",), ("clean",), ("audit",), ("split",), ("train",)
 EVALUATE, EXPORT, ARCHIVE = ("evaluate",), ("export",), ("archive", "export-kserve")
-SERVE = ("serve",)
+SERVE, REVIEW = ("serve",), ("review",)
 # Where a key is used at run time by several commands (device/precision by train and evaluate).
 RUNTIME = AUDIT + TRAIN + EVALUATE
 
@@ -154,6 +154,7 @@ class Config:
     capture_sample: float = _key(DEFAULT_SAMPLE, "Serve, with capture: the share of the other answers kept, at random.", commands=SERVE, lo=0, hi=1)
     capture_max_mb: float = _key(DEFAULT_MAX_MB, "Serve, with capture: the folder's cap in MiB; the oldest captures go first.", commands=SERVE, lo=0, lo_open=True, hi=1e9)
     capture_max_files: int = _key(DEFAULT_MAX_FILES, "Serve, with capture: the folder's cap in files (an image and its record are two); the oldest go first.", commands=SERVE, lo=2, hi=10**9)
+    captured: str | None = _key(None, "Review and run: a capture folder (what capture kept); review shows its images grouped by likeness, and clean brings in those decisions.json labels (docs/audit.md).", commands=CLEAN + REVIEW)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

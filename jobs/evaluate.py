@@ -205,6 +205,11 @@ def versus_previous(cfg: Config, paths: RunPaths, splits: dict, checkpoint: dict
         print(f"evaluate: version {comparison['version']} against {comparison['previous_version']} on "
               f"{comparison['previous_version']}'s test split: {paired['only_new_right']} images only the new one "
               f"got right, {paired['only_old_right']} only the old one (McNemar p = {paired['p_value']:.3g})")
+        captures = comparison["sets"].get(versions.LABELLED_CAPTURES)
+        if captures:
+            print(f"evaluate: on the {captures['images']} labelled captures in this test split: version "
+                  f"{comparison['version']} right on {captures['both_right'] + captures['only_new_right']}, "
+                  f"{comparison['previous_version']} on {captures['both_right'] + captures['only_old_right']}")
     return comparison
 
 

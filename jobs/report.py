@@ -21,12 +21,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageOps
 
+from jobs.captured import brought_in_counts
 from jobs.collect.preview import contact_sheet
 from jobs.collect.stage import REPORT as COLLECT_REPORT
 from jobs.config import COLLECT, Config, RunPaths
 from jobs.data import split_items
 from jobs.fileio import atomic_write_bytes, atomic_write_text, read_json, read_run_file
 from jobs.review import data_quality_html
+from jobs.versions import PREVIOUS_TEST_SPLIT
 
 MAX_PREDICTIONS_SHOWN = 24
 GRID_COLUMNS = 6
@@ -354,10 +356,12 @@ def _versions_section(comparison: dict) -> str:
 
     body = ""
     for set_name, paired in comparison["sets"].items():
-        verdict = (f"{new} is significantly worse (p &lt; 0.05): archive will not make it the default without --force"
-                   if paired["significantly_worse"] else "not significantly worse")
+        worse = (f"{new} is significantly worse (p &lt; 0.05): archive will not make it the default without --force"
+                 if set_name == PREVIOUS_TEST_SPLIT else f"{new} is significantly worse (p &lt; 0.05)")
+        verdict = worse if paired["significantly_worse"] else "not significantly worse"
         missing = f"; {paired['missing']} of its images are no longer in the run folder" if paired["missing"] else ""
-        body += (f"<h3>{html.escape(set_name)} of {html.escape(old)} ({paired['images']} images{missing})</h3>"
+        title = f"{set_name} of {old}" if set_name == PREVIOUS_TEST_SPLIT else set_name
+        body += (f"<h3>{html.escape(title)} ({paired['images']} images{missing})</h3>"
                  f"<p>{verdict}</p>"
                  + _table(header, [row("all", paired)] + [row(c, v) for c, v in paired["per_class"].items()],
                           "versions"))
@@ -430,6 +434,11 @@ def _data_section(paths: RunPaths, splits: dict, figures: dict[str, Path], sourc
     body = _table(["class", "kept", "converted", "excluded", "train", "val", "test"], rows + [totals], "data")
     if not clean:
         body += f"<p>{html.escape(str(paths.clean_report))} not found: clean counts unknown.</p>"
+    brought_in = brought_in_counts(paths)
+    if brought_in:
+        per_class = ", ".join(f"{html.escape(c)} {n}" for c, n in brought_in.items())
+        body += (f'<p id="captured">Captured images labelled in review and brought in: {sum(brought_in.values())} '
+                 f"({per_class}); where each came from: <code>captured/provenance.json</code>.</p>")
     if "training_images" in figures:
         sample = ", ".join(f'{html.escape(name)} <span class="sampled" data-class="{html.escape(name)}">'
                            f'{min(c["train"], SAMPLE_PER_CLASS)} of {c["train"]}</span>' for name, c in counts.items())

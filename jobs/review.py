@@ -7,9 +7,13 @@ browser's localStorage under a key naming the run, survive a reload, and are exp
 
     {"exclude": ["cats/x.jpg"], "relabel": {"dogs/y.jpg": "cats"}, "keep": ["cats/z.jpg"]}
 
-Every path is a source path relative to the data folder, as in audit.json. One choice per
-file: a file shown in several sections (a label issue that is also an outlier) shows the same
-choice everywhere.
+Every path is a source path relative to the data folder, as in audit.json; a captured image is
+``captured:<path relative to the capture folder>`` (``jobs.decisions``). One choice per file: a file
+shown in several sections (a label issue that is also an outlier) shows the same choice everywhere.
+
+With ``jobs review --captured DIR`` the page begins with the captured images, grouped by likeness
+(``jobs.captured``, kept in ``report/captured_review.json``): each can be relabelled to a class of the
+run or to a new class typed in, or excluded (discarded).
 
 ``serve_review`` serves the run's report folder on loopback and saves the page's choices straight
 into ``<run>/decisions.json`` (``POST /decisions``; 409 while a job holds the run folder's lock); the
@@ -33,11 +37,12 @@ from urllib.parse import unquote, urlsplit
 from PIL import Image, ImageOps
 
 from jobs import runlock
+from jobs.captured import saved_review_document
 from jobs.config import RunPaths
-from jobs.decisions import DecisionsError
+from jobs.decisions import DecisionsError, capture_path, is_captured
 from jobs.decisions import parse as parse_decisions
 from jobs.errors import JobError
-from jobs.fileio import atomic_write_json, atomic_write_text, read_run_file
+from jobs.fileio import atomic_write_json, atomic_write_text, read_json, read_run_file
 
 THUMB_SIZE = 160
 MAX_PER_KIND = 500  # cards per section; the rest stay in audit.json
@@ -63,16 +68,41 @@ def thumbnail_uri(path: Path | None, size: int = THUMB_SIZE) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _given(file: str) -> str:
-    return Path(file).parts[0]
+def captured_section(doc: dict) -> dict:
+    """The page's section of captured images (``jobs.captured.review_document``): one item per group."""
+    def cards(entries: list[dict]) -> list[dict]:
+        return [{**e, "captured": True, "score": e["distance"], "issues": [e["why"]] if e.get("why") else []}
+                for e in entries]
+
+    def answers(entries: list[dict]) -> str:
+        counts: dict[str, int] = {}
+        for e in entries:
+            said = "abstained" if e.get("abstain_reason") else f"answered {e.get('answered')}"
+            counts[said] = counts.get(said, 0) + 1
+        return ", ".join(f"{said} {n}" for said, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    items = [{"note": f"{len(g['cards'])} images ({answers(g['cards'])}); mean distance to the nearest training "
+                      f"image {g['mean_distance']:.3f}", "cards": cards(g["cards"])} for g in doc["groups"]]
+    if doc["unreadable"]:
+        items.append({"note": f"{len(doc['unreadable'])} images that cannot be decoded",
+                      "cards": cards(doc["unreadable"])})
+    title = (f"Captured by the served model in {doc['folder']}: grouped by likeness, least like the training images "
+             "first (label each with a class, or a new one, or exclude it)")
+    return {"kind": "captured", "title": title, "items": items}
 
 
-def review_sections(audit: dict, abstained: Sequence[dict] = ()) -> list[dict]:
+def review_sections(audit: dict, abstained: Sequence[dict] = (), captured: dict | None = None,
+                    labels: dict[str, str] | None = None) -> list[dict]:
     """The page's sections in order: each a title, a kind and its items (cards grouped per item).
 
     ``abstained``: the test images the served model abstained on (evaluate's, each ``{"file": source
-    path, "ood_score", "abstain_reason"}``): often off-topic photos the audit let through.
+    path, "ood_score", "abstain_reason"}``): often off-topic photos the audit let through. ``captured``:
+    the captured images' groups (``jobs.captured.review_document``), shown first. ``labels``: source ->
+    class where the path does not say it (a captured image brought into the run).
     """
+    def _given(file: str) -> str:
+        return (labels or {}).get(file) or Path(file).parts[0]
+
     groups = audit.get("near_duplicates", [])
 
     def group_item(g: dict) -> dict:
@@ -82,6 +112,7 @@ def review_sections(audit: dict, abstained: Sequence[dict] = ()) -> list[dict]:
         return {"note": note, "cards": [{"file": f, "given": _given(f)} for f in g["files"]]}
 
     return [
+        *([captured_section(captured)] if captured else []),
         {"kind": "conflicts", "title": "Label conflicts: the same image under several classes",
          "items": [group_item(g) for g in groups if g.get("cross_class")]},
         {"kind": "near_duplicates", "title": "Near-duplicates within one class (kept, and split together)",
@@ -103,27 +134,46 @@ def review_sections(audit: dict, abstained: Sequence[dict] = ()) -> list[dict]:
     ]
 
 
-def write_run_review(paths: RunPaths, audit: dict, abstained: Sequence[dict] = ()) -> Path:
-    """Write ``<run>/report/review.html`` for the run's audit (and evaluate's abstained test images, whose
-    ``file`` is their path in the run folder): thumbnails from the run's cleaned copies."""
+ABSTAINED_FILE = "review_abstained.json"  # in report/: evaluate's abstained test images, for every later page
+
+
+def write_run_review(paths: RunPaths, audit: dict, abstained: Sequence[dict] | None = None) -> Path:
+    """Write ``<run>/report/review.html`` for the run's audit, evaluate's abstained test images (``file``: their
+    path in the run folder; None: those evaluate gave last) and the captured images ``jobs review --captured``
+    grouped: thumbnails from the run's cleaned copies (a capture not brought in: from the capture folder)."""
+    saved_abstained = paths.report / ABSTAINED_FILE
+    if abstained is not None:
+        atomic_write_json(saved_abstained, list(abstained))
+    elif saved_abstained.is_file():
+        abstained = read_json(saved_abstained)
     files = read_run_file(paths.clean_report, f"run `python -m jobs clean --out {paths.out}`", ("files",))["files"]
     outputs = {f["source"]: paths.out / f["output"] for f in files if f["output"]}
     sources = {f["output"]: f["source"] for f in files if f["output"]}
-    shown = [{**e, "file": sources[e["file"]]} for e in abstained if e["file"] in sources]
-    return render_review(audit, outputs.get, audit["classes"], paths.report / "review.html",
-                         str(paths.out.resolve()), abstained=shown)
+    shown = [{**e, "file": sources[e["file"]]} for e in abstained or () if e["file"] in sources]
+    captured = saved_review_document(paths)
+
+    def image_file(source: str) -> Path | None:
+        """The run's cleaned copy; a captured image not brought in is read (only read) in the capture folder."""
+        if source in outputs or not (captured and is_captured(source)):
+            return outputs.get(source)
+        return Path(captured["folder"]) / capture_path(source)
+
+    return render_review(audit, image_file, audit["classes"], paths.report / "review.html",
+                         str(paths.out.resolve()), abstained=shown, captured=captured,
+                         labels={f["source"]: f["label"] for f in files if is_captured(f["source"])})
 
 
 def render_review(audit: dict, image_file: Callable[[str], Path | None], class_names: Sequence[str], out: Path,
-                  storage_key: str, max_per_kind: int = MAX_PER_KIND, abstained: Sequence[dict] = ()) -> Path:
+                  storage_key: str, max_per_kind: int = MAX_PER_KIND, abstained: Sequence[dict] = (),
+                  captured: dict | None = None, labels: dict[str, str] | None = None) -> Path:
     """Write ``out`` (e.g. ``<run>/report/review.html``) for ``audit``; returns ``out``.
 
     ``image_file`` maps a source path to a readable image file (or None); ``class_names`` are the
     relabel targets; ``storage_key`` names the run in localStorage (use the run folder's path, so
-    two runs' choices never mix); ``abstained`` as for ``review_sections``.
+    two runs' choices never mix); ``abstained``, ``captured`` and ``labels`` as for ``review_sections``.
     """
     thumbs: dict[str, str] = {}
-    sections = review_sections(audit, abstained)
+    sections = review_sections(audit, abstained, captured, labels)
     parts = []
     for section in sections:
         shown = section["items"][:max_per_kind]
@@ -149,7 +199,8 @@ def render_review(audit: dict, image_file: Callable[[str], Path | None], class_n
     noise = audit.get("estimated_noise", {})
     noise_line = ", ".join(f"{html.escape(c)} {100 * r:.1f}%" for c, r in noise.items()) or _not_estimated(audit)
     key = json.dumps(storage_key).replace("<", "\\u003c")  # a JS string literal that cannot close the script
-    page = (_PAGE.replace("__KEY__", key).replace("__NOISE__", noise_line)
+    class_list = "".join(f'<option value="{html.escape(c)}">' for c in class_names)
+    page = (_PAGE.replace("__KEY__", key).replace("__NOISE__", noise_line).replace("__CLASSES__", class_list)
             .replace("__SECTIONS__", "".join(parts)))  # last: file names are data, never placeholders
     return atomic_write_text(out, page)
 
@@ -201,8 +252,28 @@ def data_quality_html(audit: dict, excluded: dict[str, int], review_href: str = 
             "(keep / exclude / relabel; then re-run the same job)</p></div>")
 
 
+def _captured_card_html(card: dict, thumb: str) -> str:
+    """A captured image: what the model answered, how far it is from the training images, why it was kept;
+    excluded (discarded), or relabelled to a class typed in (the page's class list suggests the run's)."""
+    file = card["file"]
+    said = (f'abstained ({html.escape(card["abstain_reason"])})' if card.get("abstain_reason") else
+            f'answered <b>{html.escape(str(card.get("answered")))}</b>'
+            + (f' {card["probability"]:.2f}' if card.get("probability") is not None else ""))
+    facts = [said, *([f'distance {card["score"]:.3f}'] if card.get("score") is not None else []),
+             *(html.escape(i) for i in card.get("issues", [])),
+             *([f'model {html.escape(str(card["model_version"]))}'] if card.get("model_version") else [])]
+    return (f'<div class="card captured" data-file="{html.escape(file)}">'
+            f'<img src="{thumb}" alt="{html.escape(file)}">'
+            f'<div class="file">{html.escape(capture_path(file))}</div><div class="facts">{" · ".join(facts)}</div>'
+            '<div class="controls"><button data-action="exclude">exclude</button>'
+            '<button data-action="relabel">label as</button>'
+            '<input class="class-name" list="class-names" placeholder="class, or a new one" size="14"></div></div>')
+
+
 def _card_html(card: dict, thumb: str, class_names: Sequence[str]) -> str:
     file = card["file"]
+    if card.get("captured"):
+        return _captured_card_html(card, thumb)
     facts = [f'given <b>{html.escape(card["given"])}</b>']
     if card.get("suggested"):
         facts.append(f'suggested <b>{html.escape(card["suggested"])}</b>')
@@ -399,6 +470,7 @@ section{margin-top:1.5em} h2{font-size:1.1em}
 .card.relabel{border-color:#27c;background:#eef6ff}
 button.on{font-weight:bold;outline:2px solid #333}
 </style></head><body>
+<datalist id="class-names">__CLASSES__</datalist>
 <header><b>Review</b> · estimated label noise: __NOISE__ ·
 <span id="count">0 decisions</span>
 <button id="export">Export decisions.json</button> <button id="clear">Clear all</button>
@@ -422,25 +494,30 @@ function paint() {
     if (!choice) continue;
     card.classList.add(choice.action);
     card.querySelector('button[data-action="' + choice.action + '"]').classList.add("on");
-    if (choice.action === "relabel") card.querySelector("select").value = choice.to;
+    if (choice.action === "relabel") card.querySelector("select, input.class-name").value = choice.to;
   }
   const n = Object.keys(state).length;
   document.getElementById("count").textContent = n + (n === 1 ? " decision" : " decisions");
 }
 for (const card of cards) {
-  const file = card.dataset.file, select = card.querySelector("select");
-  if (!select.options.length) card.querySelector('button[data-action="relabel"]').disabled = true;
+  // a captured image's class is typed in (it may be a new class); the others pick one of the run's
+  const file = card.dataset.file, select = card.querySelector("select, input.class-name");
+  if (select.tagName === "SELECT" && !select.options.length) {
+    card.querySelector('button[data-action="relabel"]').disabled = true;
+  }
   for (const button of card.querySelectorAll("button")) {
     button.addEventListener("click", () => {
       const action = button.dataset.action, old = state[file];
-      const choice = action === "relabel" ? {action, to: select.value} : {action};
+      if (action === "relabel" && !select.value.trim()) { select.focus(); return; }
+      const choice = action === "relabel" ? {action, to: select.value.trim()} : {action};
       if (old && old.action === choice.action && old.to === choice.to) delete state[file];
       else state[file] = choice;
       save(); paint();
     });
   }
   select.addEventListener("change", () => {
-    if (state[file] && state[file].action === "relabel") { state[file].to = select.value; save(); paint(); }
+    const to = select.value.trim();
+    if (to && state[file] && state[file].action === "relabel") { state[file].to = to; save(); paint(); }
   });
 }
 function decisions() {

@@ -28,6 +28,7 @@ TEST_SPLIT_FILE = "test_split.json"  # in model/; not packed into the .mar (arch
 NUMBERED = re.compile(r"^(\d+)(\.\d+)*$")
 SIGNIFICANCE = 0.05
 PREVIOUS_TEST_SPLIT = "previous test split"
+LABELLED_CAPTURES = "labelled captures in this test split"
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -159,12 +160,20 @@ def previous_version(paths: RunPaths, version: str) -> str | None:
 def comparison_sets(paths: RunPaths, previous_dir: Path) -> dict[str, list[tuple[str, str]]]:
     """The labelled images both models answer, by set name: (file relative to the run folder, true class).
 
-    Today the previous model's test split (the images still in the run folder). The hook for newly
-    labelled captured images (issue 26, goal 3): add their set here, e.g. ``"labelled captures"``;
-    the report and ``compare`` show every set, and the archive decides by ``PREVIOUS_TEST_SPLIT`` alone.
+    The previous model's test split (the images still in the run folder), and the captured images brought
+    into the run (``jobs.captured``) that are in this run's test split: neither model trained on them (a
+    file keeps its split). The report and ``compare`` show every set; the archive decides by
+    ``PREVIOUS_TEST_SPLIT`` alone. Classes are compared by name, so a new model with more classes is
+    judged on the old images as it answers them: a new class given to an old image is wrong.
     """
+    from jobs.captured import captured_test_items
+
     record = read_json(previous_dir / TEST_SPLIT_FILE)
-    return {PREVIOUS_TEST_SPLIT: [(i["file"], i["class"]) for i in record["images"]]}
+    sets = {PREVIOUS_TEST_SPLIT: [(i["file"], i["class"]) for i in record["images"]]}
+    captures = captured_test_items(paths, read_json(paths.splits)) if paths.splits.is_file() else []
+    if captures:
+        sets[LABELLED_CAPTURES] = captures
+    return sets
 
 
 def compare(paths: RunPaths, meta: dict, batch_size: int, device: torch.device | None = None) -> dict | None:

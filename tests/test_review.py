@@ -15,6 +15,7 @@ import requests
 from pages import horizontal_overflow, launch, needs_chromium, open_page, per_row, sync_api
 
 from jobs.config import RunPaths
+from jobs.decisions import parse as parse_decisions
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_json
 from jobs.review import ReviewServer, data_quality_html, render_review, review_server, write_run_review
@@ -131,7 +132,8 @@ def test_test_images_the_model_abstained_on_join_the_review_by_their_source_path
         finally:
             browser.close()
     assert json.loads(saved.read_text())["exclude"] == [ants[6]]
-    assert 'id="abstained"' not in write_run_review(RunPaths(run), audit).read_text()
+    assert 'id="abstained"' in write_run_review(RunPaths(run), audit).read_text()  # an audit again: evaluate's stay
+    assert 'id="abstained"' not in write_run_review(RunPaths(run), audit, []).read_text()
 
 
 def test_review_page_is_a_grid_that_uses_the_width(tmp_path):
@@ -299,3 +301,46 @@ def test_data_quality_fragment_of_a_clean_audit():
                                   "estimated_noise": {}}, {})
     assert "kept within one split; no image excluded</p>" in fragment
     assert "not estimated" in fragment and '<a href="review.html">' in fragment
+
+
+def test_captured_images_are_labelled_with_a_class_typed_in_or_excluded(tmp_path):
+    """A captured group (``jobs review --captured``): a card is labelled with an existing class or a new one typed
+    in, or excluded; the export names it captured:<path>, which the server's check accepts with the new class."""
+    ants, _ = _files()
+    cards = [{"file": f"captured:{name}", "distance": 0.4 - i / 10, "why": "abstained", "answered": "ants",
+              "probability": 0.5, "abstain_reason": "unlike the training images", "ood_score": 1.2,
+              "answered_at": "2026-12-04T10:15:00+00:00", "model_version": "1.0"}
+             for i, name in enumerate(["a-0.jpg", "b-0.jpg", "c-0.jpg"])]
+    captured = {"folder": str(FIXTURE / "ants"), "captures": 3, "unreadable": [],
+                "groups": [{"mean_distance": 0.3, "cards": cards}]}
+    out = render_review(_audit(), lambda f: FIXTURE / "ants" / Path(ants[0]).name, ["ants", "bees"],
+                        tmp_path / "review.html", storage_key=str(tmp_path), captured=captured)
+    with sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = open_page(browser, out.as_uri())
+            assert page.eval_on_selector_all("section", "s => s.map(x => x.id)")[0] == "captured"
+
+            def card(name: str) -> sync_api.Locator:
+                return page.locator(f'#captured .card[data-file="captured:{name}"]')
+
+            card("a-0.jpg").locator('button[data-action="relabel"]').click()  # no class typed: no choice yet
+            assert page.locator("#count").text_content() == "0 decisions"
+            card("a-0.jpg").locator("input.class-name").fill("tulips")
+            card("a-0.jpg").locator('button[data-action="relabel"]').click()
+            card("b-0.jpg").locator("input.class-name").fill("bees")
+            card("b-0.jpg").locator('button[data-action="relabel"]').click()
+            card("c-0.jpg").locator('button[data-action="exclude"]').click()
+            page.reload()
+            assert card("a-0.jpg").locator("input.class-name").input_value() == "tulips"
+            with page.expect_download() as download:
+                page.click("#export")
+            saved = tmp_path / "decisions.json"
+            download.value.save_as(saved)
+        finally:
+            browser.close()
+    doc = json.loads(saved.read_text())
+    assert doc == {"exclude": ["captured:c-0.jpg"], "relabel": {"captured:a-0.jpg": "tulips",
+                                                                "captured:b-0.jpg": "bees"}, "keep": []}
+    assert parse_decisions(doc, "the body", ["ants", "bees"]).captured_labels() == {"a-0.jpg": "tulips",
+                                                                                    "b-0.jpg": "bees"}
