@@ -68,6 +68,8 @@ from PIL import Image
 
 from handler import model as models
 from handler import precision, scheduler, trust
+from handler.answer_metrics import CAPTURE_DROPPED
+from handler.capture import CaptureSettings
 from handler.cpus import usable_cpus
 from handler.preprocess import Preprocessor
 from jobs.config import RunPaths, load_config
@@ -102,8 +104,12 @@ VARIANTS: dict[str, tuple[Path | None, dict, dict]] = {
 # Ours archived from the same export without calibration and the OOD score (the cost of the trust fields).
 TRUSTLESS = "ours-notrust"
 VARIANTS[TRUSTLESS] = VARIANTS["ours"]
-# Variants served by another runtime from the "ours" archive: runtime, request body.
-RUNTIME_VARIANTS = {"kserve": ("kserve", "raw"), "kserve-v2": ("kserve", "v2"), "mlserver-v2": ("mlserver", "v2")}
+# Variants served by another runtime from the "ours" archive: runtime, request body. ours-capture: a second
+# TorchServe with capture on, keeping every image (sample 1.0: the most writing capture can do) in a tiny
+# folder, so the cap trims it all the time: what capture costs the request path, against "ours" without it.
+RUNTIME_VARIANTS = {"kserve": ("kserve", "raw"), "kserve-v2": ("kserve", "v2"), "mlserver-v2": ("mlserver", "v2"),
+                    "ours-capture": ("torchserve-capture", "raw")}
+CAPTURE_CAP = {"max_mb": 2.0, "max_files": 40}
 LIMIT_BATCH = 8
 SERVED_MODEL = "ours"  # the archive every runtime serves
 
@@ -471,7 +477,8 @@ def targets(servers: dict[str, Server], variants: list[str]) -> dict[str, Target
             runtime, body = RUNTIME_VARIANTS[name]
             server = servers[runtime]
             path = f"/v2/models/{SERVED_MODEL}/infer" if body == "v2" else f"/predictions/{SERVED_MODEL}"
-            probe = kserve_probe(server) if isinstance(server, KServeRuntime) else no_probe
+            probe = (kserve_probe(server) if isinstance(server, KServeRuntime) else
+                     torchserve_probe(server, SERVED_MODEL) if isinstance(server, TorchServe) else no_probe)
             out[name] = Target(server.inference_url + path, server.auth(), v2_body if body == "v2" else raw, probe,
                                server.process.pid)
         else:
@@ -532,12 +539,17 @@ def main() -> None:
         started(servers, "torchserve", lambda: start(store, Path(tmp) / "ts", ports=unused_ports(),
                                                      models=machine_models(store)), ts_names, startup)
         runtimes = {RUNTIME_VARIANTS[n][0] for n in variants if n in RUNTIME_VARIANTS}
+        single = Path(tmp) / "single-store"  # the "ours" archive alone, for the other runtimes
+        single.mkdir()
+        (single / f"{SERVED_MODEL}.mar").symlink_to(store / f"{SERVED_MODEL}.mar")
         if "kserve" in runtimes:
-            kstore = Path(tmp) / "kserve-store"  # the "ours" archive alone
-            kstore.mkdir()
-            (kstore / f"{SERVED_MODEL}.mar").symlink_to(store / f"{SERVED_MODEL}.mar")
-            started(servers, "kserve", lambda: start_kserve(kstore, Path(tmp) / "ks", port=free_ports(1)[0],
+            started(servers, "kserve", lambda: start_kserve(single, Path(tmp) / "ks", port=free_ports(1)[0],
                                                             python=args.kserve_python), [SERVED_MODEL], startup)
+        captured = CaptureSettings(Path(tmp) / "captured", sample=1.0, **CAPTURE_CAP)
+        if "torchserve-capture" in runtimes:
+            started(servers, "torchserve-capture",
+                    lambda: start(single, Path(tmp) / "ts-capture", ports=unused_ports(), models=machine_models(single),
+                                  environ=captured.environ()), [SERVED_MODEL], startup)
         if "mlserver" in runtimes:
             if not args.mlserver_python:
                 raise SystemExit("mlserver-v2 needs --mlserver-python (a venv with mlserver==1.7.1 and uvloop<0.22)")
@@ -549,6 +561,8 @@ def main() -> None:
             cells = measure(targets(servers, variants), levels, photos, args.duration, args.warmup, args.rounds)
             results[name] = {"photos": len(photos), "mean_bytes": sum(map(len, photos)) // len(photos),
                              "cells": cells}
+            if "torchserve-capture" in servers:
+                results[name]["capture_folder"] = capture_folder(captured, servers["torchserve-capture"])
         stop_all.close()
         for name, photos in sets.items():
             limits[name].append(in_process_limit(model_dir, photos, limit_duration))
@@ -585,7 +599,24 @@ def main() -> None:
                   f"stages {cell['stages_ms_per_request']}")
         for cell, r in result["vs_stock"].items():
             print(f"  {cell} vs stock: throughput x{r['throughput']}, p50 x{r['p50']}, p99 x{r['p99']}")
+        if "capture_folder" in result:
+            for c in (c for c in levels if f"ours@{c}" in result["cells"]):
+                on, off = (result["cells"][f"{v}@{c}"]["requests_per_s"] for v in ("ours-capture", "ours"))
+                print(f"  capture on / off @{c}: {on} / {off} img/s = {round(on / off, 3) if on and off else None}")
+            print(f"  capture folder after the load: {result['capture_folder']}")
     print(f"saved {args.out}")
+
+
+def capture_folder(settings: CaptureSettings, server: Server) -> dict[str, Any]:
+    """The capture folder after the load, against its cap, and what the server says it dropped."""
+    files = [f for f in settings.folder.rglob("*") if f.is_file() and not f.name.startswith(".")]
+    dropped = {labels.split('reason="')[1].split('"')[0]: value
+               for name, labels, value in prometheus(f"{server.metrics_url}/metrics")
+               if name == CAPTURE_DROPPED and 'reason="' in labels}
+    doc = {"files": len(files), "bytes": sum(f.stat().st_size for f in files), "max_files": settings.max_files,
+           "max_bytes": settings.max_bytes, "dropped": dropped}
+    doc["within_cap"] = doc["files"] <= settings.max_files and doc["bytes"] <= settings.max_bytes
+    return doc
 
 
 def cpu_flags() -> list[str]:
