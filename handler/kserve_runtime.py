@@ -24,6 +24,10 @@ key the same), made otherwise -- and every request but the health checks and /me
 ``Authorization: Bearer <key>``. Bodies over 20 MiB are refused with 413 before they are read, as TorchServe's
 ``max_request_size`` does.
 
+Switching versions is a reload: every serving process watches the store's ``<name>.mar``; when ``jobs serve
+--switch-to`` links another version there, it loads that one off the request path and swaps
+(``ClassifierModel.watch``).
+
 Workers and threads follow ``handler.scheduler.serving_plan`` (processes sharing the port, each with its own
 copy of the model, batching concurrent requests up to the plan's batch size, a lone image on the idle cores).
 This module imports nothing from ``jobs``; ``jobs serve --runtime kserve`` starts it.

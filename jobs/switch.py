@@ -1,4 +1,4 @@
-"""Switch the version a running TorchServe answers with, with no failed request:
+"""Switch the version a running TorchServe or KServe model server answers with, with no failed request:
 ``jobs serve --model-store S --switch-to VERSION`` (rolling back is the same command with the older version).
 
 Every archived version stays in ``S/.versions/<name>-<version>.mar``; ``S/<name>.mar`` is the default, the one a
@@ -6,6 +6,11 @@ server loads when it starts. The switch makes ``S/<name>.mar`` the wanted versio
 running one through TorchServe's management API (loopback, management token) and waits for its workers,
 sets it as the default version, and only then unregisters the others. Requests keep going to the old version
 until the default changes, and to the new one after, so none meets a model without workers.
+
+KServe's model server (``switch_kserve``) has no management API: there the switch is a reload. Linking the wanted
+version as ``S/<name>.mar`` is all it does to the server; each worker process notices, loads the new archive
+beside the one it serves and swaps (``handler.kserve_runtime.ClassifierModel.watch``), and reports what it serves
+in ``<workdir>/serving/``, which the switch waits on.
 """
 
 from __future__ import annotations

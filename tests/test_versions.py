@@ -287,6 +287,11 @@ def test_kserve_switch_and_rollback_under_load_answer_every_request(two_versions
         with pytest.raises(JobError, match=r"could not load classifier 3\.0 .*1\.0 stays the default .*kserve\.out"):
             switch_to(cfg, store, workdir, "3.0")
         assert next_versions() == {"1.0"}, answers[-5:]
+        metrics = requests.get(f"{server.inference_url}/metrics", timeout=10).text
+        counted = {v: sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                          if line.startswith("classifier_answers_total{") and f'model_version="{v}"' in line)
+                   for v in ("1.0", "2.0")}
+        assert counted["1.0"] > 0 and counted["2.0"] > 0, counted  # each version's answers under its own labels
     finally:
         stop.set()
         if loop.is_alive():
