@@ -374,7 +374,9 @@ class ClassifierModel(Model):
                     old.archive.version if old else None, os.getpid())
         self.report()
         if old is not None:
-            threading.Timer(RETIRE_S, old.close).start()
+            retire = threading.Timer(RETIRE_S, old.close)
+            retire.daemon = True  # never holds the process up when it stops
+            retire.start()
 
     def report(self, failed: tuple[int, ...] | None = None, error: str | None = None) -> None:
         """This process's status file: the version and archive it serves, and the archive it could not load."""
