@@ -247,10 +247,15 @@ def test_switch_to_with_no_server_sets_the_stores_default(two_versions: RunPaths
 
 
 @pytest.mark.e2e
-def test_kserve_switch_and_rollback_under_load_answer_every_request(two_versions: RunPaths, tmp_path: Path):
-    """KServe's model server serves 1.0 (two worker processes where the plan says so); a client loop sends V2
-    requests while it switches to 2.0, back to 1.0, and to a broken 3.0 that it refuses, still serving 1.0."""
+@pytest.mark.parametrize("cpus", ["1", None], ids=["one-process", "plans-processes"])
+def test_kserve_switch_and_rollback_under_load_answer_every_request(two_versions: RunPaths, tmp_path: Path,
+                                                                   monkeypatch, cpus: str | None):
+    """KServe's model server serves 1.0 (in its one process, and in the worker processes the machine's plan
+    gives: two on 2 cores); a client loop sends V2 requests while it switches to 2.0, back to 1.0, and to a
+    broken 3.0 that it refuses, still serving 1.0."""
     pytest.importorskip("kserve", reason="the kserve extra is not installed")
+    if cpus:
+        monkeypatch.setenv("JOBS_CPUS", cpus)  # handler.cpus: the plan's cores, in the runtime too
     store, workdir = tmp_path / "model-store", tmp_path / "state"
     shutil.copytree(two_versions.model_store, store)
     link_or_copy(versioned_mar(store, "classifier", "1.0"), store / "classifier.mar")
