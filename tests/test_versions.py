@@ -306,3 +306,33 @@ def test_kserve_switch_and_rollback_under_load_answer_every_request(two_versions
     assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "1.0"
     log = (workdir / "kserve.out").read_text()
     assert "now serving classifier 2.0 (was 1.0)" in log and "could not load" in log
+
+
+def test_kserve_worker_processes_unpacking_the_next_archive_at_once_share_one_folder(tmp_path: Path):
+    """Every worker process of the KServe runtime unpacks the switched-to archive at the same moment: each into a
+    temp folder renamed into place, the first rename wins and the others use it; none sees half a folder."""
+    pytest.importorskip("kserve", reason="the kserve extra is not installed")
+    import zipfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from handler.kserve_runtime import RELOADS, archive_identity, unpack_reload
+
+    def mar(path: Path, version: str) -> Path:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {
+                "modelName": "classifier", "modelVersion": version, "serializedFile": "model.pt"}}))
+            z.writestr("model.pt", b"x" * 100_000)
+        return path
+
+    store, dest = tmp_path / "store", tmp_path / "models"
+    (store / VERSIONS_DIR).mkdir(parents=True)
+    default = store / "classifier.mar"
+    for version in ("1.0", "2.0"):
+        link_or_copy(mar(store / VERSIONS_DIR / f"classifier-{version}.mar", version), default)
+        with ThreadPoolExecutor(8) as pool:
+            archives = list(pool.map(lambda _: unpack_reload(default, dest), range(8)))
+        assert {a.model_dir for a in archives} == {archives[0].model_dir}
+        assert {a.version for a in archives} == {version}
+        assert archives[0].identity == archive_identity(default.stat()) and archives[0].source == default.absolute()
+        assert (archives[0].model_dir / "model.pt").stat().st_size == 100_000
+    assert sorted(p.name.startswith(".") for p in (dest / RELOADS).iterdir()) == [False, False]  # no temp left
