@@ -24,6 +24,10 @@ key the same), made otherwise -- and every request but the health checks and /me
 ``Authorization: Bearer <key>``. Bodies over 20 MiB are refused with 413 before they are read, as TorchServe's
 ``max_request_size`` does.
 
+Switching versions is a reload: every serving process watches the store's ``<name>.mar``; when ``jobs serve
+--switch-to`` links another version there, it loads that one off the request path and swaps
+(``ClassifierModel.watch``).
+
 Workers and threads follow ``handler.scheduler.serving_plan`` (processes sharing the port, each with its own
 copy of the model, batching concurrent requests up to the plan's batch size, a lone image on the idle cores).
 This module imports nothing from ``jobs``; ``jobs serve --runtime kserve`` starts it.
@@ -41,7 +45,9 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 import threading
+import time
 import uuid
 import zipfile
 from collections.abc import AsyncIterator
@@ -62,6 +68,7 @@ from kserve.protocol.infer_type import InferRequest
 
 from handler import scheduler
 from handler.answer_metrics import PrometheusAnswerMetrics
+from handler.model import FX_TRACE
 from handler.observe import Observer
 from handler.preprocess import plain
 from handler.protocol import BadRequest, answer_body, parse_request
@@ -85,23 +92,62 @@ class Archive:
     options: dict[str, Any]
     batch_size: int | None
     max_batch_delay_ms: int | None
+    source: Path | None = None  # the model store's .mar it was unpacked from
+    identity: tuple[int, ...] = ()  # that file's ``archive_identity`` when it was unpacked
+
+
+def archive_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one archive file from another at a path: a switch links another file there (another inode),
+    an archive written over it changes its size or mtime."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def unpack(mar: Path, dest: Path) -> Archive:
     """``mar`` extracted into ``dest/<stem>`` (replaced when the archive is newer); its manifest and settings."""
     folder = dest / mar.stem
     stamp = folder / ".unpacked-from"
+    identity = archive_identity(mar.stat())
     key = f"{mar.resolve()} {mar.stat().st_mtime_ns} {mar.stat().st_size}"
     if not (stamp.is_file() and stamp.read_text() == key):
         with zipfile.ZipFile(mar) as z:
             z.extractall(folder)  # zipfile drops absolute paths and '..' from member names
         stamp.write_text(key)
+    return _read_archive(folder, mar, identity)
+
+
+RELOADS = ".reloads"
+
+
+def unpack_reload(mar: Path, dest: Path) -> Archive:
+    """``mar`` as it is now, extracted into a folder of its own (``dest/.reloads/<stem>-<identity>``): the running
+    version's files stay as they are, and the worker processes that all unpack it at once do not meet -- each
+    extracts into a temp folder and renames it; the first rename wins, the others use the winner's folder."""
+    with open(mar, "rb") as f:  # identity and contents of the same file, whatever is linked there meanwhile
+        identity = archive_identity(os.fstat(f.fileno()))
+        folder = dest / RELOADS / f"{mar.stem}-{'-'.join(map(str, identity[1:]))}"
+        if not (folder / "MAR-INF" / "MANIFEST.json").is_file():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+            try:
+                with zipfile.ZipFile(f) as z:
+                    z.extractall(tmp)
+                try:
+                    os.rename(tmp, folder)
+                except OSError:
+                    if not folder.is_dir():
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return _read_archive(folder, mar, identity)
+
+
+def _read_archive(folder: Path, mar: Path, identity: tuple[int, ...]) -> Archive:
     manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())["model"]
     config = folder / manifest.get("configFile", "model-config.yaml")
     settings = (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
     return Archive(manifest["modelName"], str(manifest.get("modelVersion", "1.0")), folder,
                    folder / manifest["serializedFile"], settings.get("handler") or {},
-                   settings.get("batchSize"), settings.get("maxBatchDelay"))
+                   settings.get("batchSize"), settings.get("maxBatchDelay"), mar.absolute(), identity)
 
 
 class PixelBudget:
@@ -173,7 +219,7 @@ class Batcher:
 
     def _forward(self, requests: list[Parsed]) -> list[list[dict[str, Any]]]:
         inputs = torch.stack([t for r in requests for t in r.tensors])
-        with self.threads.running(len(inputs)):
+        with self.threads.running(len(inputs)), FX_TRACE.shared():
             outputs = self.classifier.forward(inputs)
         per_image = self.classifier.answers(outputs, [r.topk for r in requests for _ in r.tensors])
         out, offset = [], 0
@@ -183,88 +229,221 @@ class Batcher:
         return out
 
 
+@dataclass
+class Served:
+    """One loaded version of a model in this process: everything a request uses from preprocess to postprocess,
+    so that a request begun on one version ends on it when the model switches meanwhile."""
+
+    archive: Archive
+    classifier: ImageClassifier
+    decoders: ThreadPoolExecutor
+    batcher: Batcher
+    observer: Observer
+    budget: PixelBudget | None = None  # made on first use, inside the server's event loop
+
+    def close(self) -> None:
+        """Once no request can still be using it (``RETIRE_S`` after the switch)."""
+        self.decoders.shutdown(wait=False)
+        self.batcher.pool.shutdown(wait=False)
+        if self.observer.capture is not None:
+            self.observer.capture.close()
+
+
+@dataclass
+class Job:
+    """A request between the stages: parsed and decoded, and the version that answers it."""
+
+    req: Parsed
+    served: Served
+
+
+RELOAD_CHECK_S = 0.5  # how often a serving process looks at the store's archive (a stat)
+RETIRE_S = 60.0  # a switched-from version's threads stop this long after the switch: its requests have ended
+STATUS_DIR = "serving"  # in the work folder: one file per serving process, what it serves (``report``)
+
+
 class ClassifierModel(Model):
     """One archive's model in KServe's dataplane: preprocess = parse + admit + decode, predict = the batched
     forward pass and the answers, postprocess = the answer body in the request's own shape.
 
     KServe's multi-process server pickles the registered models into each worker process: the pickle carries
     the archive, not the loaded model, and each process loads its own copy when it is unpickled.
+
+    Switching versions (``jobs serve --switch-to``, which links another archive to the store's ``<name>.mar``):
+    each serving process looks at that file every ``RELOAD_CHECK_S`` (``watch``), loads and warms the archive now
+    there on a thread of its own, off the request path, then swaps ``served`` at once. Requests already begun
+    finish on the version they began on; a broken archive leaves the old version serving and says why in the log
+    and in the process's status file (``workdir/serving/<name>.<pid>.json``, which ``jobs serve`` reads).
     """
 
-    def __init__(self, archive: Archive, plan: scheduler.ServingPlan):
+    def __init__(self, archive: Archive, plan: scheduler.ServingPlan, workdir: Path | None = None):
         super().__init__(archive.name)
-        self.archive, self.plan = archive, plan
-        self.classifier: ImageClassifier | None = None
+        self.archive, self.plan, self.workdir = archive, plan, workdir
+        self.served: Served | None = None
         self.loading: threading.Thread | None = None
+        self.watcher: threading.Thread | None = None
+
+    @property
+    def classifier(self) -> ImageClassifier | None:
+        served = self.served
+        return served.classifier if served is not None else None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"archive": self.archive, "plan": self.plan, "latency_log": self.enable_latency_logging}
+        return {"archive": self.archive, "plan": self.plan, "workdir": self.workdir,
+                "latency_log": self.enable_latency_logging}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["archive"], state["plan"])
+        self.__init__(state["archive"], state["plan"], state.get("workdir"))
         self.enable_latency_logging = state["latency_log"]
         install(kserve_app)  # a worker process imports a fresh kserve.model_server.app
+        _log_in_worker_process()
         # KServe kills a worker process that does not answer its ping within 5 s, and the ping thread starts only
         # after unpickling: load beside it. Requests that arrive meanwhile wait for the load (``loaded``).
         self.ready = True
         MODELS[self.name] = self
-        self.loading = threading.Thread(target=self.load, name=f"load-{self.name}", daemon=True)
+        self.loading = threading.Thread(target=self._load_and_watch, name=f"load-{self.name}", daemon=True)
         self.loading.start()
 
+    def _load_and_watch(self) -> None:
+        self.load()
+        self.watch()
+
     def load(self) -> bool:
-        a, plan = self.archive, self.plan
+        self.served = self._loaded(self.archive)
+        MODELS[self.name] = self
+        self.ready = True
+        return self.ready
+
+    def _loaded(self, a: Archive) -> Served:
+        """``a`` loaded, warmed up and ready to answer (nothing of this process's serving changes)."""
+        plan = self.plan
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         threads, solo = scheduler.torch_threads(a.options.get("torch_threads", "auto"), device)
         if threads and device.type == "cpu":
             torch.set_num_threads(threads)
         classifier = ImageClassifier(a.model_dir, device, a.weights, a.options)
-        classifier.forward(torch.zeros(1, *classifier.meta["input_size"]))  # warm up the kernels
+        with FX_TRACE.shared():
+            classifier.forward(torch.zeros(1, *classifier.meta["input_size"]))  # warm up the kernels
         # Decoding releases the GIL: it runs on its own threads while the forward thread computes.
-        self.decoders = ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode")
-        self.budget: PixelBudget | None = None  # made on first use, inside the server's event loop
+        decoders = ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode")
         delay = a.max_batch_delay_ms if a.max_batch_delay_ms is not None else plan.max_batch_delay_ms
-        self.batcher = Batcher(classifier, scheduler.WorkerThreads(a.model_dir, threads, solo, device.type == "cpu"),
-                               a.batch_size or plan.batch_size, delay / 1000)
-        self.observer = Observer.start(PrometheusAnswerMetrics(a.name, a.version, **classifier.answer_kinds()),
-                                       a.name, a.version)
-        self.classifier = classifier
-        MODELS[self.name] = self
-        self.ready = True
-        logger.info("loaded %s (%s, %s, %d torch threads) in process %d", self.name, classifier.meta["arch"],
-                    classifier.precision, torch.get_num_threads(), os.getpid())
-        return self.ready
+        batcher = Batcher(classifier, scheduler.WorkerThreads(a.model_dir, threads, solo, device.type == "cpu"),
+                          a.batch_size or plan.batch_size, delay / 1000)
+        observer = Observer.start(PrometheusAnswerMetrics(a.name, a.version, **classifier.answer_kinds()),
+                                  a.name, a.version)
+        logger.info("loaded %s %s (%s, %s, %d torch threads) in process %d", a.name, a.version,
+                    classifier.meta["arch"], classifier.precision, torch.get_num_threads(), os.getpid())
+        return Served(a, classifier, decoders, batcher, observer)
 
-    async def loaded(self) -> ImageClassifier:
-        if self.classifier is None and self.loading is not None:
+    def watch(self) -> None:
+        """Follow the store's archive from now on (a serving process, once it has loaded the model)."""
+        if self.workdir is None or self.archive.source is None or self.served is None:
+            return
+        self.report()
+        self.watcher = threading.Thread(target=self._watch, name=f"watch-{self.name}", daemon=True)
+        self.watcher.start()
+
+    def _watch(self) -> None:
+        source, failed = self.archive.source, None
+        while True:
+            time.sleep(RELOAD_CHECK_S)
+            try:
+                identity = archive_identity(source.stat())
+            except OSError:  # being replaced, or gone: the running version stays
+                continue
+            if identity in (self.archive.identity, failed):
+                continue
+            try:
+                self.switch()
+                failed = None
+            except Exception as e:  # noqa: BLE001 -- a broken archive must not stop the version that serves
+                failed = identity
+                error = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                logger.exception("could not load %s as %s's next version (%s); still serving %s %s in process %d",
+                                 source, self.name, error, self.name, self.archive.version, os.getpid())
+                self.report(failed=identity, error=error)
+
+    def switch(self) -> None:
+        """Load the store's archive as it is now beside the version serving, then answer with it."""
+        archive = unpack_reload(self.archive.source, self.workdir / "models")
+        if archive.name != self.name:
+            raise ValueError(f"the archive's model is named {archive.name!r}, not {self.name!r}")
+        served = self._loaded(archive)
+        old, self.served, self.archive = self.served, served, archive
+        logger.info("now serving %s %s (was %s) in process %d", self.name, archive.version,
+                    old.archive.version if old else None, os.getpid())
+        self.report()
+        if old is not None:
+            retire = threading.Timer(RETIRE_S, old.close)
+            retire.daemon = True  # never holds the process up when it stops
+            retire.start()
+
+    def report(self, failed: tuple[int, ...] | None = None, error: str | None = None) -> None:
+        """This process's status file: the version and archive it serves, and the archive it could not load."""
+        folder = self.workdir / STATUS_DIR
+        doc = {"pid": os.getpid(), "model": self.name, "version": self.archive.version,
+               "archive": list(self.archive.identity), "workers": self.plan.workers,
+               "failed_archive": list(failed) if failed else None, "error": error}
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{self.name}.{os.getpid()}.json"
+            tmp = path.with_name(f".{path.name}.part")
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, path)
+        except OSError as e:
+            logger.warning("could not write the status file in %s (%s)", folder, e.strerror)
+
+    async def loaded(self) -> Served:
+        if self.served is None and self.loading is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.loading.join)
-        if self.classifier is None:
+        served = self.served
+        if served is None:
             raise RuntimeError(f"model {self.name} failed to load; see the log")
-        return self.classifier
+        return served
 
     def validate(self, payload: Any) -> Any:
         return payload  # handler.protocol validates every body itself
 
-    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Parsed:
+    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Job:
         headers = headers or {}
-        clf = await self.loaded()
+        served = await self.loaded()
+        clf = served.classifier
         req = parse_request(payload_row(payload), headers)
         req.topk = clf.topk(req.topk)
         req.request_id = req.request_id or headers.get("x-request-id") or uuid.uuid4().hex
         req.pixels = clf.admit(req.images)
-        if self.budget is None:
-            self.budget = PixelBudget(clf.max_batch_pixels)
-        async with self.budget.hold(req.pixels):
-            req.tensors = await asyncio.get_running_loop().run_in_executor(self.decoders, clf.decode, req.images)
-        return req
+        if served.budget is None:
+            served.budget = PixelBudget(clf.max_batch_pixels)
+        async with served.budget.hold(req.pixels):
+            req.tensors = await asyncio.get_running_loop().run_in_executor(served.decoders, _decode, clf,
+                                                                           req.images)
+        return Job(req, served)
 
-    async def predict(self, req: Parsed, headers: dict[str, str] | None = None) -> tuple[Parsed, list[dict]]:
-        per_image = await self.batcher.answers(req)
-        self.observer.answered([(req, per_image)])
-        return req, per_image
+    async def predict(self, job: Job, headers: dict[str, str] | None = None) -> tuple[Job, list[dict]]:
+        per_image = await job.served.batcher.answers(job.req)
+        job.served.observer.answered([(job.req, per_image)])
+        return job, per_image
 
-    def postprocess(self, result: tuple[Parsed, list[dict]], headers: dict[str, str] | None = None) -> dict:
-        req, per_image = result
-        return answer_body(req, per_image, self.name, self.archive.version)
+    def postprocess(self, result: tuple[Job, list[dict]], headers: dict[str, str] | None = None) -> dict:
+        job, per_image = result
+        return answer_body(job.req, per_image, self.name, job.served.archive.version)
+
+
+def _log_in_worker_process() -> None:
+    """A spawned worker process has KServe's logging set up, not ours (``main``'s basicConfig): without this its
+    INFO lines -- the model it loaded, the version it switched to -- never reach the log."""
+    ours = logger  # named __mp_main__ there: the process started as python -m handler.kserve_runtime
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
+def _decode(classifier: ImageClassifier, images: list[bytes]) -> list[torch.Tensor]:
+    with FX_TRACE.shared():  # the transforms are torch modules: not while another model is being traced
+        return classifier.decode(images)
 
 
 MODELS: dict[str, ClassifierModel] = {}  # this process's loaded models, for /predictions/<name>
@@ -455,16 +634,22 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[KEY_ENV] = "" if args.disable_token_auth else inference_key(args.key_file or
                                                                             args.workdir / "key_file.json")
     plan = scheduler.serving_plan(gpus=1 if torch.cuda.is_available() else 0)
-    archives = [unpack(m, args.workdir / "models") for m in mars]
-    models = [ClassifierModel(a, plan) for a in archives]
+    workdir = args.workdir.absolute()
+    for stale in (workdir / STATUS_DIR, workdir / "models" / RELOADS):  # a previous start's
+        shutil.rmtree(stale, ignore_errors=True)
+    archives = [unpack(m, workdir / "models") for m in mars]
+    models = [ClassifierModel(a, plan, workdir) for a in archives]
     install(kserve_app)
     for m in models:
         m.load()  # here too: a model that cannot load stops the server before it listens
-    if plan.workers > 1:  # the worker processes load their own copies; this one only supervises them
-        share_metrics_across_processes(args.workdir)
+    if plan.workers > 1:  # the worker processes load their own copies and watch the store; this one supervises
+        share_metrics_across_processes(workdir)
         MODELS.clear()
         for m in models:
-            m.classifier = m.batcher = None
+            m.served = None
+    else:
+        for m in models:
+            m.watch()
     logger.info("serving %s on %s:%d: %d workers x %d threads (%d for a lone image), batch %d, delay %d ms",
                 ", ".join(a.name for a in archives), args.host, args.port, plan.workers, plan.threads,
                 plan.solo_threads, plan.batch_size, plan.max_batch_delay_ms)

@@ -11,10 +11,13 @@ the penultimate features the out-of-distribution score needs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +139,49 @@ def split(model: nn.Module) -> Classifier:
     return Classifier(backbone, model.get_submodule(path))
 
 
+class TraceGuard:
+    """torch.fx traces a module by patching ``torch.nn.Module.__call__`` for the whole process while it traces:
+    a module called meanwhile on another thread -- a forward pass, a torchvision transform decoding a request --
+    goes through the tracer and fails ("module is not installed as a submodule"). A process that builds a model
+    while it serves (KServe's runtime loading the next version) traces ``alone()``: it waits for the module calls
+    running ``shared()`` to end, and new ones wait for the trace (milliseconds; loading the weights and warming up
+    happen outside it)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._tracing = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._tracing)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                if not self._running:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._tracing)
+            self._tracing = True
+            self._cond.wait_for(lambda: not self._running)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._tracing = False
+                self._cond.notify_all()
+
+
+FX_TRACE = TraceGuard()
+
+
 class _ConvBnTracer(fx.Tracer):
     """Convolutions and BatchNorms (and their subclasses: timm's Conv2dSame, BatchNormAct2d) stay whole."""
 
@@ -155,7 +201,8 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 
     module = copy.deepcopy(module).eval()
     try:
-        graph = _ConvBnTracer().trace(module)
+        with FX_TRACE.alone():
+            graph = _ConvBnTracer().trace(module)
     except Exception as e:  # torch.fx raises many kinds for an untraceable forward
         logger.info("BatchNorm not folded (%s: %s); running %s unfolded", type(e).__name__, e, type(module).__name__)
         return module
@@ -218,7 +265,9 @@ def _int8_prepared(meta: dict, model: nn.Module) -> nn.Module:
     from torch.ao.quantization.quantize_fx import prepare_fx
 
     torch.backends.quantized.engine = "x86"
-    return prepare_fx(model.eval(), get_default_qconfig_mapping("x86"), (torch.zeros(1, *meta["input_size"]),))
+    with FX_TRACE.alone():
+        return prepare_fx(model.eval(), get_default_qconfig_mapping("x86"),
+                          (torch.zeros(1, *meta["input_size"]),))
 
 
 def quantize_int8(meta: dict, model: Classifier, calibration: list[torch.Tensor]) -> nn.Module:

@@ -226,8 +226,8 @@ def archive(config_file: Path | None, out: Path, force: bool, **overrides: Any) 
               help="Return once the models answer, leaving TorchServe running (stop it with --stop).")
 @click.option("--stop", is_flag=True, help="Stop the TorchServe started for this model store.")
 @click.option("--switch-to", "switch_to", metavar="VERSION", default=None,
-              help="Make VERSION (archived in MODEL_STORE/.versions/) the served default of the running TorchServe, "
-                   "with no failed request; an older VERSION rolls back.")
+              help="Make VERSION (archived in MODEL_STORE/.versions/) the served default of the running TorchServe or "
+                   "KServe model server, with no failed request; an older VERSION rolls back.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the inference API binds to.")
 @click.option("--port", type=int, default=8080, show_default=True, help="Inference API port.")
 @click.option("--management-port", type=int, default=8081, show_default=True, help="Management API port (loopback).")

@@ -1,4 +1,4 @@
-"""Switch the version a running TorchServe answers with, with no failed request:
+"""Switch the version a running TorchServe or KServe model server answers with, with no failed request:
 ``jobs serve --model-store S --switch-to VERSION`` (rolling back is the same command with the older version).
 
 Every archived version stays in ``S/.versions/<name>-<version>.mar``; ``S/<name>.mar`` is the default, the one a
@@ -6,23 +6,32 @@ server loads when it starts. The switch makes ``S/<name>.mar`` the wanted versio
 running one through TorchServe's management API (loopback, management token) and waits for its workers,
 sets it as the default version, and only then unregisters the others. Requests keep going to the old version
 until the default changes, and to the new one after, so none meets a model without workers.
+
+KServe's model server (``switch_kserve``) has no management API: there the switch is a reload. Linking the wanted
+version as ``S/<name>.mar`` is all it does to the server; each worker process notices, loads the new archive
+beside the one it serves and swaps (``handler.kserve_runtime.ClassifierModel.watch``), and reports what it serves
+in ``<workdir>/serving/``, which the switch waits on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
 import requests
 
 from handler import scheduler
-from jobs.archive import VERSIONS_DIR, versioned_mar
+from jobs.archive import VERSIONS_DIR, packed_settings, versioned_mar
 from jobs.config import Config
 from jobs.errors import JobError, jobs_command, shown_path
 from jobs.fileio import link_or_copy
 from jobs.serve import KServeRuntime, model_names, parse_properties
 from jobs.versions import version_key
+
+STATUS_DIR = "serving"  # handler.kserve_runtime.STATUS_DIR (that module needs kserve, which jobs does not)
 
 TIMEOUT_S = 30
 # A batch's time, at most: a lone photo takes 30-90 ms on a 2-core CPU, a batch of 4 under load well under 1 s.
@@ -92,10 +101,8 @@ def switch_to(cfg: Config, model_store: Path, workdir: Path, version: str) -> in
         kept = ", ".join(archived_versions(store, name)) or "none"
         raise JobError(f"{mar} does not exist (versions of {name} archived in {store / VERSIONS_DIR}: {kept}); "
                        "pick one of them")
-    if (workdir / KServeRuntime.PID_FILE).is_file():
-        raise JobError("--switch-to works with TorchServe only for now; for KServe's model server stop it, run "
-                       f"`{jobs_command()} serve --model-store {store} --switch-to {version}` with no server running "
-                       "(it sets the store's default), and start it again")
+    if _alive(_pid(workdir / KServeRuntime.PID_FILE)):
+        return switch_kserve(cfg, store, workdir, name, version, model_store)
     if not (workdir / "config.properties").is_file():  # no server: the store's default alone changes
         link_or_copy(mar, store / f"{name}.mar")
         print(f"serve: {name} {version} is the default of {shown_path(store)} (no server running in "
@@ -124,4 +131,84 @@ def switch_to(cfg: Config, model_store: Path, workdir: Path, version: str) -> in
         api.call("DELETE", f"/models/{name}/{old}", timeout=cfg.response_timeout + TIMEOUT_S)
     print(f"serve: {name} {version} is the default now (was {serving}; unregistered {', '.join(others)}); "
           f"back with `{jobs_command()} serve --model-store {model_store} --switch-to {serving}`")
+    return 0
+
+
+# -- KServe's model server (handler/kserve_runtime.py) ------------------------------------------------------------
+
+POLL_S = 0.2
+
+
+def _pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]  # handler.kserve_runtime.archive_identity
+
+
+def serving_processes(workdir: Path, name: str) -> list[dict]:
+    """The status files of the runtime's live serving processes for ``name`` (``ClassifierModel.report``)."""
+    found = []
+    for path in (workdir / STATUS_DIR).glob(f"{name}.*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            doc = json.loads(path.read_text())
+            if doc.get("model") == name and _alive(doc.get("pid")):
+                found.append(doc)
+    return found
+
+
+def switch_kserve(cfg: Config, store: Path, workdir: Path, name: str, version: str, shown_store: Path) -> int:
+    """Link ``version``'s archive as the store's ``<name>.mar``; every worker process of the running KServe
+    runtime notices, loads it beside the version it serves and swaps (handler/kserve_runtime.py,
+    ``ClassifierModel.watch``). Wait until they all serve it; if one cannot load it, link the old archive back
+    (they keep or go back to it) and say why."""
+    log = shown_path(workdir / KServeRuntime.LOGS[0])
+    default = store / f"{name}.mar"
+    before = serving_processes(workdir, name)
+    versions = sorted({p["version"] for p in before}, key=version_key)
+    serving = versions[-1] if len(versions) == 1 else packed_settings(default)[0]["modelVersion"]
+    previous_mar = versioned_mar(store, name, serving)
+    link_or_copy(versioned_mar(store, name, version), default)
+    wanted = _identity(default)
+    timeout = cfg.startup_timeout + TIMEOUT_S
+    deadline = time.monotonic() + timeout
+    while True:
+        live = serving_processes(workdir, name)
+        workers = max([p.get("workers", 1) for p in live] or [1])
+        failed = next((p for p in live if p.get("failed_archive") == wanted), None)
+        done = [p for p in live if p.get("archive") == wanted]
+        if failed is None and len(done) >= workers and len(done) == len(live):
+            break
+        if failed is not None or time.monotonic() > deadline:
+            why = (f"could not load {name} {version} ({failed.get('error')})" if failed is not None else
+                   f"did not serve {name} {version} within {timeout:.0f} s ({len(done)} of {workers} worker "
+                   "processes did)")
+            if serving != version and previous_mar.is_file():
+                link_or_copy(previous_mar, default)  # the processes that did switch go back to it
+                raise JobError(f"KServe's model server {why}; {serving} stays the default and serves; see {log}")
+            raise JobError(f"KServe's model server {why}; see {log}")
+        time.sleep(POLL_S)
+    if serving == version:
+        print(f"serve: {name} {version} is already the default")
+        return 0
+    print(f"serve: {name} {version} is the default now in KServe's model server (was {serving}; "
+          f"{len(done)} worker processes reloaded); back with "
+          f"`{jobs_command()} serve --model-store {shown_store} --switch-to {serving}`")
     return 0

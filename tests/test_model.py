@@ -88,3 +88,33 @@ def test_unknown_arch_is_named():
         build_model("resnet19", 2, "none")
     with pytest.raises(ModelError, match="timm has no model 'resnet19'"):
         build_model("timm/resnet19", 2, "none")
+
+
+def test_module_calls_on_other_threads_wait_while_a_model_is_traced():
+    """A torch.fx trace patches nn.Module.__call__ process-wide: KServe's runtime building the next version while it
+    serves would otherwise fail the requests being decoded or forwarded meanwhile (handler.model.FX_TRACE)."""
+    import threading
+
+    net = torch.nn.Sequential(*[m for _ in range(6) for m in (torch.nn.Conv2d(3, 3, 3, padding=1),
+                                                               torch.nn.BatchNorm2d(3), torch.nn.ReLU())])
+    other, x = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.ReLU()), torch.zeros(1, 3, 8, 8)
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def serving() -> None:
+        while not stop.is_set():
+            try:
+                with served.FX_TRACE.shared():
+                    other(x)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+    thread = threading.Thread(target=serving)
+    thread.start()
+    try:
+        for _ in range(20):
+            served.fold_batchnorm(net)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors[:1]

@@ -4,6 +4,7 @@ default version under a client loop, then the rollback."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
@@ -26,11 +27,11 @@ from jobs.config import RunPaths, load_config
 from jobs.errors import JobError
 from jobs.evaluate import evaluate
 from jobs.export import export
-from jobs.fileio import atomic_write_json
+from jobs.fileio import atomic_write_json, link_or_copy
 from jobs.predict import predict
 from jobs.report import _versions_section
 from jobs.runtime import setup
-from jobs.serve import serve
+from jobs.serve import free_ports, launch_kserve, serve
 from jobs.switch import switch_to
 from jobs.train import train
 from jobs.versions import (
@@ -243,3 +244,95 @@ def test_switch_to_with_no_server_sets_the_stores_default(two_versions: RunPaths
     assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "2.0"
     unknown = jobs_cli(monkeypatch, capsys, "serve", "--model-store", str(store), "--switch-to", "9.0")
     assert unknown.code == 2 and len(unknown.err.splitlines()) == 1 and "1.0, 2.0" in unknown.err, unknown
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("cpus", ["1", None], ids=["one-process", "plans-processes"])
+def test_kserve_switch_and_rollback_under_load_answer_every_request(two_versions: RunPaths, tmp_path: Path,
+                                                                   monkeypatch, cpus: str | None):
+    """KServe's model server serves 1.0 (in its one process, and in the worker processes the machine's plan
+    gives: two on 2 cores); a client loop sends V2 requests while it switches to 2.0, back to 1.0, and to a
+    broken 3.0 that it refuses, still serving 1.0."""
+    pytest.importorskip("kserve", reason="the kserve extra is not installed")
+    if cpus:
+        monkeypatch.setenv("JOBS_CPUS", cpus)  # handler.cpus: the plan's cores, in the runtime too
+    store, workdir = tmp_path / "model-store", tmp_path / "state"
+    shutil.copytree(two_versions.model_store, store)
+    link_or_copy(versioned_mar(store, "classifier", "1.0"), store / "classifier.mar")
+    (store / VERSIONS_DIR / "classifier-3.0.mar").write_bytes(b"not a zip file")
+    cfg = load_config(None, {})
+    server = launch_kserve(cfg, store, workdir, host="127.0.0.1", port=free_ports(1)[0], disable_token_auth=False)
+    answers: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                        "data": [base64.b64encode(PHOTOS[0].read_bytes()).decode()]}]}
+    url = f"{server.inference_url}/v2/models/classifier/infer"
+
+    def client() -> None:
+        while not stop.is_set():
+            r = requests.post(url, json=body, headers=server.auth(), timeout=60)
+            answers.append((r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text))
+
+    def next_versions() -> set:
+        """The versions of the next few answers (not the one in flight now, begun before what just happened)."""
+        start, deadline = len(answers), time.monotonic() + 30
+        while len(answers) < start + 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return {v for _, v in answers[start + 1:]}
+
+    loop = threading.Thread(target=client)
+    try:
+        loop.start()
+        assert next_versions() == {"1.0"}, answers
+        assert switch_to(cfg, store, workdir, "2.0") == 0
+        assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "2.0"  # what a restart serves
+        assert next_versions() == {"2.0"}, answers[-5:]
+        assert switch_to(cfg, store, workdir, "1.0") == 0  # the rollback
+        assert next_versions() == {"1.0"}, answers[-5:]
+        with pytest.raises(JobError, match=r"could not load classifier 3\.0 .*1\.0 stays the default .*kserve\.out"):
+            switch_to(cfg, store, workdir, "3.0")
+        assert next_versions() == {"1.0"}, answers[-5:]
+        metrics = requests.get(f"{server.inference_url}/metrics", timeout=10).text
+        counted = {v: sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                          if line.startswith("classifier_answers_total{") and f'model_version="{v}"' in line)
+                   for v in ("1.0", "2.0")}
+        assert counted["1.0"] > 0 and counted["2.0"] > 0, counted  # each version's answers under its own labels
+    finally:
+        stop.set()
+        if loop.is_alive():
+            loop.join(60)
+        server.stop()
+    assert len(answers) > 10 and {s for s, _ in answers} == {200}, [a for a in answers if a[0] != 200][:5]
+    assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "1.0"
+    log = (workdir / "kserve.out").read_text()
+    assert "now serving classifier 2.0 (was 1.0)" in log and "could not load" in log
+
+
+def test_kserve_worker_processes_unpacking_the_next_archive_at_once_share_one_folder(tmp_path: Path):
+    """Every worker process of the KServe runtime unpacks the switched-to archive at the same moment: each into a
+    temp folder renamed into place, the first rename wins and the others use it; none sees half a folder."""
+    pytest.importorskip("kserve", reason="the kserve extra is not installed")
+    import zipfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from handler.kserve_runtime import RELOADS, archive_identity, unpack_reload
+
+    def mar(path: Path, version: str) -> Path:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {
+                "modelName": "classifier", "modelVersion": version, "serializedFile": "model.pt"}}))
+            z.writestr("model.pt", b"x" * 100_000)
+        return path
+
+    store, dest = tmp_path / "store", tmp_path / "models"
+    (store / VERSIONS_DIR).mkdir(parents=True)
+    default = store / "classifier.mar"
+    for version in ("1.0", "2.0"):
+        link_or_copy(mar(store / VERSIONS_DIR / f"classifier-{version}.mar", version), default)
+        with ThreadPoolExecutor(8) as pool:
+            archives = list(pool.map(lambda _: unpack_reload(default, dest), range(8)))
+        assert {a.model_dir for a in archives} == {archives[0].model_dir}
+        assert {a.version for a in archives} == {version}
+        assert archives[0].identity == archive_identity(default.stat()) and archives[0].source == default.absolute()
+        assert (archives[0].model_dir / "model.pt").stat().st_size == 100_000
+    assert sorted(p.name.startswith(".") for p in (dest / RELOADS).iterdir()) == [False, False]  # no temp left
