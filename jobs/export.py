@@ -19,6 +19,7 @@ import torchvision
 from handler import trust
 from handler.model import is_timm, preprocess_spec
 from jobs import __version__, checkpoints
+from jobs.backends import backends_record
 from jobs.calibrate import fit_trust
 from jobs.config import AUTO_VERSION, Config, RunPaths
 from jobs.data import load_splits
@@ -73,8 +74,8 @@ def _timm_version() -> str:
 
 
 def export(cfg: Config, paths: RunPaths) -> Path:
-    """Write ``model/{model.pt,index_to_name.json,metadata.json}`` and the trust fields' score file; returns the
-    model folder.
+    """Write ``model/{model.pt,index_to_name.json,metadata.json}``, the trust fields' score file and ``model.onnx``
+    (where the architecture exports); returns the model folder.
 
     The architecture, weights and label order come from the checkpoint, never from this command's
     options: ``cfg`` only names and versions the model.
@@ -104,6 +105,7 @@ def export(cfg: Config, paths: RunPaths) -> Path:
     entry = fit_trust(trained, paths, meta, state)  # calibration and "none of these", in the serving precision
     if entry is not None:
         meta["trust"] = entry
+    meta["backends"] = backends_record(paths, meta, state)  # model.onnx, and the engines whose answers hold
     license_summary = _license_summary(paths)
     if license_summary:
         meta["data_licenses"] = license_summary

@@ -1,0 +1,125 @@
+"""The portable graph and the engines behind one interface (issue 28): export writes ``model.onnx`` and admits
+each engine by its answers on val; ``ImageClassifier`` serves on the one ``serve_backend`` names, or the fastest
+admitted one (``auto``), and on torch with one line saying why wherever another cannot be had."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURE_IMAGES, copy_run, run_job
+
+from handler import engines
+from handler.service import ImageClassifier
+from jobs import backends
+from jobs.archive import model_config
+from jobs.config import SERVE_BACKENDS, RunPaths, load_config
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+CPU = torch.device("cpu")
+PHOTOS = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))[:12]
+
+
+def meta_of(model_dir: Path) -> dict:
+    return json.loads((model_dir / "metadata.json").read_text())
+
+
+def answers(model_dir: Path, **options) -> tuple[ImageClassifier, torch.Tensor, list[bool]]:
+    """The classifier ``options`` make, its calibrated probabilities and abstain decisions on ``PHOTOS``."""
+    classifier = ImageClassifier(model_dir, CPU, options=options)
+    outputs = classifier.forward(torch.stack(classifier.decode([p.read_bytes() for p in PHOTOS])))
+    return classifier, outputs.probs, [t.get("abstain") for t in outputs.trust]
+
+
+def test_export_writes_onnx_admits_each_engine_and_the_archive_packs_it(finished_template: Path):
+    model = finished_template / "model"
+    record = meta_of(model)["backends"]
+    assert (model / engines.ONNX_FILE).is_file() and record["onnx"] == engines.ONNX_FILE
+    assert record["gate"] == backends.GATE and record["val_images"] > 0
+    for name in engines.ONNX_ENGINES:
+        assert record[name]["passed"] and backends.passes(record[name]), record[name]
+    with zipfile.ZipFile(finished_template / "model-store" / "classifier.mar") as mar:
+        assert engines.ONNX_FILE in mar.namelist()
+
+
+@pytest.mark.parametrize("backend", engines.ONNX_ENGINES)
+def test_each_engine_answers_as_the_state_dict_does(finished_template: Path, backend: str):
+    model = finished_template / "model"
+    _, reference, ref_abstain = answers(model, backend="torch", precision="fp32")
+    classifier, probs, abstain = answers(model, backend=backend)
+    assert classifier.backend["backend"] == backend and classifier.backend["why"] == f"serve_backend {backend}"
+    assert torch.equal(probs.argmax(1), reference.argmax(1))
+    assert (probs - reference).abs().max() <= 0.01
+    assert abstain == ref_abstain
+
+
+def test_auto_times_the_admitted_engines_and_says_why(finished_template: Path, tmp_path: Path):
+    classifier = ImageClassifier(finished_template / "model", CPU)
+    why = classifier.backend["why"]
+    assert why.startswith("auto: the fastest of ") and all(name in why for name in engines.BACKENDS[1:]), why
+    assert classifier.backend["backend"] in why.split(" of ")[1].split(" img/s")[0]
+    # An export from before the engines (no record, no graph): torch alone, and the line says why.
+    older = Path(shutil.copytree(finished_template / "model", tmp_path / "model"))
+    (older / engines.ONNX_FILE).unlink()
+    meta = meta_of(older)
+    del meta["backends"]
+    (older / "metadata.json").write_text(json.dumps(meta))
+    classifier = ImageClassifier(older, CPU)
+    assert classifier.backend["backend"] == "torch"
+    assert classifier.backend["why"].startswith("auto: torch is the only candidate (onnxruntime: ")
+
+
+def test_a_broken_or_missing_graph_serves_on_torch_with_one_line(finished_template: Path, tmp_path: Path, caplog):
+    model = Path(shutil.copytree(finished_template / "model", tmp_path / "model"))
+    (model / engines.ONNX_FILE).write_bytes(b"not a graph")
+    with caplog.at_level(logging.WARNING, logger="handler.engines"):
+        classifier = ImageClassifier(model, CPU, options={"backend": "onnxruntime"})
+    assert classifier.backend["backend"] == "torch" and "did not load" in classifier.backend["why"]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("serve_backend onnxruntime: it did not load") and line.endswith("serving torch")
+    (model / engines.ONNX_FILE).unlink()
+    classifier = ImageClassifier(model, CPU, options={"backend": "openvino"})
+    assert classifier.backend["backend"] == "torch" and f"{engines.ONNX_FILE} is missing" in classifier.backend["why"]
+
+
+def test_an_arch_that_does_not_export_or_an_engine_that_fails_the_gate_is_not_admitted(
+        finished_template: Path, tmp_path: Path, monkeypatch, capsys):
+    paths = RunPaths(copy_run(finished_template, tmp_path / "run"))
+    meta = meta_of(paths.model)
+    state = torch.load(paths.model / "model.pt", weights_only=True)
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::fancy' to ONNX opset version 17 is not supported\nmore")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.onnx, "export", unsupported)
+        record = backends.backends_record(paths, meta, state)
+    assert record["onnx"] is None and not (paths.model / engines.ONNX_FILE).exists()
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line == ("export: resnet18 does not export to ONNX (RuntimeError: Exporting the operator 'aten::fancy' "
+                    "to ONNX opset version 17 is not supported); it serves on torch only")
+    monkeypatch.setitem(backends.GATE, "max_probability_difference", -1.0)  # no engine can pass it
+    record = backends.backends_record(paths, meta, state)
+    assert not any(record[name]["passed"] for name in engines.ONNX_ENGINES)
+    assert "not admitted" in capsys.readouterr().out
+    assert all(engines.refusal(name, {**meta, "backends": record}, paths.model) for name in engines.ONNX_ENGINES)
+
+
+def test_predict_takes_backend(finished_template: Path):
+    proc = run_job("predict", "--model-dir", str(finished_template / "model"), "--backend", "onnxruntime",
+                   "--topk", "1", *map(str, PHOTOS[:3]))
+    assert "predict: on onnxruntime (fp32): serve_backend onnxruntime" in proc.stderr
+    assert len(proc.stdout.splitlines()) == 3 and "3 images classified" in proc.stderr
+
+
+def test_serve_backend_travels_in_the_archive_and_its_choices_are_the_engines():
+    assert SERVE_BACKENDS == engines.BACKENDS
+    cfg = load_config(None, {"serve_backend": "openvino"})
+    assert model_config(cfg)["handler"]["backend"] == "openvino"
