@@ -123,3 +123,13 @@ def test_serve_backend_travels_in_the_archive_and_its_choices_are_the_engines():
     assert SERVE_BACKENDS == engines.BACKENDS
     cfg = load_config(None, {"serve_backend": "openvino"})
     assert model_config(cfg)["handler"]["backend"] == "openvino"
+
+
+def test_the_serve_image_and_the_tests_install_the_engines_pinned():
+    """The serve image installs the `serve` extra, CI the `test` one (scripts/setup.sh): both carry `backends`."""
+    import tomllib
+    from conftest import REPO
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert all("==" in pin for pin in extras["backends"])
+    assert set(extras["backends"]) <= set(extras["serve"]) and set(extras["backends"]) <= set(extras["test"])
