@@ -230,8 +230,8 @@ class ClassifierModel(Model):
         self.classifier = classifier
         MODELS[self.name] = self
         self.ready = True
-        logger.info("loaded %s (%s, %s, %d torch threads) in process %d", self.name, classifier.meta["arch"],
-                    classifier.precision, torch.get_num_threads(), os.getpid())
+        logger.info("loaded %s (%s, %s %s, %d torch threads) in process %d", self.name, classifier.meta["arch"],
+                    classifier.engine.name, classifier.precision, torch.get_num_threads(), os.getpid())
         return self.ready
 
     async def loaded(self) -> ImageClassifier:
@@ -312,9 +312,12 @@ def _json(body: bytes) -> Any:
 
 
 async def ping(request: Request) -> JSONResponse:
-    """TorchServe's health check: Healthy once this worker process has loaded every model."""
+    """TorchServe's health check: Healthy once this worker process has loaded every model; then also which engine
+    serves each model and why (``ImageClassifier.backend``)."""
     loaded = MODELS and all(m.classifier is not None for m in MODELS.values())
-    return JSONResponse({"status": "Healthy" if loaded else "Unhealthy"}, 200 if loaded else 503)
+    if not loaded:
+        return JSONResponse({"status": "Unhealthy"}, 503)
+    return JSONResponse({"status": "Healthy", "models": {name: m.classifier.backend for name, m in MODELS.items()}})
 
 
 async def bad_request(request: Request, exc: Exception) -> JSONResponse:

@@ -133,3 +133,19 @@ def test_the_serve_image_and_the_tests_install_the_engines_pinned():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert all("==" in pin for pin in extras["backends"])
     assert set(extras["backends"]) <= set(extras["serve"]) and set(extras["backends"]) <= set(extras["test"])
+
+
+def test_the_torchserve_handler_serves_on_the_archives_backend_and_describes_it(finished_template: Path):
+    from torchserve_fixture import batch_context, handle_batch, handler_context
+
+    from handler.classifier_handler import ClassifierHandler
+
+    ctx = handler_context(finished_template / "model", {"backend": "openvino", "torch_threads": 0})
+    handler = ClassifierHandler()
+    handler.initialize(ctx)
+    (answer,) = handle_batch(handler, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+    _, reference, _ = answers(finished_template / "model", backend="torch", precision="fp32")
+    assert abs(answer["predictions"][0]["probability"] - float(reference[0].max())) <= 0.01
+    (described,) = handler.handle([{"body": b""}], batch_context(ctx, [{"describe": "True"}]))
+    assert json.loads(described) == {"arch": "resnet18", "backend": "openvino", "why": "serve_backend openvino",
+                                     "precision": handler.classifier.precision}
