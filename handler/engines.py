@@ -166,11 +166,12 @@ def choose(meta: dict, model_dir: Path, weights: Path, device: torch.device, bac
     candidates = [on_torch(), *loaded]
     if len(candidates) == 1:
         return Choice(candidates[0], f"auto: torch is the only candidate ({'; '.join(refused)})")
+    start = time.perf_counter()
     rates = {engine: images_per_s(engine, meta["input_size"]) for engine in candidates}
     fastest = max(rates, key=rates.get)
     measured = ", ".join(f"{e.name} {e.precision} {r:.0f}" for e, r in rates.items())
     return Choice(fastest, f"auto: the fastest of {measured} img/s ({TIMED_BATCH}-image batches, "
-                           f"{torch.get_num_threads()} threads)")
+                           f"{torch.get_num_threads()} threads, measured in {time.perf_counter() - start:.1f} s)")
 
 
 def _load_onnx(name: str, meta: dict, model_dir: Path, device: torch.device, requested_precision: str) -> Engine:
