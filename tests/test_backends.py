@@ -149,3 +149,39 @@ def test_the_torchserve_handler_serves_on_the_archives_backend_and_describes_it(
     (described,) = handler.handle([{"body": b""}], batch_context(ctx, [{"describe": "True"}]))
     assert json.loads(described) == {"arch": "resnet18", "backend": "openvino", "why": "serve_backend openvino",
                                      "precision": handler.classifier.precision}
+
+
+@pytest.mark.e2e
+def test_both_runtimes_serve_one_archive_on_onnxruntime(finished_template: Path, tmp_path: Path):
+    """A real TorchServe and the KServe runtime on an archive packed with ``serve_backend: onnxruntime``."""
+    import requests
+    from torchserve_fixture import archive_as, unused_ports
+
+    from jobs.serve import free_ports, machine_models, start, start_kserve
+
+    if shutil.which("java") is None:
+        pytest.skip("TorchServe needs Java 17")
+    pytest.importorskip("kserve", reason="the kserve extra is not installed")
+    paths = RunPaths(copy_run(finished_template, tmp_path / "run"))
+    store = tmp_path / "store"
+    archive_as(load_config(None, {}), paths, store, "clf", serve_backend="onnxruntime")
+    _, reference, _ = answers(paths.model, backend="torch", precision="fp32")
+    torchserve = start(store, tmp_path / "ts", ports=unused_ports(), models=machine_models(store))
+    kserve = start_kserve(store, tmp_path / "ks", port=free_ports(1)[0])
+    try:
+        torchserve.wait_ready(["clf"], timeout=240)
+        kserve.wait_ready(["clf"], timeout=240)
+        for server in (torchserve, kserve):
+            r = requests.post(f"{server.inference_url}/predictions/clf", data=PHOTOS[0].read_bytes(),
+                              headers={**server.auth(), "Content-Type": "image/jpeg"}, timeout=60)
+            top = r.json()["predictions"][0]
+            assert top["index"] == int(reference[0].argmax())
+            assert abs(top["probability"] - float(reference[0].max())) <= 0.01
+        described = requests.get(f"{torchserve.management_url}/models/clf?customized=true",
+                                 headers=torchserve.auth("management"), timeout=30).json()[0]
+        assert described["customizedMetadata"]["backend"] == "onnxruntime"  # TorchServe parses the JSON
+        pinged = requests.get(f"{kserve.inference_url}/ping", timeout=10).json()
+        assert pinged["models"]["clf"]["backend"] == "onnxruntime"
+    finally:
+        torchserve.stop()
+        kserve.stop()
