@@ -170,8 +170,10 @@ def choose(meta: dict, model_dir: Path, weights: Path, device: torch.device, bac
     rates = {engine: images_per_s(engine, meta["input_size"]) for engine in candidates}
     fastest = max(rates, key=rates.get)
     measured = ", ".join(f"{e.name} {e.precision} {r:.0f}" for e, r in rates.items())
+    left_out = f"; not candidates: {'; '.join(refused)}" if refused else ""
     return Choice(fastest, f"auto: the fastest of {measured} img/s ({TIMED_BATCH}-image batches, "
-                           f"{torch.get_num_threads()} threads, measured in {time.perf_counter() - start:.1f} s)")
+                           f"{torch.get_num_threads()} threads, measured in {time.perf_counter() - start:.1f} s)"
+                           f"{left_out}")
 
 
 def _load_onnx(name: str, meta: dict, model_dir: Path, device: torch.device, requested_precision: str) -> Engine:
