@@ -2,12 +2,12 @@
 
 The graph is the served ``Classifier`` (BatchNorm folded) traced with a dynamic batch, its two outputs the
 penultimate features and the logits, as ``handler.model.Classifier.forward`` returns them. Each engine
-(``handler.engines``: ONNX Runtime fp32; OpenVINO in its bf16 where the CPU has it, else fp32) then runs
+(``handler.engines``: ONNX Runtime fp32; OpenVINO in its bf16 where the CPU has it, and in fp32) then runs
 the val split, decoded once for all of them, beside the state_dict in fp32, and is admitted only where its
 answers are the same: top-1 agreement, the largest difference of a calibrated probability, and the same
-abstain decisions (``GATE``). ``metadata.json["backends"]`` records each verdict with its figures; the
-server chooses among the admitted engines (``serve_backend``). An architecture that does not export says so
-in one line and serves on torch as before.
+abstain decisions (``GATES``: in bf16, the gate bf16 autocast passes). ``metadata.json["backends"]``
+records each verdict with its figures; the server chooses among the admitted engines (``serve_backend``).
+An architecture that does not export says so in one line and serves on torch as before.
 """
 
 from __future__ import annotations
@@ -29,8 +29,12 @@ from jobs.fileio import atomic_write_bytes
 
 CPU = torch.device("cpu")
 OPSET = 17  # ONNX Runtime 1.32 and OpenVINO 2026.4 both run it in full
-# The same answers as the state_dict, on the val split (issue 28's bar for every backend).
-GATE = {"min_top1_agreement": 0.995, "max_probability_difference": 0.01, "min_abstain_agreement": 0.99}
+# Per precision, how close to the state_dict's fp32 answers on the val split an engine must come. fp32: the
+# same answers (the same function, rounded otherwise; issue 28's bar). bf16: the gate bf16 autocast passes
+# (jobs/parity.py); its probabilities move by up to 0.03 and its abstain decisions by a few images, in
+# PyTorch and OpenVINO alike (EfficientNet-Lite0 on 97 hymenoptera val photos), so those are recorded only.
+GATES = {"fp32": {"min_top1_agreement": 0.995, "max_probability_difference": 0.01, "min_abstain_agreement": 0.99},
+         "bf16": {"min_top1_agreement": precision.BF16_MIN_AGREEMENT}}
 
 
 def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor]) -> dict:
@@ -49,7 +53,7 @@ def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor])
         print(f"export: {reason}; it serves on torch only")
         return {"onnx": None, "reason": reason}
     items = split_items(load_splits(paths), "val")
-    record: dict = {"onnx": engines.ONNX_FILE, "val_images": len(items), "gate": GATE}
+    record: dict = {"onnx": engines.ONNX_FILE, "val_images": len(items), "gates": GATES}
     if not items:
         print("export: no val images: no engine but torch is admitted")
         return {**record, **{name: {"passed": False, "reason": "no val images"} for name in engines.ONNX_ENGINES}}
@@ -65,12 +69,13 @@ def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor])
     ref = _joined(ref_parts)
     figures = {key: agreement(ref, _joined(got), trust) for key, got in parts.items()}
     for name in engines.ONNX_ENGINES:
-        checked = [(prec, figures[(name, prec)]) for n, prec in candidates if n == name]
-        passing = [(prec, f) for prec, f in checked if passes(f)]
+        checked = {prec: {"passed": passes(figures[(n, prec)], GATES[prec]), **figures[(n, prec)]}
+                   for n, prec in candidates if n == name}
         if checked:  # the first precision that passes serves (bf16 before fp32), else the first one's figures
-            prec, f = (passing or checked)[0]
-            record[name] = {"passed": bool(passing), "precision": prec, **f,
-                            **({} if passing else {"reason": "answers differ from the state_dict's beyond the gate"})}
+            prec = next((p for p, c in checked.items() if c["passed"]), next(iter(checked)))
+            record[name] = {"precision": prec, **checked[prec], "checked": checked}
+            if not record[name]["passed"]:
+                record[name]["reason"] = "answers differ from the state_dict's beyond the gate"
     verdicts = "; ".join(f"{name} {_verdict(record[name])}" for name in engines.ONNX_ENGINES)
     print(f"export: {onnx_file.name} on {len(items)} val images against the state_dict: {verdicts} "
           f"({time.perf_counter() - start:.1f} s)")
@@ -118,10 +123,11 @@ def agreement(reference: tuple[torch.Tensor, torch.Tensor], got: tuple[torch.Ten
             "abstain_agreement": round(float((ref_abstain == abstain).float().mean()), 4)}
 
 
-def passes(figures: dict) -> bool:
-    return (figures["top1_agreement"] >= GATE["min_top1_agreement"]
-            and figures["max_probability_difference"] <= GATE["max_probability_difference"]
-            and figures["abstain_agreement"] >= GATE["min_abstain_agreement"])
+def passes(figures: dict, gate: dict) -> bool:
+    """``figures`` (``agreement``) within ``gate`` (one of ``GATES``; a bound it does not name holds)."""
+    return (figures["top1_agreement"] >= gate["min_top1_agreement"]
+            and figures["max_probability_difference"] <= gate.get("max_probability_difference", float("inf"))
+            and figures["abstain_agreement"] >= gate.get("min_abstain_agreement", 0.0))
 
 
 def _answers(features: torch.Tensor, logits: torch.Tensor, trust: Trust | None) -> tuple[torch.Tensor, torch.Tensor]:

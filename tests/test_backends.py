@@ -42,9 +42,11 @@ def test_export_writes_onnx_admits_each_engine_and_the_archive_packs_it(finished
     model = finished_template / "model"
     record = meta_of(model)["backends"]
     assert (model / engines.ONNX_FILE).is_file() and record["onnx"] == engines.ONNX_FILE
-    assert record["gate"] == backends.GATE and record["val_images"] > 0
+    assert record["gates"] == backends.GATES and record["val_images"] > 0
     for name in engines.ONNX_ENGINES:
-        assert record[name]["passed"] and backends.passes(record[name]), record[name]
+        checked = record[name]
+        assert checked["passed"] and backends.passes(checked, backends.GATES[checked["precision"]]), checked
+    assert record[engines.ONNXRUNTIME]["precision"] == "fp32"
     with zipfile.ZipFile(finished_template / "model-store" / "classifier.mar") as mar:
         assert engines.ONNX_FILE in mar.namelist()
 
@@ -105,7 +107,8 @@ def test_an_arch_that_does_not_export_or_an_engine_that_fails_the_gate_is_not_ad
     (line,) = capsys.readouterr().out.splitlines()
     assert line == ("export: resnet18 does not export to ONNX (RuntimeError: Exporting the operator 'aten::fancy' "
                     "to ONNX opset version 17 is not supported); it serves on torch only")
-    monkeypatch.setitem(backends.GATE, "max_probability_difference", -1.0)  # no engine can pass it
+    for gate in backends.GATES.values():
+        monkeypatch.setitem(gate, "min_top1_agreement", 1.1)  # no engine can pass it
     record = backends.backends_record(paths, meta, state)
     assert not any(record[name]["passed"] for name in engines.ONNX_ENGINES)
     assert "not admitted" in capsys.readouterr().out
