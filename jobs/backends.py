@@ -3,11 +3,12 @@
 The graph is the served ``Classifier`` (BatchNorm folded) traced with a dynamic batch, its two outputs the
 penultimate features and the logits, as ``handler.model.Classifier.forward`` returns them. Each engine
 (``handler.engines``: ONNX Runtime fp32; OpenVINO in its bf16 where the CPU has it, and in fp32) then runs
-the val split, decoded once for all of them, beside the state_dict in fp32, and is admitted only where its
-answers are the same: top-1 agreement, the largest difference of a calibrated probability, and the same
-abstain decisions (``GATES``: in bf16, the gate bf16 autocast passes). ``metadata.json["backends"]``
-records each verdict with its figures; the server chooses among the admitted engines (``serve_backend``).
-An architecture that does not export says so in one line and serves on torch as before.
+the val split, decoded once for all of them, and is compared with the state_dict's fp32 outputs that the bf16
+check computed (no second PyTorch pass). It is admitted only where its answers are the same: top-1
+agreement, the largest difference of a calibrated probability, and the same abstain decisions (``GATES``: in
+bf16, the gate bf16 autocast passes). ``metadata.json["backends"]`` records each verdict with its figures;
+the server chooses among the admitted engines (``serve_backend``). An architecture that does not export
+says so in one line and serves on torch as before.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from handler.trust import Trust
 from jobs.config import RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
 from jobs.fileio import atomic_write_bytes
+from jobs.parity import Outputs
 
 CPU = torch.device("cpu")
 OPSET = 17  # ONNX Runtime 1.32 and OpenVINO 2026.4 both run it in full
@@ -37,37 +39,35 @@ GATES = {"fp32": {"min_top1_agreement": 0.995, "max_probability_difference": 0.0
          "bf16": {"min_top1_agreement": precision.BF16_MIN_AGREEMENT}}
 
 
-def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor]) -> dict:
-    """``metadata.json["backends"]``: writes ``model.onnx`` and checks each engine on it against the state_dict.
+def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], val_fp32: Outputs | None) -> dict:
+    """``metadata.json["backends"]``: writes ``model.onnx`` and checks each engine on it against the state_dict's
+    fp32 outputs on the val split, ``val_fp32`` (the bf16 check's: ``jobs.parity.precision_record``).
 
     Runs after the trust fit: the abstain decisions compared are the served ones (``meta["trust"]``).
     """
     onnx_file = paths.model / engines.ONNX_FILE
     onnx_file.unlink(missing_ok=True)  # a previous export's graph belongs to other weights
-    reference = models.build_model(meta, state, CPU)
     start = time.perf_counter()
     try:
-        write_onnx(reference, meta["input_size"], onnx_file)
+        write_onnx(models.build_model(meta, state, CPU), meta["input_size"], onnx_file)
     except Exception as e:  # noqa: BLE001 -- the tracer and the exporter raise many kinds for one unsupported op
         reason = f"{meta['arch']} does not export to ONNX ({type(e).__name__}: {_first_line(e)})"
         print(f"export: {reason}; it serves on torch only")
         return {"onnx": None, "reason": reason}
-    items = split_items(load_splits(paths), "val")
+    items = split_items(load_splits(paths), "val")  # in the order of val_fp32
     record: dict = {"onnx": engines.ONNX_FILE, "val_images": len(items), "gates": GATES}
-    if not items:
+    if val_fp32 is None:
         print("export: no val images: no engine but torch is admitted")
         return {**record, **{name: {"passed": False, "reason": "no val images"} for name in engines.ONNX_ENGINES}}
     candidates, refused = _candidates(onnx_file)
     record.update(refused)
     loader = make_loader(ImageFiles(paths.out, items, Preprocessor(meta["preprocess"])), 32, 0)
-    ref_parts, parts = [], {key: [] for key in candidates}
+    parts = {key: [] for key in candidates}
     for x, _ in loader:
-        ref_parts.append(models.forward(reference, x, CPU, None))
         for key, engine in candidates.items():
             parts[key].append(engine.run(x))
     trust = Trust.from_metadata(paths.model, meta["trust"]) if meta.get("trust") else None
-    ref = _joined(ref_parts)
-    figures = {key: agreement(ref, _joined(got), trust) for key, got in parts.items()}
+    figures = {key: agreement(val_fp32, _joined(got), trust) for key, got in parts.items()}
     for name in engines.ONNX_ENGINES:
         checked = {prec: {"passed": passes(figures[(n, prec)], GATES[prec]), **figures[(n, prec)]}
                    for n, prec in candidates if n == name}
@@ -114,8 +114,7 @@ def _candidates(onnx_file: Path) -> tuple[dict[tuple[str, str], engines.Engine],
     return loaded, refused
 
 
-def agreement(reference: tuple[torch.Tensor, torch.Tensor], got: tuple[torch.Tensor, torch.Tensor],
-              trust: Trust | None) -> dict:
+def agreement(reference: Outputs, got: Outputs, trust: Trust | None) -> dict:
     """Top-1 agreement, the largest probability difference and the share of equal abstain decisions."""
     (ref_p, ref_abstain), (p, abstain) = (_answers(*outputs, trust) for outputs in (reference, got))
     return {"top1_agreement": round(float((ref_p.argmax(1) == p.argmax(1)).float().mean()), 4),
@@ -138,7 +137,7 @@ def _answers(features: torch.Tensor, logits: torch.Tensor, trust: Trust | None) 
     return probs, torch.tensor([f["abstain"] for f in fields], dtype=torch.bool)
 
 
-def _joined(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _joined(parts: list[Outputs]) -> Outputs:
     return torch.cat([f for f, _ in parts]), torch.cat([z for _, z in parts])
 
 

@@ -19,6 +19,7 @@ from handler.service import ImageClassifier
 from jobs import backends
 from jobs.archive import model_config
 from jobs.config import SERVE_BACKENDS, RunPaths, load_config
+from jobs.parity import bf16_parity
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -96,20 +97,22 @@ def test_an_arch_that_does_not_export_or_an_engine_that_fails_the_gate_is_not_ad
     paths = RunPaths(copy_run(finished_template, tmp_path / "run"))
     meta = meta_of(paths.model)
     state = torch.load(paths.model / "model.pt", weights_only=True)
+    _, val_fp32 = bf16_parity(paths, meta, state)
+    capsys.readouterr()  # the bf16 check's own line
 
     def unsupported(*args, **kwargs):
         raise RuntimeError("Exporting the operator 'aten::fancy' to ONNX opset version 17 is not supported\nmore")
 
     with monkeypatch.context() as patch:
         patch.setattr(torch.onnx, "export", unsupported)
-        record = backends.backends_record(paths, meta, state)
+        record = backends.backends_record(paths, meta, state, val_fp32)
     assert record["onnx"] is None and not (paths.model / engines.ONNX_FILE).exists()
     (line,) = capsys.readouterr().out.splitlines()
     assert line == ("export: resnet18 does not export to ONNX (RuntimeError: Exporting the operator 'aten::fancy' "
                     "to ONNX opset version 17 is not supported); it serves on torch only")
     for gate in backends.GATES.values():
         monkeypatch.setitem(gate, "min_top1_agreement", 1.1)  # no engine can pass it
-    record = backends.backends_record(paths, meta, state)
+    record = backends.backends_record(paths, meta, state, val_fp32)
     assert not any(record[name]["passed"] for name in engines.ONNX_ENGINES)
     assert "not admitted" in capsys.readouterr().out
     assert all(engines.refusal(name, {**meta, "backends": record}, paths.model) for name in engines.ONNX_ENGINES)
