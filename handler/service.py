@@ -2,7 +2,8 @@
 ``jobs predict``. It knows nothing of any server: bytes in, per-image answers out.
 
 ``ImageClassifier`` reads ``metadata.json`` (the contract with training), builds the model in the
-precision the export chose for this kind of machine, refuses images over the pixel limits from their
+precision the export chose for this kind of machine on the engine ``serve_backend`` picks
+(``handler.engines``), refuses images over the pixel limits from their
 headers alone, decodes, and turns logits into calibrated top-k answers with the trust fields.
 """
 
