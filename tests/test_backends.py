@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -39,6 +40,14 @@ def answers(model_dir: Path, **options) -> tuple[ImageClassifier, torch.Tensor, 
     return classifier, outputs.probs, [t.get("abstain") for t in outputs.trust]
 
 
+@pytest.fixture(scope="module")
+def state_dict_answers(finished_template: Path) -> tuple[torch.Tensor, list[bool]]:
+    """The exported state_dict's probabilities and abstain decisions on ``PHOTOS``, in fp32: what every engine
+    is compared with."""
+    _, probs, abstain = answers(finished_template / "model", backend="torch", precision="fp32")
+    return probs, abstain
+
+
 def test_export_writes_onnx_admits_each_engine_and_the_archive_packs_it(finished_template: Path):
     model = finished_template / "model"
     record = meta_of(model)["backends"]
@@ -53,10 +62,9 @@ def test_export_writes_onnx_admits_each_engine_and_the_archive_packs_it(finished
 
 
 @pytest.mark.parametrize("backend", engines.ONNX_ENGINES)
-def test_each_engine_answers_as_the_state_dict_does(finished_template: Path, backend: str):
-    model = finished_template / "model"
-    _, reference, ref_abstain = answers(model, backend="torch", precision="fp32")
-    classifier, probs, abstain = answers(model, backend=backend)
+def test_each_engine_answers_as_the_state_dict_does(finished_template: Path, state_dict_answers, backend: str):
+    reference, ref_abstain = state_dict_answers
+    classifier, probs, abstain = answers(finished_template / "model", backend=backend)
     assert classifier.backend["backend"] == backend and classifier.backend["why"] == f"serve_backend {backend}"
     assert torch.equal(probs.argmax(1), reference.argmax(1))
     assert (probs - reference).abs().max() <= 0.01
@@ -77,6 +85,15 @@ def test_auto_times_the_admitted_engines_and_says_why(finished_template: Path, t
     classifier = ImageClassifier(older, CPU)
     assert classifier.backend["backend"] == "torch"
     assert classifier.backend["why"].startswith("auto: torch is the only candidate (onnxruntime: ")
+
+
+def test_an_engine_that_is_not_installed_is_no_candidate(finished_template: Path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what an absent package looks like to import
+    classifier = ImageClassifier(finished_template / "model", CPU)
+    assert classifier.backend["backend"] != "openvino"
+    assert classifier.backend["why"].endswith("; not candidates: openvino: it did not load (ModuleNotFoundError: "
+                                              "import of openvino halted; None in sys.modules)"), classifier.backend
+
 
 
 def test_a_broken_or_missing_graph_serves_on_torch_with_one_line(finished_template: Path, tmp_path: Path, caplog):
@@ -141,7 +158,8 @@ def test_the_serve_image_and_the_tests_install_the_engines_pinned():
     assert set(extras["backends"]) <= set(extras["serve"]) and set(extras["backends"]) <= set(extras["test"])
 
 
-def test_the_torchserve_handler_serves_on_the_archives_backend_and_describes_it(finished_template: Path):
+def test_the_torchserve_handler_serves_on_the_archives_backend_and_describes_it(finished_template: Path,
+                                                                              state_dict_answers):
     from torchserve_fixture import batch_context, handle_batch, handler_context
 
     from handler.classifier_handler import ClassifierHandler
@@ -150,7 +168,7 @@ def test_the_torchserve_handler_serves_on_the_archives_backend_and_describes_it(
     handler = ClassifierHandler()
     handler.initialize(ctx)
     (answer,) = handle_batch(handler, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
-    _, reference, _ = answers(finished_template / "model", backend="torch", precision="fp32")
+    reference, _ = state_dict_answers
     assert abs(answer["predictions"][0]["probability"] - float(reference[0].max())) <= 0.01
     (described,) = handler.handle([{"body": b""}], batch_context(ctx, [{"describe": "True"}]))
     assert json.loads(described) == {"arch": "resnet18", "backend": "openvino", "why": "serve_backend openvino",
@@ -158,7 +176,7 @@ def test_the_torchserve_handler_serves_on_the_archives_backend_and_describes_it(
 
 
 @pytest.mark.e2e
-def test_both_runtimes_serve_one_archive_on_onnxruntime(finished_template: Path, tmp_path: Path):
+def test_both_runtimes_serve_one_archive_on_onnxruntime(finished_template: Path, state_dict_answers, tmp_path: Path):
     """A real TorchServe and the KServe runtime on an archive packed with ``serve_backend: onnxruntime``."""
     import requests
     from torchserve_fixture import archive_as, unused_ports
@@ -171,7 +189,7 @@ def test_both_runtimes_serve_one_archive_on_onnxruntime(finished_template: Path,
     paths = RunPaths(copy_run(finished_template, tmp_path / "run"))
     store = tmp_path / "store"
     archive_as(load_config(None, {}), paths, store, "clf", serve_backend="onnxruntime")
-    _, reference, _ = answers(paths.model, backend="torch", precision="fp32")
+    reference, _ = state_dict_answers
     torchserve = start(store, tmp_path / "ts", ports=unused_ports(), models=machine_models(store))
     kserve = start_kserve(store, tmp_path / "ks", port=free_ports(1)[0])
     try:
