@@ -277,7 +277,8 @@ def predict(model_dir: Path, topk: int | None, output: Path | None, batch_size: 
     predicting.check_output(output)
     # Decode workers take cores from the forward pass: on 2 cores none is fastest (bench/README.md, predict).
     results = predicting.predict(model_dir, inputs, topk, batch_size, min(4, usable_cpus() // 4),
-                                 pick_device(device, 0), progress=sys.stderr.isatty(), backend=backend)
+                                 pick_device(device, 0), progress=sys.stderr.isatty(), backend=backend,
+                                 say_backend=True)
     summary = predicting.write_results(results, output)
     where = f"; results in {output}" if output else ""
     first = summary.first_error

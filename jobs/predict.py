@@ -95,12 +95,13 @@ class Summary:
 
 def predict(model_dir: Path, inputs: Iterable[str | Path], topk: int | None = None, batch_size: int = 32,
             num_workers: int = 0, device: torch.device | None = None, progress: bool = False,
-            backend: str = "auto") -> Iterator[dict[str, Any]]:
+            backend: str = "auto", say_backend: bool = False) -> Iterator[dict[str, Any]]:
     """One result per input file, in order: the server's answer (``predictions`` and the trust fields) and
-    ``probabilities`` for every class, or ``error``."""
+    ``probabilities`` for every class, or ``error``. ``say_backend``: one line on stderr naming the engine."""
     classifier = load_classifier(model_dir, device, backend)
-    chosen = classifier.backend
-    print(f"predict: on {chosen['backend']} ({chosen['precision']}): {chosen['why']}", file=sys.stderr)
+    if say_backend:
+        chosen = classifier.backend
+        print(f"predict: on {chosen['backend']} ({chosen['precision']}): {chosen['why']}", file=sys.stderr)
     files = expand_inputs(inputs)
     k = classifier.topk(topk)
     loader = DataLoader(_Decoded(files, classifier), batch_size=batch_size, num_workers=num_workers,
