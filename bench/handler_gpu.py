@@ -83,7 +83,7 @@ def main() -> None:
                 continue
 
             def forward_step(dtype: torch.dtype | None = dtype) -> int:
-                models.forward(handler.classifier.model, inputs, device, dtype)
+                models.forward(handler.classifier.engine.model, inputs, device, dtype)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 return len(inputs)

@@ -6,6 +6,7 @@ here, so what the job evaluated is what the server runs. It never imports ``jobs
 - ``model``: models by name (torchvision or ``timm/<name>``), the served model built from ``metadata.json``
 - ``preprocess``: decoding and the transforms, from the spec ``metadata.json`` records
 - ``precision``: bf16 where the hardware has it and the export allowed it
+- ``engines``: what runs the model (PyTorch, ONNX Runtime, OpenVINO) behind one interface, chosen per machine
 - ``service``: ``ImageClassifier``, bytes in, calibrated answers with the trust fields out
 - ``protocol``: request bodies and answer bodies (raw, multipart, JSON, KServe v1/v2)
 - ``scheduler`` and ``cpus``: workers, threads and batching for the machine that serves

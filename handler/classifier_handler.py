@@ -14,6 +14,7 @@ reaches the worker (only the body, multipart/form fields and headers arrive).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -81,14 +82,17 @@ class ClassifierHandler(BaseHandler):
         self.observer = Observer.start(metrics, self.model_name, self.model_version)
         self.initialized = True
         meta = self.classifier.meta
-        logger.info("loaded %s with %d classes on %s (%s, %d torch threads; serving package %s)", meta["arch"],
-                    len(meta["classes"]), device, self.classifier.precision, torch.get_num_threads(),
+        logger.info("loaded %s with %d classes on %s (%s %s, %d torch threads; serving package %s)", meta["arch"],
+                    len(meta["classes"]), device, self.classifier.engine.name, self.classifier.precision,
+                    torch.get_num_threads(),
                     Path(handler.__file__).parent)
 
     def handle(self, data: list[Any], context: Any) -> list[Any]:
         """preprocess -> inference -> postprocess, with per-request errors and per-stage time metrics."""
         start = time.perf_counter()
         self.context = context
+        if self._is_describe():  # the management API's GET /models/<name>?customized=true
+            return [json.dumps(self.describe_handle())]
         try:
             batch = self.preprocess(data)
             decoded = time.perf_counter()
@@ -103,6 +107,10 @@ class ClassifierHandler(BaseHandler):
         metrics.add_time("ForwardTime", round((forwarded - decoded) * 1000, 2), None, "ms")
         metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
         return out
+
+    def describe_handle(self) -> dict[str, Any]:
+        """The model's ``customizedMetadata``: which engine serves it, in which precision, and why."""
+        return {"arch": self.classifier.meta["arch"], **self.classifier.backend}
 
     def preprocess(self, data: list[Any]) -> Batch:
         """Parse every request, admit them within the batch's pixel budget, then decode the admitted ones."""

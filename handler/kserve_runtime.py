@@ -331,8 +331,9 @@ class ClassifierModel(Model):
                           a.batch_size or plan.batch_size, delay / 1000)
         observer = Observer.start(PrometheusAnswerMetrics(a.name, a.version, **classifier.answer_kinds()),
                                   a.name, a.version)
-        logger.info("loaded %s %s (%s, %s, %d torch threads) in process %d", a.name, a.version,
-                    classifier.meta["arch"], classifier.precision, torch.get_num_threads(), os.getpid())
+        logger.info("loaded %s %s (%s, %s %s, %d torch threads) in process %d", a.name, a.version,
+                    classifier.meta["arch"], classifier.engine.name, classifier.precision, torch.get_num_threads(),
+                    os.getpid())
         return Served(a, classifier, decoders, batcher, observer)
 
     def watch(self) -> None:
@@ -491,9 +492,12 @@ def _json(body: bytes) -> Any:
 
 
 async def ping(request: Request) -> JSONResponse:
-    """TorchServe's health check: Healthy once this worker process has loaded every model."""
+    """TorchServe's health check: Healthy once this worker process has loaded every model; then also which engine
+    serves each model and why (``ImageClassifier.backend``)."""
     loaded = MODELS and all(m.classifier is not None for m in MODELS.values())
-    return JSONResponse({"status": "Healthy" if loaded else "Unhealthy"}, 200 if loaded else 503)
+    if not loaded:
+        return JSONResponse({"status": "Unhealthy"}, 503)
+    return JSONResponse({"status": "Healthy", "models": {name: m.classifier.backend for name, m in MODELS.items()}})
 
 
 async def bad_request(request: Request, exc: Exception) -> JSONResponse:

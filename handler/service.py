@@ -2,7 +2,8 @@
 ``jobs predict``. It knows nothing of any server: bytes in, per-image answers out.
 
 ``ImageClassifier`` reads ``metadata.json`` (the contract with training), builds the model in the
-precision the export chose for this kind of machine, refuses images over the pixel limits from their
+precision the export chose for this kind of machine on the engine ``serve_backend`` picks
+(``handler.engines``), refuses images over the pixel limits from their
 headers alone, decodes, and turns logits into calibrated top-k answers with the trust fields.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from handler import model as models
+from handler import engines
 from handler.preprocess import Preprocessor, image_header
 from handler.protocol import BadRequest, parse_topk, where
 from handler.trust import LOW_CONFIDENCE, UNLIKE_TRAINING, Trust
@@ -47,8 +48,9 @@ class ImageClassifier:
     """``model_dir`` holds ``metadata.json``, the weights file and what the trust fields need.
 
     ``options`` (all optional): topk, max_image_pixels, max_batch_pixels, precision (auto, fp32, bf16,
-    fp16), min_confidence (abstain below this calibrated top probability; overrides the export's) -- the
-    archive's model-config ``handler`` section, or a runtime's settings.
+    fp16), backend (``handler.engines.BACKENDS``: the engine that runs the model), min_confidence (abstain below
+    this calibrated top probability; overrides the export's) -- the archive's model-config ``handler`` section,
+    or a runtime's settings.
     """
 
     def __init__(self, model_dir: Path, device: torch.device, weights: Path | None = None,
@@ -66,9 +68,11 @@ class ImageClassifier:
         Image.init()  # register every Pillow format now, not during the first request
         self.preprocessor = Preprocessor(self.meta["preprocess"])
         self.device = device
-        self.model, self.amp_dtype, self.precision = models.load_serving_model(
-            self.meta, self.model_dir, weights or self.model_dir / "model.pt", device,
-            str(options.get("precision", "auto")))
+        choice = engines.choose(self.meta, self.model_dir, weights or self.model_dir / "model.pt", device,
+                                str(options.get("backend") or "auto"), str(options.get("precision") or "auto"))
+        self.engine, self.precision = choice.engine, choice.engine.precision
+        self.backend = engines.describe(choice)  # which engine serves, in which precision, and why
+        logger.info("backend %s (%s): %s", self.engine.name, self.precision, choice.why)
         # Calibration and "none of these", as the export fit them; an archive from before them answers without.
         self.trust = Trust.from_metadata(self.model_dir, self.meta["trust"]) if self.meta.get("trust") else None
         if self.trust is not None and options.get("min_confidence") is not None:
@@ -127,7 +131,7 @@ class ImageClassifier:
     def forward(self, batch: torch.Tensor) -> Outputs:
         if not len(batch):  # every request of the batch was refused
             return Outputs(torch.zeros(0, len(self.classes)), torch.zeros(0, len(self.classes)), [])
-        features, logits = models.forward(self.model, batch, self.device, self.amp_dtype)
+        features, logits = self.engine.run(batch)
         if self.trust is None:
             return Outputs(logits.softmax(1), logits, [{} for _ in range(len(logits))])
         probs, fields = self.trust.assess(features, logits)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from handler.engines import ONNX_FILE
 from handler.model import INT8_WEIGHTS
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
@@ -71,6 +72,7 @@ def model_config(cfg: Config) -> dict:
             "max_image_pixels": cfg.max_image_pixels,
             "max_batch_pixels": cfg.max_batch_pixels,
             "precision": cfg.precision,
+            "backend": cfg.serve_backend,
         },
     }
 
@@ -91,7 +93,7 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
         raise JobError(f"config key 'model_name' must match {MODEL_NAME.pattern} for TorchServe "
                        f"(got {cfg.model_name!r})")
     meta = read_json(paths.model / "metadata.json")
-    optional = [paths.model / INT8_WEIGHTS]  # when the export offered int8
+    optional = [paths.model / INT8_WEIGHTS, paths.model / ONNX_FILE]  # when the export offered int8; wrote ONNX
     if meta.get("trust"):
         optional.append(paths.model / meta["trust"]["file"])  # the OOD score's state
     optional = [p for p in optional if p.is_file()]

@@ -16,7 +16,7 @@ import click
 
 from handler.cpus import CpusSettingError
 from jobs import api
-from jobs.config import Config, key_names, key_type, keys_for, load_config
+from jobs.config import SERVE_BACKENDS, Config, key_names, key_type, keys_for, load_config
 from jobs.errors import JobError, jobs_command, with_real_command
 
 KEYS_DOC = "docs/configuration.md"
@@ -265,8 +265,10 @@ def serve(model_store: Path, detach: bool, stop: bool, switch_to: str | None, ho
                    "instead of JSON lines on stdout.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.option("--backend", type=click.Choice(SERVE_BACKENDS), default="auto", show_default=True,
+              help="The engine: auto (the fastest the export admitted, measured here), torch, onnxruntime or openvino.")
 @click.argument("inputs", nargs=-1, required=True)
-def predict(model_dir: Path, topk: int | None, output: Path | None, batch_size: int, device: str,
+def predict(model_dir: Path, topk: int | None, output: Path | None, batch_size: int, device: str, backend: str,
             inputs: tuple[str, ...]) -> None:
     """Classify image files, folders (recursively) and glob patterns offline, as the server would answer.
 
@@ -279,7 +281,8 @@ def predict(model_dir: Path, topk: int | None, output: Path | None, batch_size: 
     predicting.check_output(output)
     # Decode workers take cores from the forward pass: on 2 cores none is fastest (bench/README.md, predict).
     results = predicting.predict(model_dir, inputs, topk, batch_size, min(4, usable_cpus() // 4),
-                                 pick_device(device, 0), progress=sys.stderr.isatty())
+                                 pick_device(device, 0), progress=sys.stderr.isatty(), backend=backend,
+                                 say_backend=True)
     summary = predicting.write_results(results, output)
     where = f"; results in {output}" if output else ""
     first = summary.first_error

@@ -231,7 +231,10 @@ def served_trust(cfg: Config, paths: RunPaths, splits: dict, checkpoint: dict, i
     if not meta.get("trust"):
         return {"note": "the export fit no calibration or OOD threshold (no val images)"}
     entry = meta["trust"]
-    test = list(predict(paths.model, [paths.out / p for p, _ in items], batch_size=cfg.batch_size, device=rt.device))
+    # On torch: every engine a server may choose was admitted for giving its answers (jobs/backends.py), and torch
+    # keeps the figures reproducible from machine to machine (auto measures which engine is fastest here).
+    test = list(predict(paths.model, [paths.out / p for p, _ in items], batch_size=cfg.batch_size, device=rt.device,
+                        backend="torch"))
     y_true = np.array([label for _, label in items], dtype=np.int64)
     probs = np.array([r["probabilities"] for r in test]).reshape(len(test), len(splits["classes"]))
     correct = probs.argmax(1) == y_true if len(test) else np.zeros(0, bool)
@@ -257,7 +260,7 @@ def _ood_data(folder: Path, paths: RunPaths, rt: Runtime, batch_size: int, test_
     """How the served model treats images of none of the classes: separation from the test split, abstain rate."""
     if not folder.is_dir():
         raise EvaluateError(f"ood_data {folder} is not a folder; pass a folder of images of none of the classes")
-    answers = list(predict(paths.model, [folder], batch_size=batch_size, device=rt.device))
+    answers = list(predict(paths.model, [folder], batch_size=batch_size, device=rt.device, backend="torch"))
     good = [r for r in answers if "error" not in r]
     scores = torch.tensor([r["ood_score"] for r in good], dtype=torch.float64)
     in_scores = torch.tensor(test_scores, dtype=torch.float64)

@@ -19,6 +19,7 @@ import torchvision
 from handler import trust
 from handler.model import is_timm, preprocess_spec
 from jobs import __version__, checkpoints
+from jobs.backends import backends_record
 from jobs.calibrate import fit_trust
 from jobs.config import AUTO_VERSION, Config, RunPaths
 from jobs.data import load_splits
@@ -73,8 +74,8 @@ def _timm_version() -> str:
 
 
 def export(cfg: Config, paths: RunPaths) -> Path:
-    """Write ``model/{model.pt,index_to_name.json,metadata.json}`` and the trust fields' score file; returns the
-    model folder.
+    """Write ``model/{model.pt,index_to_name.json,metadata.json}``, the trust fields' score file and ``model.onnx``
+    (where the architecture exports); returns the model folder.
 
     The architecture, weights and label order come from the checkpoint, never from this command's
     options: ``cfg`` only names and versions the model.
@@ -99,11 +100,13 @@ def export(cfg: Config, paths: RunPaths) -> Path:
     trained = dataclasses.replace(cfg, arch=checkpoint["config"]["arch"], weights=checkpoint["config"]["weights"],
                                   model_version=version)
     meta = {**build_metadata(trained, splits, metrics), "weights_sha256": digest}
-    meta["serve_precision"] = precision_record(trained, paths, meta, state)  # bf16/int8 only where answers hold
+    # bf16/int8 only where answers hold; the fp32 val outputs are what the engines' answers are compared with
+    meta["serve_precision"], val_fp32 = precision_record(trained, paths, meta, state)
     (paths.model / trust.SCORE_FILE).unlink(missing_ok=True)  # a previous export's bank belongs to other weights
     entry = fit_trust(trained, paths, meta, state)  # calibration and "none of these", in the serving precision
     if entry is not None:
         meta["trust"] = entry
+    meta["backends"] = backends_record(paths, meta, state, val_fp32)  # model.onnx, the engines whose answers hold
     license_summary = _license_summary(paths)
     if license_summary:
         meta["data_licenses"] = license_summary

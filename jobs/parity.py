@@ -29,20 +29,27 @@ INT8_CALIBRATION_IMAGES = 64
 CPU = torch.device("cpu")
 
 
-def precision_record(cfg: Config, paths: RunPaths, meta: dict, state: dict[str, torch.Tensor]) -> dict:
-    """``metadata.json["serve_precision"]``: the bf16 check, and the int8 one when ``serve_precision: int8``."""
-    record = bf16_parity(paths, meta, state)
+Outputs = tuple[torch.Tensor, torch.Tensor]  # (features, logits) of the val split, in order, fp32 on the CPU
+
+
+def precision_record(cfg: Config, paths: RunPaths, meta: dict, state: dict[str, torch.Tensor]
+                     ) -> tuple[dict, Outputs | None]:
+    """(``metadata.json["serve_precision"]``: the bf16 check, and the int8 one when ``serve_precision: int8``;
+    the state_dict's fp32 outputs on val, which the engines' check compares with: None without val images)."""
+    record, fp32 = bf16_parity(paths, meta, state)
     int8_file = paths.model / models.INT8_WEIGHTS
     int8_file.unlink(missing_ok=True)  # a previous export's int8 model no longer matches model.pt
     if cfg.serve_precision == "int8":
         record["int8"] = int8_check(paths, meta, state, record["choice"])
         if record["int8"]["offered"]:
             record["choice"] = "int8"
-    return record
+    return record, fp32
 
 
-def bf16_parity(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], batch_size: int = 32) -> dict:
-    """``{"choice": "bf16"|"fp32", "bf16_top1_agreement", "val_images", "checked_on", "native_bf16"}``.
+def bf16_parity(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], batch_size: int = 32
+                ) -> tuple[dict, Outputs | None]:
+    """(``{"choice": "bf16"|"fp32", "bf16_top1_agreement", "val_images", "checked_on", "native_bf16"}``, the fp32
+    (features, logits) it compared with).
 
     Where bf16 is not native the check is emulated: slower, the same rounding, the same answer.
     """
@@ -51,19 +58,20 @@ def bf16_parity(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], bat
     record = {"checked_on": device.type, "native_bf16": precision.native_bf16(device), "val_images": len(items),
               "min_agreement": precision.BF16_MIN_AGREEMENT}
     if not items:
-        return {"choice": "fp32", "bf16_top1_agreement": None, **record}
+        return {"choice": "fp32", "bf16_top1_agreement": None, **record}, None
     model = models.build_model(meta, state, device)
     loader = make_loader(ImageFiles(paths.out, items, Preprocessor(meta["preprocess"])), batch_size, 0)
-    start, agree = time.perf_counter(), 0
+    start, agree, fp32 = time.perf_counter(), 0, []
     for x, _ in loader:
-        fp32 = _logits(model, x, device, None).argmax(1)
+        fp32.append(models.forward(model, x, device, None))
         bf16 = _logits(model, x, device, torch.bfloat16).argmax(1)
-        agree += int((fp32 == bf16).sum())
+        agree += int((fp32[-1][1].argmax(1) == bf16).sum())
     rate = agree / len(items)
     choice = "bf16" if rate >= precision.BF16_MIN_AGREEMENT else "fp32"
     print(f"export: bf16 top-1 agreement with fp32 {rate:.4f} on {len(items)} val images -> serve {choice} "
           f"({time.perf_counter() - start:.1f}s on {device.type}{'' if record['native_bf16'] else ', emulated bf16'})")
-    return {"choice": choice, "bf16_top1_agreement": round(rate, 4), **record}
+    features, logits = (torch.cat(t) for t in zip(*fp32, strict=True))
+    return {"choice": choice, "bf16_top1_agreement": round(rate, 4), **record}, (features, logits)
 
 
 def int8_check(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], other: str) -> dict:

@@ -32,12 +32,13 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".
 OUTPUT_FORMATS = (".csv", ".jsonl")
 
 
-def load_classifier(model_dir: Path, device: torch.device | None = None) -> ImageClassifier:
-    """The exported model as the server loads it (int8 where offered; bf16 only where native)."""
+def load_classifier(model_dir: Path, device: torch.device | None = None, backend: str = "auto") -> ImageClassifier:
+    """The exported model as the server loads it (int8 where offered; bf16 only where native), on ``backend``'s
+    engine (``serve_backend``'s choices)."""
     model_dir = Path(model_dir)
     if not (model_dir / "metadata.json").exists() or not (model_dir / "model.pt").exists():
         raise JobError(f"{model_dir} lacks metadata.json or model.pt; pass the model/ folder of a finished run")
-    return ImageClassifier(model_dir, device or torch.device("cpu"))
+    return ImageClassifier(model_dir, device or torch.device("cpu"), options={"backend": backend})
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
@@ -93,11 +94,14 @@ class Summary:
 
 
 def predict(model_dir: Path, inputs: Iterable[str | Path], topk: int | None = None, batch_size: int = 32,
-            num_workers: int = 0, device: torch.device | None = None, progress: bool = False
-            ) -> Iterator[dict[str, Any]]:
+            num_workers: int = 0, device: torch.device | None = None, progress: bool = False,
+            backend: str = "auto", say_backend: bool = False) -> Iterator[dict[str, Any]]:
     """One result per input file, in order: the server's answer (``predictions`` and the trust fields) and
-    ``probabilities`` for every class, or ``error``."""
-    classifier = load_classifier(model_dir, device)
+    ``probabilities`` for every class, or ``error``. ``say_backend``: one line on stderr naming the engine."""
+    classifier = load_classifier(model_dir, device, backend)
+    if say_backend:
+        chosen = classifier.backend
+        print(f"predict: on {chosen['backend']} ({chosen['precision']}): {chosen['why']}", file=sys.stderr)
     files = expand_inputs(inputs)
     k = classifier.topk(topk)
     loader = DataLoader(_Decoded(files, classifier), batch_size=batch_size, num_workers=num_workers,

@@ -195,7 +195,7 @@ def compare(paths: RunPaths, meta: dict, batch_size: int, device: torch.device |
         present = [(f, c) for f, c in items if (paths.out / f).is_file()]
         files = [paths.out / f for f, _ in present]
         answers = {d: [r["predictions"][0]["label"] if "error" not in r else None
-                       for r in predict(d, files, batch_size=batch_size, device=device)]
+                       for r in predict(d, files, batch_size=batch_size, device=device, backend="torch")]
                    for d in (previous_dir, paths.model)}
         sets[name] = {**compare_answers([c for _, c in present], answers[previous_dir], answers[paths.model]),
                       "missing": len(items) - len(present)}

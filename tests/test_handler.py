@@ -216,11 +216,11 @@ def test_module_entry_point_initializes_once(run_dir: Path):
     ctx = make_context(run_dir / "model")
     classifier_handler._service = ClassifierHandler()
     assert classifier_handler.handle(None, ctx) is None
-    model = classifier_handler._service.classifier.model
+    model = classifier_handler._service.classifier.engine
     ctx.request_processor, ctx.request_ids = [RequestProcessor({})], {0: "r"}
     ctx.metrics.request_ids = ctx.request_ids
     (out,) = classifier_handler.handle([{"body": bytearray(PHOTOS[0].read_bytes())}], ctx)
-    assert classifier_handler._service.classifier.model is model and len(out["predictions"]) == 3
+    assert classifier_handler._service.classifier.engine is model and len(out["predictions"]) == 3
 
 
 def test_serving_plan_follows_the_machine():
@@ -422,7 +422,7 @@ def test_image_size_from_headers_matches_pillow():
 
 def test_an_unexpected_failure_is_a_500_pointing_at_the_log(run_dir: Path, caplog):
     h, ctx = load_handler(run_dir)
-    h.classifier.model = None  # a bug: the forward pass raises TypeError
+    h.classifier.engine.model = None  # a bug: the forward pass raises TypeError
     (out,) = handle_batch(h, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
     assert ctx.get_response_status(0)[0] == 500 and "model_log.log" in out["error"]
     assert "Traceback" in caplog.text and "TypeError" in caplog.text
@@ -438,7 +438,7 @@ def test_preprocess_and_forward_time_are_metrics(loaded):
 def test_forced_bf16_is_emulated_where_not_native_and_close_to_fp32(run_dir: Path, loaded):
     h, ctx = loaded
     bf16, bctx = load_handler(run_dir, precision="bf16")
-    assert bf16.classifier.amp_dtype is torch.bfloat16
+    assert bf16.classifier.engine.amp_dtype is torch.bfloat16
     rows = [{"body": bytearray(p.read_bytes())} for p in PHOTOS[:4]]
     for ref, got in zip(handle_batch(h, ctx, rows), handle_batch(bf16, bctx, rows), strict=True):
         for p, q in zip(ref["predictions"], got["predictions"], strict=True):

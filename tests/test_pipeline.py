@@ -46,7 +46,7 @@ def test_exported_state_dict_reloads_and_reproduces_test_accuracy(finished_templ
     models.resnet18(num_classes=2).load_state_dict(state)  # strict: the named architecture, nothing else
     splits = json.loads((finished_run / "splits.json").read_text())
     items = split_items(splits, "test")
-    results = list(predict(finished_run / "model", [finished_run / p for p, _ in items]))
+    results = list(predict(finished_run / "model", [finished_run / p for p, _ in items], backend="torch"))
     correct = sum(r["predictions"][0]["index"] == label for r, (_, label) in zip(results, items))
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert correct / len(items) == pytest.approx(metrics["test_accuracy"])

@@ -54,6 +54,7 @@ from jobs.serve import (
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")]
 
 PHOTOS = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))
+BACKEND = "torch"  # the engine the server and `jobs predict` both run here (see served)
 
 
 @dataclass
@@ -82,8 +83,10 @@ def served(tmp_path_factory, real_weights: Path) -> Served:
                                      weights=str(real_weights))
     seven_data = make_seven_class_data(FIXTURE_IMAGES, root / "seven-data")
     seven_cfg, seven = export_tiny_model(root / "seven", seven_data, serve_precision="int8")
-    archive_as(two_cfg, two, store, "two", max_batch_delay_ms=200, serve_tuning="archive")
-    archive_as(seven_cfg, seven, store, "seven")
+    # torch in the server and in `jobs predict` (BACKEND): the answers are compared to 1e-4, and auto may pick
+    # another admitted engine in each process (the engines' answers: tests/test_backends.py).
+    archive_as(two_cfg, two, store, "two", max_batch_delay_ms=200, serve_tuning="archive", serve_backend=BACKEND)
+    archive_as(seven_cfg, seven, store, "seven", serve_backend=BACKEND)
     server = start(store, root / "state", ports=unused_ports(), models=machine_models(store))  # "seven" only
     try:
         server.wait_ready(["two", "seven"], timeout=240)
@@ -112,7 +115,7 @@ def assert_same_trust(answer: dict, reference: dict) -> None:
 @pytest.mark.parametrize("model, k", [("two", 2), ("seven", 5)])
 def test_http_probabilities_equal_offline_predict(served: Served, model: str, k: int):
     files = PHOTOS[::4]
-    offline = list(predict(served.model_dirs[model], files))
+    offline = list(predict(served.model_dirs[model], files, backend=BACKEND))
     for f, ref in zip(files, offline, strict=True):
         r = served.predict(model, data=f.read_bytes())
         assert r.status_code == 200, r.text
@@ -125,7 +128,7 @@ def test_an_image_of_none_of_the_classes_is_abstained_on_in_every_body_shape(ser
     """Calibrated probabilities, ood_score and abstain come back from TorchServe as from `jobs predict`."""
     image = tmp_path / "stripes.png"
     generated_image(5)[1].save(image)
-    (ref,) = predict(served.model_dirs["two"], [image])
+    (ref,) = predict(served.model_dirs["two"], [image], backend=BACKEND)
     assert ref["abstain"] and ref["abstain_reason"] == "unlike the training images"
     single = served.predict("two", data=image.read_bytes()).json()
     assert_matches_offline(single["predictions"], ref, 2)
@@ -143,7 +146,7 @@ def test_an_image_of_none_of_the_classes_is_abstained_on_in_every_body_shape(ser
 def test_every_input_form_over_http(served: Served):
     photo = PHOTOS[5]
     img = photo.read_bytes()
-    ref = list(predict(served.model_dirs["seven"], [photo]))[0]
+    ref = list(predict(served.model_dirs["seven"], [photo], backend=BACKEND))[0]
     single = [
         served.predict("seven", data=img),                                                    # curl -T
         served.predict("seven", files={"data": (photo.name, img, "image/jpeg")}),              # curl -F data=@

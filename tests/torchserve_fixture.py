@@ -19,7 +19,6 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handler.model import create
-from handler.model import forward as model_forward
 from handler.service import ImageClassifier
 from handler.trust import Trust
 from jobs.archive import archive
@@ -83,7 +82,7 @@ def add_trust(model_dir: Path, photos: list[Path], keep: float = 0.5) -> dict:
     ``model_dir``, as the export would on a real split: a random model that abstains on some images."""
     classifier = ImageClassifier(model_dir, torch.device("cpu"))
     inputs = torch.stack(classifier.decode([p.read_bytes() for p in photos]))
-    features, logits = model_forward(classifier.model, inputs, classifier.device, classifier.amp_dtype)
+    features, logits = classifier.engine.run(inputs)
     labels = torch.arange(len(photos)) % len(classifier.classes)
     fitted = Trust.fit(features, labels, features, logits, labels, keep=keep)
     meta = json.loads((model_dir / "metadata.json").read_text())

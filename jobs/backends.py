@@ -1,0 +1,153 @@
+"""Export-time: the portable graph (``model/model.onnx``) and the check that admits each engine that runs it.
+
+The graph is the served ``Classifier`` (BatchNorm folded) traced with a dynamic batch, its two outputs the
+penultimate features and the logits, as ``handler.model.Classifier.forward`` returns them. Each engine
+(``handler.engines``: ONNX Runtime fp32; OpenVINO in its bf16 where the CPU has it, and in fp32) then runs
+the val split, decoded once for all of them, and is compared with the state_dict's fp32 outputs that the bf16
+check computed (no second PyTorch pass). It is admitted only where its answers are the same: top-1
+agreement, the largest difference of a calibrated probability, and the same abstain decisions (``GATES``: in
+bf16, the gate bf16 autocast passes). ``metadata.json["backends"]`` records each verdict with its figures;
+the server chooses among the admitted engines (``serve_backend``). An architecture that does not export
+says so in one line and serves on torch as before.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from handler import engines, precision
+from handler import model as models
+from handler.preprocess import Preprocessor
+from handler.trust import Trust
+from jobs.config import RunPaths
+from jobs.data import ImageFiles, load_splits, make_loader, split_items
+from jobs.fileio import atomic_write_bytes
+from jobs.parity import Outputs
+
+CPU = torch.device("cpu")
+OPSET = 17  # ONNX Runtime 1.32 and OpenVINO 2026.4 both run it in full
+# Per precision, how close to the state_dict's fp32 answers on the val split an engine must come. fp32: the
+# same answers (the same function, rounded otherwise; issue 28's bar). bf16: the gate bf16 autocast passes
+# (jobs/parity.py). bf16 moves probabilities by up to 0.035 in PyTorch and OpenVINO alike, and PyTorch's
+# abstain decisions by 1 image in 97 (EfficientNet-Lite0, hymenoptera val), so those two are recorded only.
+GATES = {"fp32": {"min_top1_agreement": 0.995, "max_probability_difference": 0.01, "min_abstain_agreement": 0.99},
+         "bf16": {"min_top1_agreement": precision.BF16_MIN_AGREEMENT}}
+
+
+def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], val_fp32: Outputs | None) -> dict:
+    """``metadata.json["backends"]``: writes ``model.onnx`` and checks each engine on it against the state_dict's
+    fp32 outputs on the val split, ``val_fp32`` (the bf16 check's: ``jobs.parity.precision_record``).
+
+    Runs after the trust fit: the abstain decisions compared are the served ones (``meta["trust"]``).
+    """
+    onnx_file = paths.model / engines.ONNX_FILE
+    onnx_file.unlink(missing_ok=True)  # a previous export's graph belongs to other weights
+    start = time.perf_counter()
+    try:
+        write_onnx(models.build_model(meta, state, CPU), meta["input_size"], onnx_file)
+    except Exception as e:  # noqa: BLE001 -- the tracer and the exporter raise many kinds for one unsupported op
+        reason = f"{meta['arch']} does not export to ONNX ({type(e).__name__}: {_first_line(e)})"
+        print(f"export: {reason}; it serves on torch only")
+        return {"onnx": None, "reason": reason}
+    items = split_items(load_splits(paths), "val")  # in the order of val_fp32
+    record: dict = {"onnx": engines.ONNX_FILE, "val_images": len(items), "gates": GATES}
+    if val_fp32 is None:
+        print("export: no val images: no engine but torch is admitted")
+        return {**record, **{name: {"passed": False, "reason": "no val images"} for name in engines.ONNX_ENGINES}}
+    candidates, refused = _candidates(onnx_file)
+    record.update(refused)
+    loader = make_loader(ImageFiles(paths.out, items, Preprocessor(meta["preprocess"])), 32, 0)
+    parts = {key: [] for key in candidates}
+    for x, _ in loader:
+        for key, engine in candidates.items():
+            parts[key].append(engine.run(x))
+    trust = Trust.from_metadata(paths.model, meta["trust"]) if meta.get("trust") else None
+    figures = {key: agreement(val_fp32, _joined(got), trust) for key, got in parts.items()}
+    for name in engines.ONNX_ENGINES:
+        checked = {prec: {"passed": passes(figures[(n, prec)], GATES[prec]), **figures[(n, prec)]}
+                   for n, prec in candidates if n == name}
+        if checked:  # the first precision that passes serves (bf16 before fp32), else the first one's figures
+            prec = next((p for p, c in checked.items() if c["passed"]), next(iter(checked)))
+            record[name] = {"precision": prec, **checked[prec], "checked": checked}
+            if not record[name]["passed"]:
+                record[name]["reason"] = "answers differ from the state_dict's beyond the gate"
+    verdicts = "; ".join(f"{name} {_verdict(record[name])}" for name in engines.ONNX_ENGINES)
+    print(f"export: {onnx_file.name} on {len(items)} val images against the state_dict: {verdicts} "
+          f"({time.perf_counter() - start:.1f} s)")
+    return record
+
+
+def write_onnx(model: torch.nn.Module, input_size: list[int], path: Path) -> Path:
+    """``model`` (a ``Classifier``) as ONNX with a dynamic batch, written atomically."""
+    buffer = io.BytesIO()
+    batch = {0: "batch"}
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice and tracer warnings
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: it traces every torchvision and timm classifier tried here, where the
+        # dynamo exporter needs onnxscript and fails on fx GraphModules (the folded backbone) more often.
+        torch.onnx.export(model.cpu().eval(), (torch.zeros(1, *input_size),), buffer, dynamo=False,
+                          opset_version=OPSET, input_names=[engines.ONNX_INPUT],
+                          output_names=list(engines.ONNX_OUTPUTS),
+                          dynamic_axes={name: batch for name in (engines.ONNX_INPUT, *engines.ONNX_OUTPUTS)})
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _candidates(onnx_file: Path) -> tuple[dict[tuple[str, str], engines.Engine], dict[str, dict]]:
+    """({(engine, precision): engine} to check, {engine: record} of those that cannot load here).
+
+    OpenVINO is checked in its bf16 where this CPU has it (its own default there) and in fp32.
+    """
+    threads = torch.get_num_threads()
+    wanted = [(engines.ONNXRUNTIME, "fp32"), *([(engines.OPENVINO, "bf16")] if precision.native_bf16(CPU) else []),
+              (engines.OPENVINO, "fp32")]
+    loaded, refused = {}, {}
+    for name, prec in wanted:
+        try:
+            loaded[(name, prec)] = engines.onnx_engine(name, onnx_file, threads, bf16=prec == "bf16")
+        except Exception as e:  # noqa: BLE001 -- not installed, or it cannot read the graph
+            refused[name] = {"passed": False, "reason": f"did not load ({type(e).__name__}: {_first_line(e)})"}
+    return loaded, refused
+
+
+def agreement(reference: Outputs, got: Outputs, trust: Trust | None) -> dict:
+    """Top-1 agreement, the largest probability difference and the share of equal abstain decisions."""
+    (ref_p, ref_abstain), (p, abstain) = (_answers(*outputs, trust) for outputs in (reference, got))
+    return {"top1_agreement": round(float((ref_p.argmax(1) == p.argmax(1)).float().mean()), 4),
+            "max_probability_difference": round(float((ref_p - p).abs().max()), 6),
+            "abstain_agreement": round(float((ref_abstain == abstain).float().mean()), 4)}
+
+
+def passes(figures: dict, gate: dict) -> bool:
+    """``figures`` (``agreement``) within ``gate`` (one of ``GATES``; a bound it does not name holds)."""
+    return (figures["top1_agreement"] >= gate["min_top1_agreement"]
+            and figures["max_probability_difference"] <= gate.get("max_probability_difference", float("inf"))
+            and figures["abstain_agreement"] >= gate.get("min_abstain_agreement", 0.0))
+
+
+def _answers(features: torch.Tensor, logits: torch.Tensor, trust: Trust | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(served probabilities, abstain decisions): calibrated with the trust fields, plain softmax without."""
+    if trust is None:
+        return logits.softmax(1), torch.zeros(len(logits), dtype=torch.bool)
+    probs, fields = trust.assess(features, logits)
+    return probs, torch.tensor([f["abstain"] for f in fields], dtype=torch.bool)
+
+
+def _joined(parts: list[Outputs]) -> Outputs:
+    return torch.cat([f for f, _ in parts]), torch.cat([z for _, z in parts])
+
+
+def _verdict(record: dict) -> str:
+    if "precision" not in record:
+        return f"not admitted ({record['reason']})"
+    return (f"{'admitted' if record['passed'] else 'not admitted'} in {record['precision']} (top-1 "
+            f"{record['top1_agreement']:.4f}, probabilities within {record['max_probability_difference']:.4f}, "
+            f"abstain {record['abstain_agreement']:.4f})")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]

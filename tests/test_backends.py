@@ -1,0 +1,232 @@
+"""The portable graph and the engines behind one interface (issue 28): export writes ``model.onnx`` and admits
+each engine by its answers on val; ``ImageClassifier`` serves on the one ``serve_backend`` names, or the fastest
+admitted one (``auto``), and on torch with one line saying why wherever another cannot be had."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURE_IMAGES, copy_run, run_job
+
+from handler import engines
+from handler.model import create
+from handler.service import ImageClassifier
+from jobs import backends, checkpoints
+from jobs.archive import archive, model_config
+from jobs.config import SERVE_BACKENDS, RunPaths, load_config
+from jobs.data import load_splits
+from jobs.export import export
+from jobs.parity import bf16_parity
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+CPU = torch.device("cpu")
+PHOTOS = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))[:12]
+
+
+def meta_of(model_dir: Path) -> dict:
+    return json.loads((model_dir / "metadata.json").read_text())
+
+
+def answers(model_dir: Path, **options) -> tuple[ImageClassifier, torch.Tensor, list[bool]]:
+    """The classifier ``options`` make, its calibrated probabilities and abstain decisions on ``PHOTOS``."""
+    classifier = ImageClassifier(model_dir, CPU, options=options)
+    outputs = classifier.forward(torch.stack(classifier.decode([p.read_bytes() for p in PHOTOS])))
+    return classifier, outputs.probs, [t.get("abstain") for t in outputs.trust]
+
+
+@pytest.fixture(scope="module")
+def exported_run(prepared_template: Path, tmp_path_factory) -> Path:
+    """A run folder as `jobs export` and `jobs archive` leave it (model.onnx, the engines' record, the .mar): a
+    checkpoint of seeded random resnet18 weights over the cleaned and split fixture photos, without training
+    (seconds where a whole run takes a minute; the export is the real one)."""
+    paths = RunPaths(copy_run(prepared_template, tmp_path_factory.mktemp("backends") / "run"))
+    classes = load_splits(paths)["classes"]
+    torch.manual_seed(0)
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": checkpoints.FORMAT, "model": create("resnet18", len(classes)).state_dict(), "progress": {},
+                "config": {"arch": "resnet18", "weights": "none"}, "classes": classes},
+               paths.checkpoints / checkpoints.BEST)
+    cfg = load_config(None, {"weights": "none"})
+    export(cfg, paths)
+    archive(cfg, paths)
+    return paths.out
+
+
+@pytest.fixture(scope="module")
+def state_dict_answers(exported_run: Path) -> tuple[torch.Tensor, list[bool]]:
+    """The exported state_dict's probabilities and abstain decisions on ``PHOTOS``, in fp32: what every engine
+    is compared with."""
+    _, probs, abstain = answers(exported_run / "model", backend="torch", precision="fp32")
+    return probs, abstain
+
+
+def test_export_writes_onnx_admits_each_engine_and_the_archive_packs_it(exported_run: Path):
+    model = exported_run / "model"
+    record = meta_of(model)["backends"]
+    assert (model / engines.ONNX_FILE).is_file() and record["onnx"] == engines.ONNX_FILE
+    assert record["gates"] == backends.GATES and record["val_images"] > 0
+    for name in engines.ONNX_ENGINES:
+        checked = record[name]
+        assert checked["passed"] and backends.passes(checked, backends.GATES[checked["precision"]]), checked
+    assert record[engines.ONNXRUNTIME]["precision"] == "fp32"
+    with zipfile.ZipFile(exported_run / "model-store" / "classifier.mar") as mar:
+        assert engines.ONNX_FILE in mar.namelist()
+
+
+@pytest.mark.parametrize("backend", engines.ONNX_ENGINES)
+def test_each_engine_answers_as_the_state_dict_does(exported_run: Path, state_dict_answers, backend: str):
+    reference, ref_abstain = state_dict_answers
+    classifier, probs, abstain = answers(exported_run / "model", backend=backend)
+    assert classifier.backend["backend"] == backend and classifier.backend["why"] == f"serve_backend {backend}"
+    assert torch.equal(probs.argmax(1), reference.argmax(1))
+    assert (probs - reference).abs().max() <= 0.01
+    assert abstain == ref_abstain
+
+
+def test_auto_times_the_admitted_engines_and_says_why(exported_run: Path, tmp_path: Path):
+    classifier = ImageClassifier(exported_run / "model", CPU)
+    why = classifier.backend["why"]
+    assert why.startswith("auto: the fastest of ") and all(name in why for name in engines.BACKENDS[1:]), why
+    assert classifier.backend["backend"] in why.split(" of ")[1].split(" img/s")[0]
+    # An export from before the engines (no record, no graph): torch alone, and the line says why.
+    older = Path(shutil.copytree(exported_run / "model", tmp_path / "model"))
+    (older / engines.ONNX_FILE).unlink()
+    meta = meta_of(older)
+    del meta["backends"]
+    (older / "metadata.json").write_text(json.dumps(meta))
+    classifier = ImageClassifier(older, CPU)
+    assert classifier.backend["backend"] == "torch"
+    assert classifier.backend["why"].startswith("auto: torch is the only candidate (onnxruntime: ")
+
+
+def test_an_engine_that_is_not_installed_is_no_candidate(exported_run: Path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what an absent package looks like to import
+    classifier = ImageClassifier(exported_run / "model", CPU)
+    assert classifier.backend["backend"] != "openvino"
+    assert classifier.backend["why"].endswith("; not candidates: openvino: it did not load (ModuleNotFoundError: "
+                                              "import of openvino halted; None in sys.modules)"), classifier.backend
+
+
+
+def test_a_broken_or_missing_graph_serves_on_torch_with_one_line(exported_run: Path, tmp_path: Path, caplog):
+    model = Path(shutil.copytree(exported_run / "model", tmp_path / "model"))
+    (model / engines.ONNX_FILE).write_bytes(b"not a graph")
+    with caplog.at_level(logging.WARNING, logger="handler.engines"):
+        classifier = ImageClassifier(model, CPU, options={"backend": "onnxruntime"})
+    assert classifier.backend["backend"] == "torch" and "did not load" in classifier.backend["why"]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("serve_backend onnxruntime: it did not load") and line.endswith("serving torch")
+    (model / engines.ONNX_FILE).unlink()
+    classifier = ImageClassifier(model, CPU, options={"backend": "openvino"})
+    assert classifier.backend["backend"] == "torch" and f"{engines.ONNX_FILE} is missing" in classifier.backend["why"]
+
+
+def test_an_arch_that_does_not_export_or_an_engine_that_fails_the_gate_is_not_admitted(
+        exported_run: Path, tmp_path: Path, monkeypatch, capsys):
+    paths = RunPaths(copy_run(exported_run, tmp_path / "run"))
+    meta = meta_of(paths.model)
+    state = torch.load(paths.model / "model.pt", weights_only=True)
+    _, val_fp32 = bf16_parity(paths, meta, state)
+    capsys.readouterr()  # the bf16 check's own line
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::fancy' to ONNX opset version 17 is not supported\nmore")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.onnx, "export", unsupported)
+        record = backends.backends_record(paths, meta, state, val_fp32)
+    assert record["onnx"] is None and not (paths.model / engines.ONNX_FILE).exists()
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line == ("export: resnet18 does not export to ONNX (RuntimeError: Exporting the operator 'aten::fancy' "
+                    "to ONNX opset version 17 is not supported); it serves on torch only")
+    for gate in backends.GATES.values():
+        monkeypatch.setitem(gate, "min_top1_agreement", 1.1)  # no engine can pass it
+    record = backends.backends_record(paths, meta, state, val_fp32)
+    assert not any(record[name]["passed"] for name in engines.ONNX_ENGINES)
+    assert "not admitted" in capsys.readouterr().out
+    assert all(engines.refusal(name, {**meta, "backends": record}, paths.model) for name in engines.ONNX_ENGINES)
+
+
+def test_predict_takes_backend(exported_run: Path):
+    proc = run_job("predict", "--model-dir", str(exported_run / "model"), "--backend", "onnxruntime",
+                   "--topk", "1", *map(str, PHOTOS[:3]))
+    assert "predict: on onnxruntime (fp32): serve_backend onnxruntime" in proc.stderr
+    assert len(proc.stdout.splitlines()) == 3 and "3 images classified" in proc.stderr
+
+
+def test_serve_backend_travels_in_the_archive_and_its_choices_are_the_engines():
+    assert SERVE_BACKENDS == engines.BACKENDS
+    cfg = load_config(None, {"serve_backend": "openvino"})
+    assert model_config(cfg)["handler"]["backend"] == "openvino"
+
+
+def test_the_serve_image_and_the_tests_install_the_engines_pinned():
+    """The serve image installs the `serve` extra, CI the `test` one (scripts/setup.sh): both carry `backends`."""
+    import tomllib
+    from conftest import REPO
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert all("==" in pin for pin in extras["backends"])
+    assert set(extras["backends"]) <= set(extras["serve"]) and set(extras["backends"]) <= set(extras["test"])
+
+
+def test_the_torchserve_handler_serves_on_the_archives_backend_and_describes_it(exported_run: Path,
+                                                                              state_dict_answers):
+    from torchserve_fixture import batch_context, handle_batch, handler_context
+
+    from handler.classifier_handler import ClassifierHandler
+
+    ctx = handler_context(exported_run / "model", {"backend": "openvino", "torch_threads": 0})
+    handler = ClassifierHandler()
+    handler.initialize(ctx)
+    (answer,) = handle_batch(handler, ctx, [{"body": bytearray(PHOTOS[0].read_bytes())}])
+    reference, _ = state_dict_answers
+    assert abs(answer["predictions"][0]["probability"] - float(reference[0].max())) <= 0.01
+    (described,) = handler.handle([{"body": b""}], batch_context(ctx, [{"describe": "True"}]))
+    assert json.loads(described) == {"arch": "resnet18", "backend": "openvino", "why": "serve_backend openvino",
+                                     "precision": handler.classifier.precision}
+
+
+@pytest.mark.e2e
+def test_both_runtimes_serve_one_archive_on_onnxruntime(exported_run: Path, state_dict_answers, tmp_path: Path):
+    """A real TorchServe and the KServe runtime on an archive packed with ``serve_backend: onnxruntime``."""
+    import requests
+    from torchserve_fixture import archive_as, unused_ports
+
+    from jobs.serve import free_ports, machine_models, start, start_kserve
+
+    if shutil.which("java") is None:
+        pytest.skip("TorchServe needs Java 17")
+    pytest.importorskip("kserve", reason="the kserve extra is not installed")
+    paths = RunPaths(copy_run(exported_run, tmp_path / "run"))
+    store = tmp_path / "store"
+    archive_as(load_config(None, {}), paths, store, "clf", serve_backend="onnxruntime")
+    reference, _ = state_dict_answers
+    torchserve = start(store, tmp_path / "ts", ports=unused_ports(), models=machine_models(store))
+    kserve = start_kserve(store, tmp_path / "ks", port=free_ports(1)[0])
+    try:
+        torchserve.wait_ready(["clf"], timeout=240)
+        kserve.wait_ready(["clf"], timeout=240)
+        for server in (torchserve, kserve):
+            r = requests.post(f"{server.inference_url}/predictions/clf", data=PHOTOS[0].read_bytes(),
+                              headers={**server.auth(), "Content-Type": "image/jpeg"}, timeout=60)
+            top = r.json()["predictions"][0]
+            assert top["index"] == int(reference[0].argmax())
+            assert abs(top["probability"] - float(reference[0].max())) <= 0.01
+        described = requests.get(f"{torchserve.management_url}/models/clf?customized=true",
+                                 headers=torchserve.auth("management"), timeout=30).json()[0]
+        assert described["customizedMetadata"]["backend"] == "onnxruntime"  # TorchServe parses the JSON
+        pinged = requests.get(f"{kserve.inference_url}/ping", timeout=10).json()
+        assert pinged["models"]["clf"]["backend"] == "onnxruntime"
+    finally:
+        torchserve.stop()
+        kserve.stop()
