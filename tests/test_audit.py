@@ -149,8 +149,9 @@ def test_weak_features_flag_no_label_issues_and_say_why():
     hashes[1] = hashes[0] ^ np.uint64(0xFFF)  # 12 bits: a copy by its features, not by its pHash
     hashes[3] = hashes[2] ^ np.uint64(0xF)
     doc = audit.audit_document(files, labels, ["a", "b"], hashes, features, [{"issues": []}] * n)
-    assert not doc["settings"]["near_duplicates_by_features"]
+    assert not doc["settings"]["near_duplicates_by_features"] and doc["vetoed_pairs"] == []
     assert [g["files"] for g in doc["near_duplicates"]] == [[files[2], files[3]]]
+    assert doc["near_duplicates"][0]["pairs"][0]["agreed"] == "pHash 4 bits alone (features too weak to judge)"
     strong = audit.audit_document(files, labels, ["a", "b"], hashes, features, [{"issues": []}] * n,
                                   min_label_skill=0.0)
     assert [files[0], files[1]] in [g["files"] for g in strong["near_duplicates"]]
