@@ -57,6 +57,11 @@ HASH_BITS = 64
 # Photos drawn (seeded) to measure how close unrelated photos come: all pairs among 1,000 photos are
 # ~500,000 cosines, enough for a steady 95th percentile, and one 1,000 x 1,000 product costs nothing.
 UNRELATED_SAMPLE = 1000
+# Floats one step of a blocked computation may hold (64 MB of float32): the work is cut into blocks
+# of rows so that memory stays fixed as the photos grow (issue 27: gathering every candidate pair's
+# features at once took 185 MB at 2,400 photos and grew with n; the neighbour search's 1,024 x n block
+# would take 1.2 GB at 100,000 photos).
+BLOCK_FLOATS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -138,12 +143,14 @@ class Neighbours:
         return np.maximum(1.0 - self.cosine[:, -1].astype(np.float64), 0.0)
 
 
-def nearest_neighbours(unit: np.ndarray, k: int = DEFAULT_KNN, block: int = 1024) -> Neighbours:
+def nearest_neighbours(unit: np.ndarray, k: int = DEFAULT_KNN, block: int | None = None) -> Neighbours:
     """Exact k nearest neighbours by cosine among all rows of ``unit`` (unit vectors), itself excluded.
 
-    A blocked product (block x n at a time); each block keeps its top k by ``argpartition``.
+    A blocked product (block x n at a time, by default as many rows as keep a block within
+    ``BLOCK_FLOATS``); each block keeps its top k by ``argpartition``.
     """
     n = len(unit)
+    block = block or max(1, min(1024, BLOCK_FLOATS // max(n, 1)))
     k = max(0, min(k, n - 1))
     index = np.zeros((n, k), np.int64)
     cosine = np.zeros((n, k), np.float32)
@@ -269,7 +276,11 @@ class Geometry:
     def measure(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(Hamming distance, cosine, ratio) of the pairs (i[p], j[p])."""
         hamming = np.bitwise_count(self.hashes[i] ^ self.hashes[j]).astype(np.int64)
-        cosine = np.einsum("ij,ij->i", self.unit[i], self.unit[j]).astype(np.float64)
+        cosine = np.empty(len(i), np.float64)
+        step = max(1, BLOCK_FLOATS // (2 * max(self.unit.shape[1], 1)))  # the pairs' rows of both photos
+        for start in range(0, len(i), step):
+            end = start + step
+            cosine[start:end] = np.einsum("ij,ij->i", self.unit[i[start:end]], self.unit[j[start:end]])
         scale = np.sqrt(self.scale[i] * self.scale[j])
         distance = np.maximum(1.0 - cosine, 0.0)
         # identical features (a photo whose k nearest are all exact copies has scale 0) are surely close
