@@ -57,11 +57,11 @@ HASH_BITS = 64
 # Photos drawn (seeded) to measure how close unrelated photos come: all pairs among 1,000 photos are
 # ~500,000 cosines, enough for a steady 95th percentile, and one 1,000 x 1,000 product costs nothing.
 UNRELATED_SAMPLE = 1000
-# Floats one step of a blocked computation may hold (64 MB of float32): the work is cut into blocks
-# of rows so that memory stays fixed as the photos grow (issue 27: gathering every candidate pair's
-# features at once took 185 MB at 2,400 photos and grew with n; the neighbour search's 1,024 x n block
-# would take 1.2 GB at 100,000 photos).
-BLOCK_FLOATS = 1 << 24
+# Floats one step of a blocked computation may hold (16 MB of float32; argpartition's indices and copy
+# make a neighbour block's step about 4x that): the work is cut into blocks of rows so that memory stays
+# fixed as the photos grow (issue 27: gathering every candidate pair's features at once took 185 MB at
+# 2,400 photos and grew with n; the neighbour search's 1,024 x n block would take 1.2 GB at 100,000).
+BLOCK_FLOATS = 1 << 22
 
 
 @dataclass(frozen=True)
