@@ -593,9 +593,11 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
         print("audit: near-duplicates by pHash alone: features that cannot tell the classes apart do not show "
               "that two photos are one either")
     elif doc["vetoed_pairs"]:
-        print(f"audit: {len(doc['vetoed_pairs'])} pairs within {cfg.audit_hash_radius} pHash bits are no "
-              f"near-duplicates: their features disagree (cosine below {doc['settings']['disagree_below_cosine']}, the "
-              f"{cfg.audit_veto_quantile:.0%} quantile of unrelated photos; audit.json's vetoed_pairs lists them)")
+        vetoed = len(doc["vetoed_pairs"])
+        print(f"audit: {vetoed} pair{'s' if vetoed > 1 else ''} within {cfg.audit_hash_radius} pHash bits "
+              f"{'are' if vetoed > 1 else 'is'} no near-duplicate: the features disagree (cosine below "
+              f"{doc['settings']['disagree_below_cosine']}, the {cfg.audit_veto_quantile:.0%} quantile of unrelated "
+              "photos; audit.json's vetoed_pairs lists them)")
     return paths.audit
 
 
