@@ -255,7 +255,7 @@ class DuplicateRule:
                                          | ((hamming <= self.agree_radius) & (ratio <= self.group_ratio)))
 
     def agreed(self, hamming: int, cosine: float) -> str:
-        """The signals a pair of one group agrees in, as split's excluded_why and the review show them."""
+        """The signals a pair of one group agrees in, as audit.json and split's excluded_why state them."""
         if not self.use_features:
             return f"pHash {hamming} bits alone (features too weak to judge)"
         return f"pHash {hamming} bits + cosine {cosine:.2f}"
