@@ -160,6 +160,7 @@ def features(arch: str, weights: Path, blobs: list[bytes], cache: Path, batch: i
 
 def audit_groups(hashes: np.ndarray, feats: np.ndarray, rule: audit.DuplicateRule) -> list[np.ndarray]:
     unit = audit.unit_features(feats)
+    rule = rule.judged_by(unit)
     neighbours = audit.nearest_neighbours(unit)
     geometry = audit.Geometry.of(hashes, unit, neighbours)
     return audit.clique_groups(audit.duplicate_pairs(geometry, neighbours, rule), geometry, rule)
@@ -394,19 +395,20 @@ def synthetic_run(root: Path, n: int) -> dict:
     drawn = [s for s in hashes if "copy" not in s]  # the distinct photos, without the injected copies
     near = audit.hash_pairs(phash_array([hashes[s] for s in drawn]), 16)
     settings = doc["settings"]
+    by_features = settings["near_duplicates_by_features"]
     rule = audit.DuplicateRule(settings["hash_radius"], settings["feature_ratio"], settings["agree_radius"],
-                               settings["mutual_radius"], settings["group_ratio"],
-                               settings["near_duplicates_by_features"])
+                               settings["mutual_radius"], settings["group_ratio"], by_features,
+                               settings["veto_quantile"], settings["disagree_below_cosine"] if by_features else -np.inf)
     outside, pairs_checked, largest_hamming, largest_ratio = 0, 0, 0, 0.0
     for g in doc["near_duplicates"]:
         size = len(g["files"])
         outside += len(g["pairs"]) != size * (size - 1) // 2  # every two photos must be listed
         for p in g["pairs"]:
-            h, r = np.array([p["hamming"]]), np.array([p["ratio"]])
-            tests = dict(zip(audit.EVIDENCE, rule.evidence(h, r, np.array(["mutual" in p["by"]]))[0]))
+            h, c, r = np.array([p["hamming"]]), np.array([p["cosine"]]), np.array([p["ratio"]])
+            tests = dict(zip(audit.EVIDENCE, rule.evidence(h, c, r, np.array(["mutual" in p["by"]]))[0]))
             # the pair is within the group bound, and passes every test it is said to pass
-            outside += not rule.within_group_bound(h, r)[0] or not all(tests.get(b, b in {"pixels", audit.GROUP_BOUND})
-                                                                       for b in p["by"])
+            outside += not rule.within_group_bound(h, c, r)[0] or not all(
+                tests.get(b, b in {"pixels", audit.GROUP_BOUND}) for b in p["by"])
             pairs_checked += 1
             largest_hamming, largest_ratio = max(largest_hamming, p["hamming"]), max(largest_ratio, p["ratio"])
     conflicts = {tuple(sorted(g["files"])) for g in doc["near_duplicates"] if g["cross_class"]}

@@ -49,11 +49,20 @@ DEFAULT_FEATURE_RATIO: float = Config.audit_feature_ratio
 DEFAULT_MIN_LABEL_SKILL: float = Config.audit_label_min_skill
 DEFAULT_FOLDS: int = Config.audit_folds
 DEFAULT_MUTUAL_RADIUS: int = Config.audit_mutual_radius
+DEFAULT_VETO_QUANTILE: float = Config.audit_veto_quantile
 # The group bound's ratio: 1 is "closer than the photos around them". On the fine-tuned resnet18 0.6
 # and 0.8 kept fewer copies with their original (recall 0.91, 0.94 against 0.95); 1.2 and 1.5 no more.
 DEFAULT_GROUP_RATIO = 1.0
 DEFAULT_KNN = 10
 HASH_BITS = 64
+# Photos drawn (seeded) to measure how close unrelated photos come: all pairs among 1,000 photos are
+# ~500,000 cosines, enough for a steady 95th percentile, and one 1,000 x 1,000 product costs nothing.
+UNRELATED_SAMPLE = 1000
+# Floats one step of a blocked computation may hold (16 MB of float32; argpartition's indices and copy
+# make a neighbour block's step about 4x that): the work is cut into blocks of rows so that memory stays
+# fixed as the photos grow (issue 27: gathering every candidate pair's features at once took 185 MB at
+# 2,400 photos and grew with n; the neighbour search's 1,024 x n block would take 1.2 GB at 100,000).
+BLOCK_FLOATS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -135,12 +144,14 @@ class Neighbours:
         return np.maximum(1.0 - self.cosine[:, -1].astype(np.float64), 0.0)
 
 
-def nearest_neighbours(unit: np.ndarray, k: int = DEFAULT_KNN, block: int = 1024) -> Neighbours:
+def nearest_neighbours(unit: np.ndarray, k: int = DEFAULT_KNN, block: int | None = None) -> Neighbours:
     """Exact k nearest neighbours by cosine among all rows of ``unit`` (unit vectors), itself excluded.
 
-    A blocked product (block x n at a time); each block keeps its top k by ``argpartition``.
+    A blocked product (block x n at a time, by default as many rows as keep a block within
+    ``BLOCK_FLOATS``); each block keeps its top k by ``argpartition``.
     """
     n = len(unit)
+    block = block or max(1, min(1024, BLOCK_FLOATS // max(n, 1)))
     k = max(0, min(k, n - 1))
     index = np.zeros((n, k), np.int64)
     cosine = np.zeros((n, k), np.float32)
@@ -157,6 +168,23 @@ def nearest_neighbours(unit: np.ndarray, k: int = DEFAULT_KNN, block: int = 1024
         index[b0:b1] = np.take_along_axis(top, order, axis=1)
         cosine[b0:b1] = np.take_along_axis(top_sims, order, axis=1)
     return Neighbours(index, cosine)
+
+
+def unrelated_cosine(unit: np.ndarray, quantile: float, sample: int = UNRELATED_SAMPLE, seed: int = 0) -> float:
+    """The ``quantile`` of the cosines between two different photos drawn at random (all pairs among a
+    seeded sample of at most ``sample`` photos): how close unrelated photos come on these features.
+
+    A quantile of this data set's own pairs, not one fixed cosine, because how close different photos
+    come depends on the backbone and the photos (the 95th percentile was 0.28 on hymenoptera and 0.40 on
+    the scenes sample with the same ImageNet features); unlike the ratio, it does not shrink as the data
+    set grows denser.
+    """
+    n = len(unit)
+    if n < 2:
+        return -np.inf
+    drawn = np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))
+    sims = unit[drawn] @ unit[drawn].T
+    return float(np.quantile(sims[np.triu_indices(len(drawn), 1)], quantile))
 
 
 EVIDENCE = ("phash", "features", "mutual")
@@ -185,6 +213,14 @@ class DuplicateRule:
     ratio <= ``group_ratio`` (closer than the photos around them). Two copies of one photo (a
     crop and a rotation) may be no near-duplicate pair themselves, yet they belong together; two
     photos outside the bound never share a group, however many pairs lead from one to the other.
+
+    The evidence must agree: features that clearly disagree veto a pair, whatever its pHash, in the
+    tests and in the group bound alike. They disagree when the pair's cosine is below
+    ``disagree_below``, which ``judged_by`` sets to the ``veto_quantile`` of the cosines of unrelated
+    photos (no closer than one pair in twenty drawn at random, by default). pHash collisions grow with
+    the number of pairs (n^2): on 25,000 cat and dog photos twelve pairs of a cat and a different dog
+    sat within 8 bits at cosine -0.12 to 0.12. Features that cannot judge (``use_features`` False)
+    veto nothing.
     """
 
     hash_radius: int = DEFAULT_HASH_RADIUS
@@ -193,18 +229,37 @@ class DuplicateRule:
     mutual_radius: int = DEFAULT_MUTUAL_RADIUS
     group_ratio: float = DEFAULT_GROUP_RATIO
     use_features: bool = True  # False: pHash alone (features that cannot tell the classes apart prove nothing)
+    veto_quantile: float = DEFAULT_VETO_QUANTILE
+    disagree_below: float = -np.inf  # a cosine, set from the features by ``judged_by``; -inf vetoes nothing
 
-    def evidence(self, hamming: np.ndarray, ratio: np.ndarray, mutual: np.ndarray) -> np.ndarray:
+    def judged_by(self, unit: np.ndarray) -> DuplicateRule:
+        """This rule with its veto measured on ``unit`` (the photos' unit features), where features may judge."""
+        if not self.use_features:
+            return dataclasses.replace(self, disagree_below=-np.inf)
+        return dataclasses.replace(self, disagree_below=unrelated_cosine(unit, self.veto_quantile))
+
+    def disagree(self, cosine: np.ndarray) -> np.ndarray:
+        """Whether the features clearly say two photos are different: no closer than unrelated photos."""
+        return cosine < self.disagree_below
+
+    def evidence(self, hamming: np.ndarray, cosine: np.ndarray, ratio: np.ndarray, mutual: np.ndarray) -> np.ndarray:
         """(pairs, len(EVIDENCE)) booleans: which of the three tests each pair passes."""
+        agree = ~self.disagree(cosine)
         by_features = (ratio <= self.feature_ratio) & (hamming <= self.agree_radius) & self.use_features
         return np.stack([hamming <= self.hash_radius, by_features,
-                         mutual & (hamming <= self.mutual_radius) & self.use_features], axis=1)
+                         mutual & (hamming <= self.mutual_radius) & self.use_features], axis=1) & agree[:, None]
 
-    def within_group_bound(self, hamming: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+    def within_group_bound(self, hamming: np.ndarray, cosine: np.ndarray, ratio: np.ndarray) -> np.ndarray:
         if not self.use_features:
             return hamming <= self.hash_radius
-        return ((hamming <= self.hash_radius) | (ratio <= self.feature_ratio)
-                | ((hamming <= self.agree_radius) & (ratio <= self.group_ratio)))
+        return ~self.disagree(cosine) & ((hamming <= self.hash_radius) | (ratio <= self.feature_ratio)
+                                         | ((hamming <= self.agree_radius) & (ratio <= self.group_ratio)))
+
+    def agreed(self, hamming: int, cosine: float) -> str:
+        """The signals a pair of one group agrees in, as audit.json and split's excluded_why state them."""
+        if not self.use_features:
+            return f"pHash {hamming} bits alone (features too weak to judge)"
+        return f"pHash {hamming} bits + cosine {cosine:.2f}"
 
 
 @dataclass(frozen=True)
@@ -222,7 +277,11 @@ class Geometry:
     def measure(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(Hamming distance, cosine, ratio) of the pairs (i[p], j[p])."""
         hamming = np.bitwise_count(self.hashes[i] ^ self.hashes[j]).astype(np.int64)
-        cosine = np.einsum("ij,ij->i", self.unit[i], self.unit[j]).astype(np.float64)
+        cosine = np.empty(len(i), np.float64)
+        step = max(1, BLOCK_FLOATS // (2 * max(self.unit.shape[1], 1)))  # the pairs' rows of both photos
+        for start in range(0, len(i), step):
+            end = start + step
+            cosine[start:end] = np.einsum("ij,ij->i", self.unit[i[start:end]], self.unit[j[start:end]])
         scale = np.sqrt(self.scale[i] * self.scale[j])
         distance = np.maximum(1.0 - cosine, 0.0)
         # identical features (a photo whose k nearest are all exact copies has scale 0) are surely close
@@ -240,6 +299,7 @@ class DuplicatePairs:
     cosine: np.ndarray
     ratio: np.ndarray
     by: np.ndarray  # (pairs, len(EVIDENCE)) booleans
+    vetoed: Pairs  # pHash pairs within hash_radius whose features disagree (value: Hamming distance)
 
     def closeness(self) -> np.ndarray:
         """Sort key, smaller = closer: the feature ratio plus the share of pHash bits that differ."""
@@ -261,9 +321,11 @@ def duplicate_pairs(geometry: Geometry, neighbours: Neighbours, rule: DuplicateR
     i, j = keys // n, keys % n
     hamming, cosine, ratio = geometry.measure(i, j)
     mutual = (neighbours.index[i, 0] == j) & (neighbours.index[j, 0] == i) if k else np.zeros(len(i), bool)
-    by = rule.evidence(hamming, ratio, mutual)
+    by = rule.evidence(hamming, cosine, ratio, mutual)
     keep = by.any(axis=1)
-    return DuplicatePairs(i[keep], j[keep], hamming[keep], cosine[keep], ratio[keep], by[keep])
+    vetoed = (hamming <= rule.hash_radius) & rule.disagree(cosine)
+    return DuplicatePairs(i[keep], j[keep], hamming[keep], cosine[keep], ratio[keep], by[keep],
+                          Pairs(i[vetoed], j[vetoed], hamming[vetoed]))
 
 
 def clique_groups(pairs: DuplicatePairs, geometry: Geometry, rule: DuplicateRule) -> list[np.ndarray]:
@@ -282,8 +344,7 @@ def clique_groups(pairs: DuplicatePairs, geometry: Geometry, rule: DuplicateRule
             continue
         left, right = members.get(ga, [ga]), members.get(gb, [gb])
         x, y = np.repeat(left, len(right)), np.tile(right, len(left))
-        hamming, _, ratio = geometry.measure(x, y)
-        if rule.within_group_bound(hamming, ratio).all():
+        if rule.within_group_bound(*geometry.measure(x, y)).all():
             if len(left) < len(right):
                 ga, gb, left, right = gb, ga, right, left
             members[ga] = left + right
@@ -399,15 +460,20 @@ def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequen
     # Features that cannot tell the classes apart are no evidence that two photos are one either
     # (random weights put different photos of similar layout side by side): pHash alone decides.
     weak = label_check.get("skill", 1.0) < min_label_skill
-    rule = dataclasses.replace(rule, use_features=rule.use_features and not weak)
     unit = unit_features(features)
+    rule = dataclasses.replace(rule, use_features=rule.use_features and not weak).judged_by(unit)
     neighbours = nearest_neighbours(unit, knn)
     geometry = Geometry.of(hashes, unit, neighbours)
     pairs = duplicate_pairs(geometry, neighbours, rule)
     groups = clique_groups(pairs, geometry, rule)
     evidence = {(int(i), int(j)): [name for name, hit in zip(EVIDENCE, by) if hit]
                 for i, j, by in zip(pairs.i, pairs.j, pairs.by)}
-    near_duplicates = [_group_entry(members, evidence, geometry, files, labels, class_names) for members in groups]
+    near_duplicates = [_group_entry(members, evidence, geometry, rule, files, labels, class_names)
+                       for members in groups]
+    vetoed_hamming, vetoed_cosine, vetoed_ratio = geometry.measure(pairs.vetoed.i, pairs.vetoed.j)
+    vetoed = [{"files": [files[i], files[j]], "hamming": int(h), "cosine": round(float(c), 4),
+               "ratio": round(float(r), 4)}
+              for i, j, h, c, r in zip(pairs.vetoed.i, pairs.vetoed.j, vetoed_hamming, vetoed_cosine, vetoed_ratio)]
     grouped = np.full(n, -1)
     for g, members in enumerate(groups):
         grouped[members] = g
@@ -423,6 +489,7 @@ def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequen
                     for i, s in enumerate(stats) if s["issues"] or odd[i]]
     return {
         "near_duplicates": near_duplicates,
+        "vetoed_pairs": vetoed,
         "label_issues": label_list,
         "label_check": label_check,
         "outliers": outliers,
@@ -431,6 +498,8 @@ def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequen
         "settings": {"hash_radius": rule.hash_radius, "feature_ratio": rule.feature_ratio,
                      "agree_radius": rule.agree_radius, "mutual_radius": rule.mutual_radius,
                      "group_ratio": rule.group_ratio, "near_duplicates_by_features": rule.use_features,
+                     "veto_quantile": rule.veto_quantile,
+                     "disagree_below_cosine": round(rule.disagree_below, 4) if rule.use_features and n > 1 else None,
                      "folds": folds,
                      "seed": seed, "knn": knn, "min_label_skill": min_label_skill, "images": n,
                      "median_neighbour_scale": round(float(np.median(neighbours.scale())), 4) if n > 1 else None,
@@ -439,14 +508,15 @@ def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequen
 
 
 def _group_entry(members: np.ndarray, evidence: dict[tuple[int, int], list[str]], geometry: Geometry,
-                 files: Sequence[str], labels: np.ndarray, class_names: Sequence[str]) -> dict:
+                 rule: DuplicateRule, files: Sequence[str], labels: np.ndarray, class_names: Sequence[str]) -> dict:
     """One near-duplicate group as audit.json lists it, with the measurements of every two of its
-    photos (``a``/``b`` index ``files``) and what made them near-duplicates (``by``, from ``evidence``:
-    (i, j) -> the tests a near-duplicate pair passed)."""
+    photos (``a``/``b`` index ``files``), what made them near-duplicates (``by``, from ``evidence``:
+    (i, j) -> the tests a near-duplicate pair passed) and the signals that agreed (``agreed``)."""
     a, b = np.triu_indices(len(members), 1)
     hamming, cosine, ratio = geometry.measure(members[a], members[b])
     listed = [{"a": int(x), "b": int(y), "hamming": int(h), "cosine": round(float(c), 4),
-               "ratio": round(float(r), 4), "by": evidence.get((int(members[x]), int(members[y])), [GROUP_BOUND])}
+               "ratio": round(float(r), 4), "by": evidence.get((int(members[x]), int(members[y])), [GROUP_BOUND]),
+               "agreed": rule.agreed(int(h), float(c))}
               for x, y, h, c, r in zip(a, b, hamming, cosine, ratio)]
     classes = sorted({class_names[labels[m]] for m in members})
     return {"files": [files[m] for m in members], "classes": classes, "cross_class": len(classes) > 1,
@@ -512,7 +582,7 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     doc = audit_document([f["source"] for f in usable], np.array([index[f["label"]] for f in usable]), classes,
                          phash_array([f["stats"]["phash"] for f in usable]), feats, [f["stats"] for f in usable],
                          rule=DuplicateRule(cfg.audit_hash_radius, cfg.audit_feature_ratio, cfg.audit_agree_radius,
-                                            cfg.audit_mutual_radius),
+                                            cfg.audit_mutual_radius, veto_quantile=cfg.audit_veto_quantile),
                          folds=cfg.audit_folds, seed=cfg.seed, min_label_skill=cfg.audit_label_min_skill)
     doc["near_duplicates"] = exact_conflicts(report["files"]) + doc["near_duplicates"]
     doc.update(classes=classes, data_hash=report["data_hash"], label_issues_mode=cfg.label_issues)
@@ -527,6 +597,12 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     if not doc["settings"]["near_duplicates_by_features"]:
         print("audit: near-duplicates by pHash alone: features that cannot tell the classes apart do not show "
               "that two photos are one either")
+    elif doc["vetoed_pairs"]:
+        vetoed = len(doc["vetoed_pairs"])
+        print(f"audit: {vetoed} pair{'s' if vetoed > 1 else ''} within {cfg.audit_hash_radius} pHash bits "
+              f"{'are' if vetoed > 1 else 'is'} no near-duplicate: the features disagree (cosine below "
+              f"{doc['settings']['disagree_below_cosine']}, the {cfg.audit_veto_quantile:.0%} quantile of unrelated "
+              "photos; audit.json's vetoed_pairs lists them)")
     return paths.audit
 
 
@@ -541,7 +617,8 @@ def exact_conflicts(files: Sequence[dict]) -> list[dict]:
     for members in by_pixels.values():
         classes = sorted({f["label"] for f in members})
         if len(classes) > 1 and any(f["reason"] == "label_conflict" for f in members):
-            pairs = [{"a": a, "b": b, "hamming": 0, "cosine": 1.0, "ratio": 0.0, "by": ["pixels"]}
+            pairs = [{"a": a, "b": b, "hamming": 0, "cosine": 1.0, "ratio": 0.0, "by": ["pixels"],
+                      "agreed": "pixels identical"}
                      for a in range(len(members)) for b in range(a + 1, len(members))]
             groups.append({"files": sorted(f["source"] for f in members), "classes": classes, "cross_class": True,
                            "similarity": 1.0, "max_hamming": 0, "max_ratio": 0.0, "exact": True, "pairs": pairs})

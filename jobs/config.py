@@ -94,12 +94,17 @@ class Config:
     # at 0.65 there and at 0.46 on the fine-tuned backbone (0.5 made 1 false pair there, 0.6 made 5).
     # Agree 24: rotations move the pHash up to 22 bits. Mutual 16: different photos that were each other's
     # nearest neighbour differed in 22+ bits; 0 (off) lost a tenth of the copies on the fine-tuned backbone.
-    # Together: recall 1.0 (ImageNet) and 0.95 (fine-tuned) with no false pair. Label skill 0.5: random
-    # weights score about 0 and ImageNet features 0.92-0.94 (0.66-0.72 with 10 % of labels flipped).
+    # Together: recall 1.0 (ImageNet) and 0.95 (fine-tuned) with no false pair. Veto quantile 0.95 (issue 27):
+    # on Lite0 features copies kept cosine >= 0.46 (a 150 px scene photo halved) while the 95th percentile of
+    # unrelated pairs was 0.28 (hymenoptera, pets) to 0.39 (scenes); it vetoed the one pair of different photos
+    # within 8 bits among 2,400 scenes (cosine 0.33) and no copy; 0.99 (0.56 on scenes) vetoed 7 copies.
+    # Label skill 0.5: random weights score about 0 and ImageNet features 0.92-0.94 (0.66-0.72 with 10 % of
+    # labels flipped).
     audit_hash_radius: int = _key(8, "Audit: photos whose perceptual hashes differ in at most this many of 64 bits are near-duplicates.", commands=AUDIT, lo=0, hi=32)
     audit_feature_ratio: float = _key(0.4, "Audit: photos whose feature distance is at most this fraction of their distance to their k-th nearest neighbours are near-duplicates, when their pHashes agree within audit_agree_radius.", commands=AUDIT, lo=0, hi=1)
     audit_agree_radius: int = _key(24, "Audit: pHash bits (of 64) two photos may differ in and still be near-duplicates by their features.", commands=AUDIT, lo=0, hi=64)
     audit_mutual_radius: int = _key(16, "Audit: pHash bits (of 64) two photos that are each other's nearest neighbour in features may differ in and still be near-duplicates.", commands=AUDIT, lo=0, hi=64)
+    audit_veto_quantile: float = _key(0.95, "Audit: when the features can judge (labels judged), two photos whose feature cosine is below this quantile of the cosines of unrelated photo pairs are no near-duplicates, whatever their pHash.", commands=AUDIT, lo=0, hi=1)
     audit_folds: int = _key(5, "Audit: folds of the out-of-fold head whose predictions find label issues.", commands=AUDIT, lo=2, hi=100)
     audit_label_min_skill: float = _key(0.5, "Audit: judge labels only when the out-of-fold head's balanced accuracy is this far from chance (0) towards perfect (1); below it no label issue is flagged.", commands=AUDIT, lo=0, hi=1)
     # -- split ---------------------------------------------------------------------------------

@@ -101,8 +101,10 @@ def audit_constraints(paths: RunPaths, report: dict, cfg: Config) -> tuple[dict[
     A group within one class stays whole; a group across classes is a label conflict and leaves
     every split, except the files a decision keeps; with ``label_issues: exclude`` so do the
     label issues the audit found. Excluding is the most destructive thing the job does, so each
-    conflict exclusion names a photo under another class and the pair's measurements from
-    audit.json: every two photos of a group are near-duplicates themselves (``jobs.audit.clique_groups``).
+    conflict exclusion names a photo under another class, the pair's measurements from audit.json
+    and the signals that agreed (``agreed``; features that could judge and disagreed would have
+    vetoed the pair): every two photos of a group are near-duplicates themselves
+    (``jobs.audit.clique_groups``).
     """
     if not paths.audit.exists():
         print(f"split: WARNING no {paths.audit}: near-duplicates may straddle splits; run "
@@ -123,9 +125,9 @@ def audit_constraints(paths: RunPaths, report: dict, cfg: Config) -> tuple[dict[
         if not group["cross_class"]:
             group_of.update({output_of[src]: gid for src in group["files"] if src in output_of})
             continue
-        if "pairs" not in group:
-            raise SplitError(f"{paths.audit} lists a cross-class group without the pairs that justify it (an "
-                             f"older audit); {rerun} again before split")
+        if "pairs" not in group or not all("agreed" in p for p in group["pairs"]):
+            raise SplitError(f"{paths.audit} lists a cross-class group without the pairs that justify it and the "
+                             f"signals that agreed (an older audit); {rerun} again before split")
         for src in group["files"]:
             if src in output_of and src not in keep:
                 excluded[output_of[src]] = "label_conflict"
@@ -152,8 +154,8 @@ def _conflict_evidence(group: dict, src: str, label_of: dict[str, str]) -> dict:
                          "re-run the audit")
     best = min(others, key=lambda p: (p.get("ratio", 0.0), p["hamming"]))
     other = best["b"] if best["a"] == me else best["a"]
-    return {"near_duplicate_of": files[other], "by": best["by"], "hamming": best["hamming"],
-            "cosine": best["cosine"], "ratio": best.get("ratio")}
+    return {"near_duplicate_of": files[other], "agreed": best["agreed"], "by": best["by"],
+            "hamming": best["hamming"], "cosine": best["cosine"], "ratio": best.get("ratio")}
 
 
 def _print_exclusions(group_of: dict[str, int], excluded: dict[str, str], why: dict[str, dict], label_check: dict,
@@ -172,7 +174,7 @@ def _print_exclusions(group_of: dict[str, int], excluded: dict[str, str], why: d
     for p in sorted(conflicts)[:shown]:
         w = why[p]
         print(f"split:   {p}: near-duplicate of {w['near_duplicate_of']} under another class "
-              f"(pHash {w['hamming']} bits, cosine {w['cosine']:.3f}, {'+'.join(w['by'])})")
+              f"({w['agreed']}; {'+'.join(w['by'])})")
     if len(conflicts) > shown:
         print(f"split:   ... {len(conflicts) - shown} more; splits.json's excluded_why has each one's evidence")
     if label_issues == "exclude" and label_check and not label_check.get("judged", True):

@@ -70,6 +70,51 @@ def test_injected_copies_of_fixture_photos_are_grouped_on_real_features(real_fea
     assert any("features" in p["by"] or "mutual" in p["by"] for p in crop_and_rotation["pairs"])
 
 
+def _least_alike(items: dict, first: int, second: int) -> tuple[int, int]:
+    """The two original photos without copies, one of class ``first`` and one of class ``second``, whose real
+    features are least alike (a cat and a different dog, say)."""
+    unit = audit.unit_features(items["features"][:items["originals"]])
+    labels = items["labels"][:items["originals"]]
+    copied = np.isin(items["files"][:items["originals"]], sorted(set().union(*items["expected"])))
+    candidates = (labels == first) & ~copied, (labels == second) & ~copied
+    sims = np.where(candidates[0][:, None] & candidates[1][None, :], unit @ unit.T, np.inf)
+    np.fill_diagonal(sims, np.inf)
+    i, j = np.unravel_index(np.argmin(sims), sims.shape)
+    return int(i), int(j)
+
+
+def test_features_that_disagree_veto_a_phash_collision_of_different_photos(real_features):
+    """pHash collisions grow with the pairs (n^2): two different photos a few bits apart are no near-duplicates
+    when real features, strong enough to judge the labels, clearly disagree; a true copy is still found, and
+    says which signals agreed. On pHash alone (features too weak to judge) the collision is grouped, as before."""
+    files, hashes = real_features["files"], real_features["hashes"].copy()
+    across, within = _least_alike(real_features, 0, 1), _least_alike(real_features, 0, 0)
+    for i, j in (across, within):
+        hashes[j] = hashes[i] ^ np.uint64(0b111)  # 3 bits apart, as close as a re-encoded copy
+    doc = _document_of({**real_features, "hashes": hashes})
+    assert doc["label_check"]["judged"] and doc["settings"]["near_duplicates_by_features"]
+    bar = doc["settings"]["disagree_below_cosine"]
+    assert 0 < bar < 0.5  # how close unrelated photos come: the veto_quantile of their cosines
+    vetoed = {tuple(v["files"]): v for v in doc["vetoed_pairs"]}
+    for i, j in (across, within):
+        pair = (files[min(i, j)], files[max(i, j)])
+        assert vetoed[pair]["hamming"] == 3 and vetoed[pair]["cosine"] < bar
+        assert not any(set(pair) <= set(g["files"]) for g in doc["near_duplicates"])
+    groups = [set(g["files"]) for g in doc["near_duplicates"]]
+    assert sorted(groups, key=sorted) == sorted(real_features["expected"], key=sorted)  # every copy still found
+    resized = next(g for g in doc["near_duplicates"] if any(f.endswith("#resize_0.5") for f in g["files"]))
+    (pair,) = resized["pairs"]
+    assert "phash" in pair["by"] and pair["agreed"] == f"pHash {pair['hamming']} bits + cosine {pair['cosine']:.2f}"
+    assert pair["cosine"] > bar
+
+    alone = _document_of({**real_features, "hashes": hashes}, rule=audit.DuplicateRule(use_features=False))
+    assert alone["vetoed_pairs"] == [] and alone["settings"]["disagree_below_cosine"] is None
+    for i, j in (across, within):
+        collided = next(g for g in alone["near_duplicates"] if {files[i], files[j]} <= set(g["files"]))
+        assert collided["cross_class"] == (real_features["labels"][i] != real_features["labels"][j])
+        assert [p["agreed"] for p in collided["pairs"]] == ["pHash 3 bits alone (features too weak to judge)"]
+
+
 def test_real_features_judge_labels_and_flag_flipped_ones(real_features):
     n = real_features["originals"]
     items = {k: v[:n] for k, v in real_features.items() if k in {"files", "labels", "hashes", "features"}}
@@ -104,8 +149,9 @@ def test_weak_features_flag_no_label_issues_and_say_why():
     hashes[1] = hashes[0] ^ np.uint64(0xFFF)  # 12 bits: a copy by its features, not by its pHash
     hashes[3] = hashes[2] ^ np.uint64(0xF)
     doc = audit.audit_document(files, labels, ["a", "b"], hashes, features, [{"issues": []}] * n)
-    assert not doc["settings"]["near_duplicates_by_features"]
+    assert not doc["settings"]["near_duplicates_by_features"] and doc["vetoed_pairs"] == []
     assert [g["files"] for g in doc["near_duplicates"]] == [[files[2], files[3]]]
+    assert doc["near_duplicates"][0]["pairs"][0]["agreed"] == "pHash 4 bits alone (features too weak to judge)"
     strong = audit.audit_document(files, labels, ["a", "b"], hashes, features, [{"issues": []}] * n,
                                   min_label_skill=0.0)
     assert [files[0], files[1]] in [g["files"] for g in strong["near_duplicates"]]
@@ -143,14 +189,13 @@ def test_a_chain_of_near_duplicates_never_makes_one_group(steps: int, bits: int)
     chain = np.arange(80, 80 + steps)
     linked = {(int(i), int(j)) for i, j in zip(pairs.i, pairs.j)}
     assert {(int(a), int(a) + 1) for a in chain[:-1]} <= linked  # every step is a near-duplicate pair
-    ends_h, _, ends_r = geometry.measure(chain[:1], chain[-1:])
-    assert not rule.within_group_bound(ends_h, ends_r).any()  # ... yet the ends are far apart
+    assert not rule.within_group_bound(*geometry.measure(chain[:1], chain[-1:])).any()  # ... yet the ends are far apart
     doc = _document_of({**items, "labels": items["labels"]})
     assert doc["near_duplicates"], "the chain's neighbours must still be grouped"
     for g in doc["near_duplicates"]:
         assert not {items["files"][chain[0]], items["files"][chain[-1]]} <= set(g["files"])
         for p in g["pairs"]:
-            assert rule.within_group_bound(np.array([p["hamming"]]), np.array([p["ratio"]])).all(), p
+            assert rule.within_group_bound(*(np.array([p[k]]) for k in ("hamming", "cosine", "ratio"))).all(), p
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -165,8 +210,8 @@ def test_every_two_photos_of_a_group_are_within_the_bound(seed: int):
         0, 2**64 - 1, 150, dtype=np.uint64, endpoint=True) & rng.integers(0, 2**64 - 1, 150, dtype=np.uint64,
                                                                           endpoint=True)  # ~8 of 64 bits each
     hashes = base[member] ^ flips
-    rule = audit.DuplicateRule()
     unit = audit.unit_features(features)
+    rule = audit.DuplicateRule().judged_by(unit)
     neighbours = audit.nearest_neighbours(unit, 5)
     geometry = audit.Geometry.of(hashes, unit, neighbours)
     groups = audit.clique_groups(audit.duplicate_pairs(geometry, neighbours, rule), geometry, rule)
@@ -174,8 +219,7 @@ def test_every_two_photos_of_a_group_are_within_the_bound(seed: int):
     assert len(seen) == len(set(seen.tolist()))  # one group per photo at most
     for members in groups:
         a, b = np.triu_indices(len(members), 1)
-        hamming, _, ratio = geometry.measure(members[a], members[b])
-        assert rule.within_group_bound(hamming, ratio).all()
+        assert rule.within_group_bound(*geometry.measure(members[a], members[b])).all()
 
 
 @pytest.mark.parametrize("radius", [0, 3, 10, 15])
@@ -296,7 +340,8 @@ def test_document_format_cross_class_copies_and_small_inputs():
         "ants", "bees"]
     assert conflict["similarity"] == pytest.approx(1.0, abs=1e-4) and conflict["max_hamming"] == 0
     assert conflict["pairs"] == [{"a": 0, "b": 1, "hamming": 0, "cosine": pytest.approx(1.0, abs=1e-4),
-                                  "ratio": 0.0, "by": ["phash", "features", "mutual"]}]
+                                  "ratio": 0.0, "by": ["phash", "features", "mutual"],
+                                  "agreed": "pHash 0 bits + cosine 1.00"}]
     # a class with a single image: no folds possible, labels are not judged, nothing crashes
     _, tiny = _document(features[:3], np.array([0, 0, 1]), ["ants", "bees"])
     assert tiny["label_issues"] == [] and tiny["estimated_noise"] == {} and not tiny["label_check"]["judged"]

@@ -91,6 +91,7 @@ def test_cross_class_copies_are_conflicts_excluded_from_every_split(audited):
     original, copy = audited["near_conflict"]
     assert {source_of[p]: w["near_duplicate_of"] for p, w in splits["excluded_why"].items()} == {
         original: copy, copy: original}
+    assert all(w["agreed"].endswith(" alone (features too weak to judge)") for w in splits["excluded_why"].values())
     assert "2 files excluded: 2 in cross-class conflicts (2 by phash), 0 label issues" in audited["first"].stdout
 
 

@@ -65,7 +65,8 @@ def _cleaned(tmp_path) -> tuple:
 
 
 def _pair(a: int, b: int, hamming: int, by: list[str]) -> dict:
-    return {"a": a, "b": b, "hamming": hamming, "cosine": 0.9, "ratio": 0.2, "by": by}
+    return {"a": a, "b": b, "hamming": hamming, "cosine": 0.9, "ratio": 0.2, "by": by,
+            "agreed": f"pHash {hamming} bits + cosine 0.90"}
 
 
 def _write_audit(paths: RunPaths, report: dict, groups: list[dict], label_issues: list | None = None,
@@ -91,24 +92,28 @@ def test_split_excludes_only_cross_class_groups_and_says_why(tmp_path, capsys):
     why = doc["excluded_why"]
     # each excluded photo names its nearest photo under another class and that pair's measurements
     assert why[output_of[ants[0]]]["near_duplicate_of"] == bees[0] and why[output_of[ants[0]]]["by"] == ["features"]
-    assert why[output_of[ants[1]]] == {"near_duplicate_of": bees[0], "by": ["group_bound"], "hamming": 20,
-                                       "cosine": 0.9, "ratio": 0.2}
+    assert why[output_of[ants[1]]] == {"near_duplicate_of": bees[0], "agreed": "pHash 20 bits + cosine 0.90",
+                                       "by": ["group_bound"], "hamming": 20, "cosine": 0.9, "ratio": 0.2}
     assert why[output_of[bees[0]]]["near_duplicate_of"] in {ants[0], ants[1]}
     assert doc["files"][output_of[bees[1]]] == doc["files"][output_of[bees[2]]]
     assert all(output_of[s] in doc["files"] for s in sources if s not in conflict["files"])
     out = capsys.readouterr().out
     assert ("split: 1 near-duplicate groups kept within one split; 3 files excluded: 3 in cross-class conflicts "
             "(2 by features, 1 by group_bound), 0 label issues") in out, out
-    assert f"split:   {output_of[ants[0]]}: near-duplicate of {bees[0]} under another class (pHash 14 bits" in out
+    assert (f"split:   {output_of[ants[0]]}: near-duplicate of {bees[0]} under another class "
+            "(pHash 14 bits + cosine 0.90; features)") in out
 
 
 def test_an_audit_without_pairwise_evidence_is_refused(tmp_path):
     cfg, paths, report, sources = _cleaned(tmp_path)
     old = {"files": [sources[0], sources[-1]], "classes": ["ants", "bees"], "cross_class": True, "similarity": 0.98}
-    _write_audit(paths, report, [old])
-    with pytest.raises(SplitError, match="without the pairs that justify it .* run `python -m jobs audit"):
-        split(cfg, paths)
-    assert not paths.splits.exists()
+    # pairs without the signals that agreed: written before features could veto a pHash-only pair
+    unvetted = {**old, "pairs": [{k: v for k, v in _pair(0, 1, 8, ["phash"]).items() if k != "agreed"}]}
+    for group in (old, unvetted):
+        _write_audit(paths, report, [group])
+        with pytest.raises(SplitError, match="without the pairs that justify it .* run `python -m jobs audit"):
+            split(cfg, paths)
+        assert not paths.splits.exists()
 
 
 def test_label_issues_are_excluded_only_when_asked_and_judged(tmp_path, capsys):

@@ -1,0 +1,121 @@
+"""Issue 27: the job's wall time and peak RSS per stage as the photo count grows.
+
+Builds an N-photo set under ``--work`` (the scene sample's 2,400 real photos first, then distinct
+procedural 400 px JPEGs, ``bench.audit.procedural``, in two more classes) and runs each stage as its own
+command (``python -m jobs clean|audit|split|train|export|evaluate``) with the real backbone:
+``--arch timm/tf_efficientnet_lite0`` and the offline ImageNet weights, ``--feature-views 1 --epochs 1``.
+A stage's peak RSS is the high-water mark (``VmHWM``) of its largest process, dataloader workers included,
+polled from ``/proc``: a child's rusage would start from this script's own RSS, which it inherits at fork.
+Prints the stages side by side for every N and writes ``bench/results/scale.json``.
+
+    python -m bench.scale [--photos 2400 5000] [--work /tmp/bench-scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.audit import REAL_ARCH, SYNTHETIC_CLASSES, _jpeg, procedural
+from bench.common import REPO, save_result
+
+SCENES = REPO.parent / "shared" / "datasets" / "scenes-sample"
+STAGES = ("clean", "audit", "split", "train", "export", "evaluate")
+DRAWN_SIZE = 400  # px: larger than the scene photos (150 px), as photos from a camera or the web are
+
+
+def build_set(root: Path, photos: int) -> Path:
+    """``photos`` images under ``root/<class>/``: real scene photos first (taken from each class in turn),
+    then distinct drawn ones."""
+    by_class = [sorted(folder.glob("*.jpg")) for folder in sorted(SCENES.iterdir()) if folder.is_dir()]
+    real = [path for row in itertools.zip_longest(*by_class) for path in row if path][:photos]
+    for path in real:
+        target = root / path.parent.name / path.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    for s in range(photos - len(real)):
+        target = root / SYNTHETIC_CLASSES[s % 2] / f"p{s:06d}.jpg"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(_jpeg(procedural(1000 + s, s % 2, size=DRAWN_SIZE), 92))
+    return root
+
+
+def _family(pid: int) -> list[int]:
+    """``pid`` and its descendants, from ``/proc/<pid>/task/*/children``."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(child) for child in task.read_text().split()]
+    return found
+
+
+def _high_water_kib(pid: int) -> int:
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+    return 0
+
+
+def run_stage(stage: str, args: list[str], log: Path, poll_s: float = 0.1) -> dict:
+    """One stage as its own process: its wall time and the peak RSS of its largest process."""
+    started = time.perf_counter()
+    peak: dict[int, int] = {}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs", stage, *args], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        while proc.poll() is None:
+            for pid in _family(proc.pid):
+                peak[pid] = max(peak.get(pid, 0), _high_water_kib(pid))
+            time.sleep(poll_s)
+    if proc.returncode:
+        raise RuntimeError(f"jobs {stage} failed ({proc.returncode}); its output: {log}")
+    return {"wall_s": round(time.perf_counter() - started, 1),
+            "peak_rss_gib": round(max(peak.values(), default=0) / 2**20, 3)}
+
+
+def measure(photos: int, work: Path, weights: Path) -> dict:
+    """Every stage at ``photos`` photos, from a fresh run folder (nothing cached)."""
+    data = build_set(work / f"data-{photos}", photos)
+    out = work / f"run-{photos}"
+    shutil.rmtree(out, ignore_errors=True)
+    model = ["--arch", REAL_ARCH, "--weights", str(weights)]
+    args = {"clean": ["--data", str(data)], "audit": model, "train": [*model, "--feature-views", "1", "--epochs", "1"]}
+    stages = {}
+    for stage in STAGES:
+        stages[stage] = run_stage(stage, ["--out", str(out), *args.get(stage, [])], work / f"{photos}-{stage}.log")
+        print(f"  {photos} photos, {stage}: {stages[stage]['wall_s']} s, {stages[stage]['peak_rss_gib']} GiB",
+              flush=True)
+    return {"photos": photos, "stages": stages}
+
+
+def main() -> None:
+    from scripts.offline_weights import build
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", type=int, nargs="+", default=[2400, 5000])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-scale"))
+    opts = parser.parse_args()
+    weights = build(REPO / ".cache" / "weights" / "tf_efficientnet_lite0.pth")
+    runs = [measure(n, opts.work, weights) for n in opts.photos]
+    print("wall time and peak RSS per stage:")
+    print(f"{'stage':<10}" + "".join(f"{f'{n:,} photos':>24}" for n in opts.photos))
+    for stage in STAGES:
+        cells = (f"{r['stages'][stage]['wall_s']:.1f} s, {r['stages'][stage]['peak_rss_gib']:.2f} GiB" for r in runs)
+        print(f"{stage:<10}" + "".join(f"{cell:>24}" for cell in cells))
+    save_result("scale", "cpu", {"runs": runs})
+
+
+if __name__ == "__main__":
+    main()
