@@ -37,6 +37,16 @@ def open_page(browser, url: str, width: int = WIDTH, **kwargs):
     return page
 
 
+def exported_decisions(page, folder: Path) -> dict:
+    """Click the page's export button and read the decisions.json it downloads (saved into ``folder``)."""
+    with page.expect_download() as download:
+        page.click("#export")
+    assert download.value.suggested_filename == "decisions.json"
+    saved = folder / "decisions.json"
+    download.value.save_as(saved)
+    return json.loads(saved.read_text())
+
+
 def horizontal_overflow(page) -> int:
     """Pixels the page is wider than its window (0: nothing to scroll sideways)."""
     return page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")

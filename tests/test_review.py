@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from pages import horizontal_overflow, launch, needs_chromium, open_page, per_row, sync_api
+from pages import exported_decisions, horizontal_overflow, launch, needs_chromium, open_page, per_row, sync_api
 
 from jobs.config import RunPaths
 from jobs.decisions import parse as parse_decisions
@@ -84,11 +84,7 @@ def test_review_page_persists_choices_and_exports_decisions(tmp_path):
             assert card(ants[3]).get_attribute("class") == "card"
             assert page.locator("#count").text_content() == "3 decisions"
 
-            with page.expect_download() as download:
-                page.click("#export")
-            assert download.value.suggested_filename == "decisions.json"
-            saved = tmp_path / "decisions.json"
-            download.value.save_as(saved)
+            doc = exported_decisions(page, tmp_path)
 
             # another run's page does not see these choices
             other = render_review(_audit(), lambda f: None, ["ants", "bees"], tmp_path / "other" / "review.html",
@@ -98,7 +94,7 @@ def test_review_page_persists_choices_and_exports_decisions(tmp_path):
         finally:
             browser.close()
 
-    assert json.loads(saved.read_text()) == {"exclude": [ants[0]], "relabel": {bees[1]: "ants"}, "keep": [bees[0]]}
+    assert doc == {"exclude": [ants[0]], "relabel": {bees[1]: "ants"}, "keep": [bees[0]]}
 
 
 def test_test_images_the_model_abstained_on_join_the_review_by_their_source_path(tmp_path):
@@ -125,13 +121,10 @@ def test_test_images_the_model_abstained_on_join_the_review_by_their_source_path
             assert "score 1.700" in cards.nth(0).text_content()
             cards.nth(0).locator('button[data-action="exclude"]').click()
             assert "exclude" in cards.nth(0).get_attribute("class")
-            with page.expect_download() as download:
-                page.click("#export")
-            saved = tmp_path / "decisions.json"
-            download.value.save_as(saved)
+            doc = exported_decisions(page, tmp_path)
         finally:
             browser.close()
-    assert json.loads(saved.read_text())["exclude"] == [ants[6]]
+    assert doc["exclude"] == [ants[6]]
     assert 'id="abstained"' in write_run_review(RunPaths(run), audit).read_text()  # an audit again: evaluate's stay
     assert 'id="abstained"' not in write_run_review(RunPaths(run), audit, []).read_text()
 
@@ -333,13 +326,9 @@ def test_captured_images_are_labelled_with_a_class_typed_in_or_excluded(tmp_path
             card("c-0.jpg").locator('button[data-action="exclude"]').click()
             page.reload()
             assert card("a-0.jpg").locator("input.class-name").input_value() == "tulips"
-            with page.expect_download() as download:
-                page.click("#export")
-            saved = tmp_path / "decisions.json"
-            download.value.save_as(saved)
+            doc = exported_decisions(page, tmp_path)
         finally:
             browser.close()
-    doc = json.loads(saved.read_text())
     assert doc == {"exclude": ["captured:c-0.jpg"], "relabel": {"captured:a-0.jpg": "tulips",
                                                                 "captured:b-0.jpg": "bees"}, "keep": []}
     assert parse_decisions(doc, "the body", ["ants", "bees"]).captured_labels() == {"a-0.jpg": "tulips",
