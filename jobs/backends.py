@@ -14,6 +14,10 @@ says so in one line and serves on torch as before.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -59,18 +63,13 @@ def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor],
     if val_fp32 is None:
         print("export: no val images: no engine but torch is admitted")
         return {**record, **{name: {"passed": False, "reason": "no val images"} for name in engines.ONNX_ENGINES}}
-    candidates, refused = _candidates(onnx_file)
+    outputs, refused = _outputs_apart(onnx_file, paths.out, items, meta["preprocess"])
     record.update(refused)
-    loader = make_loader(ImageFiles(paths.out, items, Preprocessor(meta["preprocess"])), 32, 0)
-    parts = {key: [] for key in candidates}
-    for x, _ in loader:
-        for key, engine in candidates.items():
-            parts[key].append(engine.run(x))
     trust = Trust.from_metadata(paths.model, meta["trust"]) if meta.get("trust") else None
-    figures = {key: agreement(val_fp32, _joined(got), trust) for key, got in parts.items()}
+    figures = {key: agreement(val_fp32, got, trust) for key, got in outputs.items()}
     for name in engines.ONNX_ENGINES:
         checked = {prec: {"passed": passes(figures[(n, prec)], GATES[prec]), **figures[(n, prec)]}
-                   for n, prec in candidates if n == name}
+                   for n, prec in outputs if n == name}
         if checked:  # the first precision that passes serves (bf16 before fp32), else the first one's figures
             prec = next((p for p, c in checked.items() if c["passed"]), next(iter(checked)))
             record[name] = {"precision": prec, **checked[prec], "checked": checked}
@@ -95,6 +94,43 @@ def write_onnx(model: torch.nn.Module, input_size: list[int], path: Path) -> Pat
                           output_names=list(engines.ONNX_OUTPUTS),
                           dynamic_axes={name: batch for name in (engines.ONNX_INPUT, *engines.ONNX_OUTPUTS)})
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _outputs_apart(onnx_file: Path, root: Path, items: list[tuple[str, int]],
+                   preprocess: dict) -> tuple[dict[tuple[str, str], Outputs], dict[str, dict]]:
+    """``engine_outputs`` in a process of its own (``python -m jobs.backends``), with this one's torch threads.
+
+    ONNX Runtime's and OpenVINO's thread pools do not survive a fork: loaded in the job's process, they
+    crashed the DataLoader workers that evaluate forks next, and with them the whole ``jobs run`` (a
+    segfault, one run in two). So the job's process never loads them. A check that dies admits no engine.
+    """
+    with tempfile.TemporaryDirectory(prefix="jobs-engines-") as tmp:
+        request, answer = Path(tmp) / "request.pt", Path(tmp) / "outputs.pt"
+        torch.save({"onnx_file": str(onnx_file), "root": str(root), "items": items, "preprocess": preprocess,
+                    "threads": torch.get_num_threads()}, request)
+        source = str(Path(__file__).resolve().parents[1])  # where the jobs package is, wherever the job runs
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+        done = subprocess.run([sys.executable, "-m", "jobs.backends", str(request), str(answer)], env=env,
+                              stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or [""])[-1][:200]
+            reason = f"the check's process exited {done.returncode} ({last})"
+            return {}, {name: {"passed": False, "reason": reason} for name in engines.ONNX_ENGINES}
+        result = torch.load(answer, weights_only=True)
+    return result["outputs"], result["refused"]
+
+
+def engine_outputs(onnx_file: Path, root: Path, items: list[tuple[str, int]],
+                   preprocess: dict) -> tuple[dict[tuple[str, str], Outputs], dict[str, dict]]:
+    """({(engine, precision): (features, logits)} of every engine that loads on ``items``, decoded once for all
+    of them, in the order given; {engine: record} of those that cannot load here)."""
+    candidates, refused = _candidates(onnx_file)
+    loader = make_loader(ImageFiles(root, items, Preprocessor(preprocess)), 32, 0)
+    parts: dict[tuple[str, str], list[Outputs]] = {key: [] for key in candidates}
+    for x, _ in loader:
+        for key, engine in candidates.items():
+            parts[key].append(engine.run(x))
+    return {key: _joined(got) for key, got in parts.items()}, refused
 
 
 def _candidates(onnx_file: Path) -> tuple[dict[tuple[str, str], engines.Engine], dict[str, dict]]:
@@ -151,3 +187,10 @@ def _verdict(record: dict) -> str:
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+if __name__ == "__main__":  # _outputs_apart's process: request.pt in, outputs.pt out
+    asked = torch.load(sys.argv[1], weights_only=True)
+    torch.set_num_threads(asked["threads"])
+    found, cannot = engine_outputs(Path(asked["onnx_file"]), Path(asked["root"]), asked["items"], asked["preprocess"])
+    torch.save({"outputs": found, "refused": cannot}, sys.argv[2])

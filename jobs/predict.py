@@ -23,10 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from handler.protocol import BadRequest
+from handler.preprocess import Preprocessor
 from handler.service import ImageClassifier
 from jobs.errors import JobError
-from jobs.fileio import atomic_write_text
+from jobs.fileio import atomic_write_text, read_json
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 OUTPUT_FORMATS = (".csv", ".jsonl")
@@ -35,10 +35,15 @@ OUTPUT_FORMATS = (".csv", ".jsonl")
 def load_classifier(model_dir: Path, device: torch.device | None = None, backend: str = "auto") -> ImageClassifier:
     """The exported model as the server loads it (int8 where offered; bf16 only where native), on ``backend``'s
     engine (``serve_backend``'s choices)."""
+    return ImageClassifier(checked_model_dir(model_dir), device or torch.device("cpu"), options={"backend": backend})
+
+
+def checked_model_dir(model_dir: Path) -> Path:
+    """``model_dir``, or a one-line error where it is not an exported model."""
     model_dir = Path(model_dir)
     if not (model_dir / "metadata.json").exists() or not (model_dir / "model.pt").exists():
         raise JobError(f"{model_dir} lacks metadata.json or model.pt; pass the model/ folder of a finished run")
-    return ImageClassifier(model_dir, device or torch.device("cpu"), options={"backend": backend})
+    return model_dir
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
@@ -64,20 +69,20 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 class _Decoded(Dataset):
     """File i -> (i, input tensor or None, error or None): a bad file is one row, not a crashed worker."""
 
-    def __init__(self, files: list[Path], classifier: ImageClassifier):
-        self.files, self.decode = files, classifier.decode
+    def __init__(self, files: list[Path], preprocessor: Preprocessor):
+        self.files, self.preprocessor = files, preprocessor
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.decode([self.files[i].read_bytes()])[0], None
+            return i, self.preprocessor(self.files[i].read_bytes()), None
         except IsADirectoryError:
             return i, None, "is a folder with no images"
         except OSError as e:
             return i, None, e.strerror or type(e).__name__
-        except BadRequest as e:
+        except ValueError as e:  # not an image, or one the server would refuse: the server's 400 message
             return i, None, str(e)
 
 
@@ -98,16 +103,21 @@ def predict(model_dir: Path, inputs: Iterable[str | Path], topk: int | None = No
             backend: str = "auto", say_backend: bool = False) -> Iterator[dict[str, Any]]:
     """One result per input file, in order: the server's answer (``predictions`` and the trust fields) and
     ``probabilities`` for every class, or ``error``. ``say_backend``: one line on stderr naming the engine."""
+    model_dir = checked_model_dir(model_dir)
+    files = expand_inputs(inputs)
+    preprocessor = Preprocessor(read_json(model_dir / "metadata.json")["preprocess"])
+    loader = DataLoader(_Decoded(files, preprocessor), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate, persistent_workers=False)
+    # The decoding workers are forked before the model loads: ONNX Runtime's and OpenVINO's thread pools do
+    # not survive a fork (jobs.backends._outputs_apart).
+    batches = iter(loader)
     classifier = load_classifier(model_dir, device, backend)
     if say_backend:
         chosen = classifier.backend
         print(f"predict: on {chosen['backend']} ({chosen['precision']}): {chosen['why']}", file=sys.stderr)
-    files = expand_inputs(inputs)
     k = classifier.topk(topk)
-    loader = DataLoader(_Decoded(files, classifier), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, persistent_workers=False)
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
-    for rows in loader:
+    for rows in batches:
         good = [(i, x) for i, x, _ in rows if x is not None]
         answers: dict[int, dict] = {}
         if good:

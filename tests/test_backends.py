@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -154,6 +155,28 @@ def test_an_arch_that_does_not_export_or_an_engine_that_fails_the_gate_is_not_ad
     assert not any(record[name]["passed"] for name in engines.ONNX_ENGINES)
     assert "not admitted" in capsys.readouterr().out
     assert all(engines.refusal(name, {**meta, "backends": record}, paths.model) for name in engines.ONNX_ENGINES)
+
+
+def test_the_jobs_process_never_loads_an_engine_so_its_forked_workers_live(exported_run: Path, tmp_path: Path):
+    """Export admits the engines from a process of its own, and predict forks its decoding workers before its
+    model loads: ONNX Runtime's and OpenVINO's thread pools do not survive a fork (a whole `jobs run`
+    segfaulted in evaluate's DataLoader workers, one run in two, when export had loaded them in-process)."""
+    paths = RunPaths(copy_run(exported_run, tmp_path / "run"))
+    script = f"""
+import sys
+from jobs import api
+from jobs.predict import predict
+api.export(out={str(paths.out)!r}, weights="none")
+loaded = [m for m in ("onnxruntime", "openvino") if m in sys.modules]
+api.evaluate(out={str(paths.out)!r}, weights="none", num_workers=1)
+answers = list(predict({str(paths.model)!r}, [{str(FIXTURE_IMAGES)!r}], num_workers=1, backend="onnxruntime"))
+print("loaded by export:", loaded, "answered:", sum("predictions" in a for a in answers), "of", len(answers))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "admitted in fp32" in done.stdout  # the engines were checked, elsewhere
+    photos = len(sorted(FIXTURE_IMAGES.glob("*/*.jpg")))
+    assert f"loaded by export: [] answered: {photos} of {photos}" in done.stdout, done.stdout[-2000:]
 
 
 def test_predict_takes_backend(exported_run: Path):
