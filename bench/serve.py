@@ -12,14 +12,16 @@ noise, half of them with an EXIF rotation, as phones send them). Without shared/
 
 **The limit** is measured without any server, per photo set, before and after the served cells: the same model
 and photos, decode + preprocess + forward (handler/service.py, what every runtime runs), batch 8, every core,
-in the best precision the machine has (fp32, and bf16 autocast where it is native), and the better of two
+in the best precision and engine the machine has (PyTorch fp32, bf16 autocast where it is native, and each ONNX
+engine the export admitted: ONNX Runtime, OpenVINO in its own bf16 where native), and the better of two
 layouts: one process with torch threads = cores, or one single-threaded process per core side by side.
 ``served/limit`` = served images/s over that.
 
 **The served cells**: each (variant, concurrency) sends the set's photos from ``concurrency`` closed-loop client
 threads; its time is split into rounds that alternate the variants, so other load on the machine hits them alike.
 Variants:
-  * ours: TorchServe, workers and batching chosen by ``jobs serve`` (handler.scheduler.serving_plan);
+  * ours: TorchServe, workers and batching chosen by ``jobs serve`` (handler.scheduler.serving_plan), the engine
+    by ``serve_backend: auto``; ours-torch: the same on PyTorch alone (``serve_backend: torch``);
   * ours-archived / ours-1worker-allthreads: TorchServe with the archive's old fixed values / one worker on
     every core;
   * stock: bench/stock_handler.py (PIL + torchvision.transforms per image, fp32, batchSize 1), the baseline;
@@ -66,8 +68,8 @@ import torch
 import yaml
 from PIL import Image
 
+from handler import engines, precision, scheduler, trust
 from handler import model as models
-from handler import precision, scheduler, trust
 from handler.answer_metrics import CAPTURE_DROPPED
 from handler.capture import CaptureSettings
 from handler.cpus import usable_cpus
@@ -89,6 +91,8 @@ STOCK = REPO / "bench" / "stock_handler.py"
 ARCHIVED = {"serve_tuning": "archive"}
 VARIANTS: dict[str, tuple[Path | None, dict, dict]] = {
     "ours": (None, {}, {}),
+    # ours with serve_backend torch: what the engines auto chooses from are worth (ours is auto, the default)
+    "ours-torch": (None, {}, {"serve_backend": "torch"}),
     "ours-archived": (None, {}, {**ARCHIVED, "min_workers": 1, "max_workers": 1, "serve_batch_size": 8,
                                  "max_batch_delay_ms": 20}),
     "ours-1worker-allthreads": (None, {"torch_threads": os.cpu_count()}, {
@@ -311,11 +315,12 @@ def no_probe() -> dict[str, float]:
 
 
 def in_process_limit(model_dir: Path, photos: list[bytes], duration: float) -> dict:
-    """Images/s of decode + preprocess + forward, batch 8, in fp32, native bf16 and int8, laid out two ways:
+    """Images/s of decode + preprocess + forward, batch 8, on PyTorch in fp32, native bf16 and int8 and on
+    each ONNX engine the export admitted (``admitted_engines``), laid out two ways:
     one process on every core (torch threads = cores, decoding on a thread pool of that size), and one
     single-threaded process per core running side by side (their images/s summed; on small CPUs that beats
-    one process, whose threads wait on each other at every layer). ``best`` (the limit) is the best of
-    fp32 and bf16 over both layouts, as the issue defines it; int8 is printed beside, since it is served
+    one process, whose threads wait on each other at every layer). ``best`` (the limit) is the best engine
+    and precision over both layouts, int8 aside; int8 is printed beside, since it is served
     only where the export offered it."""
     cores = usable_cpus()
     one_process = _limit_rates(model_dir, photos, duration, cores)
@@ -344,25 +349,37 @@ def _limit_rates(model_dir: Path, photos: list[bytes], duration: float, threads:
     model = models.build_model(meta, model_dir / "model.pt", cpu)
     preprocess = Preprocessor(meta["preprocess"])
     calibration = [torch.stack([preprocess(b) for b in photos[:32]])]
-    variants = {"fp32": (model, None), **({"bf16": (model, torch.bfloat16)} if precision.native_bf16(cpu) else {}),
-                "int8": (models.quantize_int8(meta, model, calibration), None)}
+    variants: dict[str, Callable[[torch.Tensor], Any]] = {
+        "fp32": lambda x: models.forward(model, x, cpu, None),
+        **({"bf16": lambda x: models.forward(model, x, cpu, torch.bfloat16)} if precision.native_bf16(cpu) else {}),
+        **{f"{engine.name} {engine.precision}": engine.run for engine in admitted_engines(meta, model_dir)}}
+    int8 = models.quantize_int8(meta, model, calibration)
+    variants["int8"] = lambda x: models.forward(int8, x, cpu, None)
     rates = {}
     with ThreadPoolExecutor(threads) as decoders:
-        for name, (net, dtype) in variants.items():
+        for name, forward in variants.items():
             batches = itertools.cycle(range(0, len(photos) - LIMIT_BATCH + 1, LIMIT_BATCH))
-            models.forward(net, torch.stack(list(decoders.map(preprocess, photos[:LIMIT_BATCH]))), cpu,
-                                   dtype)  # warm-up
+            forward(torch.stack(list(decoders.map(preprocess, photos[:LIMIT_BATCH]))))  # warm-up
             if start_together is not None:
                 start_together.wait()
             images, start_time, start_cpu = 0, time.perf_counter(), time.process_time()
             while time.perf_counter() - start_time < duration:
                 i = next(batches)
                 x = torch.stack(list(decoders.map(preprocess, photos[i:i + LIMIT_BATCH])))
-                models.forward(net, x, cpu, dtype)
+                forward(x)
                 images += len(x)
             rates[name] = (round(images / (time.perf_counter() - start_time), 2),
                            round((time.process_time() - start_cpu) * 1000 / images, 2))
     return rates
+
+
+def admitted_engines(meta: dict, model_dir: Path) -> list[engines.Engine]:
+    """The ONNX engines the export admitted for this model (in the precision a worker would choose), with this
+    process's torch threads: a model without ``model.onnx`` (the random one) has none."""
+    admitted = [name for name in engines.ONNX_ENGINES if engines.refusal(name, meta, model_dir) is None]
+    chosen = [engines.choose(meta, model_dir, model_dir / "model.pt", torch.device("cpu"), name).engine
+              for name in admitted]
+    return [engine for engine in chosen if engine.name != engines.TORCH]  # torch: the engine did not load
 
 
 def build_store(work: Path, model_dir: Path | None, variants: list[str]) -> tuple[Path, Path]:
@@ -591,7 +608,8 @@ def main() -> None:
           f"startup (s): {startup}")
     for name, result in results.items():
         print(f"{name}: limit {result['limit_images_per_s']} img/s, {result['limit_cpu_ms_per_image']} CPU ms/img "
-              f"(fp32/bf16, best of 1 process x {usable_cpus()} threads and {usable_cpus()} processes x 1 thread)")
+              f"({result['limits'][0]['best_precision']}: the best engine and precision, best of 1 process x "
+              f"{usable_cpus()} threads and {usable_cpus()} processes x 1 thread)")
         for key, cell in result["cells"].items():
             print(f"  {key}: {cell['requests_per_s']} img/s = {cell['served_over_limit']} of the limit "
                   f"({cell['cpu_over_limit']} in CPU time), p50 {cell['p50_ms']} ms, p99 {cell['p99_ms']} ms, CPU "
@@ -599,6 +617,10 @@ def main() -> None:
                   f"stages {cell['stages_ms_per_request']}")
         for cell, r in result["vs_stock"].items():
             print(f"  {cell} vs stock: throughput x{r['throughput']}, p50 x{r['p50']}, p99 x{r['p99']}")
+        for c in (c for c in levels if f"ours-torch@{c}" in result["cells"] and f"ours@{c}" in result["cells"]):
+            auto, on_torch = (result["cells"][f"{v}@{c}"]["requests_per_s"] for v in ("ours", "ours-torch"))
+            print(f"  serve_backend auto / torch @{c}: {auto} / {on_torch} img/s = "
+                  f"{round(auto / on_torch, 3) if auto and on_torch else None}")
         if "capture_folder" in result:
             for c in (c for c in levels if f"ours@{c}" in result["cells"]):
                 on, off = (result["cells"][f"{v}@{c}"]["requests_per_s"] for v in ("ours-capture", "ours"))
