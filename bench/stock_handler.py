@@ -36,7 +36,13 @@ class StockImageClassifier(BaseHandler):
         self.meta = json.loads((model_dir / "metadata.json").read_text())
         self.device = torch.device(f"cuda:{props['gpu_id']}" if torch.cuda.is_available()
                                    and props.get("gpu_id") is not None else "cpu")
-        model = models.get_model(self.meta["arch"], weights=None, num_classes=self.meta["num_classes"])
+        arch, classes = self.meta["arch"], self.meta["num_classes"]
+        if arch.startswith("timm/"):  # how a timm user serves it: timm builds it by name
+            import timm
+
+            model = timm.create_model(arch.removeprefix("timm/"), num_classes=classes)
+        else:
+            model = models.get_model(arch, weights=None, num_classes=classes)
         weights = model_dir / context.manifest["model"]["serializedFile"]
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.model = model.to(self.device).eval()
