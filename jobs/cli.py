@@ -279,8 +279,8 @@ def predict(model_dir: Path, topk: int | None, output: Path | None, batch_size: 
     from jobs.runtime import pick_device
 
     predicting.check_output(output)
-    # Decode workers take cores from the forward pass: on 2 cores none is fastest (bench/README.md, predict).
-    results = predicting.predict(model_dir, inputs, topk, batch_size, min(4, usable_cpus() // 4),
+    # One decoding thread per core beside the forward pass (bench/README.md, "Engines": jobs predict).
+    results = predicting.predict(model_dir, inputs, topk, batch_size, usable_cpus(),
                                  pick_device(device, 0), progress=sys.stderr.isatty(), backend=backend,
                                  say_backend=True)
     summary = predicting.write_results(results, output)

@@ -14,22 +14,24 @@ import io
 import json
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from handler.preprocess import Preprocessor
 from handler.service import ImageClassifier
 from jobs.errors import JobError
-from jobs.fileio import atomic_write_text, read_json
+from jobs.fileio import atomic_write_text
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 OUTPUT_FORMATS = (".csv", ".jsonl")
+AHEAD = 2  # batches decoding while one is classified: keeps the model fed, bounds the decoded images held
 
 
 def load_classifier(model_dir: Path, device: torch.device | None = None, backend: str = "auto") -> ImageClassifier:
@@ -66,7 +68,7 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-class _Decoded(Dataset):
+class _Decoded:
     """File i -> (i, input tensor or None, error or None): a bad file is one row, not a crashed worker."""
 
     def __init__(self, files: list[Path], preprocessor: Preprocessor):
@@ -86,10 +88,6 @@ class _Decoded(Dataset):
             return i, None, str(e)
 
 
-def _collate(rows: list) -> list:
-    return rows
-
-
 @dataclass
 class Summary:
     classified: int
@@ -99,25 +97,20 @@ class Summary:
 
 
 def predict(model_dir: Path, inputs: Iterable[str | Path], topk: int | None = None, batch_size: int = 32,
-            num_workers: int = 0, device: torch.device | None = None, progress: bool = False,
+            decode_threads: int = 0, device: torch.device | None = None, progress: bool = False,
             backend: str = "auto", say_backend: bool = False) -> Iterator[dict[str, Any]]:
     """One result per input file, in order: the server's answer (``predictions`` and the trust fields) and
-    ``probabilities`` for every class, or ``error``. ``say_backend``: one line on stderr naming the engine."""
+    ``probabilities`` for every class, or ``error``. ``decode_threads``: threads decoding the next batches
+    while the model runs this one (0: decode in turn). ``say_backend``: one line on stderr naming the engine."""
     model_dir = checked_model_dir(model_dir)
     files = expand_inputs(inputs)
-    preprocessor = Preprocessor(read_json(model_dir / "metadata.json")["preprocess"])
-    loader = DataLoader(_Decoded(files, preprocessor), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, persistent_workers=False)
-    # The decoding workers are forked before the model loads: ONNX Runtime's and OpenVINO's thread pools do
-    # not survive a fork (jobs.backends._outputs_apart).
-    batches = iter(loader)
     classifier = load_classifier(model_dir, device, backend)
     if say_backend:
         chosen = classifier.backend
         print(f"predict: on {chosen['backend']} ({chosen['precision']}): {chosen['why']}", file=sys.stderr)
     k = classifier.topk(topk)
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
-    for rows in batches:
+    for rows in _decoded_batches(_Decoded(files, classifier.preprocessor), batch_size, decode_threads):
         good = [(i, x) for i, x, _ in rows if x is not None]
         answers: dict[int, dict] = {}
         if good:
@@ -129,6 +122,27 @@ def predict(model_dir: Path, inputs: Iterable[str | Path], topk: int | None = No
             yield {"file": str(files[i]), **(answers[i] if error is None else {"error": error})}
         bar.update(len(rows))
     bar.close()
+
+
+def _decoded_batches(decoded: _Decoded, batch_size: int, threads: int) -> Iterator[list]:
+    """``decoded``'s rows in batches, in order. With ``threads``, up to ``AHEAD`` batches are decoded on a
+    thread pool while the caller classifies the one before: PIL's decoding and the resize release the GIL.
+    Threads, not DataLoader processes: a process forked from one holding ONNX Runtime's or OpenVINO's
+    thread pools crashes (jobs.backends._outputs_apart), and threads start at once."""
+    starts = range(0, len(decoded), batch_size)
+    if threads <= 0:
+        for start in starts:
+            yield [decoded[i] for i in range(start, min(start + batch_size, len(decoded)))]
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="predict-decode") as pool:
+        pending: deque[list[Future]] = deque()
+        for start in starts:
+            pending.append([pool.submit(decoded.__getitem__, i)
+                            for i in range(start, min(start + batch_size, len(decoded)))])
+            if len(pending) > AHEAD:
+                yield [row.result() for row in pending.popleft()]
+        while pending:
+            yield [row.result() for row in pending.popleft()]
 
 
 def write_results(results: Iterable[dict], output: Path | None) -> Summary:

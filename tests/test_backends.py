@@ -169,7 +169,7 @@ from jobs.predict import predict
 api.export(out={str(paths.out)!r}, weights="none")
 loaded = [m for m in ("onnxruntime", "openvino") if m in sys.modules]
 api.evaluate(out={str(paths.out)!r}, weights="none", num_workers=1)
-answers = list(predict({str(paths.model)!r}, [{str(FIXTURE_IMAGES)!r}], num_workers=1, backend="onnxruntime"))
+answers = list(predict({str(paths.model)!r}, [{str(FIXTURE_IMAGES)!r}], decode_threads=2, backend="onnxruntime"))
 print("loaded by export:", loaded, "answered:", sum("predictions" in a for a in answers), "of", len(answers))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)

@@ -44,6 +44,9 @@ def test_folders_are_searched_recursively_and_globs_expanded(photos: Path):
 def test_batched_answers_equal_one_image_at_a_time(model_dir: Path, photos: Path):
     files = sorted(photos.glob("*/*.jpg"))[:10]
     batched = list(predict(model_dir, files, batch_size=4))
+    # decoded on threads, batches ahead of the model: the same answers in the same order, a bad file one row
+    threaded = list(predict(model_dir, [*files, photos / "broken.jpg"], batch_size=4, decode_threads=2))
+    assert threaded[:-1] == batched and "error" in threaded[-1]
     for f, answer in zip(files, batched, strict=True):
         (alone,) = predict(model_dir, [f], batch_size=1)
         assert answer["file"] == str(f) and answer["predictions"][0]["label"] == alone["predictions"][0]["label"]
