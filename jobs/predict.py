@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from handler.preprocess import Preprocessor
+from handler.protocol import BadRequest
 from handler.service import ImageClassifier
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text
@@ -37,15 +37,10 @@ AHEAD = 2  # batches decoding while one is classified: keeps the model fed, boun
 def load_classifier(model_dir: Path, device: torch.device | None = None, backend: str = "auto") -> ImageClassifier:
     """The exported model as the server loads it (int8 where offered; bf16 only where native), on ``backend``'s
     engine (``serve_backend``'s choices)."""
-    return ImageClassifier(checked_model_dir(model_dir), device or torch.device("cpu"), options={"backend": backend})
-
-
-def checked_model_dir(model_dir: Path) -> Path:
-    """``model_dir``, or a one-line error where it is not an exported model."""
     model_dir = Path(model_dir)
     if not (model_dir / "metadata.json").exists() or not (model_dir / "model.pt").exists():
         raise JobError(f"{model_dir} lacks metadata.json or model.pt; pass the model/ folder of a finished run")
-    return model_dir
+    return ImageClassifier(model_dir, device or torch.device("cpu"), options={"backend": backend})
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
@@ -69,22 +64,22 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 class _Decoded:
-    """File i -> (i, input tensor or None, error or None): a bad file is one row, not a crashed worker."""
+    """File i -> (i, input tensor or None, error or None): a bad file is one row, not a crashed command."""
 
-    def __init__(self, files: list[Path], preprocessor: Preprocessor):
-        self.files, self.preprocessor = files, preprocessor
+    def __init__(self, files: list[Path], classifier: ImageClassifier):
+        self.files, self.decode = files, classifier.decode
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.preprocessor(self.files[i].read_bytes()), None
+            return i, self.decode([self.files[i].read_bytes()])[0], None
         except IsADirectoryError:
             return i, None, "is a folder with no images"
         except OSError as e:
             return i, None, e.strerror or type(e).__name__
-        except ValueError as e:  # not an image, or one the server would refuse: the server's 400 message
+        except BadRequest as e:
             return i, None, str(e)
 
 
@@ -102,15 +97,14 @@ def predict(model_dir: Path, inputs: Iterable[str | Path], topk: int | None = No
     """One result per input file, in order: the server's answer (``predictions`` and the trust fields) and
     ``probabilities`` for every class, or ``error``. ``decode_threads``: threads decoding the next batches
     while the model runs this one (0: decode in turn). ``say_backend``: one line on stderr naming the engine."""
-    model_dir = checked_model_dir(model_dir)
-    files = expand_inputs(inputs)
     classifier = load_classifier(model_dir, device, backend)
     if say_backend:
         chosen = classifier.backend
         print(f"predict: on {chosen['backend']} ({chosen['precision']}): {chosen['why']}", file=sys.stderr)
+    files = expand_inputs(inputs)
     k = classifier.topk(topk)
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
-    for rows in _decoded_batches(_Decoded(files, classifier.preprocessor), batch_size, decode_threads):
+    for rows in _decoded_batches(_Decoded(files, classifier), batch_size, decode_threads):
         good = [(i, x) for i, x, _ in rows if x is not None]
         answers: dict[int, dict] = {}
         if good:
@@ -129,16 +123,15 @@ def _decoded_batches(decoded: _Decoded, batch_size: int, threads: int) -> Iterat
     thread pool while the caller classifies the one before: PIL's decoding and the resize release the GIL.
     Threads, not DataLoader processes: a process forked from one holding ONNX Runtime's or OpenVINO's
     thread pools crashes (jobs.backends._outputs_apart), and threads start at once."""
-    starts = range(0, len(decoded), batch_size)
+    batches = [range(start, min(start + batch_size, len(decoded))) for start in range(0, len(decoded), batch_size)]
     if threads <= 0:
-        for start in starts:
-            yield [decoded[i] for i in range(start, min(start + batch_size, len(decoded)))]
+        for batch in batches:
+            yield [decoded[i] for i in batch]
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="predict-decode") as pool:
         pending: deque[list[Future]] = deque()
-        for start in starts:
-            pending.append([pool.submit(decoded.__getitem__, i)
-                            for i in range(start, min(start + batch_size, len(decoded)))])
+        for batch in batches:
+            pending.append([pool.submit(decoded.__getitem__, i) for i in batch])
             if len(pending) > AHEAD:
                 yield [row.result() for row in pending.popleft()]
         while pending:
