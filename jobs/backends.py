@@ -43,14 +43,21 @@ GATES = {"fp32": {"min_top1_agreement": 0.995, "max_probability_difference": 0.0
          "bf16": {"min_top1_agreement": precision.BF16_MIN_AGREEMENT}}
 
 
-def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], val_fp32: Outputs | None) -> dict:
+def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], val_fp32: Outputs | None,
+                    serve_backend: str = "auto") -> dict:
     """``metadata.json["backends"]``: writes ``model.onnx`` and checks each engine on it against the state_dict's
     fp32 outputs on the val split, ``val_fp32`` (the bf16 check's: ``jobs.parity.precision_record``).
 
     Runs after the trust fit: the abstain decisions compared are the served ones (``meta["trust"]``).
+    ``serve_backend`` torch: neither the graph nor the check (a few seconds and the weights' size again in the
+    .mar), so no engine is admitted and any later archive serves torch.
     """
     onnx_file = paths.model / engines.ONNX_FILE
     onnx_file.unlink(missing_ok=True)  # a previous export's graph belongs to other weights
+    if serve_backend == engines.TORCH:
+        reason = "exported with serve_backend torch: no graph written, no engine checked"
+        print(f"export: {reason}")
+        return {"onnx": None, "reason": reason}
     start = time.perf_counter()
     try:
         write_onnx(models.build_model(meta, state, CPU), meta["input_size"], onnx_file)

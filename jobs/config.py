@@ -150,7 +150,7 @@ class Config:
     startup_timeout: int = _key(120, "TorchServe startupTimeout in seconds.", commands=ARCHIVE, lo=1, hi=86_400)
     max_batch_pixels: int = _key(200_000_000, "Pixels one served batch may decode (a request above it gets 413).", commands=ARCHIVE, lo=1, hi=10**12)
     serve_precision: str = _key("auto", "auto: bf16 where native and the export check allows, else fp32; int8: also offer int8 when it is faster at <= 0.5 points of val accuracy lost.", commands=EXPORT, choices=("auto", "int8"))
-    serve_backend: str = _key("auto", "The engine the served model runs on: auto (each engine the export admitted runs a few batches when a worker starts; the fastest serves), torch, onnxruntime or openvino (torch where the one named was not admitted or is not installed).", commands=ARCHIVE, choices=SERVE_BACKENDS)
+    serve_backend: str = _key("auto", "The engine the served model runs on: auto (each engine the export admitted runs a few batches when a worker starts; the fastest serves), torch, onnxruntime or openvino (torch where the one named was not admitted or is not installed). Export with torch writes no model.onnx and checks no engine.", commands=EXPORT + ARCHIVE, choices=SERVE_BACKENDS)
     serve_tuning: str = _key("machine", "machine: the server picks workers/batching for its machine; archive: pack serve_batch_size, max_batch_delay_ms, min/max_workers into the .mar.", commands=ARCHIVE, choices=("machine", "archive"))
     # -- trust ---------------------------------------------------------------------------------
     ood_keep: float = _key(0.95, "Export: the share of in-distribution val images the \"unlike the training images\" threshold keeps (the rest of such images are abstained on).", commands=EXPORT, lo=0, lo_open=True, hi=1)

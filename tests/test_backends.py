@@ -83,6 +83,21 @@ def test_export_writes_onnx_admits_each_engine_and_the_archive_packs_it(exported
         assert engines.ONNX_FILE in mar.namelist()
 
 
+def test_an_export_for_torch_writes_no_graph_checks_no_engine_and_serves_torch(exported_run: Path, tmp_path: Path,
+                                                                              capsys):
+    paths = RunPaths(copy_run(exported_run, tmp_path / "run"))
+    cfg = load_config(None, {"weights": "none", "serve_backend": "torch"})
+    export(cfg, paths)
+    reason = "exported with serve_backend torch: no graph written, no engine checked"
+    assert f"export: {reason}\n" in capsys.readouterr().out
+    assert not (paths.model / engines.ONNX_FILE).exists()  # the earlier export's graph went with its record
+    assert meta_of(paths.model)["backends"] == {"onnx": None, "reason": reason}
+    archive(load_config(None, {"weights": "none"}), paths)  # a later archive asking for auto gets torch
+    with zipfile.ZipFile(paths.out / "model-store" / "classifier.mar") as mar:
+        assert engines.ONNX_FILE not in mar.namelist()
+    assert ImageClassifier(paths.model, CPU).backend["backend"] == "torch"
+
+
 @pytest.mark.parametrize("backend", engines.ONNX_ENGINES)
 def test_each_engine_answers_as_the_state_dict_does(exported_run: Path, state_dict_answers, backend: str):
     reference, ref_abstain = state_dict_answers
