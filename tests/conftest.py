@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from torchserve_fixture import TINY_ARCH
 
 pytest_plugins = ["suite_time"]  # the warning line when the suite runs long (tests/suite_time.py)
 
@@ -46,11 +47,6 @@ def small_data(tmp_path: Path) -> Path:
     return dest
 
 
-# Where a test proves the job's logic, not its judgments: timm's 0.47M-parameter test ResNet (160 px), random
-# weights. A run on it costs a fraction of ResNet-18's compute and a fifteenth of its disk (17 MB against 250 MB
-# with the .mar); the default ResNet-18 runs whole in the preflight test and the quick start, and real features
-# (EfficientNet-Lite0) wherever quality is judged.
-TINY_ARCH = "timm/test_resnet"
 SMALL_RUN = ("--arch", TINY_ARCH, "--weights", "none", "--epochs", "2", "--batch-size", "8",
              "--min-images-per-class", "3", "--num-workers", "0")
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import FIXTURE_IMAGES
+from conftest import FIXTURE_IMAGES, TINY_ARCH
 
 from jobs import api, cli
 from jobs.config import ConfigError
 from jobs.errors import JobError
 
-TINY = {"weights": "none", "epochs": 1, "batch_size": 8, "min_images_per_class": 3, "num_workers": 0,
+TINY = {"arch": TINY_ARCH, "weights": "none", "epochs": 1, "batch_size": 8, "min_images_per_class": 3, "num_workers": 0,
         "feature_views": 1}
 
 

@@ -10,14 +10,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_IMAGES, run_job
+from conftest import FIXTURE_IMAGES, TINY_ARCH, run_job
 from PIL import Image, ImageEnhance, ImageOps
 
 from jobs.split import assign
 
 pytestmark = pytest.mark.e2e  # whole jobs, servers or torchrun: not in scripts/test.sh --fast
 
-RUN = ("--weights", "none", "--epochs", "1", "--batch-size", "8", "--min-images-per-class", "3",
+RUN = ("--arch", TINY_ARCH, "--weights", "none", "--epochs", "1", "--batch-size", "8", "--min-images-per-class", "3",
        "--num-workers", "0", "--feature-views", "2")
 
 

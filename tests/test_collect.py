@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_IMAGES, REPO, run_job
+from conftest import FIXTURE_IMAGES, REPO, TINY_ARCH, run_job
 from fake_image_api import DRIP, DRIP_SECONDS, HOSTILE, OPT_OUT, PRIVATE_TARGET, FakeImageAPI
 from PIL import Image
 
@@ -582,8 +582,9 @@ def test_a_kept_image_whose_bytes_were_lost_is_fetched_again(server, tmp_path):
 def test_run_end_to_end_from_fake_openverse(server, tmp_path):
     out = tmp_path / "run"
     log = run_job("run", "--terms", "ants,bees", "--endpoint", server.url, "--allow-private-addresses",
-                  "--weights", "none", "--epochs", "1", "--images-per-term", "12", "--min-images-per-class", "3",
-                  "--num-workers", "0", "--requests-per-minute", "600", "--out", str(out)).stdout
+                  "--arch", TINY_ARCH, "--weights", "none", "--epochs", "1", "--images-per-term", "12",
+                  "--min-images-per-class", "3", "--num-workers", "0", "--requests-per-minute", "600",
+                  "--out", str(out)).stdout
     assert (out / "model" / "model.pt").is_file()
     assert len(json.loads((out / "raw" / "attribution.json").read_text())) == 24
     assert re.findall(r"^\[(\d)/8\] ([a-z ]+)$", log, re.M)[:2] == [("1", "collect"), ("2", "clean")]

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURE_IMAGES, REPO
+from conftest import FIXTURE_IMAGES, REPO, TINY_ARCH
 
 # fp32 and no loader workers: the same numbers on every CPU, and two ranks fit two cores.
-TRAIN = ("--weights", "none", "--batch-size", "8", "--seed", "42", "--num-workers", "0", "--device", "cpu",
-         "--precision", "fp32")
+TRAIN = ("--arch", TINY_ARCH, "--weights", "none", "--batch-size", "8", "--seed", "42", "--num-workers", "0",
+         "--device", "cpu", "--precision", "fp32")
 CLEAN = ("--min-images-per-class", "3")
 RUN_TIMEOUT = 300
 
@@ -155,7 +155,7 @@ def test_full_loop_and_finetune_under_torchrun_close_to_one_process(fresh_run):
 def test_a_timm_model_trains_its_head_and_fine_tunes_under_torchrun(fresh_run, real_weights: Path):
     """timm's EfficientNet-Lite0 (real weights) through both stages under DistributedDataParallel."""
     out = fresh_run("timm")
-    args = ("--arch", "timm/tf_efficientnet_lite0", *TRAIN, "--weights", str(real_weights), *CACHED,
+    args = (*TRAIN, "--arch", "timm/tf_efficientnet_lite0", "--weights", str(real_weights), *CACHED,
             "--finetune-epochs", "1")
     result = _run(_torchrun("train", "--out", str(out), *args))
     _assert_both_ranks_ran(result.stdout)

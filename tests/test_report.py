@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURE_IMAGES
+from conftest import FIXTURE_IMAGES, TINY_ARCH
 from pages import split_counts_from_file
 from PIL import Image
 
@@ -26,7 +26,7 @@ from jobs.train import train
 
 CHROMIUM = Path("/usr/bin/chromium")
 PNGS = ("curves.png", "confusion_matrix.png", "predictions.png", "training_images.png")
-SMALL = {"weights": "none", "epochs": 2, "finetune_epochs": 1, "feature_views": 2, "batch_size": 8,
+SMALL = {"arch": TINY_ARCH, "weights": "none", "epochs": 2, "finetune_epochs": 1, "feature_views": 2, "batch_size": 8,
          "min_images_per_class": 3, "num_workers": 0}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import FIXTURE_IMAGES, REPO, run_job
+from conftest import FIXTURE_IMAGES, REPO, TINY_ARCH, run_job
 
 from jobs import runlock
 from jobs.fileio import atomic_write_json
@@ -28,7 +28,7 @@ from jobs.fileio import atomic_write_json
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not FIXTURE_IMAGES.is_dir(), reason=f"{FIXTURE_IMAGES} is missing")]
 
 CLEAN = ("--min-images-per-class", "3")
-TRAIN = ("--weights", "none", "--epochs", "1", "--batch-size", "8", "--num-workers", "0")
+TRAIN = ("--arch", TINY_ARCH, "--weights", "none", "--epochs", "1", "--batch-size", "8", "--num-workers", "0")
 RUN = (*TRAIN, *CLEAN)
 TIMEOUT = 300
 

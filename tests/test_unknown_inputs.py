@@ -33,10 +33,10 @@ def finished(tmp_path_factory, fixture_images: Path, real_weights: Path) -> dict
     (ood / "broken.jpg").write_bytes(b"not an image")
     overrides = dict(zip(SMALL_RUN[::2], SMALL_RUN[1::2]))
     # A fine-tune epoch and int8 too: every stage takes a timm model, or says in one line why not.
-    overrides.update({"--weights": str(real_weights), "--epochs": "4", "--finetune-epochs": "1",
+    overrides.update({"--arch": ARCH, "--weights": str(real_weights), "--epochs": "4", "--finetune-epochs": "1",
                       "--serve-precision": "int8"})
-    proc = run_job("run", "--data", str(root / "data"), "--out", str(root / "run"), "--arch", ARCH,
-                   "--ood-data", str(ood), *[x for kv in overrides.items() for x in kv], timeout=1800)
+    proc = run_job("run", "--data", str(root / "data"), "--out", str(root / "run"), "--ood-data", str(ood),
+                   *[x for kv in overrides.items() for x in kv], timeout=1800)
     return {"run": root / "run", "ood": ood, "stdout": proc.stdout}
 
 
