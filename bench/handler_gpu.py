@@ -51,7 +51,7 @@ def main() -> None:
     photos = [p.read_bytes() for p in sorted(args.images.rglob("*.jpg"))]
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = export_random_model(Path(tmp), ["ants", "bees"]).model
+        model_dir = export_random_model(Path(tmp), ["ants", "bees"], arch="resnet18").model
         ctx = handler_context(model_dir, {"precision": "bf16" if precision.native_bf16(device) else "fp32"},
                               gpu_id=0 if device.type == "cuda" else None)
         handler = ClassifierHandler()

@@ -391,7 +391,7 @@ def build_store(work: Path, model_dir: Path | None, variants: list[str]) -> tupl
     if model_dir:
         paths = RunPaths(model_dir.parent)
     else:
-        paths = export_random_model(work / "run", ["ants", "bees"])
+        paths = export_random_model(work / "run", ["ants", "bees"], arch="resnet18")
         meta = read_json(paths.model / "metadata.json")
         if precision.native_bf16(torch.device("cpu")):  # what the export records for a model whose bf16 answers hold
             meta["serve_precision"] = {"choice": "bf16", "note": "bench/serve.py: random weights, bf16 assumed"}

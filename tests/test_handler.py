@@ -43,8 +43,9 @@ PHOTOS = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """An exported 3-class run folder: random resnet18 weights, metadata from the real export code."""
-    return export_random_model(tmp_path_factory.mktemp("run"), CLASSES).out
+    """An exported 3-class run folder: random resnet18 weights (the pixel budgets and trust banks below are sized
+    for its 224-px input and 512 features), metadata from the real export code."""
+    return export_random_model(tmp_path_factory.mktemp("run"), CLASSES, arch="resnet18").out
 
 
 def make_context(model_dir: Path, handler_options: dict | None = None) -> Context:

@@ -63,7 +63,7 @@ def export_tiny_model(out: Path, data: Path, **overrides) -> tuple[Config, RunPa
     return cfg, paths
 
 
-def export_random_model(out: Path, classes: list[str], arch: str = "resnet18", seed: int = 0,
+def export_random_model(out: Path, classes: list[str], arch: str = TINY_ARCH, seed: int = 0,
                         version: str = AUTO_VERSION) -> RunPaths:
     """``out/model/`` as the export stage writes it, with random weights: for tests and benchmarks
     that need the contract (state_dict + metadata.json), not a trained model. Over an earlier one with other
