@@ -6,7 +6,7 @@ BatchNorm layers alone were trained on hymenoptera ``train/``, ~75% on val): tra
 (244), val and test = halves of ``val/`` (77 + 76). A seed changes the cached path's views and
 both paths' augmentation and order. One run of each path is noisy on 77 images (single runs
 differ by up to 5 images); the mean difference over seeds is what says whether caching costs
-accuracy. ``tests/test_training_parity.py`` runs one seed of this and imports these helpers.
+accuracy. ``tests/test_training_parity.py`` checks exactly what the claim rests on, with these helpers.
 
     python -m bench.parity_sweep                     # 6 seeds on the CPU (about 15 minutes)
     python -m bench.parity_sweep --device cuda --seeds 16
