@@ -110,15 +110,19 @@ def _extract(backbone: nn.Module, dataset: ViewsDataset, cfg: Config, rt: Runtim
     images_per_batch = max(1, cfg.batch_size // dataset.views)
     loader = make_loader(dataset, images_per_batch, default_num_workers(cfg, rt), sampler=sampler,
                          pin_memory=rt.device.type == "cuda")
-    chunks = []
+    # Each batch goes straight into one matrix: a list of batches and its concatenation held it twice.
+    mine, done = torch.zeros(0), 0
     with Bar(len(sampler), f"features: {what}", unit="img", disable=not rt.is_main) as bar:
         for images, _ in loader:
             n, v = images.shape[:2]
             images = images.flatten(0, 1).to(rt.device, non_blocking=True, memory_format=rt.memory_format())
             with rt.autocast():
-                chunks.append(backbone(images).float().cpu().unflatten(0, (n, v)))
+                batch = backbone(images)
+            if not done:  # the width is known from the first batch
+                mine = torch.empty(len(sampler), v, batch.shape[1])
+            mine[done:done + n] = batch.unflatten(0, (n, v))
+            done += n
             bar.update(n)
-    mine = torch.cat(chunks) if chunks else torch.zeros(0)
     if not rt.distributed:
         return mine
     # Rank r holds indices r, r+W, r+2W, ...: gather every shard, then interleave back to dataset order.
@@ -155,11 +159,12 @@ def view_features(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module
             folded = fold_batchnorm(backbone).to(rt.device, memory_format=rt.memory_format())
         views_of = ViewsDataset(paths.out, todo, preprocess_spec(cfg.arch), with_eval, count, cfg.seed)
         computed = _extract(folded, views_of, cfg, rt, what)
+        # Views into the computed matrix, not copies: they cover it whole, so the chunk file holds it once too.
         for i, (_, sha) in enumerate(todo):
             if with_eval:
-                new[_eval_key(sha)] = computed[i, 0].clone()
+                new[_eval_key(sha)] = computed[i, 0]
             if count:
-                new[_augmented_key(sha, cfg.seed, count)] = computed[i, int(with_eval):].clone()
+                new[_augmented_key(sha, cfg.seed, count)] = computed[i, int(with_eval):]
         passes += computed.shape[0] * computed.shape[1]
     if new:
         if rt.is_main:
@@ -173,13 +178,13 @@ def view_features(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module
           f"{seconds:.1f} s ({len(need_eval | need_aug)} images not in the cache{rate})")
     if not items:
         return torch.zeros(0, views, 0)
-    rows = []
-    for _, sha in items:
-        parts = [store.entries[_eval_key(sha)].unsqueeze(0)]
+    first = store.entries[_eval_key(items[0][1])]
+    out = torch.empty(len(items), views, *first.shape, dtype=first.dtype)  # filled in place: one copy, not two
+    for j, (_, sha) in enumerate(items):
+        out[j, 0] = store.entries[_eval_key(sha)]
         if augmented:
-            parts.append(store.entries[_augmented_key(sha, cfg.seed, augmented)])
-        rows.append(torch.cat(parts))
-    return torch.stack(rows)
+            out[j, 1:] = store.entries[_augmented_key(sha, cfg.seed, augmented)]
+    return out
 
 
 def content_hashes(paths: RunPaths) -> dict[str, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -70,11 +69,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` straight into the temp file: serialised in memory first, a feature chunk was held twice more."""
     import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    with _disk_full_is_one_line(Path(path)), atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def read_json(path: str | os.PathLike) -> Any:
