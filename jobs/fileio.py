@@ -69,12 +69,39 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
-    """``torch.save`` straight into the temp file: serialised in memory first, a feature chunk was held twice more."""
+    """``torch.save`` straight into the temp file: serialised in memory first, a feature chunk was held twice more.
+
+    torch's writer turns a failed write into its own RuntimeError; the OSError under it (a full disk) is the
+    one raised, so it reads as the one line ``_disk_full_is_one_line`` makes of it.
+    """
     import torch
 
     with _disk_full_is_one_line(Path(path)), atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        sink = _KeepsWriteError(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
     return Path(path)
+
+
+class _KeepsWriteError:
+    """A binary file whose failed write is kept for the caller."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def read_json(path: str | os.PathLike) -> Any:

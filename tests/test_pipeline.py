@@ -261,19 +261,35 @@ def test_class_names_and_paths_are_plain_text(tmp_path: Path, small_data: Path):
     assert json.loads((out / "model" / "metadata.json").read_text())["classes"][1] == "math$\\undefinedmacro{$"
 
 
-def test_a_full_disk_is_one_line(tmp_path: Path, small_data: Path):
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A 600 KiB tmpfs: a disk that fills up."""
     out = tmp_path / "tiny"
     out.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(out)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        proc = run_job("clean", "--data", str(small_data), "--out", str(out), "--min-images-per-class", "3",
-                       check=False)
-        _one_line_error(proc, "no space left on the device writing", "re-run the same command")
-        assert not list(out.rglob("*.part"))
+        yield out
     finally:
         subprocess.run(["umount", str(out)], check=True)
+
+
+def test_a_full_disk_is_one_line(tiny_disk: Path, small_data: Path):
+    proc = run_job("clean", "--data", str(small_data), "--out", str(tiny_disk), "--min-images-per-class", "3",
+                   check=False)
+    _one_line_error(proc, "no space left on the device writing", "re-run the same command")
+    assert not list(tiny_disk.rglob("*.part"))
+
+
+def test_a_full_disk_under_torch_save_is_the_same_line(tiny_disk: Path):
+    """torch.save's writer turns the failed write into a RuntimeError of its own; the line still says why."""
+    from jobs.errors import JobError
+    from jobs.fileio import atomic_torch_save
+
+    with pytest.raises(JobError, match=r"^no space left on the device writing .*/chunk\.pt; free some space"):
+        atomic_torch_save(tiny_disk / "chunk.pt", {"features": torch.zeros(1_000_000)})
+    assert not list(tiny_disk.iterdir())  # no part file left behind
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # bench/gpu_check.sh runs the cuda one
