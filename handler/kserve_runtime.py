@@ -74,6 +74,7 @@ from handler.preprocess import plain
 from handler.protocol import BadRequest, answer_body, parse_request
 from handler.protocol import Request as Parsed
 from handler.service import ImageClassifier
+from handler.status import STATUS_DIR, process_start
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +260,6 @@ class Job:
 
 RELOAD_CHECK_S = 0.5  # how often a serving process looks at the store's archive (a stat)
 RETIRE_S = 60.0  # a switched-from version's threads stop this long after the switch: its requests have ended
-STATUS_DIR = "serving"  # in the work folder: one file per serving process, what it serves (``report``)
 
 
 class ClassifierModel(Model):
@@ -382,7 +382,8 @@ class ClassifierModel(Model):
     def report(self, failed: tuple[int, ...] | None = None, error: str | None = None) -> None:
         """This process's status file: the version and archive it serves, and the archive it could not load."""
         folder = self.workdir / STATUS_DIR
-        doc = {"pid": os.getpid(), "model": self.name, "version": self.archive.version,
+        doc = {"pid": os.getpid(), "started": process_start(os.getpid()), "model": self.name,
+               "version": self.archive.version,
                "archive": list(self.archive.identity), "workers": self.plan.workers,
                "failed_archive": list(failed) if failed else None, "error": error}
         try:

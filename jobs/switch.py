@@ -24,14 +24,13 @@ from pathlib import Path
 import requests
 
 from handler import scheduler
+from handler.status import STATUS_DIR, process_start
 from jobs.archive import VERSIONS_DIR, packed_settings, versioned_mar
 from jobs.config import Config
 from jobs.errors import JobError, jobs_command, shown_path
 from jobs.fileio import link_or_copy
 from jobs.serve import KServeRuntime, model_names, parse_properties
 from jobs.versions import version_key
-
-STATUS_DIR = "serving"  # handler.kserve_runtime.STATUS_DIR (that module needs kserve, which jobs does not)
 
 TIMEOUT_S = 30
 # A batch's time, at most: a lone photo takes 30-90 ms on a 2-core CPU, a batch of 4 under load well under 1 s.
@@ -163,13 +162,19 @@ def _identity(path: Path) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]  # handler.kserve_runtime.archive_identity
 
 
+def _running(doc: dict) -> bool:
+    """The process a status file names still runs: its pid is alive and started when the file says (a file
+    from before ``started`` was recorded goes by its pid alone)."""
+    return _alive(doc.get("pid")) and doc.get("started") in (None, process_start(doc["pid"]))
+
+
 def serving_processes(workdir: Path, name: str) -> list[dict]:
     """The status files of the runtime's live serving processes for ``name`` (``ClassifierModel.report``)."""
     found = []
     for path in (workdir / STATUS_DIR).glob(f"{name}.*.json"):
         with contextlib.suppress(OSError, ValueError):
             doc = json.loads(path.read_text())
-            if doc.get("model") == name and _alive(doc.get("pid")):
+            if doc.get("model") == name and _running(doc):
                 found.append(doc)
     return found
 

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import threading
@@ -21,6 +22,7 @@ import requests
 from conftest import FIXTURE_IMAGES
 from torchserve_fixture import export_random_model, export_tiny_model, serve_detached
 
+from handler.status import STATUS_DIR, process_start
 from jobs.archive import VERSIONS_DIR, archive, packed_settings, versioned_mar
 from jobs.cli import main
 from jobs.config import RunPaths, load_config
@@ -32,7 +34,7 @@ from jobs.predict import predict
 from jobs.report import _versions_section
 from jobs.runtime import setup
 from jobs.serve import free_ports, launch_kserve, serve
-from jobs.switch import switch_to
+from jobs.switch import serving_processes, switch_to
 from jobs.train import train
 from jobs.versions import (
     PREVIOUS_TEST_SPLIT,
@@ -306,6 +308,19 @@ def test_kserve_switch_and_rollback_under_load_answer_every_request(two_versions
     assert packed_settings(store / "classifier.mar")[0]["modelVersion"] == "1.0"
     log = (workdir / "kserve.out").read_text()
     assert "now serving classifier 2.0 (was 1.0)" in log and "could not load" in log
+
+
+def test_a_status_file_whose_process_died_is_not_a_serving_process_even_when_its_pid_is_taken_again(tmp_path: Path):
+    """The switch waits for every serving process; one that died must not count, nor a stranger with its pid."""
+    folder = tmp_path / STATUS_DIR
+    folder.mkdir()
+    me = os.getpid()
+    for name, pid, started in (("live", me, process_start(me)), ("before-started-was-kept", me, None),
+                               ("pid-taken-again", me, process_start(me) - 1), ("gone", 2**22 + 1, 1)):
+        (folder / f"classifier.{name}.json").write_text(json.dumps({"pid": pid, "started": started,
+                                                                    "model": "classifier", "version": name}))
+    assert sorted(p["version"] for p in serving_processes(tmp_path, "classifier")) == [
+        "before-started-was-kept", "live"]
 
 
 def test_kserve_worker_processes_unpacking_the_next_archive_at_once_share_one_folder(tmp_path: Path):
