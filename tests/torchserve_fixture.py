@@ -33,8 +33,8 @@ from jobs.versions import begin_export, weights_digest
 
 # Where a test proves the job's logic, not its judgments: timm's 0.47M-parameter test ResNet (160 px), random
 # weights. A run on it costs a fraction of ResNet-18's compute and a fifteenth of its disk (17 MB against 250 MB
-# with the .mar); the default ResNet-18 runs whole in the preflight test and the quick start, and real features
-# (EfficientNet-Lite0) wherever quality is judged.
+# with the .mar); the default ResNet-18 runs whole in the preflight test, and real features (EfficientNet-Lite0)
+# wherever quality is judged (the quick start among them).
 TINY_ARCH = "timm/test_resnet"
 TINY_TRAINING = {"arch": TINY_ARCH, "weights": "none", "epochs": 1, "batch_size": 8, "min_images_per_class": 3,
                  "num_workers": 0, "feature_views": 1}
