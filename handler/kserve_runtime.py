@@ -126,7 +126,9 @@ def unpack_reload(mar: Path, dest: Path) -> Archive:
     with open(mar, "rb") as f:  # identity and contents of the same file, whatever is linked there meanwhile
         identity = archive_identity(os.fstat(f.fileno()))
         folder = dest / RELOADS / f"{mar.stem}-{'-'.join(map(str, identity[1:]))}"
-        if not (folder / "MAR-INF" / "MANIFEST.json").is_file():
+        if (folder / "MAR-INF" / "MANIFEST.json").is_file():
+            os.utime(folder)  # in use again (a rollback): no other process's sweep takes it now
+        else:
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
             try:
@@ -140,6 +142,23 @@ def unpack_reload(mar: Path, dest: Path) -> Archive:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return _read_archive(folder, mar, identity)
+
+
+def sweep_reloads(dest: Path, serving: Path, idle_s: float) -> list[Path]:
+    """Remove the folders earlier switches unpacked into ``dest/.reloads`` (each the size of its archive, one per
+    switch): all but ``serving`` that no process has unpacked or reused for ``idle_s`` seconds. A loaded version
+    reads nothing from its folder again, and a folder made or reused within ``idle_s`` may be what another
+    worker process is loading now. Returns what it removed."""
+    removed = []
+    for folder in (dest / RELOADS).iterdir() if (dest / RELOADS).is_dir() else ():
+        try:
+            idle = time.time() - folder.stat().st_mtime
+        except OSError:  # another process's sweep took it
+            continue
+        if folder != serving and idle > idle_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _read_archive(folder: Path, mar: Path, identity: tuple[int, ...]) -> Archive:
@@ -374,6 +393,7 @@ class ClassifierModel(Model):
         logger.info("now serving %s %s (was %s) in process %d", self.name, archive.version,
                     old.archive.version if old else None, os.getpid())
         self.report()
+        sweep_reloads(self.workdir / "models", archive.model_dir, RETIRE_S)
         if old is not None:
             retire = threading.Timer(RETIRE_S, old.close)
             retire.daemon = True  # never holds the process up when it stops

@@ -13,6 +13,7 @@ import shutil
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,7 +328,6 @@ def test_kserve_worker_processes_unpacking_the_next_archive_at_once_share_one_fo
     """Every worker process of the KServe runtime unpacks the switched-to archive at the same moment: each into a
     temp folder renamed into place, the first rename wins and the others use it; none sees half a folder."""
     pytest.importorskip("kserve", reason="the kserve extra is not installed")
-    import zipfile
     from concurrent.futures import ThreadPoolExecutor
 
     from handler.kserve_runtime import RELOADS, archive_identity, unpack_reload
@@ -351,3 +351,29 @@ def test_kserve_worker_processes_unpacking_the_next_archive_at_once_share_one_fo
         assert archives[0].identity == archive_identity(default.stat()) and archives[0].source == default.absolute()
         assert (archives[0].model_dir / "model.pt").stat().st_size == 100_000
     assert sorted(p.name.startswith(".") for p in (dest / RELOADS).iterdir()) == [False, False]  # no temp left
+
+
+def test_a_switch_removes_the_folders_of_earlier_switches_once_no_process_can_be_loading_them(tmp_path: Path):
+    """Each switch unpacks its archive (the model's size again) into ``.reloads``: switching back and forth for
+    weeks must not fill the disk, and a folder just unpacked or reused (another process may be loading it) stays."""
+    pytest.importorskip("kserve", reason="the kserve extra is not installed")
+    from handler.kserve_runtime import RELOADS, sweep_reloads, unpack_reload
+
+    store, dest = tmp_path / "store", tmp_path / "models"
+    store.mkdir()
+    folders = {}
+    for version in ("1.0", "2.0", "3.0"):
+        with zipfile.ZipFile(store / f"{version}.mar", "w") as z:
+            z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {
+                "modelName": "classifier", "modelVersion": version, "serializedFile": "model.pt"}}))
+        folders[version] = unpack_reload(store / f"{version}.mar", dest).model_dir
+        os.utime(folders[version], (time.time() - 3600,) * 2)  # unpacked an hour ago
+    (dest / RELOADS / ".3.0.crashed-unpack").mkdir()  # a temp folder left by a process that died (fresh)
+    assert unpack_reload(store / "2.0.mar", dest).model_dir == folders["2.0"]  # 2.0 reused: fresh again
+    removed = sweep_reloads(dest, folders["3.0"], idle_s=60)
+    assert removed == [folders["1.0"]]  # 3.0 serves here, 2.0 was just reused, the temp folder is fresh
+    assert sorted(p.name for p in (dest / RELOADS).iterdir()) == sorted(
+        [folders["2.0"].name, folders["3.0"].name, ".3.0.crashed-unpack"])
+    assert (folders["3.0"] / "MAR-INF" / "MANIFEST.json").is_file()
+    os.utime(folders["2.0"], (time.time() - 3600,) * 2)
+    assert sweep_reloads(dest, folders["3.0"], idle_s=60) == [folders["2.0"]]
