@@ -5,8 +5,10 @@
 For ResNet-18 (seeded random weights: speed does not depend on them) and timm/tf_efficientnet_lite0 (the
 real ImageNet weights, built offline by scripts/offline_weights.py), exported as ``jobs export`` does
 (``jobs.backends.write_onnx``): torch fp32, torch bf16 autocast (where native), ONNX Runtime fp32,
-OpenVINO in its bf16 (where native) and fp32. Prints img/s per engine, each engine's ratio to the best
-torch, and the CPU flags; saves bench/results/backends-cpu.json.
+OpenVINO in its bf16 (where native) and fp32, and OpenVINO on the graph quantized to int8 as
+``serve_precision: int8`` exports it (``jobs.backends.write_int8_graph``, calibrated on the test fixture's
+photos). Prints img/s per engine, each engine's ratio to the best torch, and the CPU flags; saves
+bench/results/backends-cpu.json.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import torch
 from bench.common import machine, save_result, seeded_resnet18
 from handler import engines, precision
 from handler import model as models
-from jobs.backends import write_onnx
+from jobs.backends import write_int8_graph, write_onnx
 
 CPU = torch.device("cpu")
+PHOTOS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hymenoptera_small"
 ARCHES = ("resnet18", "timm/tf_efficientnet_lite0")
 
 
@@ -48,10 +51,13 @@ def engines_of(arch: str, folder: Path, threads: int) -> dict[str, engines.Engin
     found: dict[str, engines.Engine] = {"torch fp32": engines.TorchEngine(meta, folder, weights, CPU, "fp32")}
     if native:
         found["torch bf16"] = engines.TorchEngine(meta, folder, weights, CPU, "bf16")
-    found["onnxruntime fp32"] = engines.onnx_engine(engines.ONNXRUNTIME, onnx_file, threads)
+    found["onnxruntime fp32"] = engines.graph_engine(engines.ONNXRUNTIME, onnx_file, threads)
     if native:
-        found["openvino bf16"] = engines.onnx_engine(engines.OPENVINO, onnx_file, threads, bf16=True)
-    found["openvino fp32"] = engines.onnx_engine(engines.OPENVINO, onnx_file, threads)
+        found["openvino bf16"] = engines.graph_engine(engines.OPENVINO, onnx_file, threads, bf16=True)
+    found["openvino fp32"] = engines.graph_engine(engines.OPENVINO, onnx_file, threads)
+    calibration = [(str(p.relative_to(PHOTOS)), 0) for p in sorted(PHOTOS.glob("*/*.jpg"))]
+    int8_graph = write_int8_graph(onnx_file, PHOTOS, calibration, models.preprocess_spec(arch))
+    found["openvino int8"] = engines.graph_engine(engines.OPENVINO_INT8, int8_graph, threads, bf16=native)
     return found
 
 

@@ -4,6 +4,8 @@
   autocast where native, int8 where offered: ``handler.model.load_serving_model``).
 - ``OnnxRuntimeEngine`` and ``OpenVinoEngine``: the exported ``model.onnx`` (the same ``Classifier``, its
   BatchNorm folded), fp32; OpenVINO in its own bf16 where the export's check passed in bf16 and the CPU has it.
+- ``OpenVinoEngine`` on ``model-int8.xml`` (``openvino-int8``): that graph quantized to int8 by NNCF,
+  calibrated on training images, where the export was asked for int8 (``serve_precision: int8``).
 
 Only an engine the export admitted (``metadata.json["backends"][name]["passed"]``: the same answers as the
 state_dict on the val split) is a candidate, and only one whose library imports. ``serve_backend``
@@ -30,10 +32,15 @@ from handler import precision
 logger = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"  # beside model.pt when the export wrote it
+# model.onnx quantized, when the export was asked for int8: OpenVINO's IR, the graph and the weights it names
+INT8_GRAPH_FILES = ("model-int8.xml", "model-int8.bin")
+INT8_GRAPH = INT8_GRAPH_FILES[0]
 ONNX_INPUT, ONNX_OUTPUTS = "images", ("features", "logits")  # Classifier.forward's order
-TORCH, ONNXRUNTIME, OPENVINO = "torch", "onnxruntime", "openvino"
-ONNX_ENGINES = (ONNXRUNTIME, OPENVINO)
-BACKENDS = ("auto", TORCH, *ONNX_ENGINES)
+TORCH, ONNXRUNTIME, OPENVINO, OPENVINO_INT8 = "torch", "onnxruntime", "openvino", "openvino-int8"
+ONNX_ENGINES = (ONNXRUNTIME, OPENVINO)  # the engines of model.onnx as written
+GRAPH_ENGINES = (*ONNX_ENGINES, OPENVINO_INT8)  # every engine of a graph file the export writes
+GRAPH_FILES = {ONNXRUNTIME: ONNX_FILE, OPENVINO: ONNX_FILE, OPENVINO_INT8: INT8_GRAPH}
+BACKENDS = ("auto", TORCH, *GRAPH_ENGINES)
 # auto: a warm-up and TIMED_RUNS timed runs of a TIMED_BATCH-image batch per candidate. ResNet-18 fp32 runs
 # 4 images in about 80 ms on 2 cores: the three candidates together stay well under a second.
 TIMED_BATCH, TIMED_RUNS = 4, 2
@@ -87,16 +94,18 @@ class OnnxRuntimeEngine(Engine):
 
 
 class OpenVinoEngine(Engine):
-    name = OPENVINO
+    """``graph``: ``model.onnx``, or its int8 IR (``int8``: the layers NNCF left in float run in bf16 where
+    ``bf16``)."""
 
-    def __init__(self, onnx_file: Path, threads: int, bf16: bool):
+    def __init__(self, graph: Path, threads: int, bf16: bool, int8: bool = False):
         import openvino
 
-        self.precision = "bf16" if bf16 else "fp32"
+        self.name = OPENVINO_INT8 if int8 else OPENVINO
+        self.precision = "int8" if int8 else "bf16" if bf16 else "fp32"
         # OpenVINO picks bf16 by itself on a CPU that has it: the hint makes the checked precision the served one.
         config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
                   "PERFORMANCE_HINT": "LATENCY"}
-        self.compiled = openvino.Core().compile_model(str(onnx_file), "CPU", config)
+        self.compiled = openvino.Core().compile_model(str(graph), "CPU", config)
         self.outputs = [self.compiled.output(name) for name in ONNX_OUTPUTS]
         self.request = self.compiled.create_infer_request()
         self.lock = threading.Lock()  # one infer request: runtimes may call from more than one thread
@@ -109,18 +118,21 @@ class OpenVinoEngine(Engine):
         return features, logits
 
 
-def onnx_engine(name: str, onnx_file: Path, threads: int, bf16: bool = False) -> Engine:
-    """``name``'s engine on ``onnx_file`` (``bf16``: OpenVINO's own); ImportError where its library is not installed."""
+def graph_engine(name: str, graph: Path, threads: int, bf16: bool = False) -> Engine:
+    """``name``'s engine on ``graph`` (its ``GRAPH_FILES`` file; ``bf16``: OpenVINO's own); ImportError where its
+    library is not installed."""
     if name == ONNXRUNTIME:
-        return OnnxRuntimeEngine(onnx_file, threads)
-    return OpenVinoEngine(onnx_file, threads, bf16)
+        return OnnxRuntimeEngine(graph, threads)
+    return OpenVinoEngine(graph, threads, bf16, int8=name == OPENVINO_INT8)
 
 
 def refusal(name: str, meta: dict, model_dir: Path) -> str | None:
     """Why the export did not admit ``name`` (None: it did)."""
-    if not (model_dir / ONNX_FILE).is_file():
-        return f"{model_dir / ONNX_FILE} is missing (`jobs export` writes it)"
     record = (meta.get("backends") or {}).get(name) or {}
+    if name == OPENVINO_INT8 and not record:
+        return "not asked for (export with serve_precision int8 quantizes model.onnx)"
+    if not (model_dir / GRAPH_FILES[name]).is_file():
+        return f"{model_dir / GRAPH_FILES[name]} is missing (`jobs export` writes it)"
     if not record.get("passed"):
         return f"the export's check did not admit it ({record.get('reason') or 'not checked'})"
     return None
@@ -149,11 +161,13 @@ def choose(meta: dict, model_dir: Path, weights: Path, device: torch.device, bac
     if device.type != "cpu":
         return Choice(on_torch(), f"only torch serves on {device.type}")
     loaded, refused = [], []
-    for name in [backend] if backend != "auto" else ONNX_ENGINES:
+    # auto: the int8 graph only where the export was asked for it (the others are recorded by every export)
+    auto = [*ONNX_ENGINES, *([OPENVINO_INT8] if OPENVINO_INT8 in (meta.get("backends") or {}) else [])]
+    for name in [backend] if backend != "auto" else auto:
         why_not = refusal(name, meta, model_dir)
         if why_not is None:
             try:
-                loaded.append(_load_onnx(name, meta, model_dir, device, requested_precision))
+                loaded.append(_load_graph(name, meta, model_dir, device, requested_precision))
                 continue
             except Exception as e:  # noqa: BLE001 -- not installed, or a file it cannot read: torch serves
                 why_not = f"it did not load ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
@@ -176,11 +190,13 @@ def choose(meta: dict, model_dir: Path, weights: Path, device: torch.device, bac
                            f"{left_out}")
 
 
-def _load_onnx(name: str, meta: dict, model_dir: Path, device: torch.device, requested_precision: str) -> Engine:
-    """``name``'s engine on ``model.onnx``, with the worker's threads; ImportError where it is not installed."""
-    checked_bf16 = meta["backends"][name].get("precision") == "bf16"
-    bf16 = checked_bf16 and requested_precision != "fp32" and precision.native_bf16(device)
-    return onnx_engine(name, model_dir / ONNX_FILE, torch.get_num_threads(), bf16)
+def _load_graph(name: str, meta: dict, model_dir: Path, device: torch.device, requested_precision: str) -> Engine:
+    """``name``'s engine on its graph file, with the worker's threads; ImportError where it is not installed."""
+    checked = meta["backends"][name].get("precision")
+    if checked == "int8" and requested_precision != "auto":  # a person asked for this precision, not int8
+        raise ValueError(f"the handler asks for precision {requested_precision}")
+    bf16 = checked in ("bf16", "int8") and requested_precision != "fp32" and precision.native_bf16(device)
+    return graph_engine(name, model_dir / GRAPH_FILES[name], torch.get_num_threads(), bf16)
 
 
 def images_per_s(engine: Engine, input_size: list[int]) -> float:

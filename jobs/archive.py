@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from handler.engines import ONNX_FILE
+from handler.engines import INT8_GRAPH_FILES, ONNX_FILE
 from handler.model import INT8_WEIGHTS
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
@@ -93,7 +93,8 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
         raise JobError(f"config key 'model_name' must match {MODEL_NAME.pattern} for TorchServe "
                        f"(got {cfg.model_name!r})")
     meta = read_json(paths.model / "metadata.json")
-    optional = [paths.model / INT8_WEIGHTS, paths.model / ONNX_FILE]  # when the export offered int8; wrote ONNX
+    # when the export offered int8 (PyTorch's, OpenVINO's); wrote ONNX
+    optional = [paths.model / name for name in (INT8_WEIGHTS, ONNX_FILE, *INT8_GRAPH_FILES)]
     if meta.get("trust"):
         optional.append(paths.model / meta["trust"]["file"])  # the OOD score's state
     optional = [p for p in optional if p.is_file()]

@@ -36,7 +36,7 @@ class ConfigError(JobError):
 
 AUTO_VERSION = "auto"  # model_version: the next version, counted by jobs.versions
 # serve_backend's choices: handler.engines.BACKENDS, spelled out so the config does not import torch.
-SERVE_BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+SERVE_BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "openvino-int8")
 # The commands that define a run save the effective config; the others only read it.
 RUN_DEFINING = ("run", "collect", "clean", "audit", "split", "train")
 COLLECT, CLEAN, AUDIT, SPLIT, TRAIN = ("collect",), ("clean",), ("audit",), ("split",), ("train",)
@@ -149,8 +149,8 @@ class Config:
     response_timeout: int = _key(120, "TorchServe responseTimeout in seconds.", commands=ARCHIVE, lo=1, hi=86_400)
     startup_timeout: int = _key(120, "TorchServe startupTimeout in seconds.", commands=ARCHIVE, lo=1, hi=86_400)
     max_batch_pixels: int = _key(200_000_000, "Pixels one served batch may decode (a request above it gets 413).", commands=ARCHIVE, lo=1, hi=10**12)
-    serve_precision: str = _key("auto", "auto: bf16 where native and the export check allows, else fp32; int8: also offer int8 when it is faster at <= 0.5 points of val accuracy lost.", commands=EXPORT, choices=("auto", "int8"))
-    serve_backend: str = _key("auto", "The engine the served model runs on: auto (each engine the export admitted runs a few batches when a worker starts; the fastest serves), torch, onnxruntime or openvino (torch where the one named was not admitted or is not installed). Export with torch writes no model.onnx and checks no engine.", commands=EXPORT + ARCHIVE, choices=SERVE_BACKENDS)
+    serve_precision: str = _key("auto", "auto: bf16 where native and the export check allows, else fp32; int8: also offer PyTorch int8 when it is faster at <= 0.5 points of val accuracy lost, and quantize model.onnx for OpenVINO (NNCF; the engine openvino-int8 where its answers pass the export's check).", commands=EXPORT, choices=("auto", "int8"))
+    serve_backend: str = _key("auto", "The engine the served model runs on: auto (each engine the export admitted runs a few batches when a worker starts; the fastest serves), torch, onnxruntime, openvino or openvino-int8 (torch where the one named was not admitted or is not installed). Export with torch writes no model.onnx and checks no engine.", commands=EXPORT + ARCHIVE, choices=SERVE_BACKENDS)
     serve_tuning: str = _key("machine", "machine: the server picks workers/batching for its machine; archive: pack serve_batch_size, max_batch_delay_ms, min/max_workers into the .mar.", commands=ARCHIVE, choices=("machine", "archive"))
     # -- trust ---------------------------------------------------------------------------------
     ood_keep: float = _key(0.95, "Export: the share of in-distribution val images the \"unlike the training images\" threshold keeps (the rest of such images are abstained on).", commands=EXPORT, lo=0, lo_open=True, hi=1)

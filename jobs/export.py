@@ -106,7 +106,8 @@ def export(cfg: Config, paths: RunPaths) -> Path:
     entry = fit_trust(trained, paths, meta, state)  # calibration and "none of these", in the serving precision
     if entry is not None:
         meta["trust"] = entry
-    meta["backends"] = backends_record(paths, meta, state, val_fp32, cfg.serve_backend)  # model.onnx, the engines
+    meta["backends"] = backends_record(paths, meta, state, val_fp32, cfg.serve_backend,  # model.onnx, the engines
+                                       int8=cfg.serve_precision == "int8")
     license_summary = _license_summary(paths)
     if license_summary:
         meta["data_licenses"] = license_summary

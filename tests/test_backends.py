@@ -111,8 +111,11 @@ def test_each_engine_answers_as_the_state_dict_does(exported_run: Path, state_di
 def test_auto_times_the_admitted_engines_and_says_why(exported_run: Path, tmp_path: Path):
     classifier = ImageClassifier(exported_run / "model", CPU)
     why = classifier.backend["why"]
-    assert why.startswith("auto: the fastest of ") and all(name in why for name in engines.BACKENDS[1:]), why
+    assert why.startswith("auto: the fastest of "), why
+    assert all(name in why for name in (engines.TORCH, *engines.ONNX_ENGINES)), why
     assert classifier.backend["backend"] in why.split(" of ")[1].split(" img/s")[0]
+    # int8 is measured only where the export was asked for it: not even named otherwise
+    assert engines.OPENVINO_INT8 not in meta_of(exported_run / "model")["backends"] and "int8" not in why
     # An export from before the engines (no record, no graph): torch alone, and the line says why.
     older = Path(shutil.copytree(exported_run / "model", tmp_path / "model"))
     (older / engines.ONNX_FILE).unlink()
@@ -172,6 +175,40 @@ def test_an_arch_that_does_not_export_or_an_engine_that_fails_the_gate_is_not_ad
     assert all(engines.refusal(name, {**meta, "backends": record}, paths.model) for name in engines.ONNX_ENGINES)
 
 
+def test_an_export_asked_for_int8_quantizes_the_graph_and_openvino_int8_serves_behind_the_gate(
+        exported_run: Path, state_dict_answers, tmp_path: Path, monkeypatch, capsys):
+    """serve_precision int8: NNCF quantizes model.onnx (OpenVINO's IR, calibrated on training images), the
+    export checks it in int8's gate, the archive packs it, and auto measures it beside the others; a graph
+    that fails the gate is neither kept nor packed."""
+    pytest.importorskip("nncf")
+    paths = RunPaths(copy_run(exported_run, tmp_path / "run"))
+    cfg = load_config(None, {"weights": "none", "serve_precision": "int8"})
+    monkeypatch.setitem(backends.GATES["int8"], "min_top1_agreement", 0.0)  # random weights: any answers pass
+    export(cfg, paths)
+    out = capsys.readouterr().out
+    record = meta_of(paths.model)["backends"][engines.OPENVINO_INT8]
+    assert "openvino-int8 admitted in int8" in out, out
+    assert record["passed"] and record["precision"] == "int8" and record["calibration_images"] > 0, record
+    assert set(record["checked"]) == {"int8"} and 0 <= record["top1_agreement"] <= 1
+    archive(cfg, paths)
+    with zipfile.ZipFile(paths.out / "model-store" / "classifier.mar") as mar:
+        assert set(engines.INT8_GRAPH_FILES) <= set(mar.namelist())
+    reference, _ = state_dict_answers
+    classifier, probs, _ = answers(paths.model, backend=engines.OPENVINO_INT8)
+    assert (classifier.engine.name, classifier.precision) == (engines.OPENVINO_INT8, "int8")
+    assert probs.shape == reference.shape and torch.allclose(probs.sum(1), torch.ones(len(probs)), atol=1e-4)
+    assert f"{engines.OPENVINO_INT8} int8 " in ImageClassifier(paths.model, CPU).backend["why"]  # auto timed it
+    # A person who asks the handler for fp32 gets no int8 engine.
+    assert answers(paths.model, backend=engines.OPENVINO_INT8, precision="fp32")[0].backend["backend"] == "torch"
+    monkeypatch.setitem(backends.GATES["int8"], "min_top1_agreement", 1.1)  # no graph can pass it
+    meta = meta_of(paths.model)
+    state = torch.load(paths.model / "model.pt", weights_only=True)
+    record = backends.backends_record(paths, meta, state, bf16_parity(paths, meta, state)[1], int8=True)
+    assert not record[engines.OPENVINO_INT8]["passed"]
+    assert record[engines.OPENVINO_INT8]["reason"] == "answers differ from the state_dict's beyond the gate"
+    assert not any((paths.model / name).exists() for name in engines.INT8_GRAPH_FILES)
+
+
 def test_the_jobs_process_never_loads_an_engine_so_its_forked_workers_live(exported_run: Path, tmp_path: Path):
     """Export admits the engines from a process of its own, and predict forks its decoding workers before its
     model loads: ONNX Runtime's and OpenVINO's thread pools do not survive a fork (a whole `jobs run`
@@ -208,13 +245,16 @@ def test_serve_backend_travels_in_the_archive_and_its_choices_are_the_engines():
 
 
 def test_the_serve_image_and_the_tests_install_the_engines_pinned():
-    """The serve image installs the `serve` extra, CI the `test` one (scripts/setup.sh): both carry `backends`."""
+    """The serve image installs the `serve` extra, CI the `test` one (scripts/setup.sh): both carry the engines of
+    `backends`; the train image and CI also carry what quantizes at export (nncf), which serving never imports."""
     import tomllib
     from conftest import REPO
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert all("==" in pin for pin in extras["backends"])
-    assert set(extras["backends"]) <= set(extras["serve"]) and set(extras["backends"]) <= set(extras["test"])
+    engines_only = {pin for pin in extras["backends"] if not pin.startswith("nncf")}
+    assert engines_only <= set(extras["serve"]) and set(extras["backends"]) <= set(extras["test"])
+    assert not any(pin.startswith("nncf") for pin in extras["serve"])
 
 
 def test_the_torchserve_handler_serves_on_the_archives_backend_and_describes_it(exported_run: Path,
