@@ -14,4 +14,5 @@ here, so what the job evaluated is what the server runs. It never imports ``jobs
 - ``capture``: keeps what the server met (opt-in: ``JOBS_CAPTURE_DIR``); ``observe``: metrics and capture per answer
 - ``classifier_handler``: TorchServe's entry point; ``config.properties`` and ``metrics.yaml`` its settings
 - ``kserve_runtime``: the second runtime, KServe's model server on the same archives (docs/serving-runtimes.md)
+- ``triton_backend``: Triton's Python pre- and post-processing steps around ``model.onnx`` (``jobs export-triton``)
 """

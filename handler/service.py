@@ -4,7 +4,10 @@
 ``ImageClassifier`` reads ``metadata.json`` (the contract with training), builds the model in the
 precision the export chose for this kind of machine on the engine ``serve_backend`` picks
 (``handler.engines``), refuses images over the pixel limits from their
-headers alone, decodes, and turns logits into calibrated top-k answers with the trust fields.
+headers alone, decodes, and turns logits into calibrated top-k answers with the trust fields. Its two
+halves apart from the model, ``ImageDecoder`` (bytes -> input tensors) and ``ModelAnswers`` (features and
+logits -> answers), serve a runtime that runs the model elsewhere: Triton's Python steps around its ONNX
+model (``handler.triton_backend``).
 """
 
 from __future__ import annotations
@@ -44,39 +47,23 @@ class Outputs:
     trust: list[dict[str, Any]]
 
 
-class ImageClassifier:
-    """``model_dir`` holds ``metadata.json``, the weights file and what the trust fields need.
+class ImageDecoder:
+    """Image bytes -> the model's input tensors: refuses images over the pixel limits from their headers alone,
+    then decodes with the ``Preprocessor`` training used. ``spec``: ``metadata.json["preprocess"]``;
+    ``options``: max_image_pixels, max_batch_pixels (both optional).
 
-    ``options`` (all optional): topk, max_image_pixels, max_batch_pixels, precision (auto, fp32, bf16,
-    fp16), backend (``handler.engines.BACKENDS``: the engine that runs the model), min_confidence (abstain below
-    this calibrated top probability; overrides the export's) -- the archive's model-config ``handler`` section,
-    or a runtime's settings.
+    Apart from the model, so a runtime that runs the model elsewhere (Triton's ONNX step) decodes the same way.
     """
 
-    def __init__(self, model_dir: Path, device: torch.device, weights: Path | None = None,
-                 options: dict[str, Any] | None = None):
+    def __init__(self, spec: dict[str, Any], options: dict[str, Any] | None = None):
         options = options or {}
-        self.model_dir = Path(model_dir)
-        self.meta: dict = json.loads((self.model_dir / "metadata.json").read_text())
-        self.classes: list[str] = list(self.meta["classes"])
-        self.default_topk = int(options.get("topk") or self.meta.get("topk") or DEFAULT_TOPK)
         self.max_image_pixels = int(options.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS)
         self.max_batch_pixels = int(options.get("max_batch_pixels") or DEFAULT_MAX_BATCH_PIXELS)
         # Pillow's own bomb check is the backstop for formats whose size only Pillow can read: it raises
         # at twice this, and the header check refuses everything above it first.
         Image.MAX_IMAGE_PIXELS = self.max_image_pixels
         Image.init()  # register every Pillow format now, not during the first request
-        self.preprocessor = Preprocessor(self.meta["preprocess"])
-        self.device = device
-        choice = engines.choose(self.meta, self.model_dir, weights or self.model_dir / "model.pt", device,
-                                str(options.get("backend") or "auto"), str(options.get("precision") or "auto"))
-        self.engine, self.precision = choice.engine, choice.engine.precision
-        self.backend = engines.describe(choice)  # which engine serves, in which precision, and why
-        logger.info("backend %s (%s): %s", self.engine.name, self.precision, choice.why)
-        # Calibration and "none of these", as the export fit them; an archive from before them answers without.
-        self.trust = Trust.from_metadata(self.model_dir, self.meta["trust"]) if self.meta.get("trust") else None
-        if self.trust is not None and options.get("min_confidence") is not None:
-            self.trust.min_confidence = float(options["min_confidence"]) or None
+        self.preprocessor = Preprocessor(spec)
 
     # -- admission and decoding -------------------------------------------------------------------
 
@@ -126,12 +113,27 @@ class ImageClassifier:
                 raise BadRequest(f"{where(n, len(images))}{e}") from None
         return tensors
 
-    # -- the model --------------------------------------------------------------------------------
+class ModelAnswers:
+    """The model's outputs -> the answers: calibrated probabilities, the trust fields and the top-k predictions.
 
-    def forward(self, batch: torch.Tensor) -> Outputs:
-        if not len(batch):  # every request of the batch was refused
-            return Outputs(torch.zeros(0, len(self.classes)), torch.zeros(0, len(self.classes)), [])
-        features, logits = self.engine.run(batch)
+    ``model_dir`` holds ``metadata.json`` and what the trust fields need; ``options``: topk, min_confidence
+    (abstain below this calibrated top probability; overrides the export's), both optional. Apart from the
+    model, so a runtime that runs the model elsewhere (Triton's ONNX step) answers the same way.
+    """
+
+    def __init__(self, model_dir: Path, options: dict[str, Any] | None = None):
+        options = options or {}
+        self.model_dir = Path(model_dir)
+        self.meta: dict = json.loads((self.model_dir / "metadata.json").read_text())
+        self.classes: list[str] = list(self.meta["classes"])
+        self.default_topk = int(options.get("topk") or self.meta.get("topk") or DEFAULT_TOPK)
+        # Calibration and "none of these", as the export fit them; an archive from before them answers without.
+        self.trust = Trust.from_metadata(self.model_dir, self.meta["trust"]) if self.meta.get("trust") else None
+        if self.trust is not None and options.get("min_confidence") is not None:
+            self.trust.min_confidence = float(options["min_confidence"]) or None
+
+    def outputs(self, features: torch.Tensor, logits: torch.Tensor) -> Outputs:
+        """A batch's calibrated probabilities and trust fields from the model's (features, logits)."""
         if self.trust is None:
             return Outputs(logits.softmax(1), logits, [{} for _ in range(len(logits))])
         probs, fields = self.trust.assess(features, logits)
@@ -158,3 +160,32 @@ class ImageClassifier:
 
     def topk(self, requested: Any) -> int:
         return parse_topk(requested, self.default_topk, len(self.classes))
+
+
+class ImageClassifier(ImageDecoder, ModelAnswers):
+    """``model_dir`` holds ``metadata.json``, the weights file and what the trust fields need.
+
+    ``options`` (all optional): topk, max_image_pixels, max_batch_pixels, precision (auto, fp32, bf16,
+    fp16), backend (``handler.engines.BACKENDS``: the engine that runs the model), min_confidence (abstain below
+    this calibrated top probability; overrides the export's) -- the archive's model-config ``handler`` section,
+    or a runtime's settings.
+    """
+
+    def __init__(self, model_dir: Path, device: torch.device, weights: Path | None = None,
+                 options: dict[str, Any] | None = None):
+        options = options or {}
+        ModelAnswers.__init__(self, model_dir, options)
+        ImageDecoder.__init__(self, self.meta["preprocess"], options)
+        self.device = device
+        choice = engines.choose(self.meta, self.model_dir, weights or self.model_dir / "model.pt", device,
+                                str(options.get("backend") or "auto"), str(options.get("precision") or "auto"))
+        self.engine, self.precision = choice.engine, choice.engine.precision
+        self.backend = engines.describe(choice)  # which engine serves, in which precision, and why
+        logger.info("backend %s (%s): %s", self.engine.name, self.precision, choice.why)
+
+    # -- the model --------------------------------------------------------------------------------
+
+    def forward(self, batch: torch.Tensor) -> Outputs:
+        if not len(batch):  # every request of the batch was refused
+            return Outputs(torch.zeros(0, len(self.classes)), torch.zeros(0, len(self.classes)), [])
+        return self.outputs(*self.engine.run(batch))

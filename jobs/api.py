@@ -272,3 +272,13 @@ def export_kserve(out: PathLike = DEFAULT_OUT, *, dest: PathLike | None = None, 
 
     with _session("export-kserve", config, out, keys, wait) as (cfg, paths):
         return export_kserve_stage(cfg, paths, Path(dest) if dest is not None else None, pod_cpus, pod_gpus)
+
+
+def export_triton(out: PathLike = DEFAULT_OUT, *, dest: PathLike | None = None, config: PathLike | None = None,
+                  wait: bool = False, **keys: Any) -> Path:
+    """Write the Triton model repository (default OUT/triton): the ONNX model between Python pre- and
+    post-processing steps, as one ensemble; returns it."""
+    from jobs.triton import export_triton as export_triton_stage
+
+    with _session("export-triton", config, out, keys, wait) as (cfg, paths):
+        return export_triton_stage(cfg, paths, Path(dest) if dest is not None else None)

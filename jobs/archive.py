@@ -49,6 +49,11 @@ def handler_dir() -> Path:
     return Path(next(iter(handler.__path__))).resolve()
 
 
+def serving_package() -> list[Path]:
+    """The files of the serving package that a model carries to its server: ``handler/*.py``, whole."""
+    return sorted(handler_dir().glob("*.py"))
+
+
 def tuning_settings(cfg: Config) -> dict:
     """Workers and batching from the config keys (TorchServe's names)."""
     return {"minWorkers": cfg.min_workers, "maxWorkers": cfg.max_workers, "batchSize": cfg.serve_batch_size,
@@ -153,7 +158,7 @@ def _build(cfg: Config, paths: RunPaths, store: Path, version: str, target: Path
         (extras / "handler").mkdir(parents=True)
         for src in (paths.model / "index_to_name.json", paths.model / "metadata.json", *optional):
             link_or_copy(src, extras / src.name)
-        for src in handler_dir().glob("*.py"):  # the serving package, whole
+        for src in serving_package():
             link_or_copy(src, extras / "handler" / src.name)
         cmd = [sys.executable, "-m", "model_archiver.model_packaging",
                "--model-name", cfg.model_name, "--version", version,

@@ -307,6 +307,15 @@ def export_kserve(config_file: Path | None, out: Path, dest: Path | None, pod_cp
                                  **overrides))
 
 
+@stage_command("export-triton", short_help="Lay out OUT/triton, a Triton Inference Server model repository.")
+@click.option("--dest", type=click.Path(path_type=Path), default=None, help="Target folder (default OUT/triton).")
+@config_options("export-triton")
+def export_triton(config_file: Path | None, out: Path, dest: Path | None, **overrides: Any) -> None:
+    """Lay out OUT/triton/{<name>, <name>_preprocess, <name>_onnx, <name>_postprocess}: model.onnx between Python
+    pre- and post-processing steps, as one ensemble (docs/serving-runtimes.md, "Triton")."""
+    click.echo(api.export_triton(out, dest=dest, config=config_file, **overrides))
+
+
 @cli.command("serve-config", short_help="Write a TorchServe config for this machine.")
 @click.option("--model-store", type=click.Path(path_type=Path), required=True, help="Folder of the .mar files.")
 @click.option("--base", type=click.Path(path_type=Path), default=None,

@@ -157,6 +157,35 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return dst
 
 
+@contextlib.contextmanager
+def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
+    """A temp folder beside ``dest`` to fill; on clean exit it takes ``dest``'s place, else it is deleted.
+
+    A folder cannot be renamed over a full one, so it takes two renames: the old ``dest`` aside, the new one
+    in; then the old one is deleted. A reader sees the old folder or the new one, whole. A process killed
+    between the two renames leaves no ``dest`` (the old one waits as ``.NAME.*.part``): the same command
+    writes it again, and sweeps what a killed one left.
+    """
+    dest = Path(dest)
+    with _disk_full_is_one_line(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in dest.parent.glob(f".{dest.name}.*.part"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    try:
+        stage.chmod(0o777 & ~_UMASK)  # mkdtemp's 0700 would hide the folder from other users (e.g. the server)
+        with _disk_full_is_one_line(dest):
+            yield stage
+        old = dest.with_name(f"{stage.name.removesuffix('.part')}.old.part")
+        if dest.exists():
+            os.rename(dest, old)
+        os.rename(stage, dest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def sweep_partials(*targets: str | os.PathLike) -> None:
     """Delete the temp files (``.NAME.*.part``) a killed process left behind.
 

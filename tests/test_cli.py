@@ -17,7 +17,7 @@ from jobs.config import key_names
 from jobs.errors import jobs_command, with_real_command
 
 PIPELINE_ORDER = ["run", "collect", "clean", "audit", "review", "split", "train", "export", "evaluate", "archive",
-                  "serve", "predict", "export-kserve", "serve-config"]
+                  "serve", "predict", "export-kserve", "export-triton", "serve-config"]
 
 
 def test_commands_are_listed_in_pipeline_order():
