@@ -175,6 +175,7 @@ def test_an_arch_that_does_not_export_or_an_engine_that_fails_the_gate_is_not_ad
     assert all(engines.refusal(name, {**meta, "backends": record}, paths.model) for name in engines.ONNX_ENGINES)
 
 
+@pytest.mark.e2e  # two exports with every check: half a minute
 def test_an_export_asked_for_int8_quantizes_the_graph_and_openvino_int8_serves_behind_the_gate(
         exported_run: Path, state_dict_answers, tmp_path: Path, monkeypatch, capsys):
     """serve_precision int8: NNCF quantizes model.onnx (OpenVINO's IR, calibrated on training images), the
