@@ -377,9 +377,9 @@ def _limit_rates(model_dir: Path, photos: list[bytes], duration: float, threads:
 
 
 def admitted_engines(meta: dict, model_dir: Path) -> list[engines.Engine]:
-    """The ONNX engines the export admitted for this model (in the precision a worker would choose), with this
+    """The graph engines the export admitted for this model (in the precision a worker would choose), with this
     process's torch threads: a model without ``model.onnx`` (the random one) has none."""
-    admitted = [name for name in engines.ONNX_ENGINES if engines.refusal(name, meta, model_dir) is None]
+    admitted = [name for name in engines.GRAPH_ENGINES if engines.refusal(name, meta, model_dir) is None]
     chosen = [engines.choose(meta, model_dir, model_dir / "model.pt", torch.device("cpu"), name).engine
               for name in admitted]
     return [engine for engine in chosen if engine.name != engines.TORCH]  # torch: the engine did not load
