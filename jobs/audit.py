@@ -670,6 +670,11 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     print(f"audit: {len(groups)} near-duplicate groups ({sum(g['cross_class'] for g in groups)} across classes), "
           f"{len(doc['label_issues'])} label issues, {len(doc['outliers'])} outliers, "
           f"{len(doc['image_issues'])} images with quality flags; review: {paths.report / 'review.html'}")
+    search = doc["settings"]["neighbour_search"]
+    if search["method"] != "exact":
+        print(f"audit: {len(usable):,} photos > audit_exact_max {cfg.audit_exact_max:,}: nearest neighbours from a "
+              f"{search['method']} index (approximate; M {search['M']}, efConstruction {search['ef_construction']}, "
+              f"efSearch {search['ef_search']})")
     if not doc["label_check"]["judged"]:
         print(f"audit: {doc['label_check']['reason']}")
     if not doc["settings"]["near_duplicates_by_features"]:
