@@ -70,7 +70,7 @@ BLOCK_FLOATS = 1 << 22
 # 25,000 synthetic photos with real features' spectrum (bench/README.md "Issue 27: the audit's neighbour search").
 # efConstruction decides whether a near-copy finds its original when it joins the graph: a pair that misses then
 # stays unlinked and no later search finds it. The exact near-duplicate pairs found at efConstruction 80 / 160 /
-# 320 / 640 were 0.956 / 0.974 / 0.996 / 1.000 (M 32, efSearch 128); M 16 at 320 lost as many as M 32.
+# 320 / 640 were 0.956 / 0.974 / 0.996 / 1.000 (M 32, efSearch 128); M 16 at 320 found 0.991.
 # efSearch 128 over 64: recall of the 10 nearest 0.999 against 0.992 for a tenth more time; the build dominates.
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 640
@@ -164,14 +164,14 @@ def nearest_neighbours(unit: np.ndarray, k: int = DEFAULT_KNN, block: int | None
 
     Exact up to ``exact_max`` rows: a blocked product (block x n at a time, by default as many rows as
     keep a block within ``BLOCK_FLOATS``), each block keeping its top k by ``argpartition``; its time
-    grows as n^2. Above it, approximate: ``_hnsw_neighbours``.
+    grows as n^2. Above it, approximate: ``hnsw_neighbours``.
     """
     n = len(unit)
     k = max(0, min(k, n - 1))
     if n <= exact_max or not k:
         index, cosine = _exact_rows(unit, np.arange(n), k, block)
         return Neighbours(index, cosine, {"method": "exact", "exact_max": exact_max})
-    return _hnsw_neighbours(unit, k, block, exact_max)
+    return hnsw_neighbours(unit, k, block, exact_max)
 
 
 def _exact_rows(unit: np.ndarray, rows: np.ndarray, k: int, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +195,8 @@ def _exact_rows(unit: np.ndarray, rows: np.ndarray, k: int, block: int | None = 
     return index, cosine
 
 
-def _hnsw_neighbours(unit: np.ndarray, k: int, block: int | None, exact_max: int) -> Neighbours:
+def hnsw_neighbours(unit: np.ndarray, k: int, block: int | None = None, exact_max: int = 0, *, m: int = HNSW_M,
+                    ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH) -> Neighbours:
     """Approximate k nearest neighbours from a faiss HNSW graph on inner product (= cosine on unit rows).
 
     The graph is built on one thread: faiss adds HNSW nodes in parallel in an unspecified order (its wiki,
@@ -210,9 +211,9 @@ def _hnsw_neighbours(unit: np.ndarray, k: int, block: int | None, exact_max: int
     import faiss  # only data sets above audit_exact_max need it
 
     n, d = unit.shape
-    graph = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-    graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    ef_search = max(HNSW_EF_SEARCH, k + 1)  # the search keeps ef candidates: at least the k + 1 asked for
+    graph = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efConstruction = ef_construction
+    ef_search = max(ef_search, k + 1)  # the search keeps ef candidates: at least the k + 1 asked for
     graph.hnsw.efSearch = ef_search
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
@@ -234,7 +235,7 @@ def _hnsw_neighbours(unit: np.ndarray, k: int, block: int | None, exact_max: int
     if len(short):
         index[short], cosine[short] = _exact_rows(unit, short, k, block)
     return Neighbours(index, cosine, {"method": "faiss IndexHNSWFlat, inner product", "faiss": faiss.__version__,
-                                      "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION,
+                                      "M": m, "ef_construction": ef_construction,
                                       "ef_search": ef_search, "build_threads": 1,
                                       "exact_max": exact_max, "rows_searched_exactly": int(len(short)),
                                       "index_mib": round(index_mib, 1)})
