@@ -6,9 +6,12 @@ command (``python -m jobs clean|audit|split|train|export|evaluate``) with the re
 ``--arch timm/tf_efficientnet_lite0`` and the offline ImageNet weights, ``--feature-views 1 --epochs 1``.
 A stage's peak RSS is the high-water mark (``VmHWM``) of its largest process, dataloader workers included,
 polled from ``/proc``: a child's rusage would start from this script's own RSS, which it inherits at fork.
-Prints the stages side by side for every N and writes ``bench/results/scale.json``.
+Prints the stages side by side for every N and writes ``bench/results/scale.json``. Then the audit's
+neighbour search on synthetic features at ``--index-photos`` (``bench.audit_index``: exact time against the
+faiss HNSW index's build + search, and the index's recall of the 10 nearest and of the exact near-duplicate
+pairs; none with ``--index-photos`` and no number).
 
-    python -m bench.scale [--photos 2400 5000] [--work /tmp/bench-scale]
+    python -m bench.scale [--photos 2400 5000] [--work /tmp/bench-scale] [--index-photos 5000 25000 100000]
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from bench import audit_index
 from bench.audit import REAL_ARCH, SYNTHETIC_CLASSES, _jpeg, procedural
+from bench.audit_index import SCENES
 from bench.common import REPO, save_result
 
-SCENES = REPO.parent / "shared" / "datasets" / "scenes-sample"
 STAGES = ("clean", "audit", "split", "train", "export", "evaluate")
 DRAWN_SIZE = 400  # px: larger than the scene photos (150 px), as photos from a camera or the web are
 
@@ -106,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=int, nargs="+", default=[2400, 5000])
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-scale"))
+    parser.add_argument("--index-photos", type=int, nargs="*", default=[5000, 25000, 100000])
     opts = parser.parse_args()
     weights = build(REPO / ".cache" / "weights" / "tf_efficientnet_lite0.pth")
     runs = [measure(n, opts.work, weights) for n in opts.photos]
@@ -114,7 +119,11 @@ def main() -> None:
     for stage in STAGES:
         cells = (f"{r['stages'][stage]['wall_s']:.1f} s, {r['stages'][stage]['peak_rss_gib']:.2f} GiB" for r in runs)
         print(f"{stage:<10}" + "".join(f"{cell:>24}" for cell in cells))
-    save_result("scale", "cpu", {"runs": runs})
+    index_runs = audit_index.run(opts.index_photos, opts.work / "audit-index") if opts.index_photos else []
+    if index_runs:
+        print("the audit's neighbour search, exact against the HNSW index (synthetic features, bench.audit_index):")
+        audit_index.print_table(index_runs)
+    save_result("scale", "cpu", {"runs": runs, "neighbour_search": index_runs})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ as ``<out>/audit.json``; the other functions are its parts. docs/audit.md explai
   * pHash pairs within a Hamming radius, found by multi-index hashing: the 64 bits are cut into
     radius + 1 chunks; two hashes within the radius agree exactly on at least one chunk
     (pigeonhole), so only items sharing a chunk value are compared.
-  * exact k nearest neighbours of centred, L2-normalised features, by a blocked matrix product.
+  * k nearest neighbours of centred, L2-normalised features: exact, by a blocked matrix product, up to
+    ``audit_exact_max`` photos; above it from a faiss HNSW graph (O(n log n) instead of O(n^2)), whose
+    returned pairs' cosines are recomputed exactly.
 - Label issues: out-of-fold predicted probabilities from a K-fold logistic-regression head on
   the features, handed to ``cleanlab.filter.find_label_issues`` and
   ``cleanlab.rank.get_label_quality_scores``; per-class noise from cleanlab's confident joint.
@@ -50,6 +52,7 @@ DEFAULT_MIN_LABEL_SKILL: float = Config.audit_label_min_skill
 DEFAULT_FOLDS: int = Config.audit_folds
 DEFAULT_MUTUAL_RADIUS: int = Config.audit_mutual_radius
 DEFAULT_VETO_QUANTILE: float = Config.audit_veto_quantile
+DEFAULT_EXACT_MAX: int = Config.audit_exact_max
 # The group bound's ratio: 1 is "closer than the photos around them". On the fine-tuned resnet18 0.6
 # and 0.8 kept fewer copies with their original (recall 0.91, 0.94 against 0.95); 1.2 and 1.5 no more.
 DEFAULT_GROUP_RATIO = 1.0
@@ -63,6 +66,15 @@ UNRELATED_SAMPLE = 1000
 # fixed as the photos grow (issue 27: gathering every candidate pair's features at once took 185 MB at
 # 2,400 photos and grew with n; the neighbour search's 1,024 x n block would take 1.2 GB at 100,000).
 BLOCK_FLOATS = 1 << 22
+# The approximate index (faiss IndexHNSWFlat on inner product), chosen with `python -m bench.audit_index` on
+# 25,000 synthetic photos with real features' spectrum (bench/README.md "Issue 27: the audit's neighbour search").
+# efConstruction decides whether a near-copy finds its original when it joins the graph: a pair that misses then
+# stays unlinked and no later search finds it. The exact near-duplicate pairs found at efConstruction 80 / 160 /
+# 320 / 640 were 0.956 / 0.974 / 0.996 / 1.000 (M 32, efSearch 128); M 16 at 320 found 0.991.
+# efSearch 128 over 64: recall of the 10 nearest 0.999 against 0.992 for a tenth more time; the build dominates.
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 640
+HNSW_EF_SEARCH = 128
 
 
 @dataclass(frozen=True)
@@ -132,10 +144,12 @@ def unit_features(features: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Neighbours:
-    """Each row's ``k`` nearest other rows, nearest first: ``index`` (n, k) and ``cosine`` (n, k)."""
+    """Each row's ``k`` nearest other rows, nearest first: ``index`` (n, k) and ``cosine`` (n, k);
+    ``search`` says how they were found (audit.json's ``settings.neighbour_search``)."""
 
     index: np.ndarray
     cosine: np.ndarray
+    search: dict = dataclasses.field(default_factory=lambda: {"method": "exact"})
 
     def scale(self) -> np.ndarray:
         """(n,) cosine distance to the k-th nearest neighbour: how far apart photos are around each one."""
@@ -144,30 +158,87 @@ class Neighbours:
         return np.maximum(1.0 - self.cosine[:, -1].astype(np.float64), 0.0)
 
 
-def nearest_neighbours(unit: np.ndarray, k: int = DEFAULT_KNN, block: int | None = None) -> Neighbours:
-    """Exact k nearest neighbours by cosine among all rows of ``unit`` (unit vectors), itself excluded.
+def nearest_neighbours(unit: np.ndarray, k: int = DEFAULT_KNN, block: int | None = None,
+                       exact_max: int = DEFAULT_EXACT_MAX) -> Neighbours:
+    """The k nearest neighbours by cosine among all rows of ``unit`` (unit vectors), itself excluded.
 
-    A blocked product (block x n at a time, by default as many rows as keep a block within
-    ``BLOCK_FLOATS``); each block keeps its top k by ``argpartition``.
+    Exact up to ``exact_max`` rows: a blocked product (block x n at a time, by default as many rows as
+    keep a block within ``BLOCK_FLOATS``), each block keeping its top k by ``argpartition``; its time
+    grows as n^2. Above it, approximate: ``hnsw_neighbours``.
     """
     n = len(unit)
-    block = block or max(1, min(1024, BLOCK_FLOATS // max(n, 1)))
     k = max(0, min(k, n - 1))
-    index = np.zeros((n, k), np.int64)
-    cosine = np.zeros((n, k), np.float32)
+    if n <= exact_max or not k:
+        index, cosine = _exact_rows(unit, np.arange(n), k, block)
+        return Neighbours(index, cosine, {"method": "exact", "exact_max": exact_max})
+    return hnsw_neighbours(unit, k, block, exact_max)
+
+
+def _exact_rows(unit: np.ndarray, rows: np.ndarray, k: int, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(index, cosine), each (len(rows), k): the exact k nearest other rows of ``unit`` to each of ``rows``."""
+    n = len(unit)
+    block = block or max(1, min(1024, BLOCK_FLOATS // max(n, 1)))
+    index = np.zeros((len(rows), k), np.int64)
+    cosine = np.zeros((len(rows), k), np.float32)
     if not k:
-        return Neighbours(index, cosine)
+        return index, cosine
     unit_t = np.ascontiguousarray(unit.T)
-    for b0 in range(0, n, block):
-        b1 = min(n, b0 + block)
-        sims = unit[b0:b1] @ unit_t
-        sims[np.arange(b1 - b0), np.arange(b0, b1)] = -np.inf  # never one's own neighbour
+    for b0 in range(0, len(rows), block):
+        b1 = min(len(rows), b0 + block)
+        sims = unit[rows[b0:b1]] @ unit_t
+        sims[np.arange(b1 - b0), rows[b0:b1]] = -np.inf  # never one's own neighbour
         top = np.argpartition(sims, n - k, axis=1)[:, n - k:]
         top_sims = np.take_along_axis(sims, top, axis=1)
         order = np.argsort(-top_sims, axis=1, kind="stable")
         index[b0:b1] = np.take_along_axis(top, order, axis=1)
         cosine[b0:b1] = np.take_along_axis(top_sims, order, axis=1)
-    return Neighbours(index, cosine)
+    return index, cosine
+
+
+def hnsw_neighbours(unit: np.ndarray, k: int, block: int | None = None, exact_max: int = 0, *, m: int = HNSW_M,
+                    ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH) -> Neighbours:
+    """Approximate k nearest neighbours from a faiss HNSW graph on inner product (= cosine on unit rows).
+
+    The graph is built on one thread: faiss adds HNSW nodes in parallel in an unspecified order (its wiki,
+    "Threads and asynchronous calls": multi-threaded HNSW add is not reproducible; search is), so with more
+    threads a node's links depend on which neighbours happened to be in the graph already, and an interrupted
+    audit and its rerun could list different neighbours. On one thread the graph is the same every run (the
+    level of each node comes from faiss's fixed seed). Searching runs on all threads. The returned pairs'
+    cosines are recomputed exactly (``pair_cosines``) and each row re-sorted by them; a row the graph gives
+    fewer than k others (an unreachable node) is searched exactly. The index holds a copy of the features
+    (n x d x 4 bytes) plus the graph (about n x 2M x 4 bytes at level 0) and is dropped before this returns.
+    """
+    import faiss  # only data sets above audit_exact_max need it
+
+    n, d = unit.shape
+    graph = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efConstruction = ef_construction
+    ef_search = max(ef_search, k + 1)  # the search keeps ef candidates: at least the k + 1 asked for
+    graph.hnsw.efSearch = ef_search
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        graph.add(np.ascontiguousarray(unit, dtype=np.float32))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    _, found = graph.search(np.ascontiguousarray(unit, dtype=np.float32), k + 1)
+    index_mib = (graph.ntotal * d * 4 + graph.hnsw.neighbors.size() * 4) / 2**20  # the vectors and the links
+    del graph
+    rows = np.arange(n)
+    # itself (a row usually finds itself first, but an exact copy may come before it) and -1 (no result) drop out
+    other = (found != rows[:, None]) & (found >= 0)
+    index = np.take_along_axis(found, np.argsort(~other, axis=1, kind="stable")[:, :k], axis=1)
+    cosine = pair_cosines(unit, np.repeat(rows, k), index.ravel()).reshape(n, k).astype(np.float32)
+    order = np.argsort(-cosine, axis=1, kind="stable")
+    index, cosine = np.take_along_axis(index, order, axis=1), np.take_along_axis(cosine, order, axis=1)
+    short = np.flatnonzero(other.sum(axis=1) < k)
+    if len(short):
+        index[short], cosine[short] = _exact_rows(unit, short, k, block)
+    return Neighbours(index, cosine, {"method": "faiss IndexHNSWFlat, inner product", "faiss": faiss.__version__,
+                                      "M": m, "ef_construction": ef_construction,
+                                      "ef_search": ef_search, "build_threads": 1,
+                                      "exact_max": exact_max, "rows_searched_exactly": int(len(short)),
+                                      "index_mib": round(index_mib, 1)})
 
 
 def unrelated_cosine(unit: np.ndarray, quantile: float, sample: int = UNRELATED_SAMPLE, seed: int = 0) -> float:
@@ -185,6 +256,16 @@ def unrelated_cosine(unit: np.ndarray, quantile: float, sample: int = UNRELATED_
     drawn = np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))
     sims = unit[drawn] @ unit[drawn].T
     return float(np.quantile(sims[np.triu_indices(len(drawn), 1)], quantile))
+
+
+def pair_cosines(unit: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """(pairs,) float64 cosines of the rows (i[p], j[p]) of ``unit``, gathered a block of pairs at a time."""
+    cosine = np.empty(len(i), np.float64)
+    step = max(1, BLOCK_FLOATS // (2 * max(unit.shape[1], 1)))  # the pairs' rows of both photos
+    for start in range(0, len(i), step):
+        end = start + step
+        cosine[start:end] = np.einsum("ij,ij->i", unit[i[start:end]], unit[j[start:end]])
+    return cosine
 
 
 EVIDENCE = ("phash", "features", "mutual")
@@ -277,11 +358,7 @@ class Geometry:
     def measure(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(Hamming distance, cosine, ratio) of the pairs (i[p], j[p])."""
         hamming = np.bitwise_count(self.hashes[i] ^ self.hashes[j]).astype(np.int64)
-        cosine = np.empty(len(i), np.float64)
-        step = max(1, BLOCK_FLOATS // (2 * max(self.unit.shape[1], 1)))  # the pairs' rows of both photos
-        for start in range(0, len(i), step):
-            end = start + step
-            cosine[start:end] = np.einsum("ij,ij->i", self.unit[i[start:end]], self.unit[j[start:end]])
+        cosine = pair_cosines(self.unit, i, j)
         scale = np.sqrt(self.scale[i] * self.scale[j])
         distance = np.maximum(1.0 - cosine, 0.0)
         # identical features (a photo whose k nearest are all exact copies has scale 0) are surely close
@@ -444,7 +521,7 @@ def odd_size(widths: np.ndarray, heights: np.ndarray, iqr_factor: float = 3.0) -
 def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequence[str], hashes: np.ndarray,
                    features: np.ndarray, stats: Sequence[dict], *, rule: DuplicateRule = DuplicateRule(),
                    folds: int = DEFAULT_FOLDS, seed: int = 0, knn: int = DEFAULT_KNN,
-                   min_label_skill: float = DEFAULT_MIN_LABEL_SKILL) -> dict:
+                   min_label_skill: float = DEFAULT_MIN_LABEL_SKILL, exact_max: int = DEFAULT_EXACT_MAX) -> dict:
     """The ``audit.json`` document for ``files`` (source paths, as in clean_report.json).
 
     ``labels`` are indices into ``class_names``; ``hashes`` uint64 pHashes; ``features`` (n, d);
@@ -462,7 +539,7 @@ def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequen
     weak = label_check.get("skill", 1.0) < min_label_skill
     unit = unit_features(features)
     rule = dataclasses.replace(rule, use_features=rule.use_features and not weak).judged_by(unit)
-    neighbours = nearest_neighbours(unit, knn)
+    neighbours = nearest_neighbours(unit, knn, exact_max=exact_max)
     geometry = Geometry.of(hashes, unit, neighbours)
     pairs = duplicate_pairs(geometry, neighbours, rule)
     groups = clique_groups(pairs, geometry, rule)
@@ -503,7 +580,8 @@ def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequen
                      "folds": folds,
                      "seed": seed, "knn": knn, "min_label_skill": min_label_skill, "images": n,
                      "median_neighbour_scale": round(float(np.median(neighbours.scale())), 4) if n > 1 else None,
-                     "duplicate_pairs": len(pairs.i), "duplicate_pairs_outside_groups": outside},
+                     "duplicate_pairs": len(pairs.i), "duplicate_pairs_outside_groups": outside,
+                     "neighbour_search": neighbours.search},
     }
 
 
@@ -583,7 +661,8 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
                          phash_array([f["stats"]["phash"] for f in usable]), feats, [f["stats"] for f in usable],
                          rule=DuplicateRule(cfg.audit_hash_radius, cfg.audit_feature_ratio, cfg.audit_agree_radius,
                                             cfg.audit_mutual_radius, veto_quantile=cfg.audit_veto_quantile),
-                         folds=cfg.audit_folds, seed=cfg.seed, min_label_skill=cfg.audit_label_min_skill)
+                         folds=cfg.audit_folds, seed=cfg.seed, min_label_skill=cfg.audit_label_min_skill,
+                         exact_max=cfg.audit_exact_max)
     doc["near_duplicates"] = exact_conflicts(report["files"]) + doc["near_duplicates"]
     doc.update(classes=classes, data_hash=report["data_hash"], label_issues_mode=cfg.label_issues)
     atomic_write_json(paths.audit, doc)
@@ -592,6 +671,11 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     print(f"audit: {len(groups)} near-duplicate groups ({sum(g['cross_class'] for g in groups)} across classes), "
           f"{len(doc['label_issues'])} label issues, {len(doc['outliers'])} outliers, "
           f"{len(doc['image_issues'])} images with quality flags; review: {paths.report / 'review.html'}")
+    search = doc["settings"]["neighbour_search"]
+    if search["method"] != "exact":
+        print(f"audit: {len(usable):,} photos > audit_exact_max {cfg.audit_exact_max:,}: nearest neighbours from a "
+              f"{search['method']} index (approximate; M {search['M']}, efConstruction {search['ef_construction']}, "
+              f"efSearch {search['ef_search']})")
     if not doc["label_check"]["judged"]:
         print(f"audit: {doc['label_check']['reason']}")
     if not doc["settings"]["near_duplicates_by_features"]:

@@ -107,6 +107,9 @@ class Config:
     audit_mutual_radius: int = _key(16, "Audit: pHash bits (of 64) two photos that are each other's nearest neighbour in features may differ in and still be near-duplicates.", commands=AUDIT, lo=0, hi=64)
     audit_veto_quantile: float = _key(0.95, "Audit: when the features can judge (labels judged), two photos whose feature cosine is below this quantile of the cosines of unrelated photo pairs are no near-duplicates, whatever their pHash.", commands=AUDIT, lo=0, hi=1)
     audit_folds: int = _key(5, "Audit: folds of the out-of-fold head whose predictions find label issues.", commands=AUDIT, lo=2, hi=100)
+    # audit_exact_max: exact search (one BLAS product per block) beat the HNSW index (built on one thread) up to 100,000 photos on the 2-core Xeon:
+    # 293 s against 509 s there; growing 3-7x per doubling against 2.8x, they cross near 180,000-290,000 (extrapolated; `python -m bench.audit_index`).
+    audit_exact_max: int = _key(200_000, "Audit: up to this many photos the nearest-neighbour search is exact; above it a faiss HNSW index (approximate; audit.json's settings.neighbour_search says which ran).", commands=AUDIT, lo=0, hi=10**9)
     audit_label_min_skill: float = _key(0.5, "Audit: judge labels only when the out-of-fold head's balanced accuracy is this far from chance (0) towards perfect (1); below it no label issue is flagged.", commands=AUDIT, lo=0, hi=1)
     # -- split ---------------------------------------------------------------------------------
     val_fraction: float = _key(0.1, "Fraction of each class held out for validation.", commands=SPLIT, lo=0, hi=0.99)

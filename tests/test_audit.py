@@ -70,6 +70,20 @@ def test_injected_copies_of_fixture_photos_are_grouped_on_real_features(real_fea
     assert any("features" in p["by"] or "mutual" in p["by"] for p in crop_and_rotation["pairs"])
 
 
+def test_the_approximate_index_groups_the_same_copies_and_audit_json_says_which_search_ran(real_features):
+    exact = _document_of(real_features)
+    approximate = _document_of(real_features, exact_max=0)  # every data set above the threshold: the faiss index
+    assert exact["settings"]["neighbour_search"] == {"method": "exact", "exact_max": audit.DEFAULT_EXACT_MAX}
+    search = approximate["settings"]["neighbour_search"]
+    assert search["method"] == "faiss IndexHNSWFlat, inner product" and search["exact_max"] == 0
+    assert (search["M"], search["ef_construction"], search["ef_search"]) == \
+        (audit.HNSW_M, audit.HNSW_EF_CONSTRUCTION, audit.HNSW_EF_SEARCH)
+    groups = sorted((set(g["files"]) for g in approximate["near_duplicates"]), key=sorted)
+    assert groups == sorted(real_features["expected"], key=sorted)
+    assert approximate["near_duplicates"] == exact["near_duplicates"]  # the same pairs, evidence and cosines
+    assert approximate["outliers"] == exact["outliers"]
+
+
 def _least_alike(items: dict, first: int, second: int) -> tuple[int, int]:
     """The two original photos without copies, one of class ``first`` and one of class ``second``, whose real
     features are least alike (a cat and a different dog, say)."""
@@ -245,6 +259,64 @@ def test_nearest_neighbours_equal_brute_force():
     assert np.allclose(found.cosine, -np.sort(-sims, axis=1)[:, :5], atol=1e-5)
     assert (found.index[:, 0] == sims.argmax(axis=1)).all()
     assert np.allclose(found.scale(), 1 - found.cosine[:, -1], atol=1e-6)
+
+
+def _with_copies(n: int = 1500, dim: int = 32, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(unit features, copies (m, 2) as (original, copy) rows): random photos, 20 near-copies and 2 exact ones."""
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(size=(n, dim)).astype(np.float32)
+    copies = rng.choice(n, 44, replace=False).reshape(22, 2)
+    feats[copies[:20, 1]] = feats[copies[:20, 0]] + 0.1 * rng.normal(size=(20, dim)).astype(np.float32)
+    feats[copies[20:, 1]] = feats[copies[20:, 0]]
+    return audit.unit_features(feats), copies
+
+
+def test_approximate_neighbours_are_the_exact_ones_with_exact_cosines():
+    unit, copies = _with_copies()
+    exact = audit.nearest_neighbours(unit, 10)
+    approximate = audit.nearest_neighbours(unit, 10, exact_max=0)
+    assert approximate.index.shape == exact.index.shape and approximate.cosine.dtype == np.float32
+    assert not (approximate.index == np.arange(len(unit))[:, None]).any()  # never itself, not even beside a copy
+    assert np.allclose(approximate.cosine, np.einsum("nd,nkd->nk", unit, unit[approximate.index]), atol=1e-6)
+    assert (np.diff(approximate.cosine, axis=1) <= 0).all()  # nearest first
+    recall = (approximate.index[:, :, None] == exact.index[:, None, :]).any(axis=2).mean()
+    assert recall >= 0.99
+    assert (approximate.index[copies[:, 0], 0] == copies[:, 1]).all()
+    assert (approximate.index[copies[:, 1], 0] == copies[:, 0]).all()
+    again = audit.nearest_neighbours(unit, 10, exact_max=0)
+    assert (again.index == approximate.index).all() and (again.cosine == approximate.cosine).all()
+
+
+def test_the_index_is_built_on_one_thread_and_short_rows_are_searched_exactly(monkeypatch):
+    """faiss inserts HNSW nodes in parallel in an unspecified order (its wiki, "reproducibility with multiple
+    threads"): the audit builds on one thread, so that a rerun lists the same neighbours, and gives the threads back."""
+    import faiss
+
+    unit, _ = _with_copies(400)
+    seen = {}
+    add, search = faiss.IndexHNSWFlat.add, faiss.IndexHNSWFlat.search
+
+    def add_on(index, x):
+        seen["threads"] = faiss.omp_get_max_threads()
+        return add(index, x)
+
+    def search_losing_row_3(index, x, k):
+        distances, found = search(index, x, k)
+        found[3, 1:] = -1  # a node the graph reaches no neighbour from
+        return distances, found
+
+    monkeypatch.setattr(faiss.IndexHNSWFlat, "add", add_on)
+    monkeypatch.setattr(faiss.IndexHNSWFlat, "search", search_losing_row_3)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(4)
+    try:
+        found = audit.nearest_neighbours(unit, 5, exact_max=0)
+        assert seen["threads"] == 1 and faiss.omp_get_max_threads() == 4
+    finally:
+        faiss.omp_set_num_threads(before)
+    exact = audit.nearest_neighbours(unit, 5)
+    assert found.search["rows_searched_exactly"] == 1
+    assert (found.index[3] == exact.index[3]).all() and np.allclose(found.cosine[3], exact.cosine[3])
 
 
 def _separating(n: int = 600, classes: int = 4, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -138,6 +138,22 @@ def _passes(output: str, what: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def test_above_audit_exact_max_the_stage_searches_the_index_and_finds_the_same_groups(audited, tmp_path):
+    """The audit alone, rerun on a copy of the run's cleaned photos and cached features with the threshold at 0."""
+    out = tmp_path / "run"
+    for name in ("dataset", "cache"):
+        shutil.copytree(audited["out"] / name, out / name)
+    for name in ("clean_report.json", "config.yaml"):
+        shutil.copy(audited["out"] / name, out / name)
+    proc = run_job("audit", "--out", str(out), "--audit-exact-max", "0")
+    exact, approximate = _json(audited["out"] / "audit.json"), _json(out / "audit.json")
+    assert exact["settings"]["neighbour_search"]["method"] == "exact"
+    assert approximate["settings"]["neighbour_search"]["method"] == "faiss IndexHNSWFlat, inner product"
+    assert "audit_exact_max 0: nearest neighbours from a faiss IndexHNSWFlat, inner product index" in proc.stdout
+    assert approximate["near_duplicates"] == exact["near_duplicates"]
+    assert approximate["outliers"] == exact["outliers"]
+
+
 def test_decisions_are_honoured_by_the_next_run_and_the_input_is_untouched(audited, tmp_path):
     out, data = audited["out"], audited["data"]
     ants, bees = sorted((data / "ants").glob("[0-9]*.jpg")), sorted((data / "bees").glob("[0-9]*.jpg"))
