@@ -30,7 +30,6 @@ from jobs.backends import write_onnx
 from jobs.config import RunPaths, load_config
 
 onnxruntime = pytest.importorskip("onnxruntime")
-pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
 CPU = torch.device("cpu")
 PHOTOS = sorted(FIXTURE_IMAGES.glob("*/*.jpg"))[:8]

@@ -24,8 +24,24 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from google.protobuf import json_format, text_format
-from tritonclient.grpc import model_config_pb2
 
+
+def _model_config_pb2() -> Any:
+    """tritonclient's ``model_config_pb2`` (Triton's ModelConfig schema), loaded from its file alone: importing
+    ``tritonclient.grpc`` would also register Triton's service protos, whose ``inference.*`` names KServe's own
+    protos already hold in the process-wide descriptor pool wherever kserve was imported first (as in a test
+    worker that ran the KServe tests): "duplicate symbol 'inference.ServerLiveRequest'"."""
+    package = importlib.util.find_spec("tritonclient")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("tritonclient is not installed (the test extra pins it)")
+    path = Path(next(iter(package.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+model_config_pb2 = _model_config_pb2()
 VERSION = "1"
 
 
