@@ -128,8 +128,7 @@ class Postprocess(Step):
         arrays = {"predictions": strings([json.dumps(answer["predictions"]) for answer in per_image]),
                   "label": strings([answer["predictions"][0]["label"] for answer in per_image]),
                   "probabilities": probs.numpy()}
-        if self.answers.trust is not None:
-            arrays["ood_score"] = np.array([[answer["ood_score"]] for answer in per_image])
-            arrays["abstain"] = np.array([[answer["abstain"]] for answer in per_image])
-            arrays["abstain_reason"] = strings([answer["abstain_reason"] for answer in per_image])
+        for name in TRUST_FIELDS if self.answers.trust is not None else ():
+            values = [answer[name] for answer in per_image]
+            arrays[name] = strings(values) if V2_DATATYPES[name] == "BYTES" else np.array([[v] for v in values])
         return arrays

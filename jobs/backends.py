@@ -62,8 +62,7 @@ def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor],
     .mar), so no engine is admitted and any later archive serves torch. ``int8``: quantize the graph too.
     """
     onnx_file = paths.model / engines.ONNX_FILE
-    for name in (engines.ONNX_FILE, *engines.INT8_GRAPH_FILES):  # a previous export's graphs: other weights'
-        (paths.model / name).unlink(missing_ok=True)
+    _remove(paths.model, (engines.ONNX_FILE, *engines.INT8_GRAPH_FILES))  # a previous export's: other weights'
     if serve_backend == engines.TORCH:
         reason = "exported with serve_backend torch: no graph written, no engine checked"
         print(f"export: {reason}")
@@ -100,12 +99,16 @@ def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor],
     if int8 and record[engines.OPENVINO_INT8].get("passed"):
         record[engines.OPENVINO_INT8]["calibration_images"] = len(calibration)
     else:  # a graph no engine serves is not packed
-        for name in engines.INT8_GRAPH_FILES:
-            (paths.model / name).unlink(missing_ok=True)
+        _remove(paths.model, engines.INT8_GRAPH_FILES)
     verdicts = "; ".join(f"{name} {_verdict(record[name])}" for name in names)
     print(f"export: {onnx_file.name} on {len(items)} val images against the state_dict: {verdicts} "
           f"({time.perf_counter() - start:.1f} s)")
     return record
+
+
+def _remove(folder: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
 
 
 def write_onnx(model: torch.nn.Module, input_size: list[int], path: Path) -> Path:
