@@ -4,6 +4,8 @@ admitted one (``auto``), and on torch with one line saying why wherever another 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
@@ -175,32 +177,42 @@ def test_an_arch_that_does_not_export_or_an_engine_that_fails_the_gate_is_not_ad
     assert all(engines.refusal(name, {**meta, "backends": record}, paths.model) for name in engines.ONNX_ENGINES)
 
 
-@pytest.mark.e2e  # two exports with every check: half a minute
+@pytest.fixture(scope="module")
+def int8_run(exported_run: Path, tmp_path_factory) -> dict:
+    """``exported_run`` exported again with ``serve_precision: int8`` and archived, NNCF's graph admitted (the
+    gate opened, since random weights' answers are any): once, for the tests that read it or serve it. The run
+    folder, and what the export printed."""
+    pytest.importorskip("nncf")
+    paths = RunPaths(copy_run(exported_run, tmp_path_factory.mktemp("int8") / "run"))
+    cfg = load_config(None, {"weights": "none", "serve_precision": "int8"})
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as printed:
+        patch.setitem(backends.GATES["int8"], "min_top1_agreement", 0.0)
+        export(cfg, paths)
+    archive(cfg, paths)
+    return {"run": paths.out, "stdout": printed.getvalue()}
+
+
+@pytest.mark.e2e  # an export with every check: half a minute
 def test_an_export_asked_for_int8_quantizes_the_graph_and_openvino_int8_serves_behind_the_gate(
-        exported_run: Path, state_dict_answers, tmp_path: Path, monkeypatch, capsys):
+        int8_run: dict, state_dict_answers, tmp_path: Path, monkeypatch):
     """serve_precision int8: NNCF quantizes model.onnx (OpenVINO's IR, calibrated on training images), the
     export checks it in int8's gate, the archive packs it, and auto measures it beside the others; a graph
     that fails the gate is neither kept nor packed."""
-    pytest.importorskip("nncf")
-    paths = RunPaths(copy_run(exported_run, tmp_path / "run"))
-    cfg = load_config(None, {"weights": "none", "serve_precision": "int8"})
-    monkeypatch.setitem(backends.GATES["int8"], "min_top1_agreement", 0.0)  # random weights: any answers pass
-    export(cfg, paths)
-    out = capsys.readouterr().out
-    record = meta_of(paths.model)["backends"][engines.OPENVINO_INT8]
-    assert "openvino-int8 admitted in int8" in out, out
+    model = int8_run["run"] / "model"
+    assert "openvino-int8 admitted in int8" in int8_run["stdout"], int8_run["stdout"]
+    record = meta_of(model)["backends"][engines.OPENVINO_INT8]
     assert record["passed"] and record["precision"] == "int8" and record["calibration_images"] > 0, record
     assert set(record["checked"]) == {"int8"} and 0 <= record["top1_agreement"] <= 1
-    archive(cfg, paths)
-    with zipfile.ZipFile(paths.out / "model-store" / "classifier.mar") as mar:
+    with zipfile.ZipFile(int8_run["run"] / "model-store" / "classifier.mar") as mar:
         assert set(engines.INT8_GRAPH_FILES) <= set(mar.namelist())
     reference, _ = state_dict_answers
-    classifier, probs, _ = answers(paths.model, backend=engines.OPENVINO_INT8)
+    classifier, probs, _ = answers(model, backend=engines.OPENVINO_INT8)
     assert (classifier.engine.name, classifier.precision) == (engines.OPENVINO_INT8, "int8")
     assert probs.shape == reference.shape and torch.allclose(probs.sum(1), torch.ones(len(probs)), atol=1e-4)
-    assert f"{engines.OPENVINO_INT8} int8 " in ImageClassifier(paths.model, CPU).backend["why"]  # auto timed it
+    assert f"{engines.OPENVINO_INT8} int8 " in ImageClassifier(model, CPU).backend["why"]  # auto timed it
     # A person who asks the handler for fp32 gets no int8 engine.
-    assert answers(paths.model, backend=engines.OPENVINO_INT8, precision="fp32")[0].backend["backend"] == "torch"
+    assert answers(model, backend=engines.OPENVINO_INT8, precision="fp32")[0].backend["backend"] == "torch"
+    paths = RunPaths(copy_run(int8_run["run"], tmp_path / "run"))
     monkeypatch.setitem(backends.GATES["int8"], "min_top1_agreement", 1.1)  # no graph can pass it
     meta = meta_of(paths.model)
     state = torch.load(paths.model / "model.pt", weights_only=True)
@@ -276,8 +288,11 @@ def test_the_torchserve_handler_serves_on_the_archives_backend_and_describes_it(
 
 
 @pytest.mark.e2e
-def test_both_runtimes_serve_one_archive_on_onnxruntime(exported_run: Path, state_dict_answers, tmp_path: Path):
-    """A real TorchServe and the KServe runtime on an archive packed with ``serve_backend: onnxruntime``."""
+def test_both_runtimes_serve_one_export_on_onnxruntime_and_on_openvino_int8(int8_run: dict, state_dict_answers,
+                                                                           tmp_path: Path):
+    """A real TorchServe and the KServe runtime, each serving the int8 export twice: archived with
+    ``serve_backend: onnxruntime`` (the state_dict's answers) and with ``openvino-int8`` (the answers that engine
+    gives in-process)."""
     import requests
     from torchserve_fixture import archive_as, unused_ports
 
@@ -286,26 +301,30 @@ def test_both_runtimes_serve_one_archive_on_onnxruntime(exported_run: Path, stat
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs Java 17")
     pytest.importorskip("kserve", reason="the kserve extra is not installed")
-    paths = RunPaths(copy_run(exported_run, tmp_path / "run"))
+    paths = RunPaths(copy_run(int8_run["run"], tmp_path / "run"))
     store = tmp_path / "store"
-    archive_as(load_config(None, {}), paths, store, "clf", serve_backend="onnxruntime")
-    reference, _ = state_dict_answers
+    cfg = load_config(None, {})
+    expected = {"clf": ("onnxruntime", state_dict_answers[0]),
+                "clf8": (engines.OPENVINO_INT8, answers(paths.model, backend=engines.OPENVINO_INT8)[1])}
+    for name, (backend, _) in expected.items():
+        archive_as(cfg, paths, store, name, serve_backend=backend)
     torchserve = start(store, tmp_path / "ts", ports=unused_ports(), models=machine_models(store))
     kserve = start_kserve(store, tmp_path / "ks", port=free_ports(1)[0])
     try:
-        torchserve.wait_ready(["clf"], timeout=240)
-        kserve.wait_ready(["clf"], timeout=240)
-        for server in (torchserve, kserve):
-            r = requests.post(f"{server.inference_url}/predictions/clf", data=PHOTOS[0].read_bytes(),
-                              headers={**server.auth(), "Content-Type": "image/jpeg"}, timeout=60)
-            top = r.json()["predictions"][0]
-            assert top["index"] == int(reference[0].argmax())
-            assert abs(top["probability"] - float(reference[0].max())) <= 0.01
-        described = requests.get(f"{torchserve.management_url}/models/clf?customized=true",
-                                 headers=torchserve.auth("management"), timeout=30).json()[0]
-        assert described["customizedMetadata"]["backend"] == "onnxruntime"  # TorchServe parses the JSON
+        torchserve.wait_ready(list(expected), timeout=240)
+        kserve.wait_ready(list(expected), timeout=240)
         pinged = requests.get(f"{kserve.inference_url}/ping", timeout=10).json()
-        assert pinged["models"]["clf"]["backend"] == "onnxruntime"
+        for name, (backend, reference) in expected.items():
+            for server in (torchserve, kserve):
+                r = requests.post(f"{server.inference_url}/predictions/{name}", data=PHOTOS[0].read_bytes(),
+                                  headers={**server.auth(), "Content-Type": "image/jpeg"}, timeout=60)
+                top = r.json()["predictions"][0]
+                assert top["index"] == int(reference[0].argmax()), (name, server)
+                assert abs(top["probability"] - float(reference[0].max())) <= 0.01, (name, server)
+            described = requests.get(f"{torchserve.management_url}/models/{name}?customized=true",
+                                     headers=torchserve.auth("management"), timeout=30).json()[0]
+            assert described["customizedMetadata"]["backend"] == backend  # TorchServe parses the JSON
+            assert pinged["models"][name]["backend"] == backend
     finally:
         torchserve.stop()
         kserve.stop()
