@@ -37,7 +37,7 @@ from handler.trust import Trust
 from jobs.config import RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
 from jobs.fileio import atomic_write_bytes
-from jobs.parity import INT8_CALIBRATION_IMAGES, Outputs
+from jobs.parity import INT8_CALIBRATION_IMAGES, Outputs, joined
 
 CPU = torch.device("cpu")
 OPSET = 17  # ONNX Runtime 1.32 and OpenVINO 2026.4 both run it in full
@@ -191,7 +191,7 @@ def engine_outputs(onnx_file: Path, root: Path, items: list[tuple[str, int]], pr
     for x, _ in loader:
         for key, engine in candidates.items():
             parts[key].append(engine.run(x))
-    return {key: _joined(got) for key, got in parts.items()}, refused
+    return {key: joined(got) for key, got in parts.items()}, refused
 
 
 def _candidates(onnx_file: Path, int8_graph: Path | None
@@ -236,10 +236,6 @@ def _answers(features: torch.Tensor, logits: torch.Tensor, trust: Trust | None) 
         return logits.softmax(1), torch.zeros(len(logits), dtype=torch.bool)
     probs, fields = trust.assess(features, logits)
     return probs, torch.tensor([f["abstain"] for f in fields], dtype=torch.bool)
-
-
-def _joined(parts: list[Outputs]) -> Outputs:
-    return torch.cat([f for f, _ in parts]), torch.cat([z for _, z in parts])
 
 
 def _verdict(record: dict) -> str:

@@ -25,6 +25,7 @@ from handler import precision, trust
 from handler.preprocess import Preprocessor
 from jobs.config import Config, RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
+from jobs.parity import ValOutputs
 
 
 def outputs_of(model: torch.nn.Module, root: Path, items: list[tuple[str, int]], spec: dict, device: torch.device,
@@ -39,11 +40,13 @@ def outputs_of(model: torch.nn.Module, root: Path, items: list[tuple[str, int]],
     return features, logits, labels
 
 
-def fit_trust(cfg: Config, paths: RunPaths, meta: dict, state: dict[str, torch.Tensor]) -> dict | None:
-    """Fit and save what ``metadata.json["trust"]`` names; None (with a line saying why) without val images."""
+def fit_trust(cfg: Config, paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], val: ValOutputs | None
+              ) -> dict | None:
+    """Fit and save what ``metadata.json["trust"]`` names, on ``val`` (the bf16 check's outputs; None, with a line
+    saying why, without val images) and a bank of training images."""
     splits = load_splits(paths)
-    val, train = split_items(splits, "val"), split_items(splits, "train")
-    if not val:
+    train = split_items(splits, "train")
+    if val is None:
         print("export: no val images: the answers carry uncalibrated probabilities and no ood_score")
         return None
     start = time.perf_counter()
@@ -53,17 +56,17 @@ def fit_trust(cfg: Config, paths: RunPaths, meta: dict, state: dict[str, torch.T
     labels = torch.tensor([label for _, label in train])
     bank = [train[i] for i in trust.stratified_subsample(labels, trust.DEFAULT_MAX_BANK, cfg.seed).tolist()]
     train_f, _, train_y = outputs_of(model, paths.out, bank, meta["preprocess"], device, dtype)
-    val_f, val_z, val_y = outputs_of(model, paths.out, val, meta["preprocess"], device, dtype)
+    (val_f, val_z), val_y = val.bf16 if dtype == torch.bfloat16 else val.fp32, val.labels
     fitted = trust.Trust.fit(train_f, train_y, val_f, val_z, val_y, keep=cfg.ood_keep,
                              min_confidence=cfg.min_confidence or None, seed=cfg.seed)
-    entry = {**fitted.save(paths.model), "fit_on": {"train_images": len(bank), "val_images": len(val)}}
+    entry = {**fitted.save(paths.model), "fit_on": {"train_images": len(bank), "val_images": len(val_y)}}
     new_class = _new_class(cfg, splits["classes"], train_f, train_y, val_f, val_z, val_y)
     if new_class is not None:
         entry["new_class"] = new_class
     print(f"export: temperature {fitted.temperature:.3f} (val NLL {_nll(val_z, val_y, 1.0):.4f} -> "
           f"{_nll(val_z, val_y, fitted.temperature):.4f}); \"unlike the training images\" above {entry['score']} "
           f"score {fitted.threshold:.4f} ({len(bank)} training images in the bank, keeps {cfg.ood_keep:.0%} of "
-          f"{len(val)} val images; expect {fitted.expected_abstain_rate:.1%} of new images like them abstained on); "
+          f"{len(val_y)} val images; expect {fitted.expected_abstain_rate:.1%} of new images like them abstained on); "
           f"{time.perf_counter() - start:.1f} s")
     return entry
 

@@ -100,14 +100,15 @@ def export(cfg: Config, paths: RunPaths) -> Path:
     trained = dataclasses.replace(cfg, arch=checkpoint["config"]["arch"], weights=checkpoint["config"]["weights"],
                                   model_version=version)
     meta = {**build_metadata(trained, splits, metrics), "weights_sha256": digest}
-    # bf16/int8 only where answers hold; the fp32 val outputs are what the engines' answers are compared with
-    meta["serve_precision"], val_fp32 = precision_record(trained, paths, meta, state)
+    # bf16/int8 only where answers hold. Its pass over val, in fp32 and bf16, is the only one the state_dict makes:
+    # the trust fit takes the serving precision's outputs, the engines' answers are compared with fp32's.
+    meta["serve_precision"], val = precision_record(trained, paths, meta, state)
     (paths.model / trust.SCORE_FILE).unlink(missing_ok=True)  # a previous export's bank belongs to other weights
-    entry = fit_trust(trained, paths, meta, state)  # calibration and "none of these", in the serving precision
+    entry = fit_trust(trained, paths, meta, state, val)  # calibration and "none of these", in the serving precision
     if entry is not None:
         meta["trust"] = entry
-    meta["backends"] = backends_record(paths, meta, state, val_fp32, cfg.serve_backend,  # model.onnx, the engines
-                                       int8=cfg.serve_precision == "int8")
+    meta["backends"] = backends_record(paths, meta, state, val.fp32 if val else None, cfg.serve_backend,
+                                       int8=cfg.serve_precision == "int8")  # model.onnx, the engines
     license_summary = _license_summary(paths)
     if license_summary:
         meta["data_licenses"] = license_summary

@@ -15,6 +15,7 @@ forward pass beats the best of fp32 and native bf16 on this machine.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -32,24 +33,33 @@ CPU = torch.device("cpu")
 Outputs = tuple[torch.Tensor, torch.Tensor]  # (features, logits) of the val split, in order, fp32 on the CPU
 
 
+class ValOutputs(NamedTuple):
+    """The val split through the exported model, once in each precision it may serve in: the bf16 check compares
+    them, the trust fit takes those of the serving precision, the engines are compared with fp32's."""
+
+    fp32: Outputs
+    bf16: Outputs
+    labels: torch.Tensor
+
+
 def precision_record(cfg: Config, paths: RunPaths, meta: dict, state: dict[str, torch.Tensor]
-                     ) -> tuple[dict, Outputs | None]:
+                     ) -> tuple[dict, ValOutputs | None]:
     """(``metadata.json["serve_precision"]``: the bf16 check, and the int8 one when ``serve_precision: int8``;
-    the state_dict's fp32 outputs on val, which the engines' check compares with: None without val images)."""
-    record, fp32 = bf16_parity(paths, meta, state)
+    the state_dict's outputs on val: None without val images)."""
+    record, outputs = bf16_parity(paths, meta, state)
     int8_file = paths.model / models.INT8_WEIGHTS
     int8_file.unlink(missing_ok=True)  # a previous export's int8 model no longer matches model.pt
     if cfg.serve_precision == "int8":
         record["int8"] = int8_check(paths, meta, state, record["choice"])
         if record["int8"]["offered"]:
             record["choice"] = "int8"
-    return record, fp32
+    return record, outputs
 
 
 def bf16_parity(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], batch_size: int = 32
-                ) -> tuple[dict, Outputs | None]:
-    """(``{"choice": "bf16"|"fp32", "bf16_top1_agreement", "val_images", "checked_on", "native_bf16"}``, the fp32
-    (features, logits) it compared with).
+                ) -> tuple[dict, ValOutputs | None]:
+    """(``{"choice": "bf16"|"fp32", "bf16_top1_agreement", "val_images", "checked_on", "native_bf16"}``, the val
+    outputs it compared).
 
     Where bf16 is not native the check is emulated: slower, the same rounding, the same answer.
     """
@@ -61,17 +71,23 @@ def bf16_parity(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], bat
         return {"choice": "fp32", "bf16_top1_agreement": None, **record}, None
     model = models.build_model(meta, state, device)
     loader = make_loader(ImageFiles(paths.out, items, Preprocessor(meta["preprocess"])), batch_size, 0)
-    start, agree, fp32 = time.perf_counter(), 0, []
-    for x, _ in loader:
+    start, agree, fp32, bf16, labels = time.perf_counter(), 0, [], [], []
+    for x, y in loader:
         fp32.append(models.forward(model, x, device, None))
-        bf16 = _logits(model, x, device, torch.bfloat16).argmax(1)
-        agree += int((fp32[-1][1].argmax(1) == bf16).sum())
+        bf16.append(models.forward(model, x, device, torch.bfloat16))
+        labels.append(y)
+        agree += int((fp32[-1][1].argmax(1) == bf16[-1][1].argmax(1)).sum())
     rate = agree / len(items)
     choice = "bf16" if rate >= precision.BF16_MIN_AGREEMENT else "fp32"
     print(f"export: bf16 top-1 agreement with fp32 {rate:.4f} on {len(items)} val images -> serve {choice} "
           f"({time.perf_counter() - start:.1f}s on {device.type}{'' if record['native_bf16'] else ', emulated bf16'})")
-    features, logits = (torch.cat(t) for t in zip(*fp32, strict=True))
-    return {"choice": choice, "bf16_top1_agreement": round(rate, 4), **record}, (features, logits)
+    outputs = ValOutputs(joined(fp32), joined(bf16), torch.cat(labels))
+    return {"choice": choice, "bf16_top1_agreement": round(rate, 4), **record}, outputs
+
+
+def joined(parts: list[Outputs]) -> Outputs:
+    """The batches' outputs as one (features, logits)."""
+    return torch.cat([f for f, _ in parts]), torch.cat([z for _, z in parts])
 
 
 def int8_check(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], other: str) -> dict:

@@ -19,6 +19,7 @@ import torch
 from conftest import FIXTURE_IMAGES, copy_run, run_job
 
 from handler import engines
+from handler import model as models
 from handler.model import create
 from handler.service import ImageClassifier
 from jobs import backends, checkpoints
@@ -86,10 +87,21 @@ def test_export_writes_onnx_admits_each_engine_and_the_archive_packs_it(exported
 
 
 def test_an_export_for_torch_writes_no_graph_checks_no_engine_and_serves_torch(exported_run: Path, tmp_path: Path,
-                                                                              capsys):
+                                                                              capsys, monkeypatch):
+    """... and the state_dict sees each val image once per precision (the bf16 check's pass is the trust fit's)."""
     paths = RunPaths(copy_run(exported_run, tmp_path / "run"))
     cfg = load_config(None, {"weights": "none", "serve_backend": "torch"})
+    images: dict[torch.dtype | None, int] = {None: 0, torch.bfloat16: 0}
+    forward = models.forward
+
+    def counted(model, batch, device, dtype, **kw):
+        images[dtype] += len(batch)
+        return forward(model, batch, device, dtype, **kw)
+
+    monkeypatch.setattr(models, "forward", counted)
     export(cfg, paths)
+    meta = meta_of(paths.model)
+    assert sum(images.values()) == 2 * meta["serve_precision"]["val_images"] + meta["trust"]["fit_on"]["train_images"]
     reason = "exported with serve_backend torch: no graph written, no engine checked"
     assert f"export: {reason}\n" in capsys.readouterr().out
     assert not (paths.model / engines.ONNX_FILE).exists()  # the earlier export's graph went with its record
@@ -156,7 +168,7 @@ def test_an_arch_that_does_not_export_or_an_engine_that_fails_the_gate_is_not_ad
     paths = RunPaths(copy_run(exported_run, tmp_path / "run"))
     meta = meta_of(paths.model)
     state = torch.load(paths.model / "model.pt", weights_only=True)
-    _, val_fp32 = bf16_parity(paths, meta, state)
+    val_fp32 = bf16_parity(paths, meta, state)[1].fp32
     capsys.readouterr()  # the bf16 check's own line
 
     def unsupported(*args, **kwargs):
@@ -216,7 +228,7 @@ def test_an_export_asked_for_int8_quantizes_the_graph_and_openvino_int8_serves_b
     monkeypatch.setitem(backends.GATES["int8"], "min_top1_agreement", 1.1)  # no graph can pass it
     meta = meta_of(paths.model)
     state = torch.load(paths.model / "model.pt", weights_only=True)
-    record = backends.backends_record(paths, meta, state, bf16_parity(paths, meta, state)[1], int8=True)
+    record = backends.backends_record(paths, meta, state, bf16_parity(paths, meta, state)[1].fp32, int8=True)
     assert not record[engines.OPENVINO_INT8]["passed"]
     assert record[engines.OPENVINO_INT8]["reason"] == "answers differ from the state_dict's beyond the gate"
     assert not any((paths.model / name).exists() for name in engines.INT8_GRAPH_FILES)
