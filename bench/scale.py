@@ -17,9 +17,12 @@ pairs; none with ``--index-photos`` and no number).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import itertools
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,6 +92,35 @@ def run_stage(stage: str, args: list[str], log: Path, poll_s: float = 0.1) -> di
             "peak_rss_gib": round(max(peak.values(), default=0) / 2**20, 3)}
 
 
+FEATURES_LINE = re.compile(r"^features: .*?(\d+) backbone passes in ([\d.]+) s", re.M)
+
+
+def backbone_passes(stage: str, log: Path, out: Path) -> dict:
+    """Images through the backbone in ``stage`` (a view or a precision counts once each): the feature store's
+    own lines where it printed them (audit, train), else counted from what export and evaluate record."""
+    found = FEATURES_LINE.findall(log.read_text())
+    if found:
+        return {"passes": sum(int(n) for n, _ in found), "backbone_s": round(sum(float(t) for _, t in found), 1)}
+    if stage == "export":
+        meta = json.loads((out / "model" / "metadata.json").read_text())
+        val = meta["serve_precision"]["val_images"]
+        engine_passes = sum(len(v.get("checked", ())) for v in meta["backends"].values() if isinstance(v, dict))
+        # fp32 and bf16 over val (the trust fit reuses them), the trust bank, each engine's passes over val
+        return {"passes": (2 + engine_passes) * val + meta["trust"]["fit_on"]["train_images"]}
+    if stage == "evaluate":
+        return {"passes": json.loads((out / "report" / "metrics.json").read_text())["count"]}
+    return {"passes": 0}
+
+
+def outcome(out: Path) -> dict:
+    """The audit's near-duplicate groups (and how many span classes) and the photos the split excluded."""
+    audit = json.loads((out / "audit.json").read_text())
+    splits = json.loads((out / "splits.json").read_text())
+    return {"near_duplicate_groups": len(audit["near_duplicates"]),
+            "excluded": len(splits["excluded"]),
+            "excluded_by_reason": dict(collections.Counter(splits["excluded"].values()))}
+
+
 def measure(photos: int, work: Path, weights: Path) -> dict:
     """Every stage at ``photos`` photos, from a fresh run folder (nothing cached)."""
     data = build_set(work / f"data-{photos}", photos)
@@ -98,10 +130,12 @@ def measure(photos: int, work: Path, weights: Path) -> dict:
     args = {"clean": ["--data", str(data)], "audit": model, "train": [*model, "--feature-views", "1", "--epochs", "1"]}
     stages = {}
     for stage in STAGES:
-        stages[stage] = run_stage(stage, ["--out", str(out), *args.get(stage, [])], work / f"{photos}-{stage}.log")
-        print(f"  {photos} photos, {stage}: {stages[stage]['wall_s']} s, {stages[stage]['peak_rss_gib']} GiB",
-              flush=True)
-    return {"photos": photos, "stages": stages}
+        log = work / f"{photos}-{stage}.log"
+        stages[stage] = run_stage(stage, ["--out", str(out), *args.get(stage, [])], log)
+        stages[stage].update(backbone_passes(stage, log, out))
+        print(f"  {photos} photos, {stage}: {stages[stage]['wall_s']} s, {stages[stage]['peak_rss_gib']} GiB, "
+              f"{stages[stage]['passes']} backbone passes", flush=True)
+    return {"photos": photos, "stages": stages, **outcome(out)}
 
 
 def main() -> None:
@@ -114,11 +148,16 @@ def main() -> None:
     opts = parser.parse_args()
     weights = build(REPO / ".cache" / "weights" / "tf_efficientnet_lite0.pth")
     runs = [measure(n, opts.work, weights) for n in opts.photos]
-    print("wall time and peak RSS per stage:")
-    print(f"{'stage':<10}" + "".join(f"{f'{n:,} photos':>24}" for n in opts.photos))
+    print("wall time, peak RSS and images through the backbone per stage:")
+    print(f"{'stage':<10}" + "".join(f"{f'{n:,} photos':>34}" for n in opts.photos))
     for stage in STAGES:
-        cells = (f"{r['stages'][stage]['wall_s']:.1f} s, {r['stages'][stage]['peak_rss_gib']:.2f} GiB" for r in runs)
-        print(f"{stage:<10}" + "".join(f"{cell:>24}" for cell in cells))
+        cells = (f"{r['stages'][stage]['wall_s']:.1f} s, {r['stages'][stage]['peak_rss_gib']:.2f} GiB, "
+                 f"{r['stages'][stage]['passes']:,} passes" for r in runs)
+        print(f"{stage:<10}" + "".join(f"{cell:>34}" for cell in cells))
+    for label, cells in (("whole job", (f"{sum(st['wall_s'] for st in r['stages'].values()):.0f} s" for r in runs)),
+                         ("dup groups", (str(r["near_duplicate_groups"]) for r in runs)),
+                         ("excluded", (f"{r['excluded']} {r['excluded_by_reason']}" for r in runs))):
+        print(f"{label:<10}" + "".join(f"{cell:>34}" for cell in cells))
     index_runs = audit_index.run(opts.index_photos, opts.work / "audit-index") if opts.index_photos else []
     if index_runs:
         print("the audit's neighbour search, exact against the HNSW index (synthetic features, bench.audit_index):")
