@@ -29,10 +29,11 @@ import io
 import ipaddress
 import json
 import mimetypes
+import re
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from PIL import Image, ImageOps
 
@@ -45,7 +46,7 @@ from jobs.errors import JobError
 from jobs.fileio import atomic_write_json, atomic_write_text, read_json, read_run_file
 
 THUMB_SIZE = 160
-MAX_PER_KIND = 500  # cards per section; the rest stay in audit.json
+MAX_PER_KIND = 500  # items per page of a section; the rest on the section's further pages
 _MISSING = ("data:image/svg+xml;base64," + base64.b64encode(
     b'<svg xmlns="http://www.w3.org/2000/svg" width="160" height="120"><rect width="160" height="120" '
     b'fill="#ddd"/><text x="80" y="64" font-size="14" text-anchor="middle" fill="#555">no image</text></svg>'
@@ -171,38 +172,72 @@ def render_review(audit: dict, image_file: Callable[[str], Path | None], class_n
     ``image_file`` maps a source path to a readable image file (or None); ``class_names`` are the
     relabel targets; ``storage_key`` names the run in localStorage (use the run folder's path, so
     two runs' choices never mix); ``abstained``, ``captured`` and ``labels`` as for ``review_sections``.
+
+    A section of more than ``max_per_kind`` items goes on over pages of its own beside ``out``
+    (``review-<kind>-2.html``, ...), linked from its pager: each page embeds the thumbnails of what it shows
+    only, so it opens in seconds whatever the photo count, and every page shares the one set of choices
+    (the same localStorage key). Pages an earlier, longer review left are removed.
     """
-    thumbs: dict[str, str] = {}
-    sections = review_sections(audit, abstained, captured, labels)
-    parts = []
-    for section in sections:
-        shown = section["items"][:max_per_kind]
-        items_html = []
-        for item in shown:
-            cards = []
-            for card in item["cards"]:
-                if card["file"] not in thumbs:
-                    thumbs[card["file"]] = thumbnail_uri(image_file(card["file"]))
-                cards.append(_card_html(card, thumbs[card["file"]], class_names))
-            if "note" in item:  # a group: its cards together, under what they share
-                items_html.append(f'<div class="item"><p class="note">{html.escape(item["note"])}</p>'
-                                  f'<div class="cards">{"".join(cards)}</div></div>')
-            else:
-                items_html += cards
-        more = len(section["items"]) - len(shown)
-        tail = f'<p class="note">{more} more not shown; see audit.json.</p>' if more > 0 else ""
-        # Single images fill a grid of equal columns; groups (of any size) wrap side by side.
-        layout = "groups" if any("note" in item for item in shown) else "grid"
-        body = f'<div class="{layout}">{"".join(items_html)}</div>' if items_html else '<p class="note">None found.</p>'
-        parts.append(f'<section id="{section["kind"]}"><h2>{html.escape(section["title"])} '
-                     f'({len(section["items"])})</h2>{body}{tail}</section>')
     noise = audit.get("estimated_noise", {})
     noise_line = ", ".join(f"{html.escape(c)} {100 * r:.1f}%" for c, r in noise.items()) or _not_estimated(audit)
     key = json.dumps(storage_key).replace("<", "\\u003c")  # a JS string literal that cannot close the script
     class_list = "".join(f'<option value="{html.escape(c)}">' for c in class_names)
-    page = (_PAGE.replace("__KEY__", key).replace("__NOISE__", noise_line).replace("__CLASSES__", class_list)
-            .replace("__SECTIONS__", "".join(parts)))  # last: file names are data, never placeholders
-    return atomic_write_text(out, page)
+    page = (_PAGE.replace("__KEY__", key).replace("__NOISE__", noise_line).replace("__CLASSES__", class_list))
+    first, more = [], {}
+    for section in review_sections(audit, abstained, captured, labels):
+        items = section["items"]
+        chunks = [items[i:i + max_per_kind] for i in range(0, len(items), max_per_kind)] or [[]]
+        names = [out.name, *(f"{out.stem}-{section['kind']}-{n}.html" for n in range(2, len(chunks) + 1))]
+        for n, chunk in enumerate(chunks):
+            body = _section_html(section, chunk, _pager(section["kind"], names, n), image_file, class_names)
+            if n:
+                more[names[n]] = body
+            else:
+                first.append(body)
+    for name, body in more.items():
+        atomic_write_text(out.with_name(name), page.replace("__SECTIONS__", body))  # last: file names are data
+    stale = re.compile(rf"{re.escape(out.stem)}-[a-z_]+-\d+\.html")
+    for left in out.parent.glob(f"{out.stem}-*.html"):
+        if stale.fullmatch(left.name) and left.name not in more:
+            left.unlink()
+    return atomic_write_text(out, page.replace("__SECTIONS__", "".join(first)))
+
+
+def _section_html(section: dict, shown: Sequence[dict], pager: str, image_file: Callable[[str], Path | None],
+                  class_names: Sequence[str]) -> str:
+    """One page of a section: its ``shown`` items as cards (groups together, under what they share)."""
+    thumbs: dict[str, str] = {}
+    items_html = []
+    for item in shown:
+        cards = []
+        for card in item["cards"]:
+            if card["file"] not in thumbs:
+                thumbs[card["file"]] = thumbnail_uri(image_file(card["file"]))
+            cards.append(_card_html(card, thumbs[card["file"]], class_names))
+        if "note" in item:  # a group: its cards together, under what they share
+            items_html.append(f'<div class="item"><p class="note">{html.escape(item["note"])}</p>'
+                              f'<div class="cards">{"".join(cards)}</div></div>')
+        else:
+            items_html += cards
+    # Single images fill a grid of equal columns; groups (of any size) wrap side by side.
+    layout = "groups" if any("note" in item for item in shown) else "grid"
+    body = f'<div class="{layout}">{"".join(items_html)}</div>' if items_html else '<p class="note">None found.</p>'
+    return (f'<section id="{section["kind"]}"><h2>{html.escape(section["title"])} ({len(section["items"])})</h2>'
+            f"{pager}{body}{pager}</section>")
+
+
+def _pager(kind: str, names: Sequence[str], n: int) -> str:
+    """Links to the section's pages before and after page ``n`` (0-based) of ``names``; nothing for one page."""
+    if len(names) < 2:
+        return ""
+
+    def link(i: int, text: str, rel: str) -> str:
+        href = html.escape(quote(names[i]) + (f"#{kind}" if i == 0 else ""))
+        return f'<a href="{href}" rel="{rel}">{text}</a>'
+
+    parts = [*([link(n - 1, "previous", "prev")] if n else []), f"page {n + 1} of {len(names)}",
+             *([link(n + 1, "next", "next")] if n + 1 < len(names) else [])]
+    return f'<nav class="pager note">{" · ".join(parts)}</nav>'
 
 
 def _not_estimated(audit: dict) -> str:
@@ -538,7 +573,7 @@ document.getElementById("export").addEventListener("click", () => {
   setTimeout(() => URL.revokeObjectURL(a.href), 1000);
 });
 document.getElementById("clear").addEventListener("click", () => {
-  if (confirm("Clear every choice on this page?")) { state = {}; save(); paint(); }
+  if (confirm("Clear every choice, on every page of this review?")) { state = {}; save(); paint(); }
 });
 const saveButton = document.getElementById("save"), saveStatus = document.getElementById("save-status");
 if (location.protocol === "http:" || location.protocol === "https:") {

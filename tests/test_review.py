@@ -97,6 +97,41 @@ def test_review_page_persists_choices_and_exports_decisions(tmp_path):
     assert doc == {"exclude": [ants[0]], "relabel": {bees[1]: "ants"}, "keep": [bees[0]]}
 
 
+def test_a_long_section_goes_on_over_pages_that_share_the_choices_and_show_only_their_own_thumbnails(tmp_path):
+    ants, bees = _files()
+    out = tmp_path / "run" / "report" / "review.html"
+
+    def render(max_per_kind: int) -> Path:
+        return render_review(_audit(), lambda f: (FIXTURE / f) if (FIXTURE / f).exists() else None,
+                             ["ants", "bees"], out, storage_key=str(tmp_path / "run"), max_per_kind=max_per_kind)
+
+    render(1)  # outliers and quality hold two items each: one more page each
+    more = sorted(p.name for p in out.parent.glob("review-*.html"))
+    assert more == ["review-outliers-2.html", "review-quality-2.html"]
+    with sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(accept_downloads=True)
+            page.goto(out.as_uri())
+            shown = page.eval_on_selector_all("#outliers .card", "cs => cs.map(c => c.dataset.file)")
+            assert shown == [ants[3]] and page.locator("img").count() == 7  # 2 + 2 + 1 + 1 + 1 cards
+            page.locator('#outliers nav a[rel="next"]').first.click()
+            page.wait_for_url("**/review-outliers-2.html")
+            assert page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.file)") == [bees[1]]
+            assert page.locator("#outliers nav").first.text_content() == "previous · page 2 of 2"
+            page.locator(f'.card[data-file="{bees[1]}"] button[data-action="exclude"]').click()
+            page.locator('nav a[rel="prev"]').first.click()
+            page.wait_for_url("**/review.html#outliers")
+            assert page.locator("#count").text_content() == "1 decision"  # made on the other page
+            assert "exclude" in page.locator(f'#label_issues .card[data-file="{bees[1]}"]').get_attribute("class")
+            doc = exported_decisions(page, tmp_path)
+        finally:
+            browser.close()
+    assert doc == {"exclude": [bees[1]], "relabel": {}, "keep": []}
+    render(500)  # one page each now: the earlier pages go
+    assert not list(out.parent.glob("review-*.html"))
+
+
 def test_test_images_the_model_abstained_on_join_the_review_by_their_source_path(tmp_path):
     """Evaluate's abstained test images (paths in the run folder) become cards named by source path, most unlike
     the training images first, whose choices export like any other; a run with none has no such section."""
