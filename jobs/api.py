@@ -16,7 +16,6 @@ waits for another job to let go of it), loads the run's settings (defaults < ``O
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,10 +84,10 @@ def _copy_decisions(decisions: PathLike | None, paths: RunPaths) -> None:
 
 
 def _audit(cfg: Config, paths: RunPaths, rt: Any) -> Path:
-    """The audit runs in one process, also under torchrun (the other ranks wait at a barrier)."""
+    """Under torchrun every rank takes a share of the audit's backbone pass; rank 0 writes audit.json."""
     from jobs.audit import audit as audit_stage
 
-    return audit_stage(cfg, paths, dataclasses.replace(rt, rank=0, world_size=1))
+    return audit_stage(cfg, paths, rt)
 
 
 def _check_resume(resume: str) -> str:
@@ -117,8 +116,8 @@ def run(data: PathLike | None = None, out: PathLike = DEFAULT_OUT, *, config: Pa
     ``data``: a folder with one sub-folder of images per class; without it, images are collected for
     the ``terms`` key. ``resume``: auto (resume a matching checkpoint), require, or fresh. ``wait``:
     wait for another job that holds the run folder. Returns the model archive
-    (``<model_store>/<model_name>.mar``). Works under torchrun: rank 0 prepares the data and finishes
-    the job while the other ranks wait, and every rank trains.
+    (``<model_store>/<model_name>.mar``). Works under torchrun: rank 0 collects, cleans, splits and finishes
+    the job while the other ranks wait; every rank takes a share of the audit's backbone pass, and trains.
     """
     resume = _check_resume(resume)
     with _session("run", config, out, keys, wait, data) as (cfg, paths):
@@ -149,7 +148,9 @@ def run(data: PathLike | None = None, out: PathLike = DEFAULT_OUT, *, config: Pa
                     stages.begin("clean")
                     clean_stage(cfg, paths, Path(data) if data is not None else paths.raw)
                     stages.begin("audit")
-                    _audit(cfg, paths, rt)
+                barrier(rt)
+                _audit(cfg, paths, rt)
+                if rt.is_main:
                     stages.begin("split")
                     split_stage(cfg, paths)
                 barrier(rt)

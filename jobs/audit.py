@@ -709,6 +709,8 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
 
     Hashes and quality measurements come from clean's one decode; features are the view-0
     backbone features of every usable image, from the per-image cache that training shares.
+    Under torchrun every rank calls this: the backbone pass is shared among the ranks as training's
+    is, and rank 0 alone measures and writes.
     """
     report = read_run_file(paths.clean_report, f"run `python -m jobs clean --out {paths.out} --data DATA`",
                            ("files", "classes", "data_hash"))
@@ -720,6 +722,8 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     backbone = audit_backbone(cfg, rt, len(classes))
     items = [(f["output"], f["sha256"]) for f in usable]
     feats = features.view_features(cfg, paths, rt, backbone, len(classes), items, 1, "audit")[:, 0].numpy()
+    if not rt.is_main:
+        return paths.audit
     doc = audit_document([f["source"] for f in usable], np.array([index[f["label"]] for f in usable]), classes,
                          phash_array([f["stats"]["phash"] for f in usable]), feats, [f["stats"] for f in usable],
                          rule=DuplicateRule(cfg.audit_hash_radius, cfg.audit_feature_ratio, cfg.audit_agree_radius,

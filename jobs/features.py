@@ -174,8 +174,9 @@ def view_features(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module
         barrier(rt)
     seconds = time.perf_counter() - started
     rate = f"; {passes / seconds:.1f} img/s through the backbone" if passes else ""
+    ranks = f"; shared by {rt.world_size} ranks" if passes and rt.distributed else ""
     print(f"features: {what}: {len(items)} images x {views} views, {passes} backbone passes in "
-          f"{seconds:.1f} s ({len(need_eval | need_aug)} images not in the cache{rate})")
+          f"{seconds:.1f} s ({len(need_eval | need_aug)} images not in the cache{rate}{ranks})")
     if not items:
         return torch.zeros(0, views, 0)
     first = store.entries[_eval_key(items[0][1])]

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,8 +24,9 @@ import torch
 from conftest import FIXTURE_IMAGES, REPO, TINY_ARCH
 
 # fp32 and no loader workers: the same numbers on every CPU, and two ranks fit two cores.
-TRAIN = ("--arch", TINY_ARCH, "--weights", "none", "--batch-size", "8", "--seed", "42", "--num-workers", "0",
-         "--device", "cpu", "--precision", "fp32")
+MODEL = ("--arch", TINY_ARCH, "--weights", "none", "--seed", "42", "--num-workers", "0", "--device", "cpu",
+         "--precision", "fp32")  # what the audit takes too
+TRAIN = (*MODEL, "--batch-size", "8")
 CLEAN = ("--min-images-per-class", "3")
 RUN_TIMEOUT = 300
 
@@ -252,6 +254,16 @@ def test_run_under_torchrun_writes_one_set_of_artifacts(cached_single, split_dir
     # Rank 0 alone cleaned and split: the same split as the one-process reference.
     assert json.loads((out / "splits.json").read_text())["files"] == \
         json.loads((split_dir / "splits.json").read_text())["files"]
+    # The audit's backbone pass was shared by the ranks, and found what one process finds.
+    assert re.search(r"^features: audit: \d+ images x 1 views, \d+ backbone passes .*; shared by 2 ranks\)$",
+                     result.stdout, re.M), result.stdout[-3000:]
+    alone = Path(shutil.copytree(split_dir, tmp_path / "alone"))
+    _run(_single("audit", "--out", str(alone), *MODEL))
+    found, expected = (json.loads((run / "audit.json").read_text()) for run in (out, alone))
+    for kind in ("near_duplicates", "label_issues", "outliers", "image_issues"):
+        assert [e.get("files", e.get("file")) for e in found[kind]] == \
+            [e.get("files", e.get("file")) for e in expected[kind]], kind
+    assert found["label_check"]["judged"] == expected["label_check"]["judged"]
     metrics = _assert_one_set_of_artifacts(out, [("head", 1), ("head", 2)])
     assert [e["val_accuracy"] for e in metrics["epochs"]] == [e["val_accuracy"] for e in cached_single["epochs"]]
     assert metrics["test_accuracy"] == cached_single["test_accuracy"]
