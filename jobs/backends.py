@@ -37,7 +37,7 @@ from handler.trust import Trust
 from jobs.config import RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
 from jobs.fileio import atomic_write_bytes
-from jobs.parity import INT8_CALIBRATION_IMAGES, Outputs, joined
+from jobs.parity import INT8_CALIBRATION_IMAGES, Outputs, Rows
 
 CPU = torch.device("cpu")
 OPSET = 17  # ONNX Runtime 1.32 and OpenVINO 2026.4 both run it in full
@@ -187,11 +187,11 @@ def engine_outputs(onnx_file: Path, root: Path, items: list[tuple[str, int]], pr
     candidates, cannot_load = _candidates(onnx_file, int8_graph)
     refused.update(cannot_load)
     loader = make_loader(ImageFiles(root, items, Preprocessor(preprocess)), 32, 0)
-    parts: dict[tuple[str, str], list[Outputs]] = {key: [] for key in candidates}
+    rows = {key: Rows(len(items)) for key in candidates}
     for x, _ in loader:
         for key, engine in candidates.items():
-            parts[key].append(engine.run(x))
-    return {key: joined(got) for key, got in parts.items()}, refused
+            rows[key].add(*engine.run(x))
+    return {key: got.result() for key, got in rows.items()}, refused
 
 
 def _candidates(onnx_file: Path, int8_graph: Path | None

@@ -25,18 +25,19 @@ from handler import precision, trust
 from handler.preprocess import Preprocessor
 from jobs.config import Config, RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
-from jobs.parity import ValOutputs
+from jobs.parity import Rows, ValOutputs
 
 
 def outputs_of(model: torch.nn.Module, root: Path, items: list[tuple[str, int]], spec: dict, device: torch.device,
                dtype: torch.dtype | None, batch_size: int = 32, num_workers: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features, logits, labels) of ``items`` through a ``handler.model.Classifier``, in order, fp32 on the CPU."""
-    loader = make_loader(ImageFiles(root, items, Preprocessor(spec)), batch_size, num_workers)
-    parts = [(*models.forward(model, x, device, dtype), y) for x, y in loader]
-    if not parts:
+    if not items:
         return torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    features, logits, labels = (torch.cat(t) for t in zip(*parts, strict=True))
+    rows = Rows(len(items))
+    for x, y in make_loader(ImageFiles(root, items, Preprocessor(spec)), batch_size, num_workers):
+        rows.add(*models.forward(model, x, device, dtype), y)
+    features, logits, labels = rows.result()
     return features, logits, labels
 
 

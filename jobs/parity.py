@@ -33,6 +33,30 @@ CPU = torch.device("cpu")
 Outputs = tuple[torch.Tensor, torch.Tensor]  # (features, logits) of the val split, in order, fp32 on the CPU
 
 
+class Rows:
+    """Per-batch outputs written, in order, into one tensor per output, allocated at the first batch.
+
+    Not a list of the batches joined at the end: kept alive between the buffers of the images decoded after
+    them, the batches left holes in glibc's heap that the next batch could not reuse. Export's peak RSS grew
+    0.37 MB per val image that way: 2.57 GiB at 2,500 val images, 1.17 GiB once each output was one tensor.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n, self.done, self.columns = n, 0, None
+
+    def add(self, *parts: torch.Tensor) -> None:
+        if self.columns is None:
+            self.columns = [torch.empty(self.n, *part.shape[1:], dtype=part.dtype) for part in parts]
+        for column, part in zip(self.columns, parts, strict=True):
+            column[self.done:self.done + len(part)] = part
+        self.done += len(parts[0])
+
+    def result(self) -> tuple[torch.Tensor, ...]:
+        if self.columns is None:
+            raise ValueError("no batch was added")
+        return tuple(column[:self.done] for column in self.columns)
+
+
 class ValOutputs(NamedTuple):
     """The val split through the exported model, once in each precision it may serve in: the bf16 check compares
     them, the trust fit takes those of the serving precision, the engines are compared with fp32's."""
@@ -71,23 +95,19 @@ def bf16_parity(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], bat
         return {"choice": "fp32", "bf16_top1_agreement": None, **record}, None
     model = models.build_model(meta, state, device)
     loader = make_loader(ImageFiles(paths.out, items, Preprocessor(meta["preprocess"])), batch_size, 0)
-    start, agree, fp32, bf16, labels = time.perf_counter(), 0, [], [], []
+    start, agree, fp32, bf16, labels = time.perf_counter(), 0, Rows(len(items)), Rows(len(items)), Rows(len(items))
     for x, y in loader:
-        fp32.append(models.forward(model, x, device, None))
-        bf16.append(models.forward(model, x, device, torch.bfloat16))
-        labels.append(y)
-        agree += int((fp32[-1][1].argmax(1) == bf16[-1][1].argmax(1)).sum())
+        full, half = models.forward(model, x, device, None), models.forward(model, x, device, torch.bfloat16)
+        fp32.add(*full)
+        bf16.add(*half)
+        labels.add(y)
+        agree += int((full[1].argmax(1) == half[1].argmax(1)).sum())
     rate = agree / len(items)
     choice = "bf16" if rate >= precision.BF16_MIN_AGREEMENT else "fp32"
     print(f"export: bf16 top-1 agreement with fp32 {rate:.4f} on {len(items)} val images -> serve {choice} "
           f"({time.perf_counter() - start:.1f}s on {device.type}{'' if record['native_bf16'] else ', emulated bf16'})")
-    outputs = ValOutputs(joined(fp32), joined(bf16), torch.cat(labels))
+    outputs = ValOutputs(fp32.result(), bf16.result(), labels.result()[0])
     return {"choice": choice, "bf16_top1_agreement": round(rate, 4), **record}, outputs
-
-
-def joined(parts: list[Outputs]) -> Outputs:
-    """The batches' outputs as one (features, logits)."""
-    return torch.cat([f for f, _ in parts]), torch.cat([z for _, z in parts])
 
 
 def int8_check(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], other: str) -> dict:
