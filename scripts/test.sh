@@ -4,13 +4,13 @@
 #   bash scripts/test.sh --fast          # the inner loop before each commit (under 3 minutes): no whole jobs,
 #                                        # servers, torchrun or Docker (the tests marked e2e, slow or docker)
 #   NO_DOCKER=1 bash scripts/test.sh     # all but Docker
-# Further arguments go to pytest (-k resume, -x, ...).
+# Further arguments go to pytest (-k resume, -x, ...). Both ways run two pytest workers (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 if [ "${1:-}" = --fast ]; then
   shift
-  exec .venv/bin/python -m pytest -m "not docker and not slow and not e2e" "$@"
+  exec .venv/bin/python -m pytest -m "not docker and not slow and not e2e" -n "${JOBS_TEST_WORKERS:-2}" --dist loadfile "$@"
 fi
 # Two pytest workers (pytest-xdist), a test file each at a time: alone, the suite keeps one of two cores
 # busy on average (imports, servers starting, waits on subprocesses). Module fixtures stay built once.

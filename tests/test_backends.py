@@ -234,6 +234,7 @@ def test_an_export_asked_for_int8_quantizes_the_graph_and_openvino_int8_serves_b
     assert not any((paths.model / name).exists() for name in engines.INT8_GRAPH_FILES)
 
 
+@pytest.mark.e2e  # export, evaluate and predict in a process of their own: half a minute
 def test_the_jobs_process_never_loads_an_engine_so_its_forked_workers_live(exported_run: Path, tmp_path: Path):
     """Export admits the engines from a process of its own, and predict forks its decoding workers before its
     model loads: ONNX Runtime's and OpenVINO's thread pools do not survive a fork (a whole `jobs run`
