@@ -183,22 +183,22 @@ def render_review(audit: dict, image_file: Callable[[str], Path | None], class_n
     key = json.dumps(storage_key).replace("<", "\\u003c")  # a JS string literal that cannot close the script
     class_list = "".join(f'<option value="{html.escape(c)}">' for c in class_names)
     page = (_PAGE.replace("__KEY__", key).replace("__NOISE__", noise_line).replace("__CLASSES__", class_list))
-    first, more = [], {}
+    first, written = [], set()
     for section in review_sections(audit, abstained, captured, labels):
         items = section["items"]
         chunks = [items[i:i + max_per_kind] for i in range(0, len(items), max_per_kind)] or [[]]
         names = [out.name, *(f"{out.stem}-{section['kind']}-{n}.html" for n in range(2, len(chunks) + 1))]
         for n, chunk in enumerate(chunks):
             body = _section_html(section, chunk, _pager(section["kind"], names, n), image_file, class_names)
-            if n:
-                more[names[n]] = body
+            if n:  # written at once: the further pages' thumbnails are never all held together
+                # __SECTIONS__ is replaced last: file names are data, never placeholders
+                atomic_write_text(out.with_name(names[n]), page.replace("__SECTIONS__", body))
+                written.add(names[n])
             else:
                 first.append(body)
-    for name, body in more.items():
-        atomic_write_text(out.with_name(name), page.replace("__SECTIONS__", body))  # last: file names are data
     stale = re.compile(rf"{re.escape(out.stem)}-[a-z_]+-\d+\.html")
     for left in out.parent.glob(f"{out.stem}-*.html"):
-        if stale.fullmatch(left.name) and left.name not in more:
+        if stale.fullmatch(left.name) and left.name not in written:
             left.unlink()
     return atomic_write_text(out, page.replace("__SECTIONS__", "".join(first)))
 
