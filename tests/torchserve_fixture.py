@@ -36,8 +36,10 @@ from jobs.versions import begin_export, weights_digest
 # with the .mar); the default ResNet-18 runs whole in the preflight test, and real features (EfficientNet-Lite0)
 # wherever quality is judged (the quick start among them).
 TINY_ARCH = "timm/test_resnet"
+# serve_backend torch: these tests serve and predict on torch, so export writes no model.onnx and checks no engine
+# (tests/test_backends.py does, once).
 TINY_TRAINING = {"arch": TINY_ARCH, "weights": "none", "epochs": 1, "batch_size": 8, "min_images_per_class": 3,
-                 "num_workers": 0, "feature_views": 1}
+                 "num_workers": 0, "feature_views": 1, "serve_backend": "torch"}
 
 # Seven visibly different versions of a photo, one per class, so no two class folders share a file.
 SEVEN_VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
