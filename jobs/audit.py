@@ -66,6 +66,13 @@ UNRELATED_SAMPLE = 1000
 # fixed as the photos grow (issue 27: gathering every candidate pair's features at once took 185 MB at
 # 2,400 photos and grew with n; the neighbour search's 1,024 x n block would take 1.2 GB at 100,000).
 BLOCK_FLOATS = 1 << 22
+
+
+def rows_per_block(width: int) -> int:
+    """How many rows ``width`` wide fit in one block of ``BLOCK_FLOATS``."""
+    return max(1, BLOCK_FLOATS // max(width, 1))
+
+
 # The approximate index (faiss IndexHNSWFlat on inner product), chosen with `python -m bench.audit_index` on
 # 25,000 synthetic photos with real features' spectrum (bench/README.md "Issue 27: the audit's neighbour search").
 # efConstruction decides whether a near-copy finds its original when it joins the graph: a pair that misses then
@@ -177,7 +184,7 @@ def nearest_neighbours(unit: np.ndarray, k: int = DEFAULT_KNN, block: int | None
 def _exact_rows(unit: np.ndarray, rows: np.ndarray, k: int, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(index, cosine), each (len(rows), k): the exact k nearest other rows of ``unit`` to each of ``rows``."""
     n = len(unit)
-    block = block or max(1, min(1024, BLOCK_FLOATS // max(n, 1)))
+    block = block or min(1024, rows_per_block(n))
     index = np.zeros((len(rows), k), np.int64)
     cosine = np.zeros((len(rows), k), np.float32)
     if not k:
@@ -261,7 +268,7 @@ def unrelated_cosine(unit: np.ndarray, quantile: float, sample: int = UNRELATED_
 def pair_cosines(unit: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """(pairs,) float64 cosines of the rows (i[p], j[p]) of ``unit``, gathered a block of pairs at a time."""
     cosine = np.empty(len(i), np.float64)
-    step = max(1, BLOCK_FLOATS // (2 * max(unit.shape[1], 1)))  # the pairs' rows of both photos
+    step = rows_per_block(2 * unit.shape[1])  # the pairs' rows of both photos
     for start in range(0, len(i), step):
         end = start + step
         cosine[start:end] = np.einsum("ij,ij->i", unit[i[start:end]], unit[j[start:end]])
@@ -438,6 +445,7 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: i
     (L2, inverse strength ``c``). Fewer folds are used when the smallest class has fewer
     images than ``folds`` (at least 2; below that there is nothing held out to learn from).
     """
+    from scipy.special import softmax
     from sklearn.model_selection import StratifiedKFold
 
     labels = np.asarray(labels)
@@ -448,20 +456,15 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: i
     x = np.asarray(features, dtype=np.float32)
     probs = np.empty((len(x), int(labels.max()) + 1), np.float32)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    step = max(1, BLOCK_FLOATS // max(x.shape[1], 1))
+    step = rows_per_block(x.shape[1])
     for train, held in cv.split(np.zeros((len(x), 1)), labels):
         weight = np.zeros(len(x), np.float32)
         weight[train] = 1.0
         coef, intercept = _fit_logistic(x, labels, weight, c)
         for start in range(0, len(held), step):
             rows = held[start:start + step]
-            probs[rows] = _softmax(x[rows] @ coef + intercept)
+            probs[rows] = softmax(x[rows] @ coef + intercept, axis=1)
     return probs
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 def _fit_logistic(x: np.ndarray, labels: np.ndarray, weight: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
@@ -481,7 +484,7 @@ def _fit_logistic(x: np.ndarray, labels: np.ndarray, weight: np.ndarray, c: floa
     d, k = x.shape[1], int(labels.max()) + 1
     mean = (weight @ x) / m
     var = np.zeros(d, np.float64)
-    step = max(1, BLOCK_FLOATS // max(d, 1))
+    step = rows_per_block(d)
     for start in range(0, len(x), step):
         centred = x[start:start + step] - mean
         var += weight[start:start + step] @ (centred * centred)
