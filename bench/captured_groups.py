@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import save_result
-from bench.new_class import SCENES
-from bench.trust import PETS, _file_tag, cached_features, load_backbone, photo_items, pooled_features
+from bench.common import PETS, SCENES, save_result
+from bench.trust import _file_tag, cached_features, load_backbone, photo_items, pooled_features
 from jobs.captured import group_by_likeness
 
 ARCH = "tf_efficientnet_lite0"

@@ -28,9 +28,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.common import REPO, save_result
-from bench.new_class import SCENES
-from bench.trust import PETS
+from bench.common import PETS, REPO, SCENES, save_result
 from handler.capture import CaptureSettings, CaptureSink
 from jobs import api
 from jobs.predict import predict

@@ -32,7 +32,10 @@ from jobs.split import splits_document
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the real photo sets of ../shared/datasets (its README says where they come from)
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
+PETS = REPO.parent / "shared" / "datasets" / "pets-sample"
+SCENES = REPO.parent / "shared" / "datasets" / "scenes-sample"
 RESULTS = REPO / "bench" / "results"
 
 

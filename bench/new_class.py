@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from bench.common import REPO, save_result
+from bench.common import SCENES, save_result
 from bench.trust import (
     DEFAULT_WEIGHTS,
     PETS,
@@ -49,7 +49,6 @@ from bench.trust import (
 from handler import trust
 from handler.capture import DEFAULT_BELOW
 
-SCENES = REPO.parent / "shared" / "datasets" / "scenes-sample"
 KEEP = trust.DEFAULT_KEEP
 TRAIN_SHARE, VAL_SHARE = 0.5, 0.2
 GOALS = {"known_abstained": 0.06, "other_domain_flagged": 0.9}

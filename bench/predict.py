@@ -27,11 +27,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import HYMENOPTERA, REPO, save_result
+from bench.common import HYMENOPTERA, PETS, REPO, save_result
 from jobs.predict import load_classifier
 from tests.torchserve_fixture import export_random_model
-
-PETS = HYMENOPTERA.parent / "pets-sample"
 
 
 def photo_folder(dest: Path, count: int) -> list[Path]:

@@ -31,8 +31,7 @@ from pathlib import Path
 
 from bench import audit_index
 from bench.audit import REAL_ARCH, SYNTHETIC_CLASSES, _jpeg, procedural
-from bench.audit_index import SCENES
-from bench.common import REPO, save_result
+from bench.common import REPO, SCENES, save_result
 
 STAGES = ("clean", "audit", "split", "train", "export", "evaluate")
 DRAWN_SIZE = 400  # px: larger than the scene photos (150 px), as photos from a camera or the web are

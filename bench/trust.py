@@ -46,12 +46,11 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch import nn
 from torch.nn import functional as F
 
-from bench.common import HYMENOPTERA, REPO, RESULTS, machine
+from bench.common import HYMENOPTERA, PETS, REPO, RESULTS, machine
 from handler import trust
 from jobs.evaluate import calibration
 from jobs.fileio import atomic_torch_save, atomic_write_json
 
-PETS = REPO.parent / "shared" / "datasets" / "pets-sample"
 DEFAULT_WEIGHTS = REPO.parent / "weights" / "tf_efficientnet_lite0.pth"
 CACHE = REPO / ".cache" / "bench-trust"
 BN_FIXTURE = REPO / "tests" / "fixtures" / "resnet18_bn_hymenoptera.statedict"
