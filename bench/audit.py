@@ -1,9 +1,10 @@
 """The audit measured on real features, on a class-specialized backbone, and on 5,000 distinct photos.
 
-(a) Near-duplicates. Photos of hymenoptera and of the pets sample get injected copies: 5 kinds
+(a) Near-duplicates. Photos of hymenoptera, of the pets sample and of the scenes sample get injected copies: 5 kinds
     (resized to half, JPEG q50, 10 % cropped off (5 % per edge), brightness +-20 %, rotated +-5
     degrees), each kind applied once to its own originals, plus groups of 4 (an original, a
-    resized JPEG, a crop and a rotation). Found = the copy is in its original's group; a false
+    resized JPEG, a crop and a rotation) and bursts of 16 (an original and 15 near-identical
+    shots: ``burst_shot``). Found = the copy is in its original's group; a false
     pair = two photos of different originals in one group, per 10,000 pairs of different
     originals. Side by side: the audit's rule (jobs.audit), CleanVision-style exact pHash
     equality, and the rule this audit had before (connected components of pHash <= 10 or
@@ -45,11 +46,20 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from bench.common import HYMENOPTERA, REPO, RESULTS, atomic_write_json, bn_backbone, link_split_folders, machine
+from bench.common import (
+    HYMENOPTERA,
+    PETS,
+    REPO,
+    RESULTS,
+    SCENES,
+    atomic_write_json,
+    bn_backbone,
+    link_split_folders,
+    machine,
+)
 from jobs import audit
 from jobs.imagestats import image_stats, phash_array
 
-PETS = REPO.parent / "shared" / "datasets" / "pets-sample"
 BN_FILE = REPO / "tests" / "fixtures" / "resnet18_bn_hymenoptera.statedict"
 REAL_ARCH = "timm/tf_efficientnet_lite0"
 DEFAULT_RULE = audit.DuplicateRule()
@@ -97,29 +107,49 @@ GROUP_OF_FOUR = {  # one original, three copies: every two of the four are near-
 }
 
 
+BURST_SHOTS = 15
+
+
+def burst_shot(img: Image.Image, i: int) -> bytes:
+    """Shot ``i`` of a burst of the scene ``img``: a window shifted 0-3 px, up to 4 % brighter or darker,
+    JPEG q85-95. A burst of 16 (the original + 15 shots) is its own neighbourhood: each shot's 10 nearest
+    neighbours are its twins, so many of their pairs are no closer than "the photos around them"."""
+    rng = np.random.default_rng(i)
+    dx, dy = (int(v) for v in rng.integers(0, 4, 2))
+    w, h = img.size
+    shot = ImageEnhance.Brightness(img.crop((dx, dy, w - 3 + dx, h - 3 + dy))).enhance(1 + rng.uniform(-0.04, 0.04))
+    return _jpeg(shot, int(rng.integers(85, 96)))
+
+
+BURST = {f"burst#{n:02d}": lambda im, i, n=n: burst_shot(im, 1000 * i + n) for n in range(BURST_SHOTS)}
+
+
 def decode_upright(data: bytes) -> Image.Image:
     """What clean holds after its one decode: upright RGB."""
     with Image.open(io.BytesIO(data)) as img:
         return ImageOps.exif_transpose(img).convert("RGB")
 
 
-def build_corpus(root: Path, per_kind: int, groups: int, seed: int = 0) -> dict:
-    """Originals + copies (each original gets one kind of copy, or three for a group of four)."""
+def build_corpus(root: Path, per_kind: int, groups: int, bursts: int = 0, seed: int = 0) -> dict:
+    """Originals + copies (each original gets one kind of copy, three for a group of four, or 15 shots for a
+    burst; a copy's ``kind`` is the name before any ``#``)."""
     originals = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg"})
     class_names = sorted({p.parent.name for p in originals})
     labels = [class_names.index(p.parent.name) for p in originals]
     blobs = [p.read_bytes() for p in originals]
     source, kind = list(range(len(originals))), ["original"] * len(originals)
-    picked = np.random.default_rng(seed).choice(len(originals), per_kind * len(COPIES) + groups, replace=False)
-    plan = [(int(i), {name: make}) for (name, make), chunk in zip(COPIES.items(), np.split(
-        picked[:per_kind * len(COPIES)], len(COPIES))) for i in chunk] + [(int(i), GROUP_OF_FOUR)
-                                                                           for i in picked[per_kind * len(COPIES):]]
+    picked = np.random.default_rng(seed).choice(len(originals), per_kind * len(COPIES) + groups + bursts,
+                                                replace=False)
+    singles, rest = picked[:per_kind * len(COPIES)], picked[per_kind * len(COPIES):]
+    plan = ([(int(i), {name: make}) for (name, make), chunk in zip(COPIES.items(), np.split(singles, len(COPIES)))
+             for i in chunk]
+            + [(int(i), GROUP_OF_FOUR) for i in rest[:groups]] + [(int(i), BURST) for i in rest[groups:]])
     for n, (i, makers) in enumerate(plan):
         img = decode_upright(blobs[i])
         for name, make in makers.items():
             blobs.append(make(img, n))
             source.append(i)
-            kind.append(name)
+            kind.append(name.partition("#")[0])
             labels.append(labels[i])
     stats = [image_stats(decode_upright(b)) for b in blobs]
     return {"root": root, "originals": originals, "class_names": class_names, "labels": np.array(labels),
@@ -160,7 +190,7 @@ def features(arch: str, weights: Path, blobs: list[bytes], cache: Path, batch: i
 
 def audit_groups(hashes: np.ndarray, feats: np.ndarray, rule: audit.DuplicateRule) -> list[np.ndarray]:
     unit = audit.unit_features(feats)
-    rule = rule.judged_by(unit)
+    rule = rule.judged_by(unit, hashes)
     neighbours = audit.nearest_neighbours(unit)
     geometry = audit.Geometry.of(hashes, unit, neighbours)
     return audit.clique_groups(audit.duplicate_pairs(geometry, neighbours, rule), geometry, rule)
@@ -398,7 +428,9 @@ def synthetic_run(root: Path, n: int) -> dict:
     by_features = settings["near_duplicates_by_features"]
     rule = audit.DuplicateRule(settings["hash_radius"], settings["feature_ratio"], settings["agree_radius"],
                                settings["mutual_radius"], settings["group_ratio"], by_features,
-                               settings["veto_quantile"], settings["disagree_below_cosine"] if by_features else -np.inf)
+                               settings["veto_quantile"], settings["confirm_quantile"],
+                               settings["disagree_below_cosine"] if by_features else -np.inf,
+                               settings["confirm_above_cosine"] if by_features else np.inf)
     outside, pairs_checked, largest_hamming, largest_ratio = 0, 0, 0, 0.0
     for g in doc["near_duplicates"]:
         size = len(g["files"])
@@ -527,7 +559,8 @@ def main() -> None:
     result: dict = {"rule": DEFAULT_RULE.__dict__, "min_label_skill": audit.DEFAULT_MIN_LABEL_SKILL,
                     "near_duplicates": {}, "label_issues": {}}
 
-    corpora = {"hymenoptera": build_corpus(HYMENOPTERA, 48, 10), "pets": build_corpus(PETS, 25, 10)}
+    corpora = {"hymenoptera": build_corpus(HYMENOPTERA, 48, 10, 2), "pets": build_corpus(PETS, 25, 10, 2),
+               "scenes": build_corpus(SCENES, 40, 10, 2)}
     backbones = {"real": (REAL_ARCH, args.real_weights), "specialized": (args.specialized_arch, specialized)}
     print("(a) near-duplicates, (b) label issues")
     for (data, corpus), (which, (arch, weights)) in ((c, b) for c in corpora.items() for b in backbones.items()):

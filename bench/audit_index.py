@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.audit import REAL_ARCH, _timed, features
-from bench.common import REPO, RESULTS, save_result
+from bench.common import REPO, RESULTS, SCENES, save_result
 from jobs import audit
 
-SCENES = REPO.parent / "shared" / "datasets" / "scenes-sample"  # the photos bench.scale starts its sets from
 COPY_SHARE = 0.01
 COPY_BITS = (10, 22)  # pHash bits a copy differs in: beyond the pHash radius (8), within the mutual test's 16 or
 # the feature test's 24, as 10 % crops (up to 18-20 bits) and 5-degree rotations (up to 22) reached on real photos
@@ -102,7 +101,7 @@ def measure(n: int, spectrum: tuple[np.ndarray, np.ndarray], lowest: dict[str, f
     exact, exact_wall, exact_cpu = _timed(audit.nearest_neighbours, unit, k, exact_max=n)
     approx, approx_wall, approx_cpu = _timed(audit.nearest_neighbours, unit, k, exact_max=0)
     knn_recall = float(np.mean((approx.index[:, :, None] == exact.index[:, None, :]).any(axis=2)))
-    rule = audit.DuplicateRule().judged_by(unit)
+    rule = audit.DuplicateRule().judged_by(unit, items["hashes"])
     found = {}
     for name, neighbours in (("exact", exact), ("approximate", approx)):
         pairs = audit.duplicate_pairs(audit.Geometry.of(items["hashes"], unit, neighbours), neighbours, rule)
@@ -139,7 +138,7 @@ def scan(n: int, spectrum: tuple[np.ndarray, np.ndarray], lowest: dict[str, floa
     items = synthetic_set(n, spectrum, lowest)
     unit = audit.unit_features(items["features"])
     exact = audit.nearest_neighbours(unit, k, exact_max=n)
-    rule = audit.DuplicateRule().judged_by(unit)
+    rule = audit.DuplicateRule().judged_by(unit, items["hashes"])
     exact_pairs = audit.duplicate_pairs(audit.Geometry.of(items["hashes"], unit, exact), exact, rule)
     wanted = _pair_keys(exact_pairs.i, exact_pairs.j, n)
     found = []

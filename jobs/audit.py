@@ -52,6 +52,7 @@ DEFAULT_MIN_LABEL_SKILL: float = Config.audit_label_min_skill
 DEFAULT_FOLDS: int = Config.audit_folds
 DEFAULT_MUTUAL_RADIUS: int = Config.audit_mutual_radius
 DEFAULT_VETO_QUANTILE: float = Config.audit_veto_quantile
+DEFAULT_CONFIRM_QUANTILE: float = Config.audit_confirm_quantile
 DEFAULT_EXACT_MAX: int = Config.audit_exact_max
 # The group bound's ratio: 1 is "closer than the photos around them". On the fine-tuned resnet18 0.6
 # and 0.8 kept fewer copies with their original (recall 0.91, 0.94 against 0.95); 1.2 and 1.5 no more.
@@ -248,9 +249,11 @@ def hnsw_neighbours(unit: np.ndarray, k: int, block: int | None = None, exact_ma
                                       "index_mib": round(index_mib, 1)})
 
 
-def unrelated_cosine(unit: np.ndarray, quantile: float, sample: int = UNRELATED_SAMPLE, seed: int = 0) -> float:
-    """The ``quantile`` of the cosines between two different photos drawn at random (all pairs among a
-    seeded sample of at most ``sample`` photos): how close unrelated photos come on these features.
+def unrelated_cosines(unit: np.ndarray, hashes: np.ndarray, radius: int, quantiles: Sequence[float],
+                      sample: int = UNRELATED_SAMPLE, seed: int = 0) -> list[float]:
+    """The ``quantiles`` of the cosines between two different photos drawn at random (all pairs among a
+    seeded sample of at most ``sample`` photos whose pHashes differ in more than ``radius`` bits; all pairs
+    of the sample if none does): how close unrelated photos come on these features.
 
     A quantile of this data set's own pairs, not one fixed cosine, because how close different photos
     come depends on the backbone and the photos (the 95th percentile was 0.28 on hymenoptera and 0.40 on
@@ -259,10 +262,12 @@ def unrelated_cosine(unit: np.ndarray, quantile: float, sample: int = UNRELATED_
     """
     n = len(unit)
     if n < 2:
-        return -np.inf
+        return [-np.inf] * len(quantiles)
     drawn = np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))
-    sims = unit[drawn] @ unit[drawn].T
-    return float(np.quantile(sims[np.triu_indices(len(drawn), 1)], quantile))
+    i, j = np.triu_indices(len(drawn), 1)
+    cosines = (unit[drawn] @ unit[drawn].T)[i, j]
+    apart = np.bitwise_count(hashes[drawn][i] ^ hashes[drawn][j]) > radius
+    return [float(q) for q in np.quantile(cosines[apart] if apart.any() else cosines, quantiles)]
 
 
 def pair_cosines(unit: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -289,26 +294,30 @@ class DuplicateRule:
     (a fine-tuned one puts a whole class above any fixed cosine). A near-duplicate pair passes
     any one of:
 
-    - ``phash``: Hamming distance <= ``hash_radius``. Near enough to stand alone: different
-      photos almost never come this close, whereas features may not notice a brightness change.
+    - ``phash``: Hamming distance <= ``hash_radius``, and the features confirm it (``confirmed``).
     - ``features``: ratio <= ``feature_ratio`` and Hamming distance <= ``agree_radius``.
     - ``mutual``: each is the other's nearest neighbour in features and Hamming distance <=
       ``mutual_radius`` (crops and rotations on a backbone too weak for the ratio alone).
 
     A group is joined through near-duplicate pairs, and every two photos in it must be within the
-    group bound, that is close in one signal or fairly close in both: Hamming distance <=
-    ``hash_radius``, or ratio <= ``feature_ratio``, or Hamming distance <= ``agree_radius`` with
-    ratio <= ``group_ratio`` (closer than the photos around them). Two copies of one photo (a
+    group bound, that is close in one signal or fairly close in both: ratio <= ``feature_ratio``, or
+    Hamming distance <= ``agree_radius`` with features that confirm it. Two copies of one photo (a
     crop and a rotation) may be no near-duplicate pair themselves, yet they belong together; two
     photos outside the bound never share a group, however many pairs lead from one to the other.
 
-    The evidence must agree: features that clearly disagree veto a pair, whatever its pHash, in the
-    tests and in the group bound alike. They disagree when the pair's cosine is below
-    ``disagree_below``, which ``judged_by`` sets to the ``veto_quantile`` of the cosines of unrelated
-    photos (no closer than one pair in twenty drawn at random, by default). pHash collisions grow with
-    the number of pairs (n^2): on 25,000 cat and dog photos twelve pairs of a cat and a different dog
-    sat within 8 bits at cosine -0.12 to 0.12. Features that cannot judge (``use_features`` False)
-    veto nothing.
+    The evidence must agree wherever the features can judge, in the tests and in the group bound alike.
+    pHash collisions grow with the number of pairs (n^2): on 25,000 cat and dog photos twelve pairs of a
+    cat and a different dog sat within 8 bits at cosine -0.12 to 0.12, and on 25,000 photos with drawn
+    pictures three pairs of different pictures at cosine 0.37-0.63, neither among the other's neighbours.
+    So a pHash pair also needs its features to confirm it (``confirmed``): closer than the photos around
+    them (ratio <= ``group_ratio``), or a cosine of at least ``confirm_above``, which ``judged_by`` sets
+    to the ``confirm_quantile`` of the cosines of unrelated photos (closer than all but one unrelated pair
+    in a thousand, by default). The second is for near-identical shots of one scene: a burst of 16 makes
+    each shot's neighbours its own twins, so a third of its pairs sit at ratio > 1, yet at cosines no
+    unrelated pair reaches. And features that clearly disagree, a cosine below ``disagree_below`` (the
+    ``veto_quantile`` of unrelated pairs: no closer than one pair in twenty drawn at random), veto any
+    pair, whatever its ratio. Features that cannot judge (``use_features`` False) neither confirm nor
+    veto: the pHash alone decides.
     """
 
     hash_radius: int = DEFAULT_HASH_RADIUS
@@ -318,36 +327,67 @@ class DuplicateRule:
     group_ratio: float = DEFAULT_GROUP_RATIO
     use_features: bool = True  # False: pHash alone (features that cannot tell the classes apart prove nothing)
     veto_quantile: float = DEFAULT_VETO_QUANTILE
-    disagree_below: float = -np.inf  # a cosine, set from the features by ``judged_by``; -inf vetoes nothing
+    confirm_quantile: float = DEFAULT_CONFIRM_QUANTILE
+    # cosines set from the features by ``judged_by``; the defaults veto nothing and confirm by ratio alone
+    disagree_below: float = -np.inf
+    confirm_above: float = np.inf
 
-    def judged_by(self, unit: np.ndarray) -> DuplicateRule:
-        """This rule with its veto measured on ``unit`` (the photos' unit features), where features may judge."""
+    def judged_by(self, unit: np.ndarray, hashes: np.ndarray) -> DuplicateRule:
+        """This rule with its cosine bars measured on the photos' unit features and pHashes, where features may
+        judge. Unrelated photos are pairs whose pHashes are farther apart than ``agree_radius``, where no test
+        looks: the data set's own copies and bursts must not set the bar they are measured against (with them, the
+        audit benchmark's 99.9 % quantile on hymenoptera was 0.95, above half its burst pairs; without, 0.54)."""
         if not self.use_features:
-            return dataclasses.replace(self, disagree_below=-np.inf)
-        return dataclasses.replace(self, disagree_below=unrelated_cosine(unit, self.veto_quantile))
+            return dataclasses.replace(self, disagree_below=-np.inf, confirm_above=np.inf)
+        disagree_below, confirm_above = unrelated_cosines(unit, hashes, self.agree_radius,
+                                                          (self.veto_quantile, self.confirm_quantile))
+        return dataclasses.replace(self, disagree_below=disagree_below, confirm_above=confirm_above)
 
     def disagree(self, cosine: np.ndarray) -> np.ndarray:
         """Whether the features clearly say two photos are different: no closer than unrelated photos."""
         return cosine < self.disagree_below
 
+    def confirmed(self, cosine: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+        """Whether the features say two photos are one: not disagreeing, and closer than the photos around
+        them or than (almost) any two unrelated photos. Always, where the features cannot judge."""
+        if not self.use_features:
+            return np.ones(len(cosine), bool)
+        return ~self.disagree(cosine) & ((ratio <= self.group_ratio) | (cosine >= self.confirm_above))
+
     def evidence(self, hamming: np.ndarray, cosine: np.ndarray, ratio: np.ndarray, mutual: np.ndarray) -> np.ndarray:
         """(pairs, len(EVIDENCE)) booleans: which of the three tests each pair passes."""
-        agree = ~self.disagree(cosine)
-        by_features = (ratio <= self.feature_ratio) & (hamming <= self.agree_radius) & self.use_features
-        return np.stack([hamming <= self.hash_radius, by_features,
-                         mutual & (hamming <= self.mutual_radius) & self.use_features], axis=1) & agree[:, None]
+        judged = ~self.disagree(cosine) & self.use_features
+        return np.stack([(hamming <= self.hash_radius) & self.confirmed(cosine, ratio),
+                         (ratio <= self.feature_ratio) & (hamming <= self.agree_radius) & judged,
+                         mutual & (hamming <= self.mutual_radius) & judged], axis=1)
+
+    def unconfirmed(self, hamming: np.ndarray, cosine: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+        """pHash pairs within ``hash_radius`` that the features do not confirm: audit.json's ``vetoed_pairs``."""
+        return (hamming <= self.hash_radius) & ~self.confirmed(cosine, ratio)
 
     def within_group_bound(self, hamming: np.ndarray, cosine: np.ndarray, ratio: np.ndarray) -> np.ndarray:
         if not self.use_features:
             return hamming <= self.hash_radius
-        return ~self.disagree(cosine) & ((hamming <= self.hash_radius) | (ratio <= self.feature_ratio)
-                                         | ((hamming <= self.agree_radius) & (ratio <= self.group_ratio)))
+        return ((hamming <= self.agree_radius) & self.confirmed(cosine, ratio)
+                | ~self.disagree(cosine) & (ratio <= self.feature_ratio))
 
-    def agreed(self, hamming: int, cosine: float) -> str:
+    def agreed(self, hamming: int, cosine: float, ratio: float) -> str:
         """The signals a pair of one group agrees in, as audit.json and split's excluded_why state them."""
         if not self.use_features:
             return f"pHash {hamming} bits alone (features too weak to judge)"
-        return f"pHash {hamming} bits + cosine {cosine:.2f}"
+        if ratio <= self.group_ratio:
+            return f"pHash {hamming} bits + cosine {cosine:.2f}, closer than their neighbours (ratio {ratio:.2f})"
+        return (f"pHash {hamming} bits + cosine {cosine:.2f}, closer than {self.confirm_quantile:.1%} of "
+                f"unrelated pairs")
+
+    def refuted(self, cosine: float, ratio: float) -> str:
+        """Why the features do not confirm a pHash pair, as audit.json's ``vetoed_pairs`` state it."""
+        if self.disagree(np.array([cosine]))[0]:
+            return (f"features disagree: cosine {cosine:.2f} is below {self.disagree_below:.2f}, the "
+                    f"{self.veto_quantile:.0%} quantile of unrelated pairs")
+        return (f"features do not confirm: no closer than their neighbours (ratio {ratio:.2f} > {self.group_ratio:g}), "
+                f"cosine {cosine:.2f} below {self.confirm_above:.2f}, the {self.confirm_quantile:.1%} quantile of "
+                "unrelated pairs")
 
 
 @dataclass(frozen=True)
@@ -383,7 +423,7 @@ class DuplicatePairs:
     cosine: np.ndarray
     ratio: np.ndarray
     by: np.ndarray  # (pairs, len(EVIDENCE)) booleans
-    vetoed: Pairs  # pHash pairs within hash_radius whose features disagree (value: Hamming distance)
+    vetoed: Pairs  # pHash pairs within hash_radius that the features do not confirm (value: Hamming distance)
 
     def closeness(self) -> np.ndarray:
         """Sort key, smaller = closer: the feature ratio plus the share of pHash bits that differ."""
@@ -407,7 +447,7 @@ def duplicate_pairs(geometry: Geometry, neighbours: Neighbours, rule: DuplicateR
     mutual = (neighbours.index[i, 0] == j) & (neighbours.index[j, 0] == i) if k else np.zeros(len(i), bool)
     by = rule.evidence(hamming, cosine, ratio, mutual)
     keep = by.any(axis=1)
-    vetoed = (hamming <= rule.hash_radius) & rule.disagree(cosine)
+    vetoed = rule.unconfirmed(hamming, cosine, ratio)
     return DuplicatePairs(i[keep], j[keep], hamming[keep], cosine[keep], ratio[keep], by[keep],
                           Pairs(i[vetoed], j[vetoed], hamming[vetoed]))
 
@@ -604,7 +644,8 @@ def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequen
     # (random weights put different photos of similar layout side by side): pHash alone decides.
     weak = label_check.get("skill", 1.0) < min_label_skill
     unit = unit_features(features)
-    rule = dataclasses.replace(rule, use_features=rule.use_features and not weak).judged_by(unit)
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    rule = dataclasses.replace(rule, use_features=rule.use_features and not weak).judged_by(unit, hashes)
     neighbours = nearest_neighbours(unit, knn, exact_max=exact_max)
     geometry = Geometry.of(hashes, unit, neighbours)
     pairs = duplicate_pairs(geometry, neighbours, rule)
@@ -615,7 +656,7 @@ def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequen
                        for members in groups]
     vetoed_hamming, vetoed_cosine, vetoed_ratio = geometry.measure(pairs.vetoed.i, pairs.vetoed.j)
     vetoed = [{"files": [files[i], files[j]], "hamming": int(h), "cosine": round(float(c), 4),
-               "ratio": round(float(r), 4)}
+               "ratio": round(float(r), 4), "why": rule.refuted(float(c), float(r))}
               for i, j, h, c, r in zip(pairs.vetoed.i, pairs.vetoed.j, vetoed_hamming, vetoed_cosine, vetoed_ratio)]
     grouped = np.full(n, -1)
     for g, members in enumerate(groups):
@@ -641,8 +682,9 @@ def audit_document(files: Sequence[str], labels: np.ndarray, class_names: Sequen
         "settings": {"hash_radius": rule.hash_radius, "feature_ratio": rule.feature_ratio,
                      "agree_radius": rule.agree_radius, "mutual_radius": rule.mutual_radius,
                      "group_ratio": rule.group_ratio, "near_duplicates_by_features": rule.use_features,
-                     "veto_quantile": rule.veto_quantile,
+                     "veto_quantile": rule.veto_quantile, "confirm_quantile": rule.confirm_quantile,
                      "disagree_below_cosine": round(rule.disagree_below, 4) if rule.use_features and n > 1 else None,
+                     "confirm_above_cosine": round(rule.confirm_above, 4) if rule.use_features and n > 1 else None,
                      "folds": folds,
                      "seed": seed, "knn": knn, "min_label_skill": min_label_skill, "images": n,
                      "median_neighbour_scale": round(float(np.median(neighbours.scale())), 4) if n > 1 else None,
@@ -660,7 +702,7 @@ def _group_entry(members: np.ndarray, evidence: dict[tuple[int, int], list[str]]
     hamming, cosine, ratio = geometry.measure(members[a], members[b])
     listed = [{"a": int(x), "b": int(y), "hamming": int(h), "cosine": round(float(c), 4),
                "ratio": round(float(r), 4), "by": evidence.get((int(members[x]), int(members[y])), [GROUP_BOUND]),
-               "agreed": rule.agreed(int(h), float(c))}
+               "agreed": rule.agreed(int(h), float(c), float(r))}
               for x, y, h, c, r in zip(a, b, hamming, cosine, ratio)]
     classes = sorted({class_names[labels[m]] for m in members})
     return {"files": [files[m] for m in members], "classes": classes, "cross_class": len(classes) > 1,
@@ -730,7 +772,8 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     doc = audit_document([f["source"] for f in usable], np.array([index[f["label"]] for f in usable]), classes,
                          phash_array([f["stats"]["phash"] for f in usable]), feats, [f["stats"] for f in usable],
                          rule=DuplicateRule(cfg.audit_hash_radius, cfg.audit_feature_ratio, cfg.audit_agree_radius,
-                                            cfg.audit_mutual_radius, veto_quantile=cfg.audit_veto_quantile),
+                                            cfg.audit_mutual_radius, veto_quantile=cfg.audit_veto_quantile,
+                                            confirm_quantile=cfg.audit_confirm_quantile),
                          folds=cfg.audit_folds, seed=cfg.seed, min_label_skill=cfg.audit_label_min_skill,
                          exact_max=cfg.audit_exact_max)
     doc["near_duplicates"] = exact_conflicts(report["files"]) + doc["near_duplicates"]
@@ -753,10 +796,13 @@ def audit(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
               "that two photos are one either")
     elif doc["vetoed_pairs"]:
         vetoed = len(doc["vetoed_pairs"])
+        settings = doc["settings"]
         print(f"audit: {vetoed} pair{'s' if vetoed > 1 else ''} within {cfg.audit_hash_radius} pHash bits "
-              f"{'are' if vetoed > 1 else 'is'} no near-duplicate: the features disagree (cosine below "
-              f"{doc['settings']['disagree_below_cosine']}, the {cfg.audit_veto_quantile:.0%} quantile of unrelated "
-              "photos; audit.json's vetoed_pairs lists them)")
+              f"{'are' if vetoed > 1 else 'is'} no near-duplicate: the features do not confirm "
+              f"{'them' if vetoed > 1 else 'it'} (neither closer than the photos around them nor at cosine "
+              f">= {settings['confirm_above_cosine']}, the {cfg.audit_confirm_quantile:.1%} quantile of unrelated "
+              f"photos) or disagree (cosine < {settings['disagree_below_cosine']}, their "
+              f"{cfg.audit_veto_quantile:.0%} quantile); audit.json's vetoed_pairs lists each with why")
     return paths.audit
 
 

@@ -106,6 +106,11 @@ class Config:
     audit_agree_radius: int = _key(24, "Audit: pHash bits (of 64) two photos may differ in and still be near-duplicates by their features.", commands=AUDIT, lo=0, hi=64)
     audit_mutual_radius: int = _key(16, "Audit: pHash bits (of 64) two photos that are each other's nearest neighbour in features may differ in and still be near-duplicates.", commands=AUDIT, lo=0, hi=64)
     audit_veto_quantile: float = _key(0.95, "Audit: when the features can judge (labels judged), two photos whose feature cosine is below this quantile of the cosines of unrelated photo pairs are no near-duplicates, whatever their pHash.", commands=AUDIT, lo=0, hi=1)
+    # audit_confirm_quantile 0.999: a pHash pair whose features neither sit closer than the photos around them nor above
+    # this quantile of unrelated pairs is no near-duplicate. On 25,000 photos 6 different drawn pictures sat 8 bits apart
+    # at cosine 0.37-0.63 and ratio 0.99-1.70; near-identical burst shots (16 of one scene, each other's neighbours, so
+    # 35 % of their pairs at ratio > 1) kept cosine 0.79+, where the scenes sample's 0.999 quantile is 0.72.
+    audit_confirm_quantile: float = _key(0.999, "Audit: when the features can judge, photos whose pHashes agree are near-duplicates only if their features confirm it: closer than the photos around them, or a cosine above this quantile of the cosines of unrelated photo pairs.", commands=AUDIT, lo=0, hi=1)
     audit_folds: int = _key(5, "Audit: folds of the out-of-fold head whose predictions find label issues.", commands=AUDIT, lo=2, hi=100)
     # audit_exact_max: exact search (one BLAS product per block) beat the HNSW index (built on one thread) up to 100,000 photos on the 2-core Xeon:
     # 293 s against 509 s there; growing 3-7x per doubling against 2.8x, they cross near 180,000-290,000 (extrapolated; `python -m bench.audit_index`).
