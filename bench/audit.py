@@ -24,6 +24,10 @@
     class. Pass: every group's pairs within the thresholds, split excludes exactly the injected
     conflicts, no label issue flagged.
 (d) Cost of what the audit adds beyond the backbone pass: ``audit_document`` on synthetic items.
+(e) Every real photo at hand (hymenoptera, the pets and the scenes samples: 10 classes) through the job's clean,
+    audit and split with the real features, 15 copies injected across classes and 15 within (issue 27 asks for
+    20,000 real photos; these are all there are here). Pass: >= 95 % of the copies found, and the split excludes
+    only the injected conflicts.
 
     python -m bench.audit [--cache /tmp/audit-bench] [--specialized-arch resnet18 --specialized-weights FILE]
 """
@@ -58,6 +62,7 @@ from bench.common import (
     machine,
 )
 from jobs import audit
+from jobs.fileio import link_or_copy
 from jobs.imagestats import image_stats, phash_array
 
 BN_FILE = REPO / "tests" / "fixtures" / "resnet18_bn_hymenoptera.statedict"
@@ -378,25 +383,46 @@ def procedural(seed: int, marker: int, size: int = 180) -> Image.Image:
 SYNTHETIC_CLASSES = ("rings", "triangles")
 
 
-def synthetic_dataset(root: Path, n: int, injected: int = 25) -> dict:
-    """``n`` distinct images in two classes, ``injected`` copies under the other class and as many within."""
+def inject_copies(root: Path, originals: list[Path], injected: int, seed: int = 7) -> list[dict]:
+    """2 x ``injected`` copies of seeded picks among ``originals`` (files under ``root/<class>/``), the kinds of
+    ``COPIES`` in turn: the first ``injected`` under the next class (label conflicts), the rest in their own.
+    Returns each as ``{"original", "copy", "across"}``, paths relative to ``root``."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     copies = list(COPIES.values())
-    picks = np.random.default_rng(7).choice(n, 2 * injected, replace=False)
-    conflicts = set()
-    for s in range(n):
-        target = root / SYNTHETIC_CLASSES[s % 2] / f"p{s:05d}.jpg"
+    picks = np.random.default_rng(seed).choice(len(originals), 2 * injected, replace=False)
+    made = []
+    for c, s in enumerate(picks):
+        original = originals[s]
+        own = original.parent.name
+        where = classes[(classes.index(own) + 1) % len(classes)] if c < injected else own
+        target = root / where / f"copy{c:02d}_of_{original.stem}.{'jpg' if c % len(copies) == 1 else 'png'}"
+        if not target.exists():
+            target.write_bytes(copies[c % len(copies)](decode_upright(original.read_bytes()), c))
+        made.append({"original": f"{own}/{original.name}", "copy": f"{where}/{target.name}", "across": c < injected})
+    return made
+
+
+def synthetic_dataset(root: Path, n: int, injected: int = 25) -> list[dict]:
+    """``n`` distinct images in two classes, ``injected`` copies under the other class and as many within."""
+    originals = [root / SYNTHETIC_CLASSES[s % 2] / f"p{s:05d}.jpg" for s in range(n)]
+    for s, target in enumerate(originals):
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(_jpeg(procedural(1000 + s, s % 2), 92))
-    for c, s in enumerate(picks):
-        own = SYNTHETIC_CLASSES[s % 2]
-        where = SYNTHETIC_CLASSES[1 - s % 2] if c < injected else own
-        target = root / where / f"copy{c:02d}_of_p{s:05d}.{'jpg' if c % len(copies) == 1 else 'png'}"
-        if not target.exists():
-            target.write_bytes(copies[c % len(copies)](decode_upright((root / own / f"p{s:05d}.jpg").read_bytes()), c))
-        if c < injected:
-            conflicts |= {f"{own}/p{s:05d}.jpg", f"{where}/{target.name}"}
-    return {"images": n + 2 * injected, "conflict_files": sorted(conflicts)}
+    return inject_copies(root, originals, injected)
+
+
+def real_dataset(root: Path, injected: int = 15) -> list[dict]:
+    """Every real photo of ../shared/datasets (hymenoptera's train and val, the pets and the scenes samples) by
+    class under ``root``, plus ``injected`` copies across classes and as many within."""
+    originals = []
+    for folder in (HYMENOPTERA, PETS, SCENES):
+        for path in sorted(folder.rglob("*.jpg")):
+            originals.append(root / path.parent.name / path.name)  # hymenoptera's <split>/<class>/ made <class>/
+            if not originals[-1].exists():
+                originals[-1].parent.mkdir(parents=True, exist_ok=True)
+                link_or_copy(path.resolve(), originals[-1])
+    return inject_copies(root, sorted(originals), injected)
 
 
 def _job(*args: str) -> tuple[str, float]:
@@ -408,13 +434,13 @@ def _job(*args: str) -> tuple[str, float]:
     return proc.stdout, round(time.perf_counter() - t, 1)
 
 
-def synthetic_run(root: Path, n: int) -> dict:
+def job_run(data: Path, out: Path, injected: list[dict], model: list[str]) -> dict:
+    """clean, audit (with ``model``'s options) and split on ``data`` with its ``injected`` copies: whether the
+    audit found them, whether its groups keep the rule, and whether the split excludes only injected conflicts."""
     import json
 
-    data = synthetic_dataset(root / f"data-{n}", n)
-    out = root / f"run-{n}"
-    _, clean_s = _job("clean", "--data", str(root / f"data-{n}"), "--out", str(out))
-    audit_out, audit_s = _job("audit", "--out", str(out), "--weights", "none")
+    _, clean_s = _job("clean", "--data", str(data), "--out", str(out))
+    audit_out, audit_s = _job("audit", "--out", str(out), *model)
     split_out, split_s = _job("split", "--out", str(out))
     doc = json.loads((out / "audit.json").read_text())
     splits = json.loads((out / "splits.json").read_text())
@@ -422,8 +448,9 @@ def synthetic_run(root: Path, n: int) -> dict:
     source_of = {f["output"]: f["source"] for f in report["files"] if f["output"]}
     excluded = sorted(source_of[p] for p in splits["excluded"])
     hashes = {f["source"]: f["stats"]["phash"] for f in report["files"] if f.get("stats")}
-    drawn = [s for s in hashes if "copy" not in s]  # the distinct photos, without the injected copies
-    near = audit.hash_pairs(phash_array([hashes[s] for s in drawn]), 16)
+    copies = {c["copy"] for c in injected}
+    distinct = [s for s in hashes if s not in copies]
+    near = audit.hash_pairs(phash_array([hashes[s] for s in distinct]), 16)
     settings = doc["settings"]
     by_features = settings["near_duplicates_by_features"]
     rule = audit.DuplicateRule(settings["hash_radius"], settings["feature_ratio"], settings["agree_radius"],
@@ -443,17 +470,22 @@ def synthetic_run(root: Path, n: int) -> dict:
                 tests.get(b, b in {"pixels", audit.GROUP_BOUND}) for b in p["by"])
             pairs_checked += 1
             largest_hamming, largest_ratio = max(largest_hamming, p["hamming"]), max(largest_ratio, p["ratio"])
-    conflicts = {tuple(sorted(g["files"])) for g in doc["near_duplicates"] if g["cross_class"]}
+    group_of = {f: g for g, group in enumerate(doc["near_duplicates"]) for f in group["files"]}
+    found = [c for c in injected if group_of.get(c["copy"], -1) == group_of.get(c["original"], -2)]
+    conflict_files = {f for c in injected if c["across"] for f in (c["original"], c["copy"])}
     sizes = [len(g["files"]) for g in doc["near_duplicates"]]
-    return {"images": data["images"], "weights": "none (seeded random resnet18, the job's default arch)",
+    return {"images": len(hashes), "model": " ".join(model),
             "groups": len(sizes), "largest_group": max(sizes, default=0),
             "closest_hamming_between_distinct_photos": int(near.value.min()) if len(near.value) else None,
             "pairs_in_groups": pairs_checked, "pairs_missing_or_outside_the_thresholds": int(outside),
             "largest_hamming_in_a_group": largest_hamming, "largest_ratio_in_a_group": round(largest_ratio, 4),
             "near_duplicates_by_features": settings["near_duplicates_by_features"],
-            "injected_conflicts": len(data["conflict_files"]) // 2, "injected_conflicts_found": len(conflicts),
-            "excluded": len(excluded), "excluded_not_injected": sorted(set(excluded) - set(data["conflict_files"])),
-            "split_excludes_only_injected_conflicts": set(excluded) <= set(data["conflict_files"]),
+            "injected_copies": len(injected), "injected_copies_found": len(found),
+            "injected_conflicts": sum(c["across"] for c in injected),
+            "injected_conflicts_found": sum(c["across"] for c in found),
+            "missed": [c for c in injected if c not in found],
+            "excluded": len(excluded), "excluded_not_injected": sorted(set(excluded) - conflict_files),
+            "split_excludes_only_injected_conflicts": set(excluded) <= conflict_files,
             "label_issues": len(doc["label_issues"]), "label_check": doc["label_check"],
             "estimated_noise": doc["estimated_noise"],
             "stage_seconds": {"clean": clean_s, "audit": audit_s, "split": split_s},
@@ -577,8 +609,17 @@ def main() -> None:
 
     if args.synthetic:
         print(f"(c) {args.synthetic} distinct photos, random weights, clean + audit + split")
-        result["synthetic_random_weights"] = synthetic_run(args.cache / "synthetic", args.synthetic)
+        root = args.cache / "synthetic"
+        data = root / f"data-{args.synthetic}"
+        result["synthetic_random_weights"] = job_run(data, root / f"run-{args.synthetic}",
+                                                     synthetic_dataset(data, args.synthetic), ["--weights", "none"])
         print("  ", {k: v for k, v in result["synthetic_random_weights"].items() if k not in {"label_check"}})
+    print("(e) every real photo of ../shared/datasets, 15 copies across classes and 15 within, Lite0, clean + audit "
+          "+ split")
+    data = args.cache / "real" / "data"
+    result["real_photos"] = job_run(data, args.cache / "real" / "run", real_dataset(data),
+                                    ["--arch", REAL_ARCH, "--weights", str(args.real_weights)])
+    print("  ", {k: v for k, v in result["real_photos"].items() if k not in {"label_check"}})
     if args.items:
         print(f"(d) audit_document on {args.items} synthetic items")
         result["cost"] = audit_cost(args.items)

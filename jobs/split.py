@@ -102,8 +102,8 @@ def audit_constraints(paths: RunPaths, report: dict, cfg: Config) -> tuple[dict[
     every split, except the files a decision keeps; with ``label_issues: exclude`` so do the
     label issues the audit found. Excluding is the most destructive thing the job does, so each
     conflict exclusion names a photo under another class, the pair's measurements from audit.json
-    and the signals that agreed (``agreed``; features that could judge and disagreed would have
-    vetoed the pair): every two photos of a group are near-duplicates themselves
+    and the signals that agreed (``agreed``; where the features could judge, they confirmed the
+    pair): every two photos of a group are near-duplicates themselves
     (``jobs.audit.clique_groups``).
     """
     if not paths.audit.exists():
