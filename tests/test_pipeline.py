@@ -292,6 +292,21 @@ def test_a_full_disk_under_torch_save_is_the_same_line(tiny_disk: Path):
     assert not list(tiny_disk.iterdir())  # no part file left behind
 
 
+def test_a_json_file_streamed_onto_a_full_disk_is_one_line_and_the_old_file_stays_whole(tiny_disk: Path):
+    """atomic_write_json writes as it encodes (a file list of 100,000 photos is 80 MiB): the disk fills mid-way,
+    the error is the one line, and the file it was replacing is still the old one."""
+    from jobs.errors import JobError
+    from jobs.fileio import atomic_write_json, read_json
+
+    old = {"files": [{"source": f"ants/{i}.jpg"} for i in range(10)]}
+    atomic_write_json(tiny_disk / "clean_report.json", old)
+    big = {"files": [{"source": f"ants/{i:08d}.jpg", "sha256": f"{i:064x}"} for i in range(20_000)]}  # ~2.5 MB
+    with pytest.raises(JobError, match=r"^no space left on the device writing .*/clean_report\.json; free some"):
+        atomic_write_json(tiny_disk / "clean_report.json", big)
+    assert read_json(tiny_disk / "clean_report.json") == old
+    assert [p.name for p in tiny_disk.iterdir()] == ["clean_report.json"]  # no part file left behind
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # bench/gpu_check.sh runs the cuda one
 
 
