@@ -11,8 +11,8 @@ fitted as a power of n between the two largest sizes, and carried to 1 M and 10 
 - **the label check** (``jobs.audit.out_of_fold_probabilities``: 5 folds of the written-out logistic head) on n x
   1,280 float32 features of 8 separable classes: seconds and peak heap;
 - **the neighbour search**, exact and HNSW, from ``bench/results/audit_index-cpu.json`` (5,000 to 100,000 photos);
-- **the backbone and the stages around it** from ``bench/results/scale-*.json`` (the job's own stages at 5,000 to
-  100,000 photos): per-photo seconds of clean, the audit's backbone, export and evaluate.
+- **the job's stages** from ``bench.scale``'s results on the same machine (``--scale-results``; by default the AMX
+  Xeon's 5,000, 25,000 and 100,000-photo runs): each stage's wall time and peak RSS.
 
 Prints the measurements, then per part the fitted growth and the projection, and writes
 ``bench/results/sizing-cpu.json``. docs/sizing.md turns them into the sizing table.
@@ -103,10 +103,10 @@ def projected(sizes: list[int], values: list[float], at: int) -> float:
     return v1 * (at / n1) ** growth(sizes, values)
 
 
-def from_results() -> dict:
+def from_results(scale_results: list[Path]) -> dict:
     """What the other benchmarks measured: the neighbour search (audit_index) and the job's stages (scale)."""
     index = read_json(RESULTS / "audit_index-cpu.json")["runs"]
-    scale_runs = [run for name in sorted(RESULTS.glob("scale*.json")) for run in read_json(name).get("runs", [])]
+    scale_runs = [run for name in scale_results for run in read_json(name)["runs"]]
     per_photo = {}
     for run in scale_runs:
         n = run["photos"]
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--label-sizes", type=int, nargs="+", default=[25_000, 50_000, 100_000])
     parser.add_argument("--phashes", type=Path, help="a clean_report.json whose real pHashes to search once")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-sizing"))
+    parser.add_argument("--scale-results", type=Path, nargs="+",
+                        default=[RESULTS / "scale-amx-cpu.json", RESULTS / "scale-100k-amx-cpu.json"])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -146,7 +148,7 @@ def main() -> None:
         measured["phash_search_real"] = {"photos": len(real), "real": phash_search(real),
                                          "uniform": phash_search(uniform)}
         print(f"real pHashes of {len(real):,} photos: {measured['phash_search_real']}", flush=True)
-    earlier = from_results()
+    earlier = from_results(args.scale_results)
 
     lines: dict[str, tuple[list[int], list[float], str]] = {}
     sizes = sorted(measured["file_list"])
