@@ -179,7 +179,8 @@ def render_review(audit: dict, image_file: Callable[[str], Path | None], class_n
     (the same localStorage key). Pages an earlier, longer review left are removed.
     """
     noise = audit.get("estimated_noise", {})
-    noise_line = ", ".join(f"{html.escape(c)} {100 * r:.1f}%" for c, r in noise.items()) or _not_estimated(audit)
+    noise_line = ("; ".join([", ".join(f"{html.escape(c)} {100 * r:.1f}%" for c, r in noise.items()),
+                             *_unjudged_pairs(audit)]) if noise else _not_estimated(audit))
     key = json.dumps(storage_key).replace("<", "\\u003c")  # a JS string literal that cannot close the script
     class_list = "".join(f'<option value="{html.escape(c)}">' for c in class_names)
     page = (_PAGE.replace("__KEY__", key).replace("__NOISE__", noise_line).replace("__CLASSES__", class_list))
@@ -240,6 +241,13 @@ def _pager(kind: str, names: Sequence[str], n: int) -> str:
     return f'<nav class="pager note">{" · ".join(parts)}</nav>'
 
 
+def _unjudged_pairs(audit: dict) -> list[str]:
+    """The classes whose labels were not judged against each other (their noise left out), in words."""
+    return [f"{html.escape(a)} and {html.escape(b)} not estimated (the features cannot tell them apart, skill "
+            f"{pair['skill']:.2f}: {pair['issues_withheld']} issues withheld)"
+            for pair in audit.get("label_check", {}).get("pairs_not_judged", []) for a, b in [pair["classes"]]]
+
+
 def _not_estimated(audit: dict) -> str:
     """Why there is no noise estimate: the audit's own words when it declined to judge the labels."""
     reason = audit.get("label_check", {}).get("reason")
@@ -274,7 +282,8 @@ def data_quality_html(audit: dict, excluded: dict[str, int], review_href: str = 
                     for kind, n, detail in rows)
     noise = audit.get("estimated_noise", {})
     noise_rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{100 * r:.1f}%</td></tr>" for c, r in noise.items())
-    noise_html = (f"<table><tr><th>class</th><th>estimated label noise</th></tr>{noise_rows}</table>" if noise
+    noise_html = (f"<table><tr><th>class</th><th>estimated label noise</th></tr>{noise_rows}</table>"
+                  + "".join(f"<p>{line}.</p>" for line in _unjudged_pairs(audit)) if noise
                   else f"<p>Estimated label noise: {_not_estimated(audit)}.</p>")
     left_out = {"label_conflict": "in cross-class conflicts", "label_issue": "as label issues",
                 "decision": "by a review decision"}

@@ -380,6 +380,30 @@ def test_features_that_neither_confirm_nor_disagree_leave_a_phash_collision_apar
     assert [g["files"] for g in alone["near_duplicates"]] == [[files[a], files[b]]]
 
 
+def test_labels_are_not_judged_between_two_classes_the_features_cannot_tell_apart():
+    """Six classes the features separate and two they cannot (one centre): the gate over all classes passes, so
+    wrong labels among the six are still flagged, but no photo is flagged for being one of the twins rather than
+    the other, and their noise is not estimated (100,000 photos of scenes and drawn rings and triangles flagged
+    15,927 rings and triangles this way)."""
+    rng = np.random.default_rng(4)
+    labels = np.arange(800) % 8
+    centres = rng.normal(size=(8, 16)) * 3.0
+    centres[7] = centres[6]
+    features = (centres[labels] + rng.normal(size=(800, 16))).astype(np.float32)
+    flipped = rng.choice(np.flatnonzero(labels < 6), 24, replace=False)
+    given = labels.copy()
+    given[flipped] = (labels[flipped] + 1) % 6
+    files, doc = _document(features, given, [f"c{c}" for c in range(8)])
+    check = doc["label_check"]
+    assert check["judged"] and check["skill"] >= audit.DEFAULT_MIN_LABEL_SKILL
+    (twins,) = check["pairs_not_judged"]
+    assert twins["classes"] == ["c6", "c7"] and twins["skill"] < 0.3 and twins["issues_withheld"] > 0
+    assert "not between c6 and c7" in check["reason"]
+    assert not any({i["given"], i["suggested"]} == {"c6", "c7"} for i in doc["label_issues"])
+    assert len({i["file"] for i in doc["label_issues"]} & {files[k] for k in flipped}) >= 20
+    assert set(doc["estimated_noise"]) == {f"c{c}" for c in range(6)}
+
+
 def test_injected_label_flips_rank_on_top_on_separating_features():
     features, true = _separating()
     rng = np.random.default_rng(3)

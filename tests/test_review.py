@@ -331,6 +331,16 @@ def test_data_quality_fragment_of_a_clean_audit():
     assert "not estimated" in fragment and '<a href="review.html">' in fragment
 
 
+def test_data_quality_fragment_says_which_classes_were_not_judged_against_each_other():
+    audit = _audit()
+    audit["label_check"] = {"judged": True, "pairs_not_judged": [
+        {"classes": ["rings", "<i>t</i>"], "skill": 0.1, "issues_withheld": 15927}]}
+    fragment = data_quality_html(audit, {})
+    assert "<tr><td>ants</td><td>8.0%</td></tr>" in fragment
+    assert ("<p>rings and &lt;i&gt;t&lt;/i&gt; not estimated (the features cannot tell them apart, skill 0.10: "
+            "15927 issues withheld).</p>") in fragment
+
+
 def test_captured_images_are_labelled_with_a_class_typed_in_or_excluded(tmp_path):
     """A captured group (``jobs review --captured``): a card is labelled with an existing class or a new one typed
     in, or excluded; the export names it captured:<path>, which the server's check accepts with the new class."""
