@@ -98,7 +98,8 @@ def growth(sizes: list[int], values: list[float]) -> float:
 
 
 def projected(sizes: list[int], values: list[float], at: int) -> float:
-    """``values`` carried from the largest size to ``at`` along the fitted power (never below linear for times)."""
+    """``values`` carried from the largest size to ``at`` along the fitted power. A whole stage's fixed costs pull
+    its power below 1, so docs/sizing.md carries each stage by its parts instead."""
     n1, v1 = max(zip(sizes, values))
     return v1 * (at / n1) ** growth(sizes, values)
 

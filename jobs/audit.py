@@ -740,11 +740,11 @@ def label_review(files: Sequence[str], labels: np.ndarray, class_names: Sequence
     # The gate above is over all classes: six easy ones carry it while two the features cannot tell apart sit at
     # chance (100,000 photos of scenes and of drawn rings and triangles: 15,927 of 16,094 issues were a ring
     # called a triangle or back). So an issue also needs the head to tell its given class from the suggested one.
-    pairs = {tuple(sorted((int(dense[i]), int(found.suggested[i])))) for i in found.ranked
-             if dense[i] != found.suggested[i]}
-    weak_pairs = {pair: skill for pair in sorted(pairs)
-                  if (skill := pair_skill(dense, probs, *pair)) < min_label_skill}
-    kept = [i for i in found.ranked if tuple(sorted((int(dense[i]), int(found.suggested[i])))) not in weak_pairs]
+    pair_of = {int(i): (min(int(dense[i]), int(found.suggested[i])), max(int(dense[i]), int(found.suggested[i])))
+               for i in found.ranked}
+    weak_pairs = {pair: skill for pair in sorted(set(pair_of.values())) if pair[0] != pair[1]
+                  and (skill := pair_skill(dense, probs, *pair)) < min_label_skill}
+    kept = [i for i in found.ranked if pair_of[int(i)] not in weak_pairs]
     issues = [{"file": files[i], "given": class_names[labels[i]], "suggested": class_names[present[found.suggested[i]]],
                "score": round(1.0 - float(found.quality[i]), 4), "label_quality": round(float(found.quality[i]), 4)}
               for i in kept]
@@ -752,8 +752,7 @@ def label_review(files: Sequence[str], labels: np.ndarray, class_names: Sequence
     noise = {class_names[c]: round(float(r), 4) for d, (c, r) in enumerate(zip(present, found.noise_rate))
              if d not in unjudged}
     withheld = [{"classes": [class_names[present[a]], class_names[present[b]]], "skill": round(skill, 4),
-                 "issues_withheld": sum(tuple(sorted((int(dense[i]), int(found.suggested[i])))) == (a, b)
-                                        for i in found.ranked)}
+                 "issues_withheld": sum(pair == (a, b) for pair in pair_of.values())}
                 for (a, b), skill in weak_pairs.items()]
     reason = (f"labels judged: the out-of-fold head reaches {check['balanced_accuracy']:.1%} balanced accuracy "
               f"(chance {check['chance']:.0%}, skill {check['skill']:.2f} >= {min_label_skill})")
