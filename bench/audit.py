@@ -452,12 +452,7 @@ def job_run(data: Path, out: Path, injected: list[dict], model: list[str]) -> di
     distinct = [s for s in hashes if s not in copies]
     near = audit.hash_pairs(phash_array([hashes[s] for s in distinct]), 16)
     settings = doc["settings"]
-    by_features = settings["near_duplicates_by_features"]
-    rule = audit.DuplicateRule(settings["hash_radius"], settings["feature_ratio"], settings["agree_radius"],
-                               settings["mutual_radius"], settings["group_ratio"], by_features,
-                               settings["veto_quantile"], settings["confirm_quantile"],
-                               settings["disagree_below_cosine"] if by_features else -np.inf,
-                               settings["confirm_above_cosine"] if by_features else np.inf)
+    rule = audit.DuplicateRule.from_settings(settings)
     outside, pairs_checked, largest_hamming, largest_ratio = 0, 0, 0, 0.0
     for g in doc["near_duplicates"]:
         size = len(g["files"])

@@ -72,6 +72,15 @@ def test_injected_copies_of_fixture_photos_are_grouped_on_real_features(real_fea
     assert any("features" in p["by"] or "mutual" in p["by"] for p in crop_and_rotation["pairs"])
 
 
+def test_the_rule_audit_json_records_is_the_rule_its_groups_keep(real_features):
+    doc = _document_of(real_features)
+    rule = audit.DuplicateRule.from_settings(doc["settings"])
+    assert (rule.disagree_below, rule.confirm_above) == (doc["settings"]["disagree_below_cosine"],
+                                                         doc["settings"]["confirm_above_cosine"])
+    for pair in (p for g in doc["near_duplicates"] for p in g["pairs"]):
+        assert rule.within_group_bound(*(np.array([pair[k]]) for k in ("hamming", "cosine", "ratio")))[0]
+
+
 def test_a_burst_of_near_identical_shots_stays_one_group_though_its_shots_crowd_each_others_neighbourhood(
         real_features):
     """16 shots of one scene are each other's 10 nearest neighbours, so many of their pairs are no closer than
