@@ -98,7 +98,9 @@ def test_a_burst_of_near_identical_shots_stays_one_group_though_its_shots_crowd_
 def test_the_approximate_index_groups_the_same_copies_and_audit_json_says_which_search_ran(real_features):
     exact = _document_of(real_features)
     approximate = _document_of(real_features, exact_max=0)  # every data set above the threshold: the faiss index
-    assert exact["settings"]["neighbour_search"] == {"method": "exact", "exact_max": audit.DEFAULT_EXACT_MAX}
+    search = exact["settings"]["neighbour_search"]
+    assert (search["method"], search["exact_max"]) == ("exact", audit.DEFAULT_EXACT_MAX)
+    assert search["product"] in {"fp32", f"bf16 candidates (top k + {audit.CANDIDATE_MARGIN}) rescored in fp32"}
     search = approximate["settings"]["neighbour_search"]
     assert search["method"] == "faiss IndexHNSWFlat, inner product" and search["exact_max"] == 0
     assert (search["M"], search["ef_construction"], search["ef_search"]) == \
@@ -311,6 +313,22 @@ def test_approximate_neighbours_are_the_exact_ones_with_exact_cosines():
     assert (approximate.index[copies[:, 1], 0] == copies[:, 0]).all()
     again = audit.nearest_neighbours(unit, 10, exact_max=0)
     assert (again.index == approximate.index).all() and (again.cosine == approximate.cosine).all()
+
+
+def test_the_bf16_product_finds_the_exact_neighbours_and_searches_again_where_it_cannot_prove_them(monkeypatch):
+    """bf16 candidates rescored in fp32 are the fp32 search's neighbours; rows whose candidates bf16 cannot rank
+    (100 photos within a rounding of each other) are searched again in fp32."""
+    monkeypatch.setattr(audit.precision, "native_bf16", lambda device: True)  # the bf16 path on any CPU
+    rng = np.random.default_rng(0)
+    x = np.vstack([1 + 1e-3 * rng.normal(size=(100, 64)), rng.normal(size=(1400, 64))]).astype(np.float32)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    rows = np.arange(len(unit))
+    index, cosine, search = audit._exact_rows(unit, rows, 10, block=97)  # blocks that do not divide n
+    fp32_index, fp32_cosine = audit._fp32_rows(unit, rows, 10)
+    assert search["product"] == f"bf16 candidates (top k + {audit.CANDIDATE_MARGIN}) rescored in fp32"
+    assert 100 <= search["rows_searched_in_fp32"] < 200  # the crowd, and a few random rows as crowded
+    assert (index == fp32_index).all() and np.allclose(cosine, fp32_cosine, atol=1e-6)
+    assert (np.diff(cosine, axis=1) <= 0).all() and not (index == rows[:, None]).any()
 
 
 def test_the_index_is_built_on_one_thread_and_short_rows_are_searched_exactly(monkeypatch):
