@@ -189,6 +189,24 @@ def test_an_arch_that_does_not_export_or_an_engine_that_fails_the_gate_is_not_ad
     assert all(engines.refusal(name, {**meta, "backends": record}, paths.model) for name in engines.ONNX_ENGINES)
 
 
+def test_the_engines_are_checked_on_an_even_spread_of_a_large_val_split(exported_run: Path, tmp_path: Path,
+                                                                         monkeypatch):
+    """Past ``ENGINE_CHECK_IMAGES`` val images the engines run an even spread of them, each compared with its own
+    row of the state_dict's outputs."""
+    paths = RunPaths(copy_run(exported_run, tmp_path / "run"))
+    meta = meta_of(paths.model)
+    state = torch.load(paths.model / "model.pt", weights_only=True)
+    features, logits = (t.clone() for t in bf16_parity(paths, meta, state)[1].fp32)
+    n = len(logits)
+    assert n >= 3
+    monkeypatch.setattr(backends, "ENGINE_CHECK_IMAGES", 2)
+    assert backends.evenly_spread(n, 2).tolist() == [0, n - 1] and backends.evenly_spread(2, 5).tolist() == [0, 1]
+    logits[1:-1] = -logits[1:-1]  # rows the check must not read: answers no engine gives
+    record = backends.backends_record(paths, meta, state, (features, logits))
+    assert record["val_images"] == 2
+    assert all(record[name]["passed"] for name in engines.ONNX_ENGINES), record
+
+
 @pytest.fixture(scope="module")
 def int8_run(exported_run: Path, tmp_path_factory) -> dict:
     """``exported_run`` exported again with ``serve_precision: int8`` and archived, NNCF's graph admitted (the
