@@ -10,6 +10,7 @@ self-contained ``index.html``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
@@ -21,16 +22,16 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from handler import trust
 from handler.model import preprocess_spec
 from handler.preprocess import Preprocessor
-from jobs import checkpoints, report, versions
-from jobs.config import Config, RunPaths
+from jobs import checkpoints, features, report, versions
+from jobs.config import FEATURE_CACHE_KEYS, Config, RunPaths, key_names
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_json, read_json, read_run_file, sweep_partials
-from jobs.model import build_model
+from jobs.model import build_model, split_backbone_head
 from jobs.predict import predict
 from jobs.review import write_run_review
 from jobs.runtime import Runtime, default_num_workers
-from jobs.train import SELECTION_RULE, predict_logits
+from jobs.train import SELECTION_RULE, plan, predict_logits
 
 ECE_BINS = 15
 MAX_EXAMPLES = 12  # images shown per kind in the report's "Unknown inputs"
@@ -43,8 +44,10 @@ class EvaluateError(JobError):
     pass
 
 
-def load_trained_model(paths: RunPaths, classes: list[str]) -> tuple[torch.nn.Module, dict]:
-    """The best checkpoint, built from the architecture and label order recorded in it."""
+def load_trained_model(paths: RunPaths, classes: list[str]) -> tuple[torch.nn.Module, dict, Config]:
+    """The best checkpoint, built from the architecture and label order recorded in it; what it is
+    (``metrics.json["checkpoint"]``; ``backbone_trained``: whether any of its backbone's weights trained); the
+    config it was trained with."""
     path, state = checkpoints.for_inference(paths)
     arch = state["config"]["arch"]
     if state["classes"] != classes:
@@ -53,17 +56,38 @@ def load_trained_model(paths: RunPaths, classes: list[str]) -> tuple[torch.nn.Mo
     model = build_model(arch, len(classes), "none")  # every weight comes from the checkpoint
     model.load_state_dict(state["model"])
     progress = state["progress"]
+    best = progress.get("best_epoch") or {}
+    # The cached head stage leaves the backbone exactly the configured weights (train's fingerprint holds them).
+    trained = Config(**{k: v for k, v in state["config"].items() if k in key_names()})
+    head_stage = plan(trained)[0]
+    frozen = best.get("stage") == head_stage.name and head_stage.on_features
     return model, {"file": path.name, "arch": arch, "stage": progress.get("stage"),
-                   "best_epoch": progress.get("best_epoch"), "selection": SELECTION_RULE}
+                   "best_epoch": progress.get("best_epoch"), "selection": SELECTION_RULE,
+                   "backbone_trained": not frozen}, trained
 
 
-def predict_split(model: torch.nn.Module, arch: str, paths: RunPaths, items: list[tuple[str, int]], cfg: Config,
-                  rt: Runtime) -> np.ndarray:
-    """Softmax probabilities (N, C) for ``items``, in their order (train's validation loop)."""
-    model.to(rt.device, memory_format=rt.memory_format())
-    loader = make_loader(ImageFiles(paths.out, items, Preprocessor(preprocess_spec(arch))), cfg.batch_size,
-                         default_num_workers(cfg, rt), pin_memory=rt.device.type == "cuda")
-    logits, _ = predict_logits(model, loader, rt)
+def probabilities_on_test(model: torch.nn.Module, checkpoint: dict, trained: Config, paths: RunPaths, splits: dict,
+                       rt: Runtime, cfg: Config) -> np.ndarray:
+    """Softmax probabilities (N, C) of the test split, in its order, computed as train's validation computes val's.
+
+    A backbone that never trained is the one whose features the audit cached for every image (``jobs.features``):
+    the head scores the test split's cached features, and no image goes through the backbone again (at 100,000
+    photos that pass took over two minutes). Otherwise every image goes through the whole model.
+    """
+    if checkpoint["backbone_trained"]:
+        items = split_items(splits, "test")
+        model.to(rt.device, memory_format=rt.memory_format())
+        loader = make_loader(ImageFiles(paths.out, items, Preprocessor(preprocess_spec(checkpoint["arch"]))),
+                             cfg.batch_size, default_num_workers(cfg, rt), pin_memory=rt.device.type == "cuda")
+        logits, _ = predict_logits(model, loader, rt)
+        return logits.softmax(1).numpy()
+    # The cache's key is the training config's; how this command reads it (batch size, workers) stays its own.
+    as_trained = dataclasses.replace(cfg, **{k: getattr(trained, k) for k in FEATURE_CACHE_KEYS})
+    alone = dataclasses.replace(rt, rank=0, world_size=1)  # evaluate runs on rank 0 alone: no collective call
+    backbone, head = split_backbone_head(model)
+    x, y = features.load_or_extract(as_trained, paths, alone, backbone, splits, "test")
+    head.to(rt.device)
+    logits, _ = predict_logits(head, [(x[:, 0].to(rt.device), y)] if len(y) else [], alone, on_images=False)
     return logits.softmax(1).numpy()
 
 
@@ -168,8 +192,8 @@ def evaluate(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
     splits = load_splits(paths)
     classes = splits["classes"]
     items = split_items(splits, "test")
-    model, checkpoint = load_trained_model(paths, classes)
-    probs = predict_split(model, checkpoint["arch"], paths, items, cfg, rt)
+    model, checkpoint, trained = load_trained_model(paths, classes)
+    probs = probabilities_on_test(model, checkpoint, trained, paths, splits, rt, cfg)
     metrics = compute_metrics(np.array([label for _, label in items], dtype=np.int64), probs, classes,
                               [path for path, _ in items])
     metrics["classes"] = classes

@@ -9,10 +9,15 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import FIXTURE_IMAGES, TINY_ARCH, run_job
 from PIL import Image, ImageEnhance, ImageOps
 
+from jobs.config import RunPaths, load_config
+from jobs.data import load_splits
+from jobs.evaluate import load_trained_model, probabilities_on_test
+from jobs.runtime import setup
 from jobs.split import assign
 
 pytestmark = pytest.mark.e2e  # whole jobs, servers or torchrun: not in scripts/test.sh --fast
@@ -111,6 +116,24 @@ def test_random_weights_flag_no_label_issues_and_say_why(audited):
 def test_darkened_photos_are_flagged(audited):
     issues = {i["file"]: i["issues"] for i in _json(audited["out"] / "audit.json")["image_issues"]}
     assert "dark" in issues[audited["dark"]]
+
+
+def test_evaluate_scores_the_head_on_the_test_features_the_audit_cached(audited):
+    """The head stage leaves the backbone as the audit ran it: evaluate sends no test image through it again, and
+    its numbers are those of the whole model on the images."""
+    out = audited["out"]
+    assert _passes(audited["first"].stdout, "test") == (0, 0)
+    metrics = _json(out / "report" / "metrics.json")
+    assert metrics["checkpoint"]["backbone_trained"] is False
+    paths = RunPaths(out)
+    cfg, splits = load_config(paths.config), load_splits(paths)
+    model, checkpoint, trained = load_trained_model(paths, splits["classes"])
+    on_images = probabilities_on_test(model, {**checkpoint, "backbone_trained": True}, trained, paths, splits,
+                                      setup(cfg), cfg)
+    given = metrics["predictions"]
+    assert len(given) == len(on_images) > 0
+    assert [p["predicted"] for p in given] == [splits["classes"][i] for i in on_images.argmax(1)]
+    assert np.abs(np.array([p["probability"] for p in given]) - on_images.max(1)).max() < 0.01
 
 
 @pytest.mark.parametrize("seed", range(40))
