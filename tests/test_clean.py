@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,30 @@ def test_rerun_on_unchanged_folder_decodes_nothing(hostile_data, tmp_path, monke
     monkeypatch.setattr(clean_module, "inspect_image", refuse)
     clean(cfg, paths, data)
     assert json.loads(paths.clean_report.read_text())["files"] == json.loads(first)["files"]
+
+
+def test_many_files_are_decoded_in_processes_with_the_same_report(hostile_data, tmp_path, monkeypatch):
+    """At PROCESS_POOL_MIN files to decode and more, the workers are processes: every kind of file (hostile ones
+    too) comes back from them as it does from the threads."""
+    import jobs.clean as clean_module
+
+    data, _ = hostile_data
+    cfg = load_config(overrides={"min_images_per_class": 3})
+    by_threads, by_processes = RunPaths(tmp_path / "threads"), RunPaths(tmp_path / "processes")
+    clean(cfg, by_threads, data)
+    pools = []
+
+    def process_pool(*args, **kwargs) -> ProcessPoolExecutor:
+        pools.append(kwargs["mp_context"].get_start_method())
+        return ProcessPoolExecutor(*args, **kwargs)
+
+    monkeypatch.setattr(clean_module, "PROCESS_POOL_MIN", 1)
+    monkeypatch.setattr(clean_module, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(clean_module, "ProcessPoolExecutor", process_pool)
+    clean(cfg, by_processes, data)
+    assert pools == ["forkserver"]
+    reports = [json.loads(paths.clean_report.read_text())["files"] for paths in (by_threads, by_processes)]
+    assert reports[0] == reports[1] and len(reports[0]) > 10
 
 
 def test_real_dataset_gif_placeholder_is_quarantined(shared_hymenoptera, tmp_path):
