@@ -96,19 +96,21 @@ FEATURES_LINE = re.compile(r"^features: .*?(\d+) backbone passes in ([\d.]+) s",
 
 def backbone_passes(stage: str, log: Path, out: Path) -> dict:
     """Images through the backbone in ``stage`` (a view or a precision counts once each): the feature store's
-    own lines where it printed them (audit, train), else counted from what export and evaluate record."""
+    own lines where it printed them (audit, train, evaluate), plus what export and evaluate record of the passes
+    they make without it."""
     found = FEATURES_LINE.findall(log.read_text())
-    if found:
-        return {"passes": sum(int(n) for n, _ in found), "backbone_s": round(sum(float(t) for _, t in found), 1)}
+    passes = sum(int(n) for n, _ in found)
     if stage == "export":
         meta = json.loads((out / "model" / "metadata.json").read_text())
-        val = meta["serve_precision"]["val_images"]
-        engine_passes = sum(len(v.get("checked", ())) for v in meta["backends"].values() if isinstance(v, dict))
-        # fp32 and bf16 over val (the trust fit reuses them), the trust bank, each engine's passes over val
-        return {"passes": (2 + engine_passes) * val + meta["trust"]["fit_on"]["train_images"]}
-    if stage == "evaluate":
-        return {"passes": json.loads((out / "report" / "metrics.json").read_text())["count"]}
-    return {"passes": 0}
+        engines = meta["backends"]
+        checked = sum(len(v.get("checked", ())) for v in engines.values() if isinstance(v, dict))
+        # fp32 and bf16 over val (the trust fit reuses them), the trust bank, each engine over the images it checks
+        passes += (2 * meta["serve_precision"]["val_images"] + meta["trust"]["fit_on"]["train_images"]
+                   + checked * engines.get("val_images", 0))
+    if stage == "evaluate":  # the served answers on the test split
+        passes += json.loads((out / "report" / "metrics.json").read_text())["trust"].get("test", {}).get("images", 0)
+    timed = {"backbone_s": round(sum(float(t) for _, t in found), 1)} if found else {}
+    return {"passes": passes, **timed}
 
 
 def outcome(out: Path) -> dict:
