@@ -27,7 +27,7 @@ from handler.preprocess import Preprocessor, decode_rgb, eval_transform, train_t
 from jobs.config import FEATURE_CACHE_KEYS, Config, RunPaths
 from jobs.data import ImageFiles, ShardSampler, make_loader, split_items
 from jobs.fileio import atomic_torch_save, read_run_file
-from jobs.model import weights_tag
+from jobs.model import ModelError, weights_tag
 from jobs.progress import Bar
 from jobs.runtime import Runtime, barrier, default_num_workers
 
@@ -186,6 +186,22 @@ def view_features(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module
         if augmented:
             out[j, 1:] = store.entries[_augmented_key(sha, cfg.seed, augmented)]
     return out
+
+
+def cached_eval_features(cfg: Config, paths: RunPaths, rt: Runtime, num_classes: int,
+                         items: list[tuple[str, str]]) -> torch.Tensor | None:
+    """(N, D) view-0 features of ``items`` ((path in the run folder, content hash)) when the cache holds every one,
+    else None; it computes nothing. None too where ``cfg.weights`` names a file no longer there, or another one
+    now: the key then names other weights than those the features came from."""
+    try:
+        key = backbone_key(cfg, rt, num_classes)
+    except ModelError:
+        return None
+    wanted = [_eval_key(sha) for _, sha in items]
+    store = FeatureStore(paths.cache / "features" / key)
+    if not wanted or not all(k in store.entries for k in wanted):
+        return None
+    return torch.stack([store.entries[k] for k in wanted])
 
 
 def content_hashes(paths: RunPaths) -> dict[str, str]:
