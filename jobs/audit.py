@@ -29,7 +29,7 @@ as ``<out>/audit.json``; the other functions are its parts. docs/audit.md explai
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,13 +215,9 @@ def _fp32_rows(unit: np.ndarray, rows: np.ndarray, k: int, block: int | None = N
     if not k:
         return index, cosine
     every = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))
-    every_t = every.T.contiguous()
-    for b0 in range(0, len(rows), block):
-        mine = torch.from_numpy(rows[b0:b0 + block])
-        sims = every[mine] @ every_t
-        sims[torch.arange(len(mine)), mine] = -torch.inf  # never one's own neighbour
+    for at, _, sims in _similarity_blocks(every, rows, block, torch.float32):
         top = torch.topk(sims, k, dim=1)  # sorted, nearest first
-        index[b0:b0 + len(mine)], cosine[b0:b0 + len(mine)] = top.indices.numpy(), top.values.numpy()
+        index[at], cosine[at] = top.indices.numpy(), top.values.numpy()
     return index, cosine
 
 
@@ -239,21 +235,28 @@ def _rescored_rows(unit: np.ndarray, rows: np.ndarray, k: int, block: int | None
     n = len(unit)
     block = block or min(1024, 2 * rows_per_block(n))
     every = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))
-    rounded_t = every.bfloat16().T.contiguous()
     index = np.zeros((len(rows), k), np.int64)
     cosine = np.zeros((len(rows), k), np.float32)
     proven = np.zeros(len(rows), bool)
-    for b0 in range(0, len(rows), block):
-        mine = torch.from_numpy(rows[b0:b0 + block])
-        sims = every[mine].bfloat16() @ rounded_t
-        sims[torch.arange(len(mine)), mine] = -torch.inf
+    for at, mine, sims in _similarity_blocks(every, rows, block, torch.bfloat16):
         rough = torch.topk(sims, k + CANDIDATE_MARGIN, dim=1)
         exact = torch.einsum("bd,bcd->bc", every[mine], every[rough.indices])
         best = torch.topk(exact, k, dim=1)
-        index[b0:b0 + len(mine)] = torch.gather(rough.indices, 1, best.indices).numpy()
-        cosine[b0:b0 + len(mine)] = best.values.numpy()
-        proven[b0:b0 + len(mine)] = (best.values[:, -1] > rough.values[:, -1].float() + BF16_COSINE_ERROR).numpy()
+        index[at], cosine[at] = torch.gather(rough.indices, 1, best.indices).numpy(), best.values.numpy()
+        proven[at] = (best.values[:, -1] > rough.values[:, -1].float() + BF16_COSINE_ERROR).numpy()
     return index, cosine, np.flatnonzero(~proven)
+
+
+def _similarity_blocks(every: torch.Tensor, rows: np.ndarray, block: int, dtype: torch.dtype
+                       ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """Per ``block`` of ``rows``: (its positions in ``rows``, its row indices, its rows' products with every row of
+    ``every`` taken in ``dtype``, each row's own product -inf)."""
+    every_t = every.to(dtype).T.contiguous()
+    for b0 in range(0, len(rows), block):
+        mine = torch.from_numpy(rows[b0:b0 + block])
+        sims = every[mine].to(dtype) @ every_t
+        sims[torch.arange(len(mine)), mine] = -torch.inf  # never one's own neighbour
+        yield slice(b0, b0 + len(mine)), mine, sims
 
 
 def hnsw_neighbours(unit: np.ndarray, k: int, block: int | None = None, exact_max: int = 0, *, m: int = HNSW_M,

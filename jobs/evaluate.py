@@ -10,7 +10,6 @@ self-contained ``index.html``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
@@ -23,7 +22,7 @@ from handler import trust
 from handler.model import preprocess_spec
 from handler.preprocess import Preprocessor
 from jobs import checkpoints, features, report, versions
-from jobs.config import FEATURE_CACHE_KEYS, Config, RunPaths, key_names
+from jobs.config import Config, RunPaths, key_names
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_json, read_json, read_run_file, sweep_partials
@@ -79,8 +78,7 @@ def probabilities_on_test(model: torch.nn.Module, checkpoint: dict, trained: Con
     cached = None
     if not checkpoint["backbone_trained"]:
         shas = features.content_hashes(paths)
-        as_trained = dataclasses.replace(cfg, **{k: getattr(trained, k) for k in FEATURE_CACHE_KEYS})
-        cached = features.cached_eval_features(as_trained, paths, rt, len(splits["classes"]),
+        cached = features.cached_eval_features(trained, paths, rt, len(splits["classes"]),
                                                [(p, shas[p]) for p, _ in items])
     if cached is not None:
         print(f"evaluate: the test split's {len(items)} images scored on their cached backbone features (the "
