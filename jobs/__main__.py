@@ -1,3 +1,3 @@
-from jobs.cli import main
+from jobs.cli import run_and_exit
 
-main()
+run_and_exit()

@@ -39,6 +39,7 @@ from jobs.config import RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
 from jobs.fileio import atomic_write_bytes
 from jobs.parity import INT8_CALIBRATION_IMAGES, Outputs, Rows
+from jobs.process import exit_process
 
 CPU = torch.device("cpu")
 OPSET = 17  # ONNX Runtime 1.32 and OpenVINO 2026.4 both run it in full
@@ -271,3 +272,4 @@ if __name__ == "__main__":  # _outputs_apart's process: request.pt in, outputs.p
     found, cannot = engine_outputs(Path(asked["onnx_file"]), Path(asked["root"]), asked["items"], asked["preprocess"],
                                    asked["calibration"])
     torch.save({"outputs": found, "refused": cannot}, sys.argv[2])
+    exit_process(0)

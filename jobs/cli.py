@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -18,6 +18,7 @@ from handler.cpus import CpusSettingError
 from jobs import api
 from jobs.config import SERVE_BACKENDS, Config, key_names, key_type, keys_for, load_config
 from jobs.errors import JobError, jobs_command, with_real_command
+from jobs.process import exit_process
 
 KEYS_DOC = "docs/configuration.md"
 
@@ -330,6 +331,7 @@ def serve_config(model_store: Path, base: Path | None, dest: Path) -> None:
 
 
 def main() -> None:
+    """``jobs`` as a click app: raises SystemExit with the exit code (what a caller in this process catches)."""
     # Progress lines reach a pipe, a log file or `kubectl logs` as they happen, not at exit.
     sys.stdout.reconfigure(line_buffering=True)
     try:
@@ -345,3 +347,12 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted; re-run the same command to resume", err=True)
         sys.exit(130)
+
+
+def run_and_exit() -> NoReturn:
+    """The ``jobs`` command (console script and ``python -m jobs``): ``main``, then ``jobs.process.exit_process``."""
+    try:
+        main()
+    except SystemExit as e:
+        exit_process(e.code)
+    exit_process(0)

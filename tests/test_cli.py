@@ -3,6 +3,7 @@ pasted as printed, relative paths that work from any directory."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -97,10 +98,36 @@ def test_one_name_for_the_package_the_script_and_the_docs():
     (a distribution, an unused console script, container and cluster names) appear nowhere."""
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert project["name"] == "jobs" and project["scripts"] == {"jobs": "jobs.cli:main"}
+    assert project["name"] == "jobs" and project["scripts"] == {"jobs": "jobs.cli:run_and_exit"}
     retired = ("image-" + "classifier", "image-" + "job")  # spelled apart: this file must not match itself
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     found = [f"{path}: {name}" for path in tracked if (REPO / path).suffix not in {".jpg", ".png", ".statedict"}
              and (REPO / path).is_file() for name in retired
              if name in (REPO / path).read_text(errors="replace").lower()]
     assert not found, found
+
+
+@pytest.mark.parametrize("code, status", [(None, 0), (3, 3), ("a message", 1)])
+def test_a_jobs_process_ends_as_a_normal_exit_would(tmp_path: Path, code, status: int):
+    """``jobs.process.exit_process`` skips the interpreter's teardown, not what a normal exit does before it: a
+    thread still writing is waited for, atexit handlers run, output still buffered is flushed, the status is
+    sys.exit's."""
+    script = f"""
+import atexit, threading, time, sys
+from pathlib import Path
+from jobs.process import exit_process
+def slow_write():
+    time.sleep(0.5)
+    Path({str(tmp_path / "thread.txt")!r}).write_text("done")
+threading.Thread(target=slow_write).start()
+atexit.register(lambda: Path({str(tmp_path / "atexit.txt")!r}).write_text("ran"))
+sys.stdout.write("buffered, no newline")
+exit_process({code!r})
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: block-buffered
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == status, done.stderr
+    assert done.stdout == "buffered, no newline"
+    assert done.stderr == ("a message\n" if status == 1 else "")
+    assert (tmp_path / "thread.txt").read_text() == "done" and (tmp_path / "atexit.txt").read_text() == "ran"
