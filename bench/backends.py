@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.common import machine, save_result, seeded_resnet18
-from handler import engines, precision
+from handler import engines, files, precision
 from handler import model as models
 from jobs.backends import write_int8_graph, write_onnx
 
@@ -46,7 +46,7 @@ def engines_of(arch: str, folder: Path, threads: int) -> dict[str, engines.Engin
     """Every engine and precision this CPU offers for ``arch``, by label."""
     meta = {"arch": arch, "num_classes": 1000, "input_size": [3, *[models.preprocess_spec(arch)["crop_size"]] * 2]}
     weights = weights_of(arch, folder)
-    onnx_file = write_onnx(models.build_model(meta, weights, CPU), meta["input_size"], folder / engines.ONNX_FILE)
+    onnx_file = write_onnx(models.build_model(meta, weights, CPU), meta["input_size"], folder / files.ONNX)
     native = precision.native_bf16(CPU)
     found: dict[str, engines.Engine] = {"torch fp32": engines.TorchEngine(meta, folder, weights, CPU, "fp32")}
     if native:

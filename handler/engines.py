@@ -26,20 +26,16 @@ from typing import Any
 
 import torch
 
+from handler import files, precision
 from handler import model as models
-from handler import precision
 
 logger = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"  # beside model.pt when the export wrote it
-# model.onnx quantized, when the export was asked for int8: OpenVINO's IR, the graph and the weights it names
-INT8_GRAPH_FILES = ("model-int8.xml", "model-int8.bin")
-INT8_GRAPH = INT8_GRAPH_FILES[0]
 ONNX_INPUT, ONNX_OUTPUTS = "images", ("features", "logits")  # Classifier.forward's order
 TORCH, ONNXRUNTIME, OPENVINO, OPENVINO_INT8 = "torch", "onnxruntime", "openvino", "openvino-int8"
 ONNX_ENGINES = (ONNXRUNTIME, OPENVINO)  # the engines of model.onnx as written
 GRAPH_ENGINES = (*ONNX_ENGINES, OPENVINO_INT8)  # every engine of a graph file the export writes
-GRAPH_FILES = {ONNXRUNTIME: ONNX_FILE, OPENVINO: ONNX_FILE, OPENVINO_INT8: INT8_GRAPH}
+GRAPH_FILES = {ONNXRUNTIME: files.ONNX, OPENVINO: files.ONNX, OPENVINO_INT8: files.INT8_GRAPH}
 BACKENDS = ("auto", TORCH, *GRAPH_ENGINES)
 # auto: a warm-up and TIMED_RUNS timed runs of a TIMED_BATCH-image batch per candidate. ResNet-18 fp32 runs
 # 4 images in about 80 ms on 2 cores: the three candidates together stay well under a second.

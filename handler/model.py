@@ -25,12 +25,11 @@ import torch
 from torch import fx, nn
 from torchvision import models
 
-from handler import precision, preprocess
+from handler import files, precision, preprocess
 
 logger = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm/"
-INT8_WEIGHTS = "model-int8.pt"  # beside model.pt when the export offered int8
 INT8_MAX_ACCURACY_LOSS = 0.005  # val accuracy int8 may lose against fp32 (0.5 points) and still be offered
 
 
@@ -282,7 +281,7 @@ def quantize_int8(meta: dict, model: Classifier, calibration: list[torch.Tensor]
 
 
 def build_int8_model(meta: dict, weights: Path) -> nn.Module:
-    """The int8 model the export wrote (``INT8_WEIGHTS``), rebuilt as ``quantize_int8`` built it."""
+    """The int8 model the export wrote (``files.INT8_WEIGHTS``), rebuilt as ``quantize_int8`` built it."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
     parts = split(create(meta["arch"], meta["num_classes"]).eval())
@@ -302,8 +301,8 @@ def load_serving_model(meta: dict, model_dir: Path, weights: Path, device: torch
     is requested; otherwise ``build_model`` with ``precision.serve_dtype``.
     """
     if (requested == "auto" and device.type == "cpu" and (meta.get("serve_precision") or {}).get("choice") == "int8"
-            and (model_dir / INT8_WEIGHTS).is_file()):
-        return build_int8_model(meta, model_dir / INT8_WEIGHTS), None, "int8"
+            and (model_dir / files.INT8_WEIGHTS).is_file()):
+        return build_int8_model(meta, model_dir / files.INT8_WEIGHTS), None, "int8"
     dtype = precision.serve_dtype(meta, device, requested)
     return build_model(meta, weights, device), dtype, precision.name(dtype)
 

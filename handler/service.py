@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from handler import engines
+from handler import engines, files
 from handler.preprocess import Preprocessor, image_header
 from handler.protocol import BadRequest, parse_topk, where
 from handler.trust import LOW_CONFIDENCE, UNLIKE_TRAINING, Trust
@@ -124,7 +124,7 @@ class ModelAnswers:
     def __init__(self, model_dir: Path, options: dict[str, Any] | None = None):
         options = options or {}
         self.model_dir = Path(model_dir)
-        self.meta: dict = json.loads((self.model_dir / "metadata.json").read_text())
+        self.meta: dict = json.loads((self.model_dir / files.METADATA).read_text())
         self.classes: list[str] = list(self.meta["classes"])
         self.default_topk = int(options.get("topk") or self.meta.get("topk") or DEFAULT_TOPK)
         # Calibration and "none of these", as the export fit them; an archive from before them answers without.
@@ -177,7 +177,7 @@ class ImageClassifier(ImageDecoder, ModelAnswers):
         ModelAnswers.__init__(self, model_dir, options)
         ImageDecoder.__init__(self, self.meta["preprocess"], options)
         self.device = device
-        choice = engines.choose(self.meta, self.model_dir, weights or self.model_dir / "model.pt", device,
+        choice = engines.choose(self.meta, self.model_dir, weights or self.model_dir / files.WEIGHTS, device,
                                 str(options.get("backend") or "auto"), str(options.get("precision") or "auto"))
         self.engine, self.precision = choice.engine, choice.engine.precision
         self.backend = engines.describe(choice)  # which engine serves, in which precision, and why

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from handler import files
 from handler.engines import ONNX_OUTPUTS
 from handler.protocol import TRUST_FIELDS, V2_DATATYPES, BadRequest
 from handler.service import ImageDecoder, ModelAnswers
@@ -82,7 +83,7 @@ class Preprocess(Step):
 
     def initialize(self, args: dict[str, str]) -> None:
         super().initialize(args)
-        meta = json.loads((self.files / "metadata.json").read_text())
+        meta = json.loads((self.files / files.METADATA).read_text())
         self.decoder = ImageDecoder(meta["preprocess"], self.options)
         (self.output,) = (output["name"] for output in self.config["output"])  # the ONNX model's input
 

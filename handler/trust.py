@@ -31,8 +31,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch.nn import functional as F
 
+from handler import files
+
 FORMAT = 1
-SCORE_FILE = "ood.pt"
 DEFAULT_KEEP = 0.95
 DEFAULT_K = 5
 # The kNN bank is subsampled (stratified by class) to at most this many rows. At 1280 features
@@ -351,7 +352,7 @@ class Trust:
                                          min_confidence)
         return cls(temperature, fitted, threshold, keep, min_confidence, expected)
 
-    def save(self, model_dir: Path, file_name: str = SCORE_FILE) -> dict[str, Any]:
+    def save(self, model_dir: Path, file_name: str = files.SCORES) -> dict[str, Any]:
         """Write the score file into ``model_dir``; returns the ``metadata.json`` entry that names it."""
         path = save_score(Path(model_dir) / file_name, self.score)
         state = self.score.state()

@@ -27,15 +27,14 @@ from pathlib import Path
 
 import yaml
 
-from handler.engines import INT8_GRAPH_FILES, ONNX_FILE
-from handler.model import INT8_WEIGHTS
+from handler import files
 from jobs.config import Config, RunPaths
 from jobs.errors import JobError
 from jobs.fileio import atomic_write_text, ensure_writable_dir, link_or_copy, read_json
 from jobs.runlock import hold
 from jobs.versions import FIRST_VERSION, compared, previous_version, refusal
 
-MODEL_FILES = ("model.pt", "index_to_name.json", "metadata.json")
+MODEL_FILES = (files.WEIGHTS, files.INDEX_TO_NAME, files.METADATA)
 # TorchServe's rule for model names (they become URL path segments and file names).
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 HANDLER_FILE = "classifier_handler.py"
@@ -97,9 +96,9 @@ def archive(cfg: Config, paths: RunPaths, handler: Path | None = None, handler_o
     if not MODEL_NAME.match(cfg.model_name):
         raise JobError(f"config key 'model_name' must match {MODEL_NAME.pattern} for TorchServe "
                        f"(got {cfg.model_name!r})")
-    meta = read_json(paths.model / "metadata.json")
+    meta = read_json(paths.model / files.METADATA)
     # when the export offered int8 (PyTorch's, OpenVINO's); wrote ONNX
-    optional = [paths.model / name for name in (INT8_WEIGHTS, ONNX_FILE, *INT8_GRAPH_FILES)]
+    optional = [paths.model / name for name in (files.INT8_WEIGHTS, files.ONNX, *files.INT8_GRAPH_FILES)]
     if meta.get("trust"):
         optional.append(paths.model / meta["trust"]["file"])  # the OOD score's state
     optional = [p for p in optional if p.is_file()]
@@ -156,14 +155,14 @@ def _build(cfg: Config, paths: RunPaths, store: Path, version: str, target: Path
         # entry by entry into the archive's root, so a comma in the user's paths cannot split a file.
         extras = work / "extra"
         (extras / "handler").mkdir(parents=True)
-        for src in (paths.model / "index_to_name.json", paths.model / "metadata.json", *optional):
+        for src in (paths.model / files.INDEX_TO_NAME, paths.model / files.METADATA, *optional):
             link_or_copy(src, extras / src.name)
         for src in serving_package():
             link_or_copy(src, extras / "handler" / src.name)
         cmd = [sys.executable, "-m", "model_archiver.model_packaging",
                "--model-name", cfg.model_name, "--version", version,
                "--handler", str(Path(handler or handler_dir() / HANDLER_FILE).resolve()),
-               "--serialized-file", str((paths.model / "model.pt").resolve()),
+               "--serialized-file", str((paths.model / files.WEIGHTS).resolve()),
                "--extra-files", extras.name,
                "--config-file", str(config_file), "--export-path", str(work), "--force"]
         run = subprocess.run(cmd, cwd=work, env={**os.environ, "TMPDIR": str(work / "stage")}, capture_output=True,

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from handler import engines, precision
+from handler import engines, files, precision
 from handler import model as models
 from handler.preprocess import Preprocessor
 from handler.trust import Trust
@@ -67,8 +67,8 @@ def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor],
     ``serve_backend`` torch: neither the graph nor the check (a few seconds and the weights' size again in the
     .mar), so no engine is admitted and any later archive serves torch. ``int8``: quantize the graph too.
     """
-    onnx_file = paths.model / engines.ONNX_FILE
-    _remove(paths.model, (engines.ONNX_FILE, *engines.INT8_GRAPH_FILES))  # a previous export's: other weights'
+    onnx_file = paths.model / files.ONNX
+    _remove(paths.model, (files.ONNX, *files.INT8_GRAPH_FILES))  # a previous export's: other weights'
     if serve_backend == engines.TORCH:
         reason = "exported with serve_backend torch: no graph written, no engine checked"
         print(f"export: {reason}")
@@ -85,7 +85,7 @@ def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor],
     names = engines.GRAPH_ENGINES if int8 else engines.ONNX_ENGINES
     picked = evenly_spread(len(items), ENGINE_CHECK_IMAGES)
     items = [items[i] for i in picked.tolist()]
-    record: dict = {"onnx": engines.ONNX_FILE, "val_images": len(items), "gates": GATES}
+    record: dict = {"onnx": files.ONNX, "val_images": len(items), "gates": GATES}
     if val_fp32 is None:
         print("export: no val images: no engine but torch is admitted")
         return {**record, **{name: {"passed": False, "reason": "no val images"} for name in names}}
@@ -108,7 +108,7 @@ def backends_record(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor],
     if int8 and record[engines.OPENVINO_INT8].get("passed"):
         record[engines.OPENVINO_INT8]["calibration_images"] = len(calibration)
     else:  # a graph no engine serves is not packed
-        _remove(paths.model, engines.INT8_GRAPH_FILES)
+        _remove(paths.model, files.INT8_GRAPH_FILES)
     verdicts = "; ".join(f"{name} {_verdict(record[name])}" for name in names)
     print(f"export: {onnx_file.name} on {len(items)} val images against the state_dict: {verdicts} "
           f"({time.perf_counter() - start:.1f} s)")
@@ -144,7 +144,7 @@ def write_onnx(model: torch.nn.Module, input_size: list[int], path: Path) -> Pat
 
 def write_int8_graph(onnx_file: Path, root: Path, calibration: list[tuple[str, int]], preprocess: dict) -> Path:
     """``onnx_file`` quantized to int8 by NNCF's post-training quantization (weights per channel, activations'
-    ranges observed on the ``calibration`` images), written beside it as ``engines.INT8_GRAPH``: the .bin first,
+    ranges observed on the ``calibration`` images), written beside it as ``files.INT8_GRAPH``: the .bin first,
     then the .xml renamed over, so the .xml names a whole graph. ImportError where NNCF is not installed."""
     import nncf
     import openvino
@@ -155,10 +155,10 @@ def write_int8_graph(onnx_file: Path, root: Path, calibration: list[tuple[str, i
         quantized = nncf.quantize(openvino.Core().read_model(str(onnx_file)), nncf.Dataset(images),
                                   subset_size=len(images))
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=onnx_file.parent) as tmp:
-        openvino.save_model(quantized, str(Path(tmp) / engines.INT8_GRAPH), compress_to_fp16=False)  # float stays fp32
-        for name in reversed(engines.INT8_GRAPH_FILES):  # the weights first
+        openvino.save_model(quantized, str(Path(tmp) / files.INT8_GRAPH), compress_to_fp16=False)  # float stays fp32
+        for name in reversed(files.INT8_GRAPH_FILES):  # the weights first
             os.replace(Path(tmp) / name, onnx_file.parent / name)
-    return onnx_file.parent / engines.INT8_GRAPH
+    return onnx_file.parent / files.INT8_GRAPH
 
 
 def _outputs_apart(onnx_file: Path, root: Path, items: list[tuple[str, int]], preprocess: dict,
@@ -195,7 +195,7 @@ def engine_outputs(onnx_file: Path, root: Path, items: list[tuple[str, int]], pr
         start = time.perf_counter()
         try:
             int8_graph = write_int8_graph(onnx_file, root, calibration, preprocess)
-            print(f"export: {engines.INT8_GRAPH} quantized on {len(calibration)} training images "
+            print(f"export: {files.INT8_GRAPH} quantized on {len(calibration)} training images "
                   f"({time.perf_counter() - start:.1f} s)")
         except Exception as e:  # noqa: BLE001 -- NNCF not installed, or a graph it cannot quantize
             refused[engines.OPENVINO_INT8] = {"passed": False,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from handler import trust
+from handler import files, trust
 from handler.model import preprocess_spec
 from handler.preprocess import Preprocessor
 from jobs import checkpoints, features, report, versions
@@ -222,7 +222,7 @@ def evaluate(cfg: Config, paths: RunPaths, rt: Runtime) -> Path:
 
 def versus_previous(cfg: Config, paths: RunPaths, splits: dict, checkpoint: dict, rt: Runtime) -> dict | None:
     """The exported model (when it is this checkpoint's) against the version before it (``jobs.versions.compare``)."""
-    meta_file = paths.model / "metadata.json"
+    meta_file = paths.model / files.METADATA
     meta = read_json(meta_file) if meta_file.exists() else {}
     if not meta or (meta.get("split_hash"), meta.get("best_epoch")) != (splits["split_hash"], checkpoint["best_epoch"]):
         return None
@@ -248,7 +248,7 @@ def served_trust(cfg: Config, paths: RunPaths, splits: dict, checkpoint: dict, i
     ``{"note": why not}`` when model/ is missing, was exported from other weights, or fit no trust fields.
     An audited run's review page gains the test images the model abstained on.
     """
-    meta_file = paths.model / "metadata.json"
+    meta_file = paths.model / files.METADATA
     meta = read_json(meta_file) if meta_file.exists() else {}
     if not meta:
         return {"note": f"{paths.model} not exported yet: run `python -m jobs export --out {paths.out}`, then "

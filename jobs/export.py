@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from handler import trust
+from handler import files
 from handler.model import is_timm, preprocess_spec
 from jobs import __version__, checkpoints
 from jobs.backends import backends_record
@@ -103,7 +103,7 @@ def export(cfg: Config, paths: RunPaths) -> Path:
     # bf16/int8 only where answers hold. Its pass over val, in fp32 and bf16, is the only one the state_dict makes:
     # the trust fit takes the serving precision's outputs, the engines' answers are compared with fp32's.
     meta["serve_precision"], val = precision_record(trained, paths, meta, state)
-    (paths.model / trust.SCORE_FILE).unlink(missing_ok=True)  # a previous export's bank belongs to other weights
+    (paths.model / files.SCORES).unlink(missing_ok=True)  # a previous export's bank belongs to other weights
     entry = fit_trust(trained, paths, meta, state, val)  # calibration and "none of these", in the serving precision
     if entry is not None:
         meta["trust"] = entry
@@ -112,9 +112,9 @@ def export(cfg: Config, paths: RunPaths) -> Path:
     license_summary = _license_summary(paths)
     if license_summary:
         meta["data_licenses"] = license_summary
-    atomic_torch_save(paths.model / "model.pt", state)
-    atomic_write_json(paths.model / "index_to_name.json", {str(i): c for i, c in enumerate(splits["classes"])})
+    atomic_torch_save(paths.model / files.WEIGHTS, state)
+    atomic_write_json(paths.model / files.INDEX_TO_NAME, {str(i): c for i, c in enumerate(splits["classes"])})
     atomic_write_json(paths.model / TEST_SPLIT_FILE, test_split_record(splits))  # what the next version is compared on
-    atomic_write_json(paths.model / "metadata.json", meta)
+    atomic_write_json(paths.model / files.METADATA, meta)
     print(f"export: {paths.model} version {version} ({meta['arch']}, classes {json.dumps(meta['classes'])})")
     return paths.model

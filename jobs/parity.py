@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from handler import files, precision
 from handler import model as models
-from handler import precision
 from handler.preprocess import Preprocessor
 from jobs.config import Config, RunPaths
 from jobs.data import ImageFiles, load_splits, make_loader, split_items
@@ -71,7 +71,7 @@ def precision_record(cfg: Config, paths: RunPaths, meta: dict, state: dict[str, 
     """(``metadata.json["serve_precision"]``: the bf16 check, and the int8 one when ``serve_precision: int8``;
     the state_dict's outputs on val: None without val images)."""
     record, outputs = bf16_parity(paths, meta, state)
-    int8_file = paths.model / models.INT8_WEIGHTS
+    int8_file = paths.model / files.INT8_WEIGHTS
     int8_file.unlink(missing_ok=True)  # a previous export's int8 model no longer matches model.pt
     if cfg.serve_precision == "int8":
         record["int8"] = int8_check(paths, meta, state, record["choice"])
@@ -139,7 +139,7 @@ def int8_check(paths: RunPaths, meta: dict, state: dict[str, torch.Tensor], othe
     offered = loss <= models.INT8_MAX_ACCURACY_LOSS and speeds["int8"] > max(v for k, v in speeds.items()
                                                                                  if k != "int8")
     if offered:
-        atomic_torch_save(paths.model / models.INT8_WEIGHTS, int8.state_dict())
+        atomic_torch_save(paths.model / files.INT8_WEIGHTS, int8.state_dict())
     print(f"export: int8 loses {loss * 100:.2f} points of val accuracy; img/s {speeds} -> "
           f"{'offered' if offered else 'not offered'}")
     return {"offered": offered, "val_accuracy_loss": round(loss, 4), "images_per_s": speeds,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from handler import files
 from handler.protocol import BadRequest
 from handler.service import ImageClassifier
 from jobs.errors import JobError
@@ -38,7 +39,7 @@ def load_classifier(model_dir: Path, device: torch.device | None = None, backend
     """The exported model as the server loads it (int8 where offered; bf16 only where native), on ``backend``'s
     engine (``serve_backend``'s choices)."""
     model_dir = Path(model_dir)
-    if not (model_dir / "metadata.json").exists() or not (model_dir / "model.pt").exists():
+    if not (model_dir / files.METADATA).exists() or not (model_dir / files.WEIGHTS).exists():
         raise JobError(f"{model_dir} lacks metadata.json or model.pt; pass the model/ folder of a finished run")
     return ImageClassifier(model_dir, device or torch.device("cpu"), options={"backend": backend})
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from handler.engines import ONNX_FILE, ONNX_OUTPUTS, ONNXRUNTIME
+from handler import files
+from handler.engines import ONNX_OUTPUTS, ONNXRUNTIME
 from handler.triton_backend import IMAGE, answer_outputs
 from jobs.archive import MODEL_NAME, serving_package
 from jobs.config import Config, RunPaths
@@ -130,7 +131,7 @@ def graph_tensors(onnx_file: Path) -> tuple[list[dict[str, Any]], list[dict[str,
 def check_exportable(cfg: Config, paths: RunPaths, meta: dict) -> Path:
     """``model.onnx``, when the export wrote it and its check admitted ONNX Runtime; else one line why and what
     to do."""
-    onnx_file = paths.model / ONNX_FILE
+    onnx_file = paths.model / files.ONNX
     record = meta.get("backends") or {}
     if not onnx_file.is_file():
         why = record.get("reason") or "no backends record in metadata.json: exported before model.onnx existed"
@@ -192,12 +193,12 @@ def write_repository(root: Path, configs: dict[str, dict[str, Any]], paths: RunP
     for model, config in configs.items():
         atomic_write_text(root / model / "config.pbtxt", pbtxt(config) + "\n")
         (root / model / VERSION).mkdir(parents=True, exist_ok=True)  # the ensemble's stays empty
-    link_or_copy(paths.model / ONNX_FILE, root / graph / VERSION / ONNX_FILE)
+    link_or_copy(paths.model / files.ONNX, root / graph / VERSION / files.ONNX)
     trust_file = [paths.model / meta["trust"]["file"]] if meta.get("trust") else []
-    for model, step, files in ((pre, "Preprocess", []), (post, "Postprocess", trust_file)):
+    for model, step, extra in ((pre, "Preprocess", []), (post, "Postprocess", trust_file)):
         folder = root / model / VERSION
         atomic_write_text(folder / "model.py", STEP_MODEL.format(role=step.lower(), name=ensemble, step=step))
-        for src in (paths.model / "metadata.json", *files):
+        for src in (paths.model / files.METADATA, *extra):
             link_or_copy(src, folder / src.name)
         for src in serving_package():
             link_or_copy(src, folder / "handler" / src.name)
@@ -206,7 +207,7 @@ def write_repository(root: Path, configs: dict[str, dict[str, Any]], paths: RunP
 def export_triton(cfg: Config, paths: RunPaths, dest: Path | None = None) -> Path:
     """Write the Triton model repository for ``paths.model`` into ``dest`` (default ``OUT/triton``), replacing
     what was there at once (``jobs.fileio.atomic_folder``); returns ``dest``."""
-    metadata = paths.model / "metadata.json"
+    metadata = paths.model / files.METADATA
     meta = read_run_file(metadata, f"run `python -m jobs export --out {paths.out}`", ("classes", "preprocess"))
     onnx_file = check_exportable(cfg, paths, meta)
     configs = model_configs(cfg, meta, onnx_file)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from handler import files
 from jobs.config import AUTO_VERSION, RunPaths
 from jobs.data import split_items
 from jobs.errors import JobError
@@ -55,12 +56,12 @@ def next_version(previous: str) -> str:
 
 def kept_versions(paths: RunPaths) -> list[str]:
     """The versions kept in ``versions/``, oldest first."""
-    found = [d.name for d in paths.versions.glob("*") if (d / "model" / "metadata.json").is_file()]
+    found = [d.name for d in paths.versions.glob("*") if (d / "model" / files.METADATA).is_file()]
     return sorted(found, key=version_key)
 
 
 def _exported(model_dir: Path) -> dict | None:
-    meta_file = model_dir / "metadata.json"
+    meta_file = model_dir / files.METADATA
     return read_json(meta_file) if meta_file.is_file() else None
 
 
@@ -68,7 +69,7 @@ def _digest_of(meta: dict, model_dir: Path) -> str | None:
     """The weights' digest of an exported model: recorded since versions exist, computed for an older export."""
     if meta.get("weights_sha256"):
         return meta["weights_sha256"]
-    weights = model_dir / "model.pt"
+    weights = model_dir / files.WEIGHTS
     return weights_digest(torch.load(weights, map_location="cpu", weights_only=True)) if weights.is_file() else None
 
 

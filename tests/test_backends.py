@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import FIXTURE_IMAGES, copy_run, run_job
 
-from handler import engines
+from handler import engines, files
 from handler import model as models
 from handler.model import create
 from handler.service import ImageClassifier
@@ -76,14 +76,14 @@ def state_dict_answers(exported_run: Path) -> tuple[torch.Tensor, list[bool]]:
 def test_export_writes_onnx_admits_each_engine_and_the_archive_packs_it(exported_run: Path):
     model = exported_run / "model"
     record = meta_of(model)["backends"]
-    assert (model / engines.ONNX_FILE).is_file() and record["onnx"] == engines.ONNX_FILE
+    assert (model / files.ONNX).is_file() and record["onnx"] == files.ONNX
     assert record["gates"] == backends.GATES and record["val_images"] > 0
     for name in engines.ONNX_ENGINES:
         checked = record[name]
         assert checked["passed"] and backends.passes(checked, backends.GATES[checked["precision"]]), checked
     assert record[engines.ONNXRUNTIME]["precision"] == "fp32"
     with zipfile.ZipFile(exported_run / "model-store" / "classifier.mar") as mar:
-        assert engines.ONNX_FILE in mar.namelist()
+        assert files.ONNX in mar.namelist()
 
 
 def test_an_export_for_torch_writes_no_graph_checks_no_engine_and_serves_torch(exported_run: Path, tmp_path: Path,
@@ -104,11 +104,11 @@ def test_an_export_for_torch_writes_no_graph_checks_no_engine_and_serves_torch(e
     assert sum(images.values()) == 2 * meta["serve_precision"]["val_images"] + meta["trust"]["fit_on"]["train_images"]
     reason = "exported with serve_backend torch: no graph written, no engine checked"
     assert f"export: {reason}\n" in capsys.readouterr().out
-    assert not (paths.model / engines.ONNX_FILE).exists()  # the earlier export's graph went with its record
+    assert not (paths.model / files.ONNX).exists()  # the earlier export's graph went with its record
     assert meta_of(paths.model)["backends"] == {"onnx": None, "reason": reason}
     archive(load_config(None, {"weights": "none"}), paths)  # a later archive asking for auto gets torch
     with zipfile.ZipFile(paths.out / "model-store" / "classifier.mar") as mar:
-        assert engines.ONNX_FILE not in mar.namelist()
+        assert files.ONNX not in mar.namelist()
     assert ImageClassifier(paths.model, CPU).backend["backend"] == "torch"
 
 
@@ -132,7 +132,7 @@ def test_auto_times_the_admitted_engines_and_says_why(exported_run: Path, tmp_pa
     assert engines.OPENVINO_INT8 not in meta_of(exported_run / "model")["backends"] and "int8" not in why
     # An export from before the engines (no record, no graph): torch alone, and the line says why.
     older = Path(shutil.copytree(exported_run / "model", tmp_path / "model"))
-    (older / engines.ONNX_FILE).unlink()
+    (older / files.ONNX).unlink()
     meta = meta_of(older)
     del meta["backends"]
     (older / "metadata.json").write_text(json.dumps(meta))
@@ -152,15 +152,15 @@ def test_an_engine_that_is_not_installed_is_no_candidate(exported_run: Path, mon
 
 def test_a_broken_or_missing_graph_serves_on_torch_with_one_line(exported_run: Path, tmp_path: Path, caplog):
     model = Path(shutil.copytree(exported_run / "model", tmp_path / "model"))
-    (model / engines.ONNX_FILE).write_bytes(b"not a graph")
+    (model / files.ONNX).write_bytes(b"not a graph")
     with caplog.at_level(logging.WARNING, logger="handler.engines"):
         classifier = ImageClassifier(model, CPU, options={"backend": "onnxruntime"})
     assert classifier.backend["backend"] == "torch" and "did not load" in classifier.backend["why"]
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("serve_backend onnxruntime: it did not load") and line.endswith("serving torch")
-    (model / engines.ONNX_FILE).unlink()
+    (model / files.ONNX).unlink()
     classifier = ImageClassifier(model, CPU, options={"backend": "openvino"})
-    assert classifier.backend["backend"] == "torch" and f"{engines.ONNX_FILE} is missing" in classifier.backend["why"]
+    assert classifier.backend["backend"] == "torch" and f"{files.ONNX} is missing" in classifier.backend["why"]
 
 
 def test_an_arch_that_does_not_export_or_an_engine_that_fails_the_gate_is_not_admitted(
@@ -177,7 +177,7 @@ def test_an_arch_that_does_not_export_or_an_engine_that_fails_the_gate_is_not_ad
     with monkeypatch.context() as patch:
         patch.setattr(torch.onnx, "export", unsupported)
         record = backends.backends_record(paths, meta, state, val_fp32)
-    assert record["onnx"] is None and not (paths.model / engines.ONNX_FILE).exists()
+    assert record["onnx"] is None and not (paths.model / files.ONNX).exists()
     (line,) = capsys.readouterr().out.splitlines()
     assert line == ("export: resnet18 does not export to ONNX (RuntimeError: Exporting the operator 'aten::fancy' "
                     "to ONNX opset version 17 is not supported); it serves on torch only")
@@ -234,7 +234,7 @@ def test_an_export_asked_for_int8_quantizes_the_graph_and_openvino_int8_serves_b
     assert record["passed"] and record["precision"] == "int8" and record["calibration_images"] > 0, record
     assert set(record["checked"]) == {"int8"} and 0 <= record["top1_agreement"] <= 1
     with zipfile.ZipFile(int8_run["run"] / "model-store" / "classifier.mar") as mar:
-        assert set(engines.INT8_GRAPH_FILES) <= set(mar.namelist())
+        assert set(files.INT8_GRAPH_FILES) <= set(mar.namelist())
     reference, _ = state_dict_answers
     classifier, probs, _ = answers(model, backend=engines.OPENVINO_INT8)
     assert (classifier.engine.name, classifier.precision) == (engines.OPENVINO_INT8, "int8")
@@ -249,7 +249,7 @@ def test_an_export_asked_for_int8_quantizes_the_graph_and_openvino_int8_serves_b
     record = backends.backends_record(paths, meta, state, bf16_parity(paths, meta, state)[1].fp32, int8=True)
     assert not record[engines.OPENVINO_INT8]["passed"]
     assert record[engines.OPENVINO_INT8]["reason"] == "answers differ from the state_dict's beyond the gate"
-    assert not any((paths.model / name).exists() for name in engines.INT8_GRAPH_FILES)
+    assert not any((paths.model / name).exists() for name in files.INT8_GRAPH_FILES)
 
 
 @pytest.mark.e2e  # export, evaluate and predict in a process of their own: half a minute

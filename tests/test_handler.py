@@ -26,7 +26,7 @@ from ts.context import Context, RequestProcessor
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
-from handler import classifier_handler, precision, scheduler
+from handler import classifier_handler, files, precision, scheduler
 from handler import model as models
 from handler.classifier_handler import ClassifierHandler
 from handler.preprocess import Preprocessor, image_header
@@ -466,15 +466,15 @@ def test_int8_model_serves_as_predict_does_and_near_fp32(run_dir: Path, loaded, 
     preprocess = Preprocessor(meta["preprocess"])
     fp32 = models.build_model(meta, model_dir / "model.pt", torch.device("cpu"))
     calibration = [torch.stack([preprocess(p.read_bytes()) for p in PHOTOS[:16]])]
-    torch.save(models.quantize_int8(meta, fp32, calibration).state_dict(), model_dir / models.INT8_WEIGHTS)
+    torch.save(models.quantize_int8(meta, fp32, calibration).state_dict(), model_dir / files.INT8_WEIGHTS)
     meta["serve_precision"] = {"choice": "int8"}
     (model_dir / "metadata.json").write_text(json.dumps(meta))
     h, ctx = load_handler(tmp_path)
     assert h.classifier.precision == "int8"
-    files = PHOTOS[::6]
-    got = handle_batch(h, ctx, [{"body": bytearray(f.read_bytes())} for f in files])
-    offline = list(predict(model_dir, files))
-    reference = handle_batch(*loaded, [{"body": bytearray(f.read_bytes())} for f in files])
+    sent = PHOTOS[::6]
+    got = handle_batch(h, ctx, [{"body": bytearray(f.read_bytes())} for f in sent])
+    offline = list(predict(model_dir, sent))
+    reference = handle_batch(*loaded, [{"body": bytearray(f.read_bytes())} for f in sent])
     for answer, ref, fp in zip(got, offline, reference, strict=True):
         for i, p in probs_by_index(answer["predictions"]).items():
             assert p == pytest.approx(ref["probabilities"][i], abs=1e-4)

@@ -21,7 +21,7 @@ from conftest import FIXTURE_IMAGES, REPO, run_job
 from torchserve_fixture import add_trust, export_random_model
 from triton_ensemble import read_config, type_name
 
-from handler import engines
+from handler import engines, files
 from handler.model import build_model
 from handler.service import ImageClassifier
 from jobs import triton
@@ -52,8 +52,8 @@ def exported(tmp_path_factory) -> Path:
     add_trust(model_dir, PHOTOS)
     meta = json.loads((model_dir / "metadata.json").read_text())
     write_onnx(build_model(meta, torch.load(model_dir / "model.pt"), CPU), meta["input_size"],
-               model_dir / engines.ONNX_FILE)
-    meta["backends"] = {"onnx": engines.ONNX_FILE, engines.ONNXRUNTIME: {"passed": True, "precision": "fp32"}}
+               model_dir / files.ONNX)
+    meta["backends"] = {"onnx": files.ONNX, engines.ONNXRUNTIME: {"passed": True, "precision": "fp32"}}
     (model_dir / "metadata.json").write_text(json.dumps(meta, indent=2))
     return out
 
@@ -180,7 +180,7 @@ def test_no_admitted_graph_is_one_line_naming_the_file_and_the_fix(exported: Pat
     (paths.model / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(triton.JobError, match=r"did not admit ONNX Runtime on model.onnx \(answers differ\)"):
         triton.export_triton(load_config(None, settings()), paths)
-    (paths.model / engines.ONNX_FILE).unlink()  # as `jobs export --serve-backend torch` leaves it
+    (paths.model / files.ONNX).unlink()  # as `jobs export --serve-backend torch` leaves it
     meta["backends"] = {"onnx": None, "reason": "exported with serve_backend torch: no graph written"}
     (paths.model / "metadata.json").write_text(json.dumps(meta))
     proc = run_job("export-triton", "--out", str(paths.out), check=False)

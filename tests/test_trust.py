@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from bench.trust import GENERATORS, Item, load_backbone, logistic_head, pooled_features
-from handler import trust
+from handler import files, trust
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 3  # of 16 fixture photos per class; the other 3 are test
@@ -160,7 +160,7 @@ def test_what_export_fits_and_records_is_what_the_server_loads(real: Real, tmp_p
     fitted = trust.Trust.fit(real.features[real.train], real.labels[real.train], real.features[real.val],
                              logits[real.val], real.labels[real.val], keep=0.9, min_confidence=0.7)
     entry = json.loads(json.dumps(fitted.save(tmp_path)))  # as metadata.json holds it
-    assert entry["file"] == trust.SCORE_FILE and (tmp_path / entry["file"]).stat().st_size == entry["file_bytes"]
+    assert entry["file"] == files.SCORES and (tmp_path / entry["file"]).stat().st_size == entry["file_bytes"]
     assert entry["state"] == {"bank": [2 * TRAIN_PER_CLASS, 1280], "k": trust.DEFAULT_K}
     loaded = trust.Trust.from_metadata(tmp_path, entry)
     assert (loaded.temperature, loaded.threshold, loaded.keep, loaded.min_confidence) == (
