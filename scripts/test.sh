@@ -14,7 +14,7 @@ if [ "${1:-}" = --fast ]; then
 fi
 # Two pytest workers (pytest-xdist), a test file each at a time: alone, the suite keeps one of two cores
 # busy on average (imports, servers starting, waits on subprocesses). Module fixtures stay built once.
-# --no-loadscope-reorder: files are handed out in collection order, the longest first (tests/conftest.py);
+# --no-loadscope-reorder (pytest-xdist 3.8): files are handed out in collection order, the longest first (tests/conftest.py);
 # xdist's default hands out the files with the most tests first, which left a 150 s one-test file to the end,
 # run alone while the other worker sat idle.
 # Past 20 minutes the suite prints one warning line naming its five slowest tests (tests/suite_time.py).
