@@ -3,6 +3,7 @@
 ``jobs archive`` packs this package whole into the .mar, and training imports the shared parts from
 here, so what the job evaluated is what the server runs. It never imports ``jobs`` (a test checks).
 
+- ``files``: the model folder's file names (``model.pt``, ``metadata.json``, ``model.onnx``, ...)
 - ``model``: models by name (torchvision or ``timm/<name>``), the served model built from ``metadata.json``
 - ``preprocess``: decoding and the transforms, from the spec ``metadata.json`` records
 - ``precision``: bf16 where the hardware has it and the export allowed it

@@ -1,7 +1,7 @@
 """Calibrated probabilities and "none of these": what makes a served answer one a person can trust.
 
-Part of the serving package: imports torch and the standard library only (never ``jobs``), so the
-.mar carries it whole and training imports the same functions.
+Part of the serving package: imports torch, the standard library and ``handler.files`` only (never ``jobs``),
+so the .mar carries it whole and training imports the same functions.
 
 - **Temperature scaling** (Guo et al., ICML 2017): one scalar T fit on the val split's logits by
   minimising the NLL (with a weak prior on log T for tiny val splits); the served probabilities are

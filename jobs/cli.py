@@ -331,7 +331,8 @@ def serve_config(model_store: Path, base: Path | None, dest: Path) -> None:
 
 
 def main() -> None:
-    """``jobs`` as a click app: raises SystemExit with the exit code (what a caller in this process catches)."""
+    """``jobs`` as a click app: returns when the command succeeded, else raises SystemExit with the exit code (what a
+    caller in this process catches)."""
     # Progress lines reach a pipe, a log file or `kubectl logs` as they happen, not at exit.
     sys.stdout.reconfigure(line_buffering=True)
     try:

@@ -19,10 +19,13 @@ from typing import NoReturn
 def exit_process(code: object = 0) -> NoReturn:
     """Exit with ``code`` as ``sys.exit(code)`` would at the end of a script: None is 0, an int is the status,
     anything else is printed to stderr with status 1."""
-    threading._shutdown()  # type: ignore[attr-defined]  # what the interpreter's exit calls before atexit
-    atexit._run_exitfuncs()
-    if code is not None and not isinstance(code, int):
-        print(code, file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+    status = code if isinstance(code, int) else 0 if code is None else 1
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # what the interpreter's exit calls before atexit
+        atexit._run_exitfuncs()
+        if code is not None and not isinstance(code, int):
+            sys.stderr.write(f"{code}\n")  # not print: under torchrun, ranks other than 0 silence it (jobs.runtime)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:  # an interrupt while threads finish, or a closed pipe, still ends here with the status
+        os._exit(status)
