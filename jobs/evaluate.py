@@ -78,8 +78,7 @@ def probabilities_on_test(model: torch.nn.Module, checkpoint: dict, trained: Con
     cached = None
     if not checkpoint["backbone_trained"]:
         shas = features.content_hashes(paths)
-        cached = features.cached_eval_features(trained, paths, rt, len(splits["classes"]),
-                                               [(p, shas[p]) for p, _ in items])
+        cached = features.cached_eval_features(trained, paths, rt, len(splits["classes"]), [shas[p] for p, _ in items])
     if cached is not None:
         print(f"evaluate: the test split's {len(items)} images scored on their cached backbone features (the "
               "backbone never trained); none went through the backbone again")

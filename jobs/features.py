@@ -189,15 +189,15 @@ def view_features(cfg: Config, paths: RunPaths, rt: Runtime, backbone: nn.Module
 
 
 def cached_eval_features(cfg: Config, paths: RunPaths, rt: Runtime, num_classes: int,
-                         items: list[tuple[str, str]]) -> torch.Tensor | None:
-    """(N, D) view-0 features of ``items`` ((path in the run folder, content hash)) when the cache holds every one,
-    else None; it computes nothing. None too where ``cfg.weights`` names a file no longer there, or another one
-    now: the key then names other weights than those the features came from."""
+                         hashes: list[str]) -> torch.Tensor | None:
+    """(N, D) view-0 features of the images with these content hashes when the cache holds every one, else None;
+    it computes nothing. None too where ``cfg.weights`` names a file no longer there, or another one now: the key
+    then names other weights than those the features came from."""
     try:
         key = backbone_key(cfg, rt, num_classes)
     except ModelError:
         return None
-    wanted = [_eval_key(sha) for _, sha in items]
+    wanted = [_eval_key(sha) for sha in hashes]
     store = FeatureStore(paths.cache / "features" / key)
     if not wanted or not all(k in store.entries for k in wanted):
         return None

@@ -140,9 +140,9 @@ def test_evaluate_scores_the_head_on_the_test_features_the_audit_cached(audited)
     assert np.abs(np.array([p["probability"] for p in given]) - on_images.max(1)).max() < 0.01
     # Trained from a weights file that is gone: no key names those features, so evaluate reads the images.
     gone = dataclasses.replace(cfg, weights=str(out / "gone.pth"))
-    items = [(path, sha) for path, sha in features.content_hashes(paths).items()]
-    assert features.cached_eval_features(cfg, paths, setup(cfg), 2, items) is not None
-    assert features.cached_eval_features(gone, paths, setup(cfg), 2, items) is None
+    hashes = list(features.content_hashes(paths).values())
+    assert features.cached_eval_features(cfg, paths, setup(cfg), 2, hashes) is not None
+    assert features.cached_eval_features(gone, paths, setup(cfg), 2, hashes) is None
 
 
 @pytest.mark.parametrize("seed", range(40))
