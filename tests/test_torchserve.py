@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,17 +191,25 @@ def test_good_and_bad_requests_in_one_batch_each_get_their_answer(served: Served
         else:
             assert 400 <= r.status_code < 500, (kind, r.status_code, r.text)
             assert set(r.json()) == {"error"} and r.json()["error"], kind
-    batches = handled_batches(served.server)
     ids = {r.headers["x-request-id"]: kind for (kind, _), r in zip(bodies, answers, strict=True)}
+    batches = handled_batches(served.server, ids)
     mixed = [b for b in batches if {ids.get(i) == "good" for i in b if i in ids} == {True, False}]
     assert mixed, f"no batch mixed good and bad requests: {[[ids.get(i) for i in b] for b in batches]}"
 
 
-def handled_batches(server: TorchServe) -> list[list[str]]:
-    """Request ids per handler call, from the HandlerTime metric TorchServe logs for each batch."""
-    text = "\n".join(p.read_text(errors="replace") for p in (server.workdir / "logs").glob("*.log"))
-    return [m.split(",") for m in re.findall(r"\[METRICS\]HandlerTime\.Milliseconds:[^\n]*?#hostname:[^,]+,\d+,"
-                                             r"([0-9a-f,-]+)", text)]
+def handled_batches(server: TorchServe, wanted: Iterable[str], timeout_s: float = 30) -> list[list[str]]:
+    """Request ids per handler call, from the HandlerTime metric TorchServe logs for each batch.
+
+    The frontend logs a worker's metric lines from its own reader thread, so a client can hold its
+    answer before the line is written: wait until every wanted id is in the log."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = "\n".join(p.read_text(errors="replace") for p in (server.workdir / "logs").glob("*.log"))
+        batches = [m.split(",") for m in re.findall(r"\[METRICS\]HandlerTime\.Milliseconds:[^\n]*?#hostname:[^,]+,"
+                                                    r"\d+,([0-9a-f,-]+)", text)]
+        if set(wanted) <= {i for b in batches for i in b} or time.monotonic() > deadline:
+            return batches
+        time.sleep(0.2)
 
 
 def test_two_hundred_malformed_requests_leave_the_worker_alive(served: Served):
