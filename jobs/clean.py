@@ -153,8 +153,8 @@ def inspect_image(path: Path, min_size: int, max_pixels: int) -> tuple[dict, Ima
                             "detail": f"{img.format} ({frames} frame{'s' if frames > 1 else ''}); not trained on"}, None
                 img.load()
                 rotated = _exif_orientation(img) not in (0, 1)
-                upright = ImageOps.exif_transpose(img)
-                rgb = to_rgb(upright) if upright.mode != "RGB" else upright.copy()
+                upright = ImageOps.exif_transpose(img)  # a new image, rotated or not: no copy of it is needed
+                rgb = to_rgb(upright) if upright.mode != "RGB" else upright
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return {"status": "excluded", "reason": "decompression_bomb",
                 "detail": f"{e} (limit Image.MAX_IMAGE_PIXELS = max_image_pixels = {max_pixels})"}, None

@@ -50,6 +50,8 @@ Where this differs, and why:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from PIL import Image, ImageFilter
 from scipy.fft import dct
@@ -79,28 +81,49 @@ def image_stats(rgb: Image.Image) -> dict:
     """
     width, height = rgb.size
     small = _downscaled(rgb.convert("RGB") if rgb.mode != "RGB" else rgb, STATS_SIZE)
-    r, g, b = (np.asarray(band, dtype=np.float32) for band in small.split())  # planar: fast reductions
-    brightness = np.sqrt(0.241 * r * r + 0.691 * g * g + 0.068 * b * b) / 255.0
-    p5, p99 = np.percentile(brightness, [5, 99])
-    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    r8, g8, b8 = (np.asarray(band) for band in small.split())  # planar uint8: fast reductions
+    r, g, b = (band.astype(np.float32) for band in (r8, g8, b8))
+    # brightness is the square root of this, scaled: order-preserving, so only two values need the root
+    p5, p99 = _percentiles(0.241 * r * r + 0.691 * g * g + 0.068 * b * b, (5, 99), lambda v: np.sqrt(v) / 255.0)
+    (spread_p99,) = _percentiles(np.maximum(np.maximum(r8, g8), b8) - np.minimum(np.minimum(r8, g8), b8), (99,))
     gray = small.convert("L")
     blur_gray = _downscaled(gray, BLUR_SIZE)
     stats = {
         "width": width,
         "height": height,
         "phash": phash_hex(gray),
-        "brightness_p5": round(float(p5), 4),
-        "brightness_p99": round(float(p99), 4),
+        "brightness_p5": round(p5, 4),
+        "brightness_p99": round(p99, 4),
         # CleanVision's blur measure: std of the edge image, and the std of the gray histogram
         "blurriness": round(float(np.asarray(blur_gray.filter(ImageFilter.FIND_EDGES), dtype=np.float64).std()), 3),
         "gray_hist_std": round(float(np.std(blur_gray.histogram())), 3),
         "entropy": round(float(small.entropy()), 4),
-        "channel_spread_p99": round(float(np.percentile(spread, 99)), 2),
+        "channel_spread_p99": round(spread_p99, 2),
         "aspect_ratio": round(min(width / height, height / width), 4),
         "short_side": min(width, height),
     }
     stats["issues"] = quality_issues(stats)
     return stats
+
+
+def _percentiles(values: np.ndarray, qs: tuple[float, ...],
+                 transform: Callable[[np.generic], np.generic] | None = None) -> list[float]:
+    """``np.percentile(transform(values), qs)`` (its default, linear method) for an order-preserving ``transform``,
+    which is applied only to the few order statistics needed, not to every value.
+
+    With uint8 planes this takes 0.5-0.6 ms off image_stats' 2.8 ms (issue 27). It interpolates in float64 where
+    np.percentile on float32 values returns float32; the rounded stats were the same on 2,837 photos."""
+    flat, n = values.ravel(), values.size
+    positions = [q / 100 * (n - 1) for q in qs]
+    part = np.partition(flat, sorted({k for p in positions for k in (int(p), min(int(p) + 1, n - 1))}))
+    found = []
+    for p in positions:
+        a, b = part[int(p)], part[min(int(p) + 1, n - 1)]
+        if transform is not None:
+            a, b = transform(a), transform(b)
+        a, b, t = float(a), float(b), p - int(p)
+        found.append(a + (b - a) * t)
+    return found
 
 
 def quality_issues(stats: dict) -> list[str]:

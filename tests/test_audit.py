@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from bench.audit import BURST, COPIES, REAL_ARCH, backbone, decode_upright
-from jobs import audit
+from jobs import audit, imagestats
 from jobs.imagestats import image_stats, phash_array
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hymenoptera_small"
@@ -524,6 +524,19 @@ def test_image_stats_are_small_json_and_the_hash_survives_a_resize():
     assert len(stats["phash"]) == 16 and set(stats) >= {"phash", "issues", "width", "height"}
     smaller = image_stats(img.resize((img.width // 2, img.height // 2)))
     assert bin(int(stats["phash"], 16) ^ int(smaller["phash"], 16)).count("1") <= 4
+
+
+def test_image_stats_percentiles_are_numpys_on_the_transformed_values():
+    """image_stats takes the percentiles of squared brightness and applies the root only to the values picked."""
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 101, 65536):
+        planes = rng.integers(0, 256, (3, n), dtype=np.uint8)
+        r, g, b = planes.astype(np.float32)
+        squared = 0.241 * r * r + 0.691 * g * g + 0.068 * b * b
+        found = imagestats._percentiles(squared, (5, 99), lambda v: np.sqrt(v) / 255.0)
+        assert found == pytest.approx(np.percentile(np.sqrt(squared) / 255.0, [5, 99]), rel=1e-6, abs=1e-7)
+        assert imagestats._percentiles(planes[0], (0, 50, 99, 100)) == pytest.approx(
+            np.percentile(planes[0], [0, 50, 99, 100]), rel=1e-9)
 
 
 def test_document_format_cross_class_copies_and_small_inputs():
