@@ -61,8 +61,10 @@ def test_a_new_class_is_noticed_captured_labelled_learned_and_switched_to(tmp_pa
         (data / name).mkdir(parents=True)
         for photo in photos(SCENES / name, 0, 40):
             shutil.copyfile(photo, data / name / photo.name)
+    # Served on torch: the engines are test_backends.py's subject, and their export, check and measurement at
+    # each worker's start cost this test 6 of its 75 s alone (the run folder keeps the key for the second run).
     run_job("run", "--data", str(data), "--out", str(run), "--arch", "timm/tf_efficientnet_lite0",
-            "--weights", str(real_weights))
+            "--weights", str(real_weights), "--serve-backend", "torch")
     estimate = json.loads((run / "model" / "metadata.json").read_text())["trust"]["new_class"]
 
     sent = {"known": [p for name in KNOWN for p in photos(SCENES / name, 300, 330)],

@@ -89,7 +89,7 @@ def test_torchvision_weights_in_torch_home_need_no_network(tmp_path: Path, offli
     torch.save(models.resnet18().state_dict(), cached)
     proc = run_job("run", "--data", str(small_data), "--out", str(tmp_path / "run"), "--weights", "imagenet",
                    "--epochs", "1", "--batch-size", "8", "--min-images-per-class", "3", "--num-workers", "0",
-                   "--feature-views", "1", env=offline)
+                   "--feature-views", "1", "--serve-backend", "torch", env=offline)  # the engines: test_backends
     assert "done:" in proc.stdout and "resnet18 with ImageNet weights" in proc.stdout
 
 
