@@ -95,11 +95,18 @@ def test_a_new_class_is_noticed_captured_labelled_learned_and_switched_to(tmp_pa
         assert known_rate == sum(a["abstain"] for a in answers["known"]) / len(sent["known"])
         assert unknown_rate > known_rate + 0.5, (known_rate, unknown_rate)
 
-        # Capture: kept by the bytes received; nothing of the refused request.
-        time.sleep(2)  # the writer works off a queue
+        # Capture: kept by the bytes received; nothing of the refused request. The writer works off a queue: wait
+        # for what the answers say it must keep (abstained, or under capture_below), not a fixed time.
+        owed = {digest(p.read_bytes()) for group, files in sent.items() for p, a in zip(files, answers[group])
+                if a["abstain"] or a["predictions"][0]["probability"] < cfg.capture_below}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (captured.is_dir() and owed <= {
+                digest(c.image.read_bytes()) for c in read_captures(captured)}):
+            time.sleep(0.2)
         captures = read_captures(captured)
         kept = {digest(c.image.read_bytes()) for c in captures}
         assert len(kept) == len(captures)  # each photo was sent once
+        assert owed <= kept, f"{len(owed - kept)} abstained or low-confidence answers not kept"
         share = {group: sum(digest(p.read_bytes()) in kept for p in files) / len(files)
                  for group, files in sent.items()}
         print(f"captured: {share}; new-class estimate at export: {estimate['captured']:.2f} captured, "
