@@ -66,7 +66,8 @@ class FileResult:
     format: str = ""
     mode: str = ""
     pixel_hash: str = ""
-    stats: dict = field(default_factory=dict)  # jobs.imagestats: pHash and quality measurements, for the audit
+    # jobs.imagestats: pHash and quality measurements, for the audit; never changed once made (record() shares it)
+    stats: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         """The fields as a dict, for JSON. A shallow copy: ``dataclasses.asdict`` deep-copies ``stats``, which is

@@ -111,7 +111,7 @@ def _percentiles(values: np.ndarray, qs: tuple[float, ...],
     """``np.percentile(transform(values), qs)`` (its default, linear method) for an order-preserving ``transform``,
     which is applied only to the few order statistics needed, not to every value.
 
-    With uint8 planes this takes 0.5-0.6 ms off image_stats' 2.8 ms (issue 27). It interpolates in float64 where
+    With uint8 planes, image_stats took 2.4 ms a photo instead of 2.9 (issue 27). It interpolates in float64 where
     np.percentile on float32 values returns float32; the rounded stats were the same on 2,837 photos."""
     flat, n = values.ravel(), values.size
     positions = [q / 100 * (n - 1) for q in qs]

@@ -87,9 +87,10 @@ def test_torchvision_weights_in_torch_home_need_no_network(tmp_path: Path, offli
     cached.parent.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(models.resnet18().state_dict(), cached)
+    # Served on torch: the ONNX export and the engines' check are test_backends.py's subject, not this test's.
     proc = run_job("run", "--data", str(small_data), "--out", str(tmp_path / "run"), "--weights", "imagenet",
                    "--epochs", "1", "--batch-size", "8", "--min-images-per-class", "3", "--num-workers", "0",
-                   "--feature-views", "1", "--serve-backend", "torch", env=offline)  # the engines: test_backends
+                   "--feature-views", "1", "--serve-backend", "torch", env=offline)
     assert "done:" in proc.stdout and "resnet18 with ImageNet weights" in proc.stdout
 
 

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,7 +197,7 @@ def test_good_and_bad_requests_in_one_batch_each_get_their_answer(served: Served
     assert mixed, f"no batch mixed good and bad requests: {[[ids.get(i) for i in b] for b in batches]}"
 
 
-def handled_batches(server: TorchServe, wanted: Iterable[str], timeout_s: float = 30) -> list[list[str]]:
+def handled_batches(server: TorchServe, wanted: Collection[str], timeout_s: float = 30) -> list[list[str]]:
     """Request ids per handler call, from the HandlerTime metric TorchServe logs for each batch.
 
     The frontend logs a worker's metric lines from its own reader thread, so a client can hold its
@@ -207,8 +207,10 @@ def handled_batches(server: TorchServe, wanted: Iterable[str], timeout_s: float 
         text = "\n".join(p.read_text(errors="replace") for p in (server.workdir / "logs").glob("*.log"))
         batches = [m.split(",") for m in re.findall(r"\[METRICS\]HandlerTime\.Milliseconds:[^\n]*?#hostname:[^,]+,"
                                                     r"\d+,([0-9a-f,-]+)", text)]
-        if set(wanted) <= {i for b in batches for i in b} or time.monotonic() > deadline:
+        missing = set(wanted) - {i for b in batches for i in b}
+        if not missing:
             return batches
+        assert time.monotonic() < deadline, f"no batch metric line in {timeout_s} s for request ids {sorted(missing)}"
         time.sleep(0.2)
 
 
