@@ -4,7 +4,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from torchserve_fixture import TINY_ARCH
@@ -14,6 +17,19 @@ pytest_plugins = ["suite_time"]  # the warning line when the suite runs long (te
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_IMAGES = REPO / "tests" / "fixtures" / "hymenoptera_small"
 SHARED_HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"
+
+
+T = TypeVar("T")
+
+
+def poll(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float, every_s: float = 0.2) -> T:
+    """``read()`` again every ``every_s`` until ``done`` holds for what it read or ``timeout_s`` has passed; returns
+    the last reading, which the caller asserts on. For what a server writes a moment after its answer: a metric, a
+    log line, a capture."""
+    deadline = time.monotonic() + timeout_s
+    while not done(value := read()) and time.monotonic() < deadline:
+        time.sleep(every_s)
+    return value
 
 
 def run_job(*args: str, cwd: Path | None = None, env: dict | None = None, check: bool = True,

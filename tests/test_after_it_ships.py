@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, run_job
+from conftest import REPO, poll, run_job
 from torchserve_fixture import serve_detached
 
 from jobs.archive import packed_settings
@@ -101,11 +101,8 @@ def test_a_new_class_is_noticed_captured_labelled_learned_and_switched_to(tmp_pa
         # for what the answers say it must keep (abstained, or under capture_below), not a fixed time.
         owed = {digest(p.read_bytes()) for group, files in sent.items() for p, a in zip(files, answers[group])
                 if a["abstain"] or a["predictions"][0]["probability"] < cfg.capture_below}
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (captured.is_dir() and owed <= {
-                digest(c.image.read_bytes()) for c in read_captures(captured)}):
-            time.sleep(0.2)
-        captures = read_captures(captured)
+        captures = poll(lambda: read_captures(captured) if captured.is_dir() else [],
+                        lambda found: owed <= {digest(c.image.read_bytes()) for c in found}, timeout_s=30)
         kept = {digest(c.image.read_bytes()) for c in captures}
         assert len(kept) == len(captures)  # each photo was sent once
         assert owed <= kept, f"{len(owed - kept)} abstained or low-confidence answers not kept"

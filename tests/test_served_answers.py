@@ -9,13 +9,12 @@ import json
 import re
 import shutil
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import FIXTURE_IMAGES
+from conftest import FIXTURE_IMAGES, poll
 from torchserve_fixture import add_trust, archive_as, bad_images, export_random_model, unused_ports
 
 from bench.trust import generated_image
@@ -161,14 +160,12 @@ def test_metrics_count_the_answers_given_by_class_reason_and_score(served: Serve
     expected = expected_metrics(answers)
     before, before_sum = measured(page, list(expected)), model_series(page, f"{OOD_SCORE}_sum")
     assert 0 < sum(a["abstain"] for a in answers) < len(answers)
-    deadline = time.monotonic() + 30  # TorchServe's frontend reads the worker's metric lines a moment later
-    while True:
-        text = served.scrape(runtime)
-        grown = {k: v - before.get(k, 0.0) for k, v in measured(text, list(expected)).items()}
-        if grown == expected or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert grown == expected
+    def grown(text: str) -> dict:
+        return {k: v - before.get(k, 0.0) for k, v in measured(text, list(expected)).items()}
+
+    # TorchServe's frontend reads the worker's metric lines a moment later
+    text = poll(lambda: served.scrape(runtime), lambda page: grown(page) == expected, timeout_s=30, every_s=0.5)
+    assert grown(text) == expected
     ood_sum = model_series(text, f"{OOD_SCORE}_sum") - before_sum
     assert ood_sum == pytest.approx(sum(a["ood_score"] for a in answers), abs=1e-4)
     assert model_series(text, "classifier_expected_abstain_rate") == pytest.approx(served.expected_abstain_rate)
@@ -211,10 +208,7 @@ def test_capture_keeps_the_abstained_and_low_confidence_images_with_their_record
         assert served.post("torchserve", body).status_code >= 400
     wanted = {h for h, a in answers.items() if a["abstain"] or a["predictions"][0]["probability"] < served.below}
     assert 0 < len(wanted) < len(answers)
-    deadline = time.monotonic() + 20
-    while len(captured(folder)) < len(wanted) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    kept = captured(folder)
+    kept = poll(lambda: captured(folder), lambda found: len(found) >= len(wanted), timeout_s=20)
     assert set(kept) >= wanted  # other tests' traffic may add more of the same images
     refused = {sha(b) for b in bad_images(served.traffic[0]).values()}
     assert not set(kept) & refused
@@ -239,12 +233,8 @@ def test_capture_on_kserve_holds_its_tiny_cap_keeping_the_newest(served: Served)
     for body in bad_images(served.traffic[0]).values():
         assert served.post("kserve", body, **{"X-Request-Id": "refused"}).status_code >= 400
     assert len(keeps) > KSERVE_MAX_FILES
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        ids = {r["request_id"] for r in captured(folder).values()}
-        if keeps[-1] in ids:
-            break
-        time.sleep(0.2)
+    ids = poll(lambda: {r["request_id"] for r in captured(folder).values()}, lambda found: keeps[-1] in found,
+               timeout_s=20)
     files = [p for p in folder.iterdir() if not p.name.startswith(".")]
     assert len(files) <= KSERVE_MAX_FILES
     assert keeps[-1] in ids and keeps[0] not in ids and "refused" not in ids

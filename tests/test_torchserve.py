@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import FIXTURE_IMAGES
+from conftest import FIXTURE_IMAGES, poll
 from torchserve_fixture import (
     archive_as,
     bad_images,
@@ -202,16 +202,17 @@ def handled_batches(server: TorchServe, wanted: Collection[str], timeout_s: floa
 
     The frontend logs a worker's metric lines from its own reader thread, so a client can hold its
     answer before the line is written: wait until every wanted id is in the log."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def logged() -> list[list[str]]:
         text = "\n".join(p.read_text(errors="replace") for p in (server.workdir / "logs").glob("*.log"))
-        batches = [m.split(",") for m in re.findall(r"\[METRICS\]HandlerTime\.Milliseconds:[^\n]*?#hostname:[^,]+,"
-                                                    r"\d+,([0-9a-f,-]+)", text)]
-        missing = set(wanted) - {i for b in batches for i in b}
-        if not missing:
-            return batches
-        assert time.monotonic() < deadline, f"no batch metric line in {timeout_s} s for request ids {sorted(missing)}"
-        time.sleep(0.2)
+        return [m.split(",") for m in re.findall(r"\[METRICS\]HandlerTime\.Milliseconds:[^\n]*?#hostname:[^,]+,"
+                                                 r"\d+,([0-9a-f,-]+)", text)]
+
+    def missing(batches: list[list[str]]) -> set[str]:
+        return set(wanted) - {i for b in batches for i in b}
+
+    batches = poll(logged, lambda found: not missing(found), timeout_s)
+    assert not missing(batches), f"no batch metric line in {timeout_s} s for request ids {sorted(missing(batches))}"
+    return batches
 
 
 def test_two_hundred_malformed_requests_leave_the_worker_alive(served: Served):
